@@ -1,0 +1,100 @@
+"""Small glue around DALI: device choice, pipeline construction, a prefetching runner, torch conversion."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from nvidia.dali import types
+from nvidia.dali.backend import TensorListGPU
+from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+from storage.errors import UserError
+
+Feed = dict[str, Any]  # external-source name -> batch (list of arrays, or an array with a leading batch axis)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where tensors live: torch device plus what DALI needs to match it."""
+
+    device: torch.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dali_device_id(self) -> int | None:
+        return (self.device.index or 0) if self.is_cuda else None
+
+    @property
+    def decoder(self) -> str:
+        """DALI decoder placement: 'mixed' (nvJPEG) on GPU, 'cpu' otherwise."""
+        return "mixed" if self.is_cuda else "cpu"
+
+
+def resolve_backend(flag: str, *, local_rank: int = 0) -> Backend:
+    """``--device auto|cpu|cuda`` -> Backend; auto picks CUDA when available."""
+    if flag not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {flag}: choose auto, cpu or cuda")
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    if flag == "cpu" or (flag == "auto" and not torch.cuda.is_available()):
+        return Backend(torch.device("cpu"))
+    return Backend(torch.device("cuda", local_rank % torch.cuda.device_count()))
+
+
+def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backend, num_threads: int, seed: int = 0) -> Pipeline:
+    """Build a DALI pipeline from a graph function (outputs tuple) for the backend."""
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=max(1, num_threads),
+        device_id=backend.dali_device_id,
+        seed=seed,
+        prefetch_queue_depth=2,
+        exec_async=True,
+        exec_pipelined=True,
+    )
+    with pipe:
+        outputs = graph()
+        pipe.set_outputs(*(outputs if isinstance(outputs, (tuple, list)) else (outputs,)))
+    pipe.build()
+    return pipe
+
+
+def to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
+    """Copy a uniform-shaped DALI TensorList into a new torch tensor on ``device``."""
+    dense = tensor_list.as_tensor()
+    if isinstance(tensor_list, TensorListGPU):
+        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(dense)).to(device)
+
+
+def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple], Any]) -> Iterator[Any]:
+    """Feed each batch to the pipeline's external sources and yield ``convert(outputs)``.
+
+    One batch is scheduled ahead, so DALI decodes batch t+1 while the caller computes on batch t.
+    ``convert`` must copy what it keeps: DALI reuses its output buffers.
+    """
+    feed_iter = iter(feeds)
+
+    def schedule_next() -> bool:
+        feed = next(feed_iter, None)
+        if feed is None:
+            return False
+        for name, data in feed.items():
+            pipe.feed_input(name, data)
+        pipe.schedule_run()
+        return True
+
+    in_flight = schedule_next()
+    while in_flight:
+        converted = convert(pipe.outputs())
+        in_flight = schedule_next()
+        yield converted

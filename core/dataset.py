@@ -1,0 +1,90 @@
+"""The dataset index both stages share: an ImageFolder tree in one canonical, sorted order.
+
+Order: classes sorted by name; within a class, files sorted by their path relative to the class
+directory (recursively, like torchvision's ImageFolder). Only files with an image extension count
+(case-insensitive), as in ImageFolder; hidden files are ignored. The fingerprint hashes the sorted
+(relative path, byte size, class name) triples, so adding, removing, renaming or resizing a file
+or class changes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from storage.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
+
+
+@dataclass
+class DatasetIndex:
+    root: Path
+    class_names: list[str]
+    paths: list[str]  # relative to root, '/'-separated
+    targets: np.ndarray  # (N,) int32 class index
+    byte_sizes: np.ndarray  # (N,) int64
+    fingerprint: str = field(default="")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_bytes(self, index: int) -> np.ndarray:
+        """The encoded file as a uint8 array (what DALI decoders take)."""
+        return np.fromfile(self.root / self.paths[index], dtype=np.uint8)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def compute_fingerprint(paths: list[str], byte_sizes: np.ndarray, targets: np.ndarray, class_names: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path, size, target in zip(paths, byte_sizes.tolist(), targets.tolist()):
+        digest.update(f"{path}\t{size}\t{class_names[target]}\n".encode())
+    return digest.hexdigest()
+
+
+def scan_image_folder(root: str | os.PathLike, *, flag: str = "--data") -> DatasetIndex:
+    """Index ``root/<class>/<file>``; a one-line UserError for a missing root or an empty class."""
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise UserError(f"{flag} {root}: not a directory; point it at an ImageFolder tree (root/<class>/<image>)")
+    class_names = sorted(e.name for e in os.scandir(root_path) if e.is_dir() and not e.name.startswith("."))
+    if not class_names:
+        raise UserError(f"{flag} {root}: no class directories found; expected root/<class>/<image> files")
+    paths: list[str] = []
+    targets: list[int] = []
+    sizes: list[int] = []
+    for class_index, class_name in enumerate(class_names):
+        class_dir = root_path / class_name
+        files: list[tuple[str, int]] = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                if _is_image(name):
+                    full = os.path.join(dirpath, name)
+                    files.append((os.path.relpath(full, root_path).replace(os.sep, "/"), os.path.getsize(full)))
+        if not files:
+            raise UserError(
+                f"{flag} {root}: class directory '{class_name}' has no images "
+                f"({', '.join(IMAGE_EXTENSIONS[:3])}, ...); add images or remove the directory"
+            )
+        files.sort()
+        for rel, size in files:
+            paths.append(rel)
+            targets.append(class_index)
+            sizes.append(size)
+    targets_arr = np.asarray(targets, dtype=np.int32)
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    return DatasetIndex(
+        root=root_path,
+        class_names=class_names,
+        paths=paths,
+        targets=targets_arr,
+        byte_sizes=sizes_arr,
+        fingerprint=compute_fingerprint(paths, sizes_arr, targets_arr, class_names),
+    )

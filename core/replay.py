@@ -1,0 +1,125 @@
+"""Crop replay: (encoded image, window, flip) -> normalised tensor, with the same DALI operators in both stages.
+
+A crop is a window (y, x, h, w) in pixels of the decoded (EXIF-oriented) source image plus a flip
+bit. Stage one decodes an image once and cuts all its crops with ``fn.slice``; stage two decodes
+only the window with ``fn.decoders.image_slice``. Both then run :func:`crop_to_tensor`. On the CPU
+backend the two paths give bit-identical tensors (tests/test_replay.py proves it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nvidia.dali import fn, types
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Model input: square size in pixels and per-channel mean/std in [0, 1] units."""
+
+    size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def crop_to_tensor(crop, flip, norm: Normalization):
+    """The shared tail of the chain: resize the window to size x size, mirror, normalise, CHW float."""
+    resized = fn.resize(crop, size=[norm.size, norm.size], interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.crop_mirror_normalize(
+        resized,
+        mirror=flip,
+        mean=[255.0 * m for m in norm.mean],
+        std=[255.0 * s for s in norm.std],
+        output_layout="CHW",
+        dtype=types.FLOAT,
+    )
+
+
+def decode_graph(decoder: str):
+    """Stage one, part 1: decode whole images once (outputs HWC uint8 RGB)."""
+
+    def graph():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
+        return fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+
+    return graph
+
+
+def cut_graph(norms: list[Normalization], on_gpu: bool):
+    """Stage one, part 2: cut stored windows from decoded images, one output per normalisation."""
+
+    def graph():
+        image = fn.external_source(name="image", layout="HWC", dtype=types.UINT8, device="gpu" if on_gpu else "cpu", batch=True)
+        anchor = fn.external_source(name="anchor", dtype=types.INT32, batch=True)
+        shape = fn.external_source(name="shape", dtype=types.INT32, batch=True)
+        flip = fn.external_source(name="flip", dtype=types.INT32, batch=True)
+        crop = fn.slice(image, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
+        return tuple(crop_to_tensor(crop, flip, norm) for norm in norms)
+
+    return graph
+
+
+def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label_dtype=types.FLOAT):
+    """Stage two: per sample, the encoded file, K windows + flips and K label rows.
+
+    K = 1 decodes only the window (``image_slice``); K > 1 decodes once and slices K times (FKD's
+    multi-crop). Outputs: K image batches, then the labels (K, C) per sample.
+    """
+
+    def graph():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
+        labels = fn.external_source(name="labels", dtype=label_dtype, batch=True)
+        crops = []
+        if crops_per_sample == 1:
+            anchor = fn.external_source(name="anchor0", dtype=types.INT32, batch=True)
+            shape = fn.external_source(name="shape0", dtype=types.INT32, batch=True)
+            flip = fn.external_source(name="flip0", dtype=types.INT32, batch=True)
+            window = fn.decoders.image_slice(
+                encoded, anchor, shape, axis_names="HW", device=decoder, output_type=types.RGB, out_of_bounds_policy="error"
+            )
+            crops.append(crop_to_tensor(window, flip, norm))
+        else:
+            image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            for k in range(crops_per_sample):
+                anchor = fn.external_source(name=f"anchor{k}", dtype=types.INT32, batch=True)
+                shape = fn.external_source(name=f"shape{k}", dtype=types.INT32, batch=True)
+                flip = fn.external_source(name=f"flip{k}", dtype=types.INT32, batch=True)
+                window = fn.slice(image, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
+                crops.append(crop_to_tensor(window, flip, norm))
+        return (*crops, labels)
+
+    return graph
+
+
+def probe_graph(decoder: str):
+    """Validation: the header shape (``peek_image_shape``) and the decoded shape of each file."""
+
+    def graph():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
+        decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        return fn.peek_image_shape(encoded), decoded.shape()
+
+    return graph
+
+
+def eval_graph(norm: Normalization, decoder: str, resize_ratio: float = 0.875):
+    """Validation pipeline: resize the shorter side to size / 0.875, centre-crop size x size."""
+
+    def graph():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
+        target = fn.external_source(name="target", dtype=types.INT64, batch=True)
+        image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        image = fn.resize(image, resize_shorter=round(norm.size / resize_ratio), interp_type=types.INTERP_LINEAR, antialias=True)
+        image = fn.crop_mirror_normalize(
+            image,
+            crop=(norm.size, norm.size),
+            mean=[255.0 * m for m in norm.mean],
+            std=[255.0 * s for s in norm.std],
+            output_layout="CHW",
+            dtype=types.FLOAT,
+        )
+        return image, target
+
+    return graph
