@@ -1,0 +1,33 @@
+"""`mealkd precompute` (and `mealkd verify`): click front-ends; the work is in runner.py / verify.py."""
+from __future__ import annotations
+
+import click
+from rich.console import Console
+
+
+@click.command()
+@click.option("--data", required=True, help="Training images as an ImageFolder tree: DIR/<class>/<image>.")
+@click.option("--teachers", required=True, help="Comma list of teacher specs: torchvision:ARCH[@FILE.pth], timm:ARCH[@FILE], FILE.pt; options like :w=0.5 :size=224.")
+@click.option("--out", required=True, help="Label store to write (a local path or fsspec URL). Rerunning continues it.")
+@click.option("--crops-per-image", "crops_per_image", default=10, show_default=True, type=int, help="R: stored crops per image.")
+@click.option("--image-size", default=224, show_default=True, type=int, help="Crop size fed to teachers without their own :size.")
+@click.option("--scale", nargs=2, type=float, default=(0.08, 1.0), show_default=True, help="RandomResizedCrop area range MIN MAX.")
+@click.option("--ratio", nargs=2, type=float, default=(3 / 4, 4 / 3), show_default=True, help="RandomResizedCrop aspect range MIN MAX.")
+@click.option("--flip-prob", default=0.5, show_default=True, type=float, help="Probability of a horizontal flip (0 disables).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the crop-window generator.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Crops per teacher batch.")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="Softmax temperature T of the teachers.")
+@click.option("--encoding", default="dense", show_default=True, help="Label encoding: dense (fp16 vectors) or topk:K.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--skip-bad", is_flag=True, help="Record unreadable images as excluded instead of aborting.")
+@click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
+@click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
+def precompute(**kwargs) -> None:
+    """Stage one: run the teacher ensemble once over seeded crops and store the averaged softmax."""
+    from precompute.runner import PrecomputeConfig, run_precompute
+
+    console = Console(stderr=True)
+    summary = run_precompute(PrecomputeConfig(**kwargs), console)
+    if summary.get("rank", 0) == 0:
+        state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
+        console.print(f"[green]precompute[/]: {summary['images']} images, {summary['crops']} crops labelled by this run; store {kwargs['out']} is {state}")

@@ -1,0 +1,63 @@
+"""The teacher ensemble: weighted average of softmax(logits / T) over teachers."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from core.models import LoadedModel, describe
+from core.replay import Normalization
+from storage.errors import UserError
+
+
+class TeacherEnsemble:
+    """Teachers grouped by input normalisation, so each distinct (size, mean, std) is cut once."""
+
+    def __init__(self, teachers: list[LoadedModel], *, default_size: int, temperature: float, device: torch.device):
+        if temperature <= 0:
+            raise UserError(f"--temperature {temperature}: must be > 0")
+        counts = {t.num_classes for t in teachers}
+        if len(counts) > 1:
+            detail = ", ".join(f"{t.spec.text} -> {t.num_classes}" for t in teachers)
+            raise UserError(f"--teachers: the teachers disagree on the number of classes ({detail}); use teachers trained on the same label set")
+        self.teachers = teachers
+        self.num_classes = counts.pop()
+        self.temperature = temperature
+        self.device = device
+        self.norms: list[Normalization] = []
+        self.norm_of: list[int] = []
+        for t in teachers:
+            norm = Normalization(size=t.input_size or default_size, mean=tuple(t.mean), std=tuple(t.std))
+            if norm not in self.norms:
+                self.norms.append(norm)
+            self.norm_of.append(self.norms.index(norm))
+        total = sum(t.spec.weight for t in teachers)
+        self.weights = [t.spec.weight / total for t in teachers]
+        for t in teachers:
+            t.module.eval().to(device)
+            if device.type == "cuda":
+                t.module.to(memory_format=torch.channels_last)
+
+    def describe(self) -> list[dict]:
+        return [describe(t) for t in self.teachers]
+
+    @torch.inference_mode()
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Averaged probabilities (B, C) float32 for crops given once per normalisation."""
+        on_gpu = self.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.float16) if on_gpu else nullcontext()
+        average = None
+        for teacher, weight, norm_index in zip(self.teachers, self.weights, self.norm_of):
+            x = inputs[norm_index]
+            if on_gpu:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits = teacher.module(x)
+            probs = torch.softmax(logits.float() / self.temperature, dim=1)
+            if not torch.isfinite(probs).all():
+                raise UserError(
+                    f"--teachers: teacher {teacher.spec.text} produced NaN/Inf outputs; check its weights file "
+                    "(nothing was marked done for the batch)"
+                )
+            average = probs * weight if average is None else average + probs * weight
+        return average

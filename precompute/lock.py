@@ -1,0 +1,53 @@
+"""An advisory lock so two uncoordinated precompute runs never write one store."""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from storage.errors import UserError
+
+
+def local_path(url: str) -> Path | None:
+    """The filesystem path of a local store URL, or None for remote fsspec URLs."""
+    if url.startswith("file://"):
+        return Path(url[len("file://") :])
+    if "://" in url:
+        return None
+    return Path(url)
+
+
+class StoreLock:
+    """``fcntl.flock`` on ``<store>.lock`` beside the store, held for the whole run by rank 0."""
+
+    def __init__(self, url: str):
+        path = local_path(url)
+        self.path = None if path is None else path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+
+    def __enter__(self) -> "StoreLock":
+        if self.path is None:
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"--out {self.path.parent}: cannot write there ({err.strerror}); choose a writable location") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise UserError(
+                f"--out {self.path.with_suffix('')}: another precompute run (pid {holder}) is writing this store; "
+                "wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

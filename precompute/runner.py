@@ -1,0 +1,215 @@
+"""Stage one: the teacher pass over every image's seeded crops, written shard by shard.
+
+Resumable by construction: a shard is written whole and only then marked done, so a rerun after
+any interruption processes exactly the shards that are not done. Under torchrun, rank r takes the
+pending shards s with s % world_size == r; rank 0 creates the store and finalises it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import nvidia.dali
+import torch
+from rich.console import Console
+
+import storage
+from core.dali_io import Backend, resolve_backend
+from core.dataset import DatasetIndex, scan_image_folder
+from core.distributed import Dist, init_distributed, shutdown
+from core.models import load_model, parse_spec_list
+from core.probe import probe_images
+from core.progress import RateColumn, make_progress
+from core.windows import CropPolicy, draw_all_windows
+from precompute.crops import CropStream
+from precompute.ensemble import TeacherEnsemble
+from precompute.lock import StoreLock
+from storage.errors import UserError
+
+# Attributes that must match for a rerun to continue an existing store.
+SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "dataset", "decoder", "encoding_request")
+
+
+@dataclass
+class PrecomputeConfig:
+    data: str
+    teachers: str
+    out: str
+    crops_per_image: int = 10
+    image_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    seed: int = 0
+    batch_size: int = 64
+    temperature: float = 1.0
+    encoding: str = "dense"
+    device: str = "auto"
+    skip_bad: bool = False
+    num_threads: int = 2
+    images_per_shard: int | None = None
+
+    @property
+    def policy(self) -> CropPolicy:
+        return CropPolicy(image_size=self.image_size, scale=tuple(self.scale), ratio=tuple(self.ratio), flip_prob=self.flip_prob, seed=self.seed)
+
+    def validate(self) -> None:
+        if self.crops_per_image < 1:
+            raise UserError(f"--crops-per-image {self.crops_per_image}: must be >= 1")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.images_per_shard is not None and self.images_per_shard < 1:
+            raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
+        self.policy.validate()
+        storage.parse_encoding(self.encoding)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _settings(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend) -> dict:
+    return _jsonable(
+        {
+            "class_names": index.class_names,
+            "crop": cfg.policy.to_dict(),
+            "teachers": ensemble.describe(),
+            "temperature": cfg.temperature,
+            "dataset": {"num_images": len(index), "fingerprint": index.fingerprint},
+            "decoder": {"backend": backend.decoder, "dali_version": nvidia.dali.__version__},
+            "encoding_request": cfg.encoding,
+        }
+    )
+
+
+def _check_existing(out: str, settings: dict, crops_per_image: int) -> None:
+    store = storage.open_store(out, require_complete=False)
+    wanted = dict(settings, crops_per_image=crops_per_image)
+    differing = [key for key in (*SETTINGS_KEYS, "crops_per_image") if _jsonable(store.attrs.get(key)) != wanted[key]]
+    if differing:
+        raise UserError(
+            f"--out {out}: a label store made with different settings ({', '.join(differing)}) is already there; "
+            "use another --out, or delete it to start over"
+        )
+
+
+def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: Dist, console: Console) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every file once (ranks split the work): sizes (N, 2) and the excluded mask."""
+    mine = np.arange(d.rank, len(index), d.world_size)
+    with make_progress(console, RateColumn("images"), enabled=d.is_main) as progress:
+        task = progress.add_task("validate", total=len(mine))
+        sizes_mine, bad_mine = probe_images(
+            index, mine, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads, progress=lambda n: progress.advance(task, n)
+        )
+    sizes = np.zeros((len(index), 2), dtype=np.int32)
+    bad: list[int] = []
+    for rank, (rank_sizes, rank_bad) in enumerate(d.gather((sizes_mine, bad_mine))):
+        sizes[np.arange(rank, len(index), d.world_size)] = rank_sizes
+        bad.extend(rank_bad)
+    bad.sort()
+    if bad and not cfg.skip_bad:
+        names = ", ".join(str(index.root / index.paths[i]) for i in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise UserError(f"--data: {len(bad)} unreadable image file(s): {names}{more}; fix or remove them, or pass --skip-bad to exclude them")
+    excluded = np.zeros(len(index), dtype=bool)
+    excluded[bad] = True
+    if bad and d.is_main:
+        console.print(f"[yellow]--skip-bad: excluding {len(bad)} unreadable file(s), e.g. {index.paths[bad[0]]}")
+    return sizes, excluded
+
+
+def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend, d: Dist, console: Console) -> None:
+    """Create the store (or check that the existing one is this run's); collective over ranks."""
+    settings = _settings(cfg, index, ensemble, backend)
+    exists = d.broadcast(storage.store_exists(cfg.out) if d.is_main else None)
+    if exists:
+        if d.is_main:
+            _check_existing(cfg.out, settings, cfg.crops_per_image)
+        return
+    sizes, excluded = _probe_all(cfg, index, backend, d, console)
+    if d.is_main:
+        storage.create_store(
+            cfg.out,
+            attributes=settings,
+            paths=index.paths,
+            targets=index.targets,
+            sizes=sizes,
+            crops_per_image=cfg.crops_per_image,
+            num_classes=ensemble.num_classes,
+            encoding=cfg.encoding,
+            excluded=excluded,
+            images_per_shard=cfg.images_per_shard,
+        )
+
+
+def _label_shard(
+    stream: CropStream, ensemble: TeacherEnsemble, cfg: PrecomputeConfig, start: int, stop: int, sizes: np.ndarray, excluded: np.ndarray, on_crops
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = np.arange(start, stop)
+    windows, flips = draw_all_windows(cfg.policy, ids, sizes[start:stop], cfg.crops_per_image)
+    probs = np.full((len(ids), cfg.crops_per_image, ensemble.num_classes), 1.0 / ensemble.num_classes, dtype=np.float32)
+    keep = ~excluded[start:stop]
+    windows[~keep] = 0
+    flips[~keep] = False
+    rows = np.flatnonzero(keep)
+    for batch in stream.batches((ids[rows]).tolist(), rows.tolist(), windows, flips):
+        probs[batch.rows, batch.crops] = ensemble(batch.inputs).cpu().numpy()
+        on_crops(len(batch.rows))
+    return windows, flips, probs
+
+
+def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dict:
+    """Run (or continue) stage one; returns a summary. Collective under torchrun."""
+    console = console or Console(stderr=True)
+    cfg.validate()
+    backend = resolve_backend(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    d = init_distributed(backend.is_cuda)
+    try:
+        index = scan_image_folder(cfg.data)
+        specs = parse_spec_list(cfg.teachers)
+        teachers = [load_model(spec, num_classes=len(index.class_names)) for spec in specs]
+        ensemble = TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device)
+        lock = StoreLock(cfg.out) if d.is_main else None
+        if lock is not None:
+            lock.__enter__()
+        try:
+            _prepare_store(cfg, index, ensemble, backend, d, console)
+            d.barrier()
+            summary = _label_pending(cfg, index, ensemble, backend, d, console)
+            d.barrier()
+            if d.is_main:
+                summary["complete"] = storage.StoreWriter(cfg.out).finalize()
+        finally:
+            if lock is not None:
+                lock.__exit__(None, None, None)
+        return summary
+    finally:
+        shutdown(d)
+
+
+def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend, d: Dist, console: Console) -> dict:
+    writer = storage.StoreWriter(cfg.out)
+    store = storage.open_store(cfg.out, require_complete=False)
+    sizes, excluded = store.sizes, store.excluded
+    mine = [s for s in writer.pending_shards() if s % d.world_size == d.rank]
+    total_images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in mine)
+    stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+    crops_done = images_done = 0
+    with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:
+        task = progress.add_task("teachers", total=total_images, crops_per_image=cfg.crops_per_image)
+
+        def on_crops(n: int) -> None:
+            nonlocal crops_done
+            crops_done += n
+            progress.advance(task, n / cfg.crops_per_image)
+
+        for shard in mine:
+            start, stop = writer.shard_range(shard)
+            windows, flips, probs = _label_shard(stream, ensemble, cfg, start, stop, sizes, excluded, on_crops)
+            writer.write_shard(shard, windows, flips, probs)
+            images_done += stop - start
+            progress.update(task, completed=images_done)
+    return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank}
