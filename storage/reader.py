@@ -1,0 +1,234 @@
+"""Opening a label store for reading: validation against the dataset and label lookups.
+
+Read paths (see DESIGN.md section 4: zarr random single-row reads are slow, contiguous reads fast):
+
+* ``LabelStore.slot_labels(slot, image_ids)`` - the training fast path: crop slot ``slot`` for many
+  images, one zarr orthogonal selection (each touched inner chunk ``(chunk_images, 1, C)`` is read
+  and decoded once, chunks fetched concurrently by zarr).
+* ``LabelStore.labels(image_ids, crop_ids)`` - random access; ids are grouped by crop slot and each
+  slot's images are read with one orthogonal selection, so every touched inner chunk is read once
+  per call; the per-slot reads run concurrently in zarr's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+
+from storage.encoding import decode_topk, normalise_rows
+from storage.errors import UserError
+from storage.schema import DENSE, FORMAT, TOPK, encoding_from_attr, is_local, local_path, zarr_store
+from storage.writer import _open_group
+
+
+def store_exists(url: str) -> bool:
+    """True if a mealkd store (a Zarr group with the format attribute) exists at ``url``."""
+    try:
+        _, attrs = _open_group(str(url), read_only=True)
+    except UserError:
+        return False
+    return attrs.get("format") == FORMAT
+
+
+def open_store(url: str, *, require_complete: bool = True, fingerprint: str | None = None,
+               class_names: Sequence[str] | None = None) -> "LabelStore":
+    """Open and validate a label store; one-line UserError for: not a mealkd store, unknown/newer
+    version, incomplete (when ``require_complete``), dataset fingerprint mismatch, class-name
+    mismatch."""
+    url = str(url)
+    group, attrs = _open_group(url, read_only=True)
+    store = LabelStore(url, group, attrs)
+    if fingerprint is not None:
+        have = (attrs.get("dataset") or {}).get("fingerprint")
+        if have != fingerprint:
+            raise UserError(
+                f"{url}: dataset fingerprint {str(have)[:12]} of the store != {str(fingerprint)[:12]} of the "
+                f"dataset (files added, removed or changed since precompute); point at the dataset used "
+                f"for precompute or rerun `mealkd precompute`"
+            )
+    if class_names is not None:
+        want, have = [str(x) for x in class_names], store.class_names
+        if want != have:
+            if len(want) != len(have):
+                detail = f"{len(have)} classes in the store vs {len(want)} in the dataset"
+            else:
+                i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
+                detail = f"class {i} is {have[i]!r} in the store but {want[i]!r} in the dataset"
+            raise UserError(f"{url}: class names differ ({detail}); use the dataset the store was made from")
+    if require_complete:
+        done = store.done
+        if not done.all():
+            raise UserError(
+                f"{url}: label store incomplete ({int(done.sum())}/{done.size} images done); "
+                f"rerun `mealkd precompute` with the same arguments to finish it"
+            )
+    return store
+
+
+class LabelStore:
+    """A validated, read-only label store. Small per-image arrays load lazily, once."""
+
+    def __init__(self, url: str, group, attrs: dict):
+        self.url = url
+        self._group = group
+        self.attrs = attrs
+        self.num_classes = int(attrs["num_classes"])
+        self.crops_per_image = int(attrs["crops_per_image"])
+        self.images_per_shard = int(attrs["images_per_shard"])
+        try:
+            self.encoding, self.topk = encoding_from_attr(attrs["label_encoding"])
+        except (UserError, ValueError, KeyError):
+            raise UserError(f"{url}: unknown label_encoding {attrs.get('label_encoding')!r}; recreate the store with `mealkd precompute`") from None
+        if self.encoding == DENSE:
+            self._label_arrays = [group["probs"]]
+        else:
+            self._label_arrays = [group["topk_idx"], group["topk_val"]]
+        self.num_images = int(self._label_arrays[0].shape[0])
+        names = attrs.get("class_names")
+        self.class_names = [str(x) for x in names] if names is not None else [str(i) for i in range(self.num_classes)]
+
+    def __repr__(self) -> str:
+        return (f"LabelStore({self.url!r}, images={self.num_images}, crops={self.crops_per_image}, "
+                f"classes={self.num_classes}, encoding={self.encoding}{'' if self.topk is None else ':' + str(self.topk)})")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.images_per_shard)
+
+    @property
+    def chunk_images(self) -> int:
+        """Images per inner chunk of the label array(s) (the slot-read granularity)."""
+        return int(max(a.chunks[0] for a in self._label_arrays))
+
+    # ------------------------------------------------------------------ small arrays
+    @cached_property
+    def paths(self) -> list[str]:
+        return [str(p) for p in self._group["paths"][:].tolist()]
+
+    @cached_property
+    def targets(self) -> np.ndarray:
+        return np.asarray(self._group["targets"][:], np.int32)
+
+    @cached_property
+    def sizes(self) -> np.ndarray:
+        return np.asarray(self._group["sizes"][:], np.int32)
+
+    @cached_property
+    def excluded(self) -> np.ndarray:
+        return np.asarray(self._group["excluded"][:], bool)
+
+    @cached_property
+    def windows(self) -> np.ndarray:
+        return np.asarray(self._group["windows"][:], np.int32)
+
+    @cached_property
+    def flips(self) -> np.ndarray:
+        return np.asarray(self._group["flips"][:], bool)
+
+    @cached_property
+    def done(self) -> np.ndarray:
+        return np.asarray(self._group["done"][:], bool)
+
+    # ------------------------------------------------------------------ labels
+    def _check_ids(self, ids: np.ndarray, bound: int, what: str) -> np.ndarray:
+        ids = np.asarray(ids).reshape(-1).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= bound):
+            raise IndexError(f"{what} out of range [0, {bound})")
+        return ids
+
+    async def _read_slot_async(self, uniq: np.ndarray, slot: int) -> list[np.ndarray]:
+        """Raw stored arrays for sorted unique image ids at one crop slot."""
+        if uniq.size == self.num_images:
+            sel = (slice(None), int(slot), slice(None))
+            return list(await asyncio.gather(*[a._async_array.getitem(sel) for a in self._label_arrays]))
+        sel = (uniq, int(slot), slice(None))
+        return list(await asyncio.gather(*[a._async_array.get_orthogonal_selection(sel) for a in self._label_arrays]))
+
+    def _decode(self, raw: list[np.ndarray]) -> np.ndarray:
+        if self.encoding == DENSE:
+            return normalise_rows(raw[0])
+        return decode_topk(raw[0], raw[1], self.num_classes)
+
+    def labels(self, image_ids: np.ndarray, crop_ids: np.ndarray) -> np.ndarray:
+        """float32 (B, C) probability rows for (image_ids[i], crop_ids[i]); random access.
+
+        Chunk-aware: ids are grouped by crop slot; each slot's unique images are read with one
+        orthogonal selection (every touched inner chunk read once), slots concurrently."""
+        from zarr.core.sync import sync
+
+        ii = self._check_ids(image_ids, self.num_images, "image id")
+        cc = self._check_ids(crop_ids, self.crops_per_image, "crop id")
+        if ii.shape != cc.shape:
+            raise ValueError(f"image_ids ({ii.size}) and crop_ids ({cc.size}) differ in length")
+        out = np.empty((ii.size, self.num_classes), np.float32)
+        if ii.size == 0:
+            return out
+        groups = []
+        for slot in np.unique(cc):
+            sel = np.nonzero(cc == slot)[0]
+            uniq, inv = np.unique(ii[sel], return_inverse=True)
+            groups.append((slot, sel, uniq, inv))
+
+        async def read_all():
+            return await asyncio.gather(*[self._read_slot_async(u, s) for s, _, u, _ in groups])
+
+        for (slot, sel, uniq, inv), raw in zip(groups, sync(read_all())):
+            out[sel] = self._decode(raw)[inv.reshape(-1)]
+        return out
+
+    def slot_labels(self, slot: int, image_ids: np.ndarray | None = None) -> np.ndarray:
+        """float32 (len, C) labels of crop ``slot`` for ``image_ids`` (all images if None), in the
+        order of ``image_ids``. Reads contiguous, chunk-aligned image blocks: the fast path for
+        training (e.g. epoch e uses slot e mod R). Memory: len x C x 4 bytes."""
+        from zarr.core.sync import sync
+
+        if not 0 <= int(slot) < self.crops_per_image:
+            raise IndexError(f"crop slot {slot} out of range [0, {self.crops_per_image})")
+        if image_ids is None:
+            return self._decode(sync(self._read_slot_async(np.arange(self.num_images), int(slot))))
+        ids = self._check_ids(image_ids, self.num_images, "image id")
+        if ids.size == 0:
+            return np.empty((0, self.num_classes), np.float32)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        rows = self._decode(sync(self._read_slot_async(uniq, int(slot))))
+        return rows[inv.reshape(-1)]
+
+    # ------------------------------------------------------------------ summaries
+    def nbytes_on_disk(self) -> int:
+        """Sum of the sizes of every stored key (via the zarr store's listing)."""
+        from zarr.core.sync import sync
+
+        if is_local(self.url):  # LocalStore.getsize_prefix stats every file; os.walk is the same, faster
+            import os
+
+            total = 0
+            for root, _, files in os.walk(local_path(self.url)):
+                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+            return total
+        store = zarr_store(self.url, read_only=True)
+        return int(sync(store.getsize_prefix("")))
+
+    def label_stats(self, sample: int = 4096, seed: int = 0) -> dict:
+        """Mean top-1 probability, mean entropy (nats) and top-1 == target rate over a random
+        sample of (image, crop) pairs of done, non-excluded images."""
+        eligible = np.nonzero(self.done & ~self.excluded)[0]
+        if eligible.size == 0:
+            return {"samples": 0, "mean_top1": float("nan"), "mean_entropy": float("nan"),
+                    "top1_matches_target": float("nan")}
+        rng = np.random.default_rng(seed)
+        total = eligible.size * self.crops_per_image
+        n = int(min(sample, total))
+        flat = rng.choice(total, size=n, replace=False) if n < total else np.arange(total)
+        imgs = eligible[flat // self.crops_per_image]
+        crops = flat % self.crops_per_image
+        rows = self.labels(imgs, crops).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ent = -np.where(rows > 0, rows * np.log(rows), 0.0).sum(axis=1)
+        return {
+            "samples": n,
+            "mean_top1": float(rows.max(axis=1).mean()),
+            "mean_entropy": float(ent.mean()),
+            "top1_matches_target": float((rows.argmax(axis=1) == self.targets[imgs]).mean()),
+        }

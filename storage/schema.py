@@ -1,0 +1,165 @@
+"""Label-store schema: constants, the encoding string, the on-disk layout, and URL -> zarr store.
+
+Layout (Zarr v3 group, first axis of every per-image array = image index in the dataset's sorted
+order; see DESIGN.md section 4)::
+
+    zarr.json            group attributes (format, version, num_classes, class_names, ...)
+    paths     (N,)       string   written once by create_store
+    targets   (N,)       int32    "
+    sizes     (N, 2)     int32    "  decoded (height, width)
+    excluded  (N,)       bool     "  unreadable source files (precompute --skip-bad)
+    windows   (N, R, 4)  int32    written by the shard's writer
+    flips     (N, R)     bool     "
+    probs     (N, R, C)  float16  "  dense encoding only
+    topk_idx  (N, R, k)  uint16 (int32 if C > 65535)   topk encoding only
+    topk_val  (N, R, k)  float16                       topk encoding only
+    fidelity  (S, 3)     float64  topk only: per shard (sum_tv, max_tv, n_rows)
+    done      (N,)       bool     set True for a shard's images only after all of the above
+
+Attribute ``label_encoding`` is always an object: ``{"kind": "dense-f16"}`` or
+``{"kind": "topk", "k": K}`` (one representation, so readers never branch on the JSON type).
+
+Sharding / chunking choice
+--------------------------
+* One **shard** = ``images_per_shard`` whole images (all R crops, all C classes). Every array a
+  writer touches (windows, flips, labels, done, fidelity) has exactly one file per shard covering the
+  same image block, so one worker writes one shard and never touches another worker's files (zarr
+  writes to one file from two processes lose data: last writer wins).
+* Label arrays use zarr's ShardingCodec with **inner chunks** ``(chunk_images, 1, width)``: one crop
+  slot for a block of images. Reading crop slot ``s`` for a block of images (the training fast
+  path, ``LabelStore.slot_labels``) touches one inner chunk per ``chunk_images`` images, and a
+  random (image, crop) lookup decodes just one inner chunk. ``chunk_images`` is the power of two
+  that makes an inner chunk about ``TARGET_INNER_BYTES`` (32 KiB) raw: 16 images for 1000-class
+  fp16 rows, 512-1024 images for top-k.
+* ``images_per_shard`` defaults to ``TARGET_SHARD_BYTES`` (128 MiB) of *dense fp16* labels per
+  shard (whatever the encoding, because the writer receives dense float32 rows for a whole shard,
+  2x that in memory), rounded down to a multiple of the inner chunk, at most
+  ``MAX_IMAGES_PER_SHARD``. ImageNet (1.28M images, R=100, C=1000): 640 images/shard -> 2002
+  shards; files = 4 per shard (probs, windows, flips, done; +2 for top-k) + a handful for the
+  create-time arrays. With R=8: 8192 images/shard -> 157 shards.
+* Create-time arrays (paths, targets, sizes, excluded) are written once before any worker starts,
+  so they use large plain chunks (``META_CHUNK`` images).
+* Codec: Blosc zstd level 5; bit-shuffle for float16 labels, byte-shuffle elsewhere.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import urllib.parse
+from pathlib import Path
+
+from storage.errors import UserError
+
+FORMAT = "mealkd-labels"
+VERSION = 1
+
+DENSE = "dense-f16"
+TOPK = "topk"
+
+TARGET_SHARD_BYTES = 128 * 2**20
+TARGET_INNER_BYTES = 32 * 2**10
+MAX_CHUNK_IMAGES = 1024
+MAX_IMAGES_PER_SHARD = 16384
+META_CHUNK = 1 << 17
+
+#: attribute keys create_store owns (a caller may not set them to something else)
+RESERVED_ATTRS = (
+    "format", "version", "num_classes", "crops_per_image", "label_encoding", "images_per_shard",
+    "created", "mealkd_version",
+)
+
+
+def parse_encoding(text: str) -> tuple[str, int | None]:
+    """'dense' or 'dense-f16' -> ('dense-f16', None); 'topk:K' -> ('topk', K).
+
+    K >= 1 is checked here; K < num_classes is checked by create_store.
+    """
+    t = str(text).strip().lower()
+    if t in ("dense", "dense-f16"):
+        return DENSE, None
+    m = re.fullmatch(r"top-?k\s*[:=]\s*(\d+)", t)
+    if m and int(m.group(1)) >= 1:
+        return TOPK, int(m.group(1))
+    raise UserError(
+        f"invalid label encoding {text!r}: use 'dense' (fp16 rows) or 'topk:K' with K >= 1 (e.g. topk:20)"
+    )
+
+
+def encoding_attr(kind: str, k: int | None) -> dict:
+    return {"kind": DENSE} if kind == DENSE else {"kind": TOPK, "k": int(k)}
+
+
+def encoding_from_attr(value) -> tuple[str, int | None]:
+    """Inverse of :func:`encoding_attr` (also accepts the plain strings 'dense-f16' / 'topk:K')."""
+    if isinstance(value, dict):
+        if value.get("kind") == DENSE:
+            return DENSE, None
+        if value.get("kind") == TOPK and isinstance(value.get("k"), int):
+            return TOPK, int(value["k"])
+        raise ValueError(f"unknown label_encoding {value!r}")
+    return parse_encoding(value)
+
+
+def topk_index_dtype(num_classes: int) -> str:
+    return "uint16" if num_classes <= 65535 else "int32"
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+
+
+def chunk_images_for(row_bytes: int, images_per_shard: int | None = None) -> int:
+    """Images per inner chunk for an array whose one (image, crop) row is ``row_bytes`` raw."""
+    ci = min(MAX_CHUNK_IMAGES, _pow2_floor(TARGET_INNER_BYTES / max(1, row_bytes)))
+    if images_per_shard is not None:
+        ci = math.gcd(ci, images_per_shard)  # ci is a power of two: largest one dividing both
+    return max(1, ci)
+
+
+def label_row_bytes(kind: str, k: int | None, num_classes: int) -> list[int]:
+    """Raw bytes of one (image, crop) row of each label array."""
+    if kind == DENSE:
+        return [2 * num_classes]
+    idx_bytes = 2 if topk_index_dtype(num_classes) == "uint16" else 4
+    return [idx_bytes * k, 2 * k]
+
+
+def default_images_per_shard(num_images: int, crops_per_image: int, num_classes: int,
+                             kind: str, k: int | None) -> int:
+    """``TARGET_SHARD_BYTES`` of dense fp16 labels, a multiple of every label array's inner chunk."""
+    align = max(chunk_images_for(b) for b in label_row_bytes(kind, k, num_classes))
+    per_image = 2 * crops_per_image * num_classes
+    ips = max(1, TARGET_SHARD_BYTES // per_image)
+    ips = min(ips, MAX_IMAGES_PER_SHARD)
+    ips = max(align, ips // align * align)
+    # never bigger than the dataset (rounded up to the alignment)
+    return min(ips, max(align, -(-num_images // align) * align))
+
+
+# ---------------------------------------------------------------------------------- stores
+
+
+def is_local(url: str | os.PathLike) -> bool:
+    u = str(url)
+    return "://" not in u or u.startswith("file://")
+
+
+def local_path(url: str | os.PathLike) -> Path:
+    u = str(url)
+    if u.startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(u).path))
+    return Path(u).expanduser()
+
+
+def zarr_store(url: str | os.PathLike, *, read_only: bool):
+    """A zarr store for ``url``: local paths and ``file://`` use zarr's LocalStore (atomic
+    temp-file + rename writes, see ``storage.writer``); any other fsspec URL uses FsspecStore."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if is_local(url):
+        return LocalStore(local_path(url), read_only=read_only)
+    try:
+        return FsspecStore.from_url(str(url), read_only=read_only)
+    except (ImportError, ValueError) as err:
+        raise UserError(f"{url}: cannot open this URL with fsspec ({err}); use a local path or an fsspec URL whose backend is installed") from None

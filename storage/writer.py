@@ -1,0 +1,323 @@
+"""Creating a label store and writing its labels shard by shard (resumable, multi-process).
+
+Crash safety
+------------
+* ``done`` is the single source of truth. ``StoreWriter.write_shard`` writes windows, flips and the
+  label arrays for the whole shard (one file each), flushes them to disk (fsync, local stores), and
+  only then writes ``done=True`` for the shard's images (one file). A writer killed at any point
+  leaves the shard's ``done`` chunk absent or all-False, so the shard is pending and is rewritten on
+  resume; encoding is deterministic (argpartition/argsort, Blosc), so a rewritten shard has the same
+  bytes as an uninterrupted run's.
+* zarr 3.1's LocalStore (used for local paths and ``file://`` URLs) writes every key atomically:
+  it writes ``<key>.<uuid>.partial`` and renames it over the key (``zarr/storage/_local.py``,
+  ``_atomic_write``). So a SIGKILL can never leave a torn shard file or a torn ``zarr.json``; at
+  worst a stray ``*.partial`` file remains (ignored by zarr; counted by ``nbytes_on_disk``). It does
+  not fsync; we fsync the shard files ourselves before marking them done so "done" also survives a
+  power loss. Object stores (s3, gcs, ...) replace objects atomically per PUT. fsspec's plain
+  local/network filesystems (other than ``file://``, which we route to LocalStore) are not atomic:
+  a kill there can tear a file, but ``done`` is still written last, so labels are never trusted
+  before they are complete; only a torn ``zarr.json`` (finalize) could break the store there.
+* ``finalize`` changes attributes with one ``zarr.json`` rewrite (atomic on LocalStore) and is
+  idempotent.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from storage.encoding import encode_topk, topk_tv
+from storage.errors import UserError
+from storage.schema import (
+    DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for,
+    default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,
+    topk_index_dtype, zarr_store,
+)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _mealkd_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mealkd")
+    except Exception:  # pragma: no cover - not installed
+        return "unknown"
+
+
+def _blosc(shuffle: str = "shuffle"):
+    from zarr.codecs import BloscCodec
+
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+
+def _anything_at(url: str) -> bool:
+    if is_local(url):
+        p = local_path(url)
+        return p.exists() and (not p.is_dir() or any(p.iterdir()))
+    from zarr.core.sync import sync
+
+    return not sync(zarr_store(url, read_only=True).is_empty(""))
+
+
+def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: np.ndarray,
+                 sizes: np.ndarray, crops_per_image: int, num_classes: int, encoding: str,
+                 excluded: np.ndarray | None = None, images_per_shard: int | None = None) -> None:
+    """Create the group, its attributes and all arrays (empty labels, done=False).
+
+    ``attributes``: everything the caller knows (class_names, crop policy, teachers, temperature,
+    dataset {num_images, fingerprint}, decoder backend, dali version, ...). create_store adds
+    ``format``, ``version``, ``num_classes``, ``crops_per_image``, ``label_encoding``
+    (``{"kind": "dense-f16"}`` or ``{"kind": "topk", "k": K}``), ``images_per_shard``, ``created``
+    (UTC ISO time) and ``mealkd_version``. The group's ``zarr.json`` with these attributes is written
+    last, so a killed create never looks like a mealkd store. Refuses (UserError) if anything
+    already exists at ``url``.
+    """
+    import zarr
+
+    kind, k = parse_encoding(encoding)
+    n = len(paths)
+    r, c = int(crops_per_image), int(num_classes)
+    if n < 1:
+        raise UserError(f"{url}: the dataset has no images; nothing to store")
+    if r < 1 or c < 2:
+        raise ValueError(f"crops_per_image={r} must be >= 1 and num_classes={c} >= 2")
+    if kind == TOPK and not k < c:
+        raise UserError(f"label encoding topk:{k} needs K < num_classes ({c}); use a smaller K or 'dense'")
+    targets = np.asarray(targets)
+    sizes = np.asarray(sizes)
+    if targets.shape != (n,) or sizes.shape != (n, 2):
+        raise ValueError(f"targets {targets.shape} / sizes {sizes.shape} must be ({n},) / ({n}, 2)")
+    if n and (targets.min() < 0 or targets.max() >= c):
+        raise ValueError(f"targets must lie in [0, {c})")
+    excluded = np.zeros(n, bool) if excluded is None else np.asarray(excluded, bool)
+    if excluded.shape != (n,):
+        raise ValueError(f"excluded {excluded.shape} must be ({n},)")
+    attributes = dict(attributes)
+    names = attributes.get("class_names")
+    if names is not None and len(names) != c:
+        raise ValueError(f"class_names has {len(names)} entries, num_classes={c}")
+    ds_n = (attributes.get("dataset") or {}).get("num_images")
+    if ds_n is not None and ds_n != n:
+        raise ValueError(f"attributes dataset.num_images={ds_n} but {n} paths")
+    if images_per_shard is None:
+        ips = default_images_per_shard(n, r, c, kind, k)
+    else:
+        ips = int(images_per_shard)
+        if ips < 1:
+            raise UserError(f"images per shard must be >= 1 (got {images_per_shard})")
+    own = {
+        "format": FORMAT, "version": VERSION, "num_classes": c, "crops_per_image": r,
+        "label_encoding": encoding_attr(kind, k), "images_per_shard": ips,
+        "created": _now(), "mealkd_version": _mealkd_version(),
+    }
+    for key in RESERVED_ATTRS:
+        if key in attributes and key not in ("created", "mealkd_version") and attributes[key] != own[key]:
+            raise ValueError(f"attribute {key!r}={attributes[key]!r} conflicts with {own[key]!r}")
+    attributes.update(own)
+    try:
+        json.dumps(attributes)
+    except TypeError as err:
+        raise ValueError(f"attributes must be JSON-serialisable: {err}") from None
+
+    if _anything_at(url):
+        raise UserError(f"{url} already exists: choose a new output path or delete it first")
+
+    store = zarr_store(url, read_only=False)
+    group = zarr.create_group(store, attributes={})  # attributes come last (see docstring)
+    meta = max(1, min(n, META_CHUNK))
+
+    def arr(name, shape, dtype, chunks, shards=None, shuffle="shuffle", **kw):
+        return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                                  compressors=_blosc(shuffle), fill_value=kw.pop("fill_value", 0), **kw)
+
+    p = group.create_array("paths", shape=(n,), dtype=str, chunks=(meta,))
+    p[:] = np.asarray([str(x) for x in paths], dtype=str)
+    arr("targets", (n,), "int32", (meta,))[:] = targets.astype(np.int32)
+    arr("sizes", (n, 2), "int32", (meta, 2))[:] = sizes.astype(np.int32)
+    arr("excluded", (n,), "bool", (meta,), fill_value=False)[:] = excluded
+    arr("windows", (n, r, 4), "int32", (ips, r, 4))
+    arr("flips", (n, r), "bool", (ips, r), fill_value=False)
+    arr("done", (n,), "bool", (ips,), fill_value=False)
+    if kind == DENSE:
+        ci = chunk_images_for(label_row_bytes(kind, k, c)[0], ips)
+        arr("probs", (n, r, c), "float16", (ci, 1, c), shards=(ips, r, c), shuffle="bitshuffle")
+    else:
+        b_idx, b_val = label_row_bytes(kind, k, c)
+        arr("topk_idx", (n, r, k), topk_index_dtype(c), (chunk_images_for(b_idx, ips), 1, k), shards=(ips, r, k))
+        arr("topk_val", (n, r, k), "float16", (chunk_images_for(b_val, ips), 1, k), shards=(ips, r, k),
+            shuffle="bitshuffle")
+        num_shards = -(-n // ips)
+        arr("fidelity", (num_shards, 3), "float64", (1, 3))
+    group.update_attributes(attributes)
+
+
+def _open_group(url: str, *, read_only: bool):
+    """Open ``url`` as a mealkd group; UserError if it is not one or its version is unknown."""
+    import zarr
+
+    missing = f"{url}: not a mealkd label store (nothing there); pass the output path of `mealkd precompute`"
+    if is_local(url) and not local_path(url).exists():
+        raise UserError(missing)
+    try:
+        group = zarr.open_group(zarr_store(url, read_only=read_only), mode="r" if read_only else "r+")
+    except UserError:
+        raise
+    except (FileNotFoundError, json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{url}: not a mealkd label store ({type(err).__name__}: {err}); pass the output path of `mealkd precompute`") from None
+    except Exception as err:  # zarr's GroupNotFoundError / NodeTypeValidationError etc.
+        raise UserError(f"{url}: not a mealkd label store (no Zarr group: {type(err).__name__}); pass the output path of `mealkd precompute`") from None
+    attrs = group.attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{url}: not a mealkd label store (Zarr group without format={FORMAT!r}); pass the output path of `mealkd precompute`")
+    version = attrs.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{url}: unknown label-store version {version!r}; recreate it with `mealkd precompute`")
+    if version > VERSION:
+        raise UserError(f"{url}: label-store version {version} is newer than this mealkd supports ({VERSION}); upgrade mealkd")
+    return group, attrs
+
+
+class StoreWriter:
+    """Writes labels into an existing store, one whole shard at a time.
+
+    Several processes may each hold a StoreWriter on the same store as long as they write disjoint
+    shards (e.g. ``pending_shards(rank, world_size)``).
+    """
+
+    def __init__(self, url: str):
+        self.url = str(url)
+        self._group, self.attrs = _open_group(self.url, read_only=False)
+        a = self.attrs
+        self.kind, self.k = encoding_from_attr(a["label_encoding"])
+        self.crops_per_image = int(a["crops_per_image"])
+        self.num_classes = int(a["num_classes"])
+        self.images_per_shard = int(a["images_per_shard"])
+        self._done = self._group["done"]
+        self.num_images = int(self._done.shape[0])
+        self.num_shards = -(-self.num_images // self.images_per_shard)
+        self._windows = self._group["windows"]
+        self._flips = self._group["flips"]
+        if self.kind == DENSE:
+            self._labels = [self._group["probs"]]
+        else:
+            self._labels = [self._group["topk_idx"], self._group["topk_val"]]
+            self._fidelity = self._group["fidelity"]
+            self._index_dtype = self._labels[0].dtype
+
+    # ------------------------------------------------------------------ shards
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """[start, stop) image ids of ``shard``."""
+        if not 0 <= shard < self.num_shards:
+            raise IndexError(f"shard {shard} out of range [0, {self.num_shards})")
+        start = shard * self.images_per_shard
+        return start, min(start + self.images_per_shard, self.num_images)
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self._done[:], bool)
+
+    def pending_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Shards with any image not done (of those ``s % world_size == rank``, if given)."""
+        done = self.done_mask()
+        padded = np.ones(self.num_shards * self.images_per_shard, bool)
+        padded[: self.num_images] = done
+        pending = np.nonzero(~padded.reshape(self.num_shards, -1).all(axis=1))[0]
+        return [int(s) for s in pending if s % world_size == rank]
+
+    # ------------------------------------------------------------------ writing
+    def _validate(self, shard, windows, flips, probs):
+        start, stop = self.shard_range(shard)
+        n, r, c = stop - start, self.crops_per_image, self.num_classes
+        windows, flips, probs = np.asarray(windows), np.asarray(flips), np.asarray(probs)
+        if windows.shape != (n, r, 4) or not np.issubdtype(windows.dtype, np.integer):
+            raise ValueError(f"windows must be ({n}, {r}, 4) integer, got {windows.shape} {windows.dtype}")
+        if flips.shape != (n, r) or flips.dtype != np.bool_:
+            raise ValueError(f"flips must be ({n}, {r}) bool, got {flips.shape} {flips.dtype}")
+        if probs.shape != (n, r, c) or not np.issubdtype(probs.dtype, np.floating):
+            raise ValueError(f"probs must be ({n}, {r}, {c}) float, got {probs.shape} {probs.dtype}")
+        if np.any(windows < 0) or np.any(windows[..., 2:] < 1) or np.any(np.abs(windows) > np.iinfo(np.int32).max):
+            raise ValueError("windows must be (y, x, h, w) with y, x >= 0 and h, w >= 1")
+        probs = probs.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(probs)):
+            raise ValueError(f"shard {shard}: probs contain NaN/inf")
+        if probs.min() < -1e-6:
+            raise ValueError(f"shard {shard}: probs contain negative values")
+        sums = probs.sum(axis=-1, dtype=np.float64)
+        bad = np.abs(sums - 1.0) > 1e-3
+        if np.any(bad):
+            i = np.argwhere(bad)[0]
+            raise ValueError(f"shard {shard}: probs row (image {start + i[0]}, crop {i[1]}) sums to {sums[tuple(i)]:.6f}, not 1")
+        return start, stop, windows.astype(np.int32), flips, probs
+
+    def write_shard(self, shard: int, windows: np.ndarray, flips: np.ndarray, probs: np.ndarray) -> None:
+        """Write windows (n,R,4) int32 (y,x,h,w), flips (n,R) bool and probs (n,R,C) float rows
+        summing to 1 for the WHOLE shard; then, after those writes returned (and were fsynced on
+        local stores), ``done=True`` for the shard's images."""
+        start, stop, windows, flips, probs = self._validate(shard, windows, flips, probs)
+        self._windows[start:stop] = windows
+        self._flips[start:stop] = flips
+        arrays = [self._windows, self._flips, *self._labels]
+        if self.kind == DENSE:
+            self._labels[0][start:stop] = probs.astype(np.float16)
+        else:
+            idx, val = encode_topk(probs, self.k, self._index_dtype)
+            self._labels[0][start:stop] = idx
+            self._labels[1][start:stop] = val
+            total, worst, rows = topk_tv(probs, idx, val)
+            self._fidelity[shard] = np.array([total, worst, rows], np.float64)
+            arrays.append(self._fidelity)
+        self._fsync(arrays, shard)
+        self._done[start:stop] = np.ones(stop - start, bool)
+
+    def _fsync(self, arrays, shard: int) -> None:
+        if not is_local(self.url):
+            return
+        root = local_path(self.url)
+        dirs = set()
+        for a in arrays:
+            coords = (shard,) + (0,) * (a.ndim - 1)
+            path = root / a.path / a.metadata.encode_chunk_key(coords)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # an all-fill-value chunk is not stored
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(path.parent)
+        for d in dirs:
+            fd = os.open(d, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def finalize(self) -> bool:
+        """If every image is done, record ``completed`` (UTC ISO time) and, for top-k,
+        ``fidelity`` {mean_tv, max_tv, rows}. Returns completeness; idempotent."""
+        if not self.done_mask().all():
+            return False
+        current = self._group.attrs.asdict()
+        if "completed" in current:
+            self.attrs = current
+            return True
+        new = {"completed": _now()}
+        if self.kind == TOPK:
+            fid = np.asarray(self._fidelity[:], np.float64)
+            rows = float(fid[:, 2].sum())
+            new["fidelity"] = {
+                "metric": "total variation between dense rows and decoded top-k rows",
+                "mean_tv": float(fid[:, 0].sum() / rows) if rows else 0.0,
+                "max_tv": float(fid[:, 1].max()) if len(fid) else 0.0,
+                "rows": int(rows),
+            }
+        self._group.update_attributes(new)
+        self.attrs = self._group.attrs.asdict()
+        return True
