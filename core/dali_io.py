@@ -98,3 +98,16 @@ def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple]
         converted = convert(pipe.outputs())
         in_flight = schedule_next()
         yield converted
+
+
+def to_samples(tensor_list: Any, device: torch.device) -> list[Any]:
+    """Per-sample copies of a (possibly ragged) TensorList: numpy arrays on CPU, torch CUDA tensors on GPU."""
+    if isinstance(tensor_list, TensorListGPU):
+        samples = []
+        for i in range(len(tensor_list)):
+            sample = tensor_list[i]
+            out = torch.empty(sample.shape(), dtype=to_torch_type[sample.dtype], device=device)
+            feed_ndarray(sample, out, cuda_stream=torch.cuda.current_stream(device))
+            samples.append(out)
+        return samples
+    return [np.array(tensor_list[i]) for i in range(len(tensor_list))]

@@ -1,0 +1,129 @@
+"""Stage two's training loader: replays stored crops through DALI, labels travelling with the images.
+
+Epoch e of a store with R crops per image uses crop slots (e*K + k) mod R, k < K, for every image,
+so over R/K epochs each stored crop is used exactly once, and each epoch's labels are one
+contiguous slot column of the store (the fast read path). The next epoch's labels are read in a
+background thread while this epoch trains; a rank holds only its own shard's labels.
+
+Sharding: each epoch a seeded permutation of the usable (non-excluded) images is padded by
+wrapping to a multiple of world_size (as torch's DistributedSampler does, so every rank runs the
+same number of steps) and rank r takes every world_size-th image from position r.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from core.dali_io import Backend, build_pipeline, run_batches, to_torch
+from core.dataset import DatasetIndex
+from core.distributed import Dist
+from core.replay import Normalization, replay_graph
+from storage import LabelStore
+
+
+class ReplayLoader:
+    def __init__(
+        self,
+        store: LabelStore,
+        index: DatasetIndex,
+        norm: Normalization,
+        backend: Backend,
+        *,
+        batch_size: int,
+        crops_per_step: int = 1,
+        seed: int = 0,
+        dist: Dist = Dist(),
+        shuffle: bool = True,
+        num_threads: int = 2,
+    ):
+        if not 1 <= crops_per_step <= store.crops_per_image:
+            raise ValueError(f"crops_per_step must be in [1, {store.crops_per_image}]")
+        self.store = store
+        self.index = index
+        self.backend = backend
+        self.batch_size = batch_size
+        self.crops_per_step = crops_per_step
+        self.seed = seed
+        self.dist = dist
+        self.shuffle = shuffle
+        self.usable = np.flatnonzero(~np.asarray(store.excluded, dtype=bool))
+        self.windows = store.windows
+        self.flips = store.flips
+        self.pipe = build_pipeline(
+            replay_graph(norm, backend.decoder, crops_per_step), batch_size=batch_size, backend=backend, num_threads=num_threads, seed=seed
+        )
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels")
+        self._labels: dict[int, Future] = {}
+        self._lock = threading.Lock()
+
+    # -- the plan ---------------------------------------------------------------------------
+    def slots(self, epoch: int) -> list[int]:
+        return [(epoch * self.crops_per_step + k) % self.store.crops_per_image for k in range(self.crops_per_step)]
+
+    def images(self, epoch: int) -> np.ndarray:
+        """This rank's image ids for ``epoch``, in visiting order."""
+        order = self.usable
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
+        world = self.dist.world_size
+        per_rank = -(-len(order) // world)
+        padded = np.resize(order, per_rank * world)  # wraps around like DistributedSampler
+        return padded[self.dist.rank :: world]
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.images(0)) // self.batch_size)
+
+    # -- labels -----------------------------------------------------------------------------
+    def _read_labels(self, epoch: int) -> np.ndarray:
+        ids = self.images(epoch)
+        return np.stack([self.store.slot_labels(slot, ids) for slot in self.slots(epoch)], axis=1)  # (n, K, C)
+
+    def prefetch(self, epoch: int) -> None:
+        """Start reading ``epoch``'s labels in the background (no-op if already started)."""
+        with self._lock:
+            if epoch not in self._labels:
+                self._labels[epoch] = self._pool.submit(self._read_labels, epoch)
+
+    def _take_labels(self, epoch: int) -> np.ndarray:
+        self.prefetch(epoch)
+        with self._lock:
+            future = self._labels.pop(epoch)
+            for stale in [e for e in self._labels if e < epoch]:
+                self._labels.pop(stale).cancel()
+        return future.result()
+
+    # -- iteration --------------------------------------------------------------------------
+    def _feeds(self, ids: np.ndarray, labels: np.ndarray, slots: list[int]):
+        for start in range(0, len(ids), self.batch_size):
+            batch = ids[start : start + self.batch_size]
+            feed: dict = {
+                "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
+                "labels": list(labels[start : start + len(batch)]),
+            }
+            for k, slot in enumerate(slots):
+                win = self.windows[batch, slot]
+                feed[f"anchor{k}"] = [np.ascontiguousarray(w[:2]) for w in win]
+                feed[f"shape{k}"] = [np.ascontiguousarray(w[2:]) for w in win]
+                feed[f"flip{k}"] = [np.array(f, dtype=np.int32) for f in self.flips[batch, slot]]
+            yield feed
+
+    def _convert(self, outputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.backend.device
+        crops = [to_torch(o, device) for o in outputs[:-1]]
+        images = torch.stack(crops, dim=1).flatten(0, 1)  # sample-major: (b, k) -> b*K + k
+        labels = to_torch(outputs[-1], device).flatten(0, 1)
+        return images, labels
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (images (B*K, 3, S, S), label rows (B*K, C)) for ``epoch``; prefetches the next epoch's labels."""
+        ids = self.images(epoch)
+        labels = self._take_labels(epoch)
+        self.prefetch(epoch + 1)
+        yield from run_batches(self.pipe, self._feeds(ids, labels, self.slots(epoch)), self._convert)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
