@@ -1,0 +1,74 @@
+"""Top-1/top-5 on a validation ImageFolder with DALI: resize the shorter side to S/0.875, centre-crop S."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from core.dali_io import Backend, build_pipeline, run_batches, to_torch
+from core.dataset import DatasetIndex
+from core.replay import Normalization, eval_graph
+from storage.errors import UserError
+
+
+def class_mapping(val_classes: list[str], model_classes: list[str], *, flag: str = "--data") -> np.ndarray:
+    """For each validation class, the model's class index (by name)."""
+    position = {name: i for i, name in enumerate(model_classes)}
+    missing = [name for name in val_classes if name not in position]
+    if missing:
+        raise UserError(
+            f"{flag}: validation class '{missing[0]}' is not among the model's {len(model_classes)} classes; "
+            "use a validation tree with the training class names"
+        )
+    return np.array([position[name] for name in val_classes], dtype=np.int64)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module,
+    index: DatasetIndex,
+    model_classes: list[str],
+    norm: Normalization,
+    backend: Backend,
+    *,
+    batch_size: int = 64,
+    num_threads: int = 2,
+    per_class: bool = False,
+) -> dict:
+    """Accuracy of ``model`` on ``index``; returns top1, top5 (fractions), images, and optionally per-class top-1."""
+    mapping = class_mapping(index.class_names, model_classes)
+    targets = mapping[index.targets]
+    pipe = build_pipeline(eval_graph(norm, backend.decoder), batch_size=batch_size, backend=backend, num_threads=num_threads)
+    feeds = (
+        {
+            "encoded": [index.read_bytes(i) for i in range(s, min(s + batch_size, len(index)))],
+            "target": [np.array(t, dtype=np.int64) for t in targets[s : s + batch_size]],
+        }
+        for s in range(0, len(index), batch_size)
+    )
+    model.eval()
+    on_gpu = backend.is_cuda
+    autocast = torch.autocast("cuda", dtype=torch.float16) if on_gpu else nullcontext()
+    correct1 = correct5 = 0
+    class_hits = np.zeros(len(model_classes), dtype=np.int64)
+    class_total = np.zeros(len(model_classes), dtype=np.int64)
+    for images, labels in run_batches(pipe, feeds, lambda outs: (to_torch(outs[0], backend.device), to_torch(outs[1], backend.device))):
+        if on_gpu:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(images).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit1 = top[:, 0] == labels
+        correct1 += int(hit1.sum())
+        correct5 += int((top == labels[:, None]).any(dim=1).sum())
+        np.add.at(class_hits, labels.cpu().numpy(), hit1.cpu().numpy().astype(np.int64))
+        np.add.at(class_total, labels.cpu().numpy(), 1)
+    n = len(index)
+    result = {"top1": correct1 / n, "top5": correct5 / n, "images": n}
+    if per_class:
+        result["per_class_top1"] = {
+            model_classes[c]: float(class_hits[c] / class_total[c]) for c in range(len(model_classes)) if class_total[c] > 0
+        }
+    return result

@@ -1,0 +1,42 @@
+"""Load a trained student from a checkpoint and evaluate it."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from core.dali_io import resolve_backend
+from core.dataset import scan_image_folder
+from core.models import load_model, parse_spec
+from core.replay import Normalization
+from distill.evaluate import evaluate
+from storage.errors import UserError
+
+
+def load_student(checkpoint: str, *, student: str | None = None, num_classes: int | None = None):
+    """(LoadedModel, class names or None, training Normalization or None) from a checkpoint file."""
+    if not os.path.isfile(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint}: file not found")
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    is_ours = isinstance(raw, dict) and raw.get("format") == "mealkd-checkpoint"
+    spec_text = student or (raw.get("student_spec") if is_ours else None)
+    if spec_text is None:
+        raise UserError(f"--checkpoint {checkpoint}: a plain state dict needs --student ARCH spec (e.g. torchvision:resnet18)")
+    loaded = load_model(parse_spec(spec_text), num_classes=raw["num_classes"] if is_ours else num_classes, init=checkpoint)
+    norm = Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["norm"].items()}) if is_ours else None
+    class_names = raw.get("class_names") if is_ours else None
+    return loaded, class_names, norm
+
+
+def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = None, image_size: int | None = None,
+                        batch_size: int = 64, device: str = "auto", per_class: bool = False) -> dict:
+    index = scan_image_folder(data)
+    loaded, class_names, norm = load_student(checkpoint, student=student, num_classes=len(index.class_names))
+    class_names = class_names or loaded.class_names or index.class_names
+    size = image_size or (norm.size if norm else loaded.input_size)
+    if size is None:
+        raise UserError("--image-size: the checkpoint does not record its training size; pass --image-size")
+    norm = Normalization(size=size, mean=tuple(loaded.mean), std=tuple(loaded.std))
+    backend = resolve_backend(device)
+    model = loaded.module.to(backend.device)
+    return evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class)

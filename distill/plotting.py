@@ -1,0 +1,45 @@
+"""`mealkd plot`: curves from a run's metrics.jsonl (matplotlib is an optional extra)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from storage.errors import UserError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"RUN_DIR {run_dir}: no metrics.jsonl there; pass the --out directory of a distill run")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plot needs matplotlib: pip install 'mealkd[plot]'") from None
+    records = read_metrics(run_dir)
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["loss"] for r in records], marker="o", label="soft CE to ensemble")
+    if any(r.get("d_loss") for r in records):
+        ax_loss.plot(epochs, [r["d_loss"] for r in records], marker="s", label="discriminator BCE")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["teacher_agreement"] for r in records], marker="o", label="agreement with teacher argmax")
+    if any("val_top1" in r for r in records):
+        ax_acc.plot(epochs, [r.get("val_top1") for r in records], marker="s", label="val top-1")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_title("accuracy")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend()
+    fig.tight_layout()
+    out = out or run_dir / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
