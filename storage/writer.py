@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from storage.encoding import encode_topk, topk_tv
+from storage.encoding import encode_topk, to_f16, topk_tv
 from storage.errors import UserError
 from storage.schema import (
     DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for,
@@ -51,10 +51,10 @@ def _mealkd_version() -> str:
         return "unknown"
 
 
-def _blosc(shuffle: str = "shuffle"):
+def _blosc(shuffle: str = "shuffle", clevel: int = 5):
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle)
 
 
 def _anything_at(url: str) -> bool:
@@ -133,9 +133,9 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     group = zarr.create_group(store, attributes={})  # attributes come last (see docstring)
     meta = max(1, min(n, META_CHUNK))
 
-    def arr(name, shape, dtype, chunks, shards=None, shuffle="shuffle", **kw):
+    def arr(name, shape, dtype, chunks, shards=None, shuffle="shuffle", clevel=5, **kw):
         return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                                  compressors=_blosc(shuffle), fill_value=kw.pop("fill_value", 0), **kw)
+                                  compressors=_blosc(shuffle, clevel), fill_value=kw.pop("fill_value", 0), **kw)
 
     p = group.create_array("paths", shape=(n,), dtype=str, chunks=(meta,))
     p[:] = np.asarray([str(x) for x in paths], dtype=str)
@@ -147,7 +147,7 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     arr("done", (n,), "bool", (ips,), fill_value=False)
     if kind == DENSE:
         ci = chunk_images_for(label_row_bytes(kind, k, c)[0], ips)
-        arr("probs", (n, r, c), "float16", (ci, 1, c), shards=(ips, r, c), shuffle="bitshuffle")
+        arr("probs", (n, r, c), "float16", (ci, 1, c), shards=(ips, r, c), shuffle="bitshuffle", clevel=1)
     else:
         b_idx, b_val = label_row_bytes(kind, k, c)
         arr("topk_idx", (n, r, k), topk_index_dtype(c), (chunk_images_for(b_idx, ips), 1, k), shards=(ips, r, k))
@@ -241,8 +241,8 @@ class StoreWriter:
             raise ValueError(f"flips must be ({n}, {r}) bool, got {flips.shape} {flips.dtype}")
         if probs.shape != (n, r, c) or not np.issubdtype(probs.dtype, np.floating):
             raise ValueError(f"probs must be ({n}, {r}, {c}) float, got {probs.shape} {probs.dtype}")
-        if np.any(windows < 0) or np.any(windows[..., 2:] < 1) or np.any(np.abs(windows) > np.iinfo(np.int32).max):
-            raise ValueError("windows must be (y, x, h, w) with y, x >= 0 and h, w >= 1")
+        if windows.size and (windows.min() < 0 or windows.max() > np.iinfo(np.int32).max):
+            raise ValueError("windows must be (y, x, h, w) with 0 <= values < 2**31 (excluded images may be all 0)")
         probs = probs.astype(np.float32, copy=False)
         if not np.all(np.isfinite(probs)):
             raise ValueError(f"shard {shard}: probs contain NaN/inf")
@@ -264,7 +264,7 @@ class StoreWriter:
         self._flips[start:stop] = flips
         arrays = [self._windows, self._flips, *self._labels]
         if self.kind == DENSE:
-            self._labels[0][start:stop] = probs.astype(np.float16)
+            self._labels[0][start:stop] = to_f16(probs)
         else:
             idx, val = encode_topk(probs, self.k, self._index_dtype)
             self._labels[0][start:stop] = idx
