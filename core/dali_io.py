@@ -55,7 +55,7 @@ def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backen
         num_threads=max(1, num_threads),
         device_id=backend.dali_device_id,
         seed=seed,
-        prefetch_queue_depth=2,
+        prefetch_queue_depth=1,  # run_batches keeps one batch in flight itself (see there)
         exec_async=True,
         exec_pipelined=True,
     )
@@ -80,7 +80,9 @@ def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple]
     """Feed each batch to the pipeline's external sources and yield ``convert(outputs)``.
 
     One batch is scheduled ahead, so DALI decodes batch t+1 while the caller computes on batch t.
-    ``convert`` must copy what it keeps: DALI reuses its output buffers.
+    The pipeline's queue depth is 1 and every scheduled run has its data fed first, so a pipeline
+    can be reused for any number of epochs and a partial last batch is fine. ``convert`` must copy
+    what it keeps: the buffer is released right after it.
     """
     feed_iter = iter(feeds)
 
@@ -95,7 +97,8 @@ def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple]
 
     in_flight = schedule_next()
     while in_flight:
-        converted = convert(pipe.outputs())
+        converted = convert(pipe.share_outputs())
+        pipe.release_outputs()  # free the single buffer so the next batch runs while the caller works
         in_flight = schedule_next()
         yield converted
 

@@ -76,9 +76,7 @@ def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label
             anchor = fn.external_source(name="anchor0", dtype=types.INT32, batch=True)
             shape = fn.external_source(name="shape0", dtype=types.INT32, batch=True)
             flip = fn.external_source(name="flip0", dtype=types.INT32, batch=True)
-            window = fn.decoders.image_slice(
-                encoded, anchor, shape, axis_names="HW", device=decoder, output_type=types.RGB, out_of_bounds_policy="error"
-            )
+            window = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", device=decoder, output_type=types.RGB)
             crops.append(crop_to_tensor(window, flip, norm))
         else:
             image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)

@@ -9,6 +9,7 @@ import torch
 from core.dali_io import Backend, build_pipeline, run_batches, to_torch
 from core.dataset import DatasetIndex
 from core.replay import Normalization, eval_graph
+from core.probe import probe_images
 from storage.errors import UserError
 
 
@@ -24,6 +25,15 @@ def class_mapping(val_classes: list[str], model_classes: list[str], *, flag: str
     return np.array([position[name] for name in val_classes], dtype=np.int64)
 
 
+def readable_images(index: DatasetIndex, backend: Backend, *, flag: str = "--data", console=None) -> np.ndarray:
+    """Ids of the images the DALI decoder can read; unreadable ones are reported and left out."""
+    ids = np.arange(len(index))
+    _, bad = probe_images(index, ids, backend)
+    if bad and console is not None:
+        console.print(f"[yellow]{flag}: skipping {len(bad)} unreadable image(s), e.g. {index.root / index.paths[bad[0]]}")
+    return np.setdiff1d(ids, np.asarray(bad, dtype=np.int64))
+
+
 @torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
@@ -35,17 +45,19 @@ def evaluate(
     batch_size: int = 64,
     num_threads: int = 2,
     per_class: bool = False,
+    ids: np.ndarray | None = None,
 ) -> dict:
-    """Accuracy of ``model`` on ``index``; returns top1, top5 (fractions), images, and optionally per-class top-1."""
+    """Accuracy of ``model`` on ``index`` (or its images ``ids``): top1, top5 (fractions), images, optional per-class top-1."""
     mapping = class_mapping(index.class_names, model_classes)
-    targets = mapping[index.targets]
+    ids = np.arange(len(index)) if ids is None else np.asarray(ids)
+    targets = mapping[index.targets[ids]]
     pipe = build_pipeline(eval_graph(norm, backend.decoder), batch_size=batch_size, backend=backend, num_threads=num_threads)
     feeds = (
         {
-            "encoded": [index.read_bytes(i) for i in range(s, min(s + batch_size, len(index)))],
+            "encoded": [index.read_bytes(i) for i in ids[s : s + batch_size].tolist()],
             "target": [np.array(t, dtype=np.int64) for t in targets[s : s + batch_size]],
         }
-        for s in range(0, len(index), batch_size)
+        for s in range(0, len(ids), batch_size)
     )
     model.eval()
     on_gpu = backend.is_cuda
@@ -65,7 +77,7 @@ def evaluate(
         correct5 += int((top == labels[:, None]).any(dim=1).sum())
         np.add.at(class_hits, labels.cpu().numpy(), hit1.cpu().numpy().astype(np.int64))
         np.add.at(class_total, labels.cpu().numpy(), 1)
-    n = len(index)
+    n = len(ids)
     result = {"top1": correct1 / n, "top5": correct5 / n, "images": n}
     if per_class:
         result["per_class_top1"] = {

@@ -9,7 +9,7 @@ from core.dali_io import resolve_backend
 from core.dataset import scan_image_folder
 from core.models import load_model, parse_spec
 from core.replay import Normalization
-from distill.evaluate import evaluate
+from distill.evaluate import evaluate, readable_images
 from storage.errors import UserError
 
 
@@ -29,7 +29,7 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
 
 
 def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = None, image_size: int | None = None,
-                        batch_size: int = 64, device: str = "auto", per_class: bool = False) -> dict:
+                        batch_size: int = 64, device: str = "auto", per_class: bool = False, console=None) -> dict:
     index = scan_image_folder(data)
     loaded, class_names, norm = load_student(checkpoint, student=student, num_classes=len(index.class_names))
     class_names = class_names or loaded.class_names or index.class_names
@@ -39,4 +39,5 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
     norm = Normalization(size=size, mean=tuple(loaded.mean), std=tuple(loaded.std))
     backend = resolve_backend(device)
     model = loaded.module.to(backend.device)
-    return evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class)
+    ids = readable_images(index, backend, console=console)
+    return evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids)

@@ -28,7 +28,7 @@ from core.progress import RateColumn, make_progress
 from core.replay import Normalization
 from distill.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
 from distill.discriminator import DiscriminatorLoss, make_discriminator_optimizer
-from distill.evaluate import evaluate
+from distill.evaluate import evaluate, readable_images
 from distill.loader import ReplayLoader
 from distill.losses import DistillLoss, teacher_agreement
 from storage.errors import UserError
@@ -134,6 +134,7 @@ class Trainer:
             num_threads=cfg.num_threads,
         )
         self.val_index = scan_image_folder(cfg.val, flag="--val") if cfg.val else None
+        self.val_ids = readable_images(self.val_index, self.backend, flag="--val", console=self.console) if self.val_index and self.dist.is_main else None
         self.start_epoch = self._restore()
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -271,7 +272,7 @@ class Trainer:
                 record = self.train_epoch(epoch, progress, task)
                 self.scheduler.step()
                 if self.val_index is not None and self.dist.is_main:
-                    result = evaluate(self.model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+                    result = evaluate(self.model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads, ids=self.val_ids)
                     record.update(val_top1=result["top1"], val_top5=result["top5"])
                 if self.dist.is_main:
                     self._log(record)

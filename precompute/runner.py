@@ -149,12 +149,11 @@ def _label_shard(
     stream: CropStream, ensemble: TeacherEnsemble, cfg: PrecomputeConfig, start: int, stop: int, sizes: np.ndarray, excluded: np.ndarray, on_crops
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids = np.arange(start, stop)
-    windows, flips = draw_all_windows(cfg.policy, ids, sizes[start:stop], cfg.crops_per_image)
+    rows = np.flatnonzero(~excluded[start:stop])  # excluded images keep zero windows and uniform rows
+    windows = np.zeros((len(ids), cfg.crops_per_image, 4), dtype=np.int32)
+    flips = np.zeros((len(ids), cfg.crops_per_image), dtype=bool)
+    windows[rows], flips[rows] = draw_all_windows(cfg.policy, ids[rows], sizes[start:stop][rows], cfg.crops_per_image)
     probs = np.full((len(ids), cfg.crops_per_image, ensemble.num_classes), 1.0 / ensemble.num_classes, dtype=np.float32)
-    keep = ~excluded[start:stop]
-    windows[~keep] = 0
-    flips[~keep] = False
-    rows = np.flatnonzero(keep)
     for batch in stream.batches((ids[rows]).tolist(), rows.tolist(), windows, flips):
         probs[batch.rows, batch.crops] = ensemble(batch.inputs).cpu().numpy()
         on_crops(len(batch.rows))
