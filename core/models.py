@@ -286,7 +286,8 @@ def load_model(spec: ModelSpec | str, *, num_classes: int | None = None,
                       (``head_reinitialized=True``, logged).
     init="scratch"    the architecture with num_classes outputs and random initialisation.
     init=<path>       a state dict / checkpoint loaded strictly into the architecture built with
-                      num_classes (inferred from the file when None).
+                      num_classes (inferred from the file when None); it takes precedence over a
+                      spec's own '@FILE'/'@WEIGHTS' (a student reloaded from its checkpoint).
     """
     if isinstance(spec, str):
         spec = parse_spec(spec)
@@ -294,8 +295,8 @@ def load_model(spec: ModelSpec | str, *, num_classes: int | None = None,
     if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if init not in INIT_MODES and (spec.weights_file or spec.weights_enum) and spec.source != "torchscript":
-        raise UserError(f"spec {spec.text} already names its weights; give either the spec's @FILE or "
-                        f"the init file {init}, not both")
+        # e.g. a student trained from ARCH@start.pth, reloaded from its own checkpoint
+        log.info("%s: loading weights from init file %s instead of the spec's '@...'", spec.text, init)
     if init == "scratch" and (spec.weights_file or spec.weights_enum) and spec.source != "torchscript":
         raise UserError(f"spec {spec.text} names weights but init is 'scratch': drop the '@...' part "
                         "or use init=pretrained")
