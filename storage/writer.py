@@ -209,6 +209,7 @@ class StoreWriter:
         else:
             self._labels = [self._group["topk_idx"], self._group["topk_val"]]
             self._fidelity = self._group["fidelity"]
+            self._excluded = np.asarray(self._group["excluded"][:], bool)
             self._index_dtype = self._labels[0].dtype
 
     # ------------------------------------------------------------------ shards
@@ -269,7 +270,8 @@ class StoreWriter:
             idx, val = encode_topk(probs, self.k, self._index_dtype)
             self._labels[0][start:stop] = idx
             self._labels[1][start:stop] = val
-            total, worst, rows = topk_tv(probs, idx, val)
+            keep = ~self._excluded[start:stop]  # unreadable images' placeholder rows don't count
+            total, worst, rows = topk_tv(probs[keep], idx[keep], val[keep])
             self._fidelity[shard] = np.array([total, worst, rows], np.float64)
             arrays.append(self._fidelity)
         self._fsync(arrays, shard)
@@ -301,7 +303,8 @@ class StoreWriter:
 
     def finalize(self) -> bool:
         """If every image is done, record ``completed`` (UTC ISO time) and, for top-k,
-        ``fidelity`` {mean_tv, max_tv, rows}. Returns completeness; idempotent."""
+        ``fidelity`` {metric, mean_tv, max_tv, rows} over the crops of non-excluded images.
+        Returns completeness; idempotent (a second call changes nothing)."""
         if not self.done_mask().all():
             return False
         current = self._group.attrs.asdict()

@@ -123,9 +123,10 @@ def test_dense_round_trip(tmp_path):
 def test_topk_round_trip_and_fidelity(tmp_path):
     url = str(tmp_path / "topk.zarr")
     n, r, c, k = 50, 2, 30, 4
-    new_store(url, n, r, c, f"topk:{k}", ips=8)
+    new_store(url, n, r, c, f"topk:{k}", ips=8, excluded=np.arange(n) == 3)
     data = make_data(n, r, c, seed=1)
     probs = data[2]
+    probs[3] = 1.0 / c  # placeholder rows of an unreadable image: not counted in the fidelity
     w = fill(url, data)
     assert w.finalize()
     st = storage.open_store(url)
@@ -135,7 +136,8 @@ def test_topk_round_trip_and_fidelity(tmp_path):
     assert idx.dtype == np.uint16 and val.dtype == np.float16
     # stored entries are the true top-k, values rounded to fp16, sorted by value
     true_top = np.sort(np.argsort(-probs, axis=-1)[..., :k], axis=-1)
-    np.testing.assert_array_equal(np.sort(idx.astype(int), axis=-1), true_top)
+    real = np.arange(n) != 3  # (ties in the uniform rows of image 3 make any k indices valid)
+    np.testing.assert_array_equal(np.sort(idx.astype(int), axis=-1)[real], true_top[real])
     np.testing.assert_array_equal(val, np.take_along_axis(probs, idx.astype(int), -1).astype(np.float16))
     assert np.all(np.diff(val.astype(np.float32), axis=-1) <= 0)
     ref = ref_topk_decode(idx, val, c)
@@ -144,9 +146,9 @@ def test_topk_round_trip_and_fidelity(tmp_path):
     np.testing.assert_allclose(st.slot_labels(1), ref[:, 1], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(st.slot_labels(1), got[:, 1])
     # fidelity summary = mean/max total variation between the dense rows and the decoded rows
-    tv = 0.5 * np.abs(probs - ref).sum(-1)
+    tv = np.delete(0.5 * np.abs(probs - ref).sum(-1), 3, axis=0)
     fid = st.attrs["fidelity"]
-    assert fid["rows"] == n * r
+    assert fid["rows"] == (n - 1) * r
     assert fid["mean_tv"] == pytest.approx(tv.mean(), rel=1e-4)
     assert fid["max_tv"] == pytest.approx(tv.max(), rel=1e-4)
     assert "completed" in st.attrs
@@ -329,3 +331,28 @@ def test_cli_inspect(tmp_path):
     for needle in ("torchvision:resnet18", "12 (class_000, class_001", "crops per image", "top-3",
                    "mean TV", "40/40", "per stored crop", "mean top-1 prob", "entropy", "fp0", "image_size"):
         assert needle in out, (needle, out)
+
+
+@pytest.mark.parametrize("encoding", ["dense", "topk:5"])
+def test_raw_fast_path_matches_zarr_path(tmp_path, encoding):
+    url = str(tmp_path / "s.zarr")
+    n, r, c = 90, 3, 40
+    new_store(url, n, r, c, encoding, ips=32)
+    fill(url, make_data(n, r, c, seed=4))
+    st = storage.open_store(url)
+    assert st._raw is not None  # complete + local: the raw path is used
+    rng = np.random.default_rng(0)
+    ii, cc = rng.integers(0, n, 300), rng.integers(0, r, 300)
+    ids = rng.permutation(n)[:50]
+    fast = (st.labels(ii, cc), st.slot_labels(1), st.slot_labels(2, ids))
+    st.fast_path = False
+    slow = (st.labels(ii, cc), st.slot_labels(1), st.slot_labels(2, ids))
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+    # an incomplete store always reads through zarr (its shards may still change)
+    url2 = str(tmp_path / "part.zarr")
+    new_store(url2, n, r, c, encoding, ips=32)
+    fill(url2, make_data(n, r, c, seed=4), shards=[0])
+    part = storage.open_store(url2, require_complete=False)
+    assert part._raw is None
+    np.testing.assert_array_equal(part.slot_labels(1, np.arange(32)), fast[1][:32])
