@@ -39,6 +39,8 @@ class RawShardArray:
         self.dtype = np.dtype(arr.dtype).newbyteorder("<")
         self.chunk = tuple(sc.chunk_shape)
         self.shard = tuple(arr.shards)
+        if len(self.chunk) != 3 or self.chunk[1] != 1 or self.chunk[2] != self.shard[2]:
+            raise TypeError("inner chunks must be (images, 1, width)")
         self.grid = tuple(s // c for s, c in zip(self.shard, self.chunk))
         self.n_inner = int(np.prod(self.grid))
         self._dir = root / arr.path
