@@ -31,6 +31,7 @@ import numpy as np
 
 from storage.encoding import encode_topk, to_f16, topk_tv
 from storage.errors import UserError
+from storage.testhooks import kill_point
 from storage.schema import (
     DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for,
     default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,
@@ -155,6 +156,7 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
             shuffle="bitshuffle")
         num_shards = -(-n // ips)
         arr("fidelity", (num_shards, 3), "float64", (1, 3))
+    kill_point("create-attrs")
     group.update_attributes(attributes)
 
 
@@ -262,6 +264,7 @@ class StoreWriter:
         local stores), ``done=True`` for the shard's images."""
         start, stop, windows, flips, probs = self._validate(shard, windows, flips, probs)
         self._windows[start:stop] = windows
+        kill_point("shard-windows")
         self._flips[start:stop] = flips
         arrays = [self._windows, self._flips, *self._labels]
         if self.kind == DENSE:
@@ -275,7 +278,9 @@ class StoreWriter:
             self._fidelity[shard] = np.array([total, worst, rows], np.float64)
             arrays.append(self._fidelity)
         self._fsync(arrays, shard)
+        kill_point("shard-before-done")
         self._done[start:stop] = np.ones(stop - start, bool)
+        kill_point("shard-done")
 
     def _fsync(self, arrays, shard: int) -> None:
         if not is_local(self.url):
@@ -321,6 +326,7 @@ class StoreWriter:
                 "max_tv": float(fid[:, 1].max()) if len(fid) else 0.0,
                 "rows": int(rows),
             }
+        kill_point("finalize")
         self._group.update_attributes(new)
         self.attrs = self._group.attrs.asdict()
         return True
