@@ -67,6 +67,31 @@ def _anything_at(url: str) -> bool:
     return not sync(zarr_store(url, read_only=True).is_empty(""))
 
 
+_STORE_NODES = {"zarr.json", "paths", "targets", "sizes", "excluded", "windows", "flips", "done", "probs",
+                "topk_idx", "topk_val", "fidelity"}
+
+
+def _unfinished_create(url: str) -> bool:
+    """True if ``url`` holds exactly what a create_store killed before its last step leaves: a Zarr
+    group without attributes whose entries are only label-store arrays. Such a leftover (never a
+    user's data, never a finished store) is replaced instead of refused, so a rerun continues."""
+    import zarr
+    from zarr.core.sync import sync
+
+    try:
+        store = zarr_store(url, read_only=True)
+
+        async def entries():
+            return [e async for e in store.list_dir("")]
+
+        names = set(sync(entries()))
+        if "zarr.json" not in names or not names <= _STORE_NODES:
+            return False
+        return not zarr.open_group(store, mode="r").attrs.asdict()
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
+        return False
+
+
 def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: np.ndarray,
                  sizes: np.ndarray, crops_per_image: int, num_classes: int, encoding: str,
                  excluded: np.ndarray | None = None, images_per_shard: int | None = None) -> None:
@@ -127,11 +152,12 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     except TypeError as err:
         raise ValueError(f"attributes must be JSON-serialisable: {err}") from None
 
-    if _anything_at(url):
+    unfinished = _unfinished_create(url)
+    if not unfinished and _anything_at(url):
         raise UserError(f"{url} already exists: choose a new output path or delete it first")
 
     store = zarr_store(url, read_only=False)
-    group = zarr.create_group(store, attributes={})  # attributes come last (see docstring)
+    group = zarr.create_group(store, attributes={}, overwrite=unfinished)  # attributes come last (see docstring)
     meta = max(1, min(n, META_CHUNK))
 
     def arr(name, shape, dtype, chunks, shards=None, shuffle="shuffle", clevel=5, **kw):
