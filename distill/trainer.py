@@ -32,6 +32,7 @@ from distill.evaluate import evaluate, readable_images
 from distill.loader import ReplayLoader
 from distill.losses import DistillLoss, teacher_agreement
 from storage.errors import UserError
+from storage.testhooks import kill_point
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -226,6 +227,7 @@ class Trainer:
             if self.d_optimizer is not None:
                 scaler.step(self.d_optimizer)
             scaler.update()
+            kill_point("distill-step")
             totals["loss"] += float(parts.soft)
             totals["d_loss"] += float(terms.d_loss)
             totals["agreement"] += float(teacher_agreement(logits.detach(), targets))
@@ -276,6 +278,7 @@ class Trainer:
                     record.update(val_top1=result["top1"], val_top5=result["top5"])
                 if self.dist.is_main:
                     self._log(record)
+                    kill_point("distill-checkpoint")
                     save_atomic(self._checkpoint(epoch + 1), self.checkpoint_path)
                     progress.console.print(_format_record(record))
                 self.dist.barrier()
