@@ -228,7 +228,7 @@ class Trainer:
                 scaler.step(self.d_optimizer)
             scaler.update()
             kill_point("distill-step")
-            totals["loss"] += float(parts.soft)
+            totals["loss"] += float(parts.soft.detach())
             totals["d_loss"] += float(terms.d_loss)
             totals["agreement"] += float(teacher_agreement(logits.detach(), targets))
             totals["steps"] += 1
@@ -243,6 +243,11 @@ class Trainer:
                 crops_per_step=images.shape[0] * self.dist.world_size,
             )
         elapsed = time.perf_counter() - started
+        if self.dist.active:  # log the epoch's global means, not rank 0's shard (every rank runs the same steps)
+            summed = torch.tensor([totals[k] for k in ("loss", "d_loss", "agreement")], dtype=torch.float64)
+            torch_dist.all_reduce(summed)
+            for key, value in zip(("loss", "d_loss", "agreement"), (summed / self.dist.world_size).tolist()):
+                totals[key] = value
         steps = max(1, totals["steps"])
         return {
             "epoch": epoch + 1,
