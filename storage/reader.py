@@ -39,10 +39,12 @@ def store_exists(url: str) -> bool:
 
 
 def open_store(url: str, *, require_complete: bool = True, fingerprint: str | None = None,
-               class_names: Sequence[str] | None = None) -> "LabelStore":
+               class_names: Sequence[str] | None = None, check_files: bool = True) -> "LabelStore":
     """Open and validate a label store; one-line UserError for: not a mealkd store, unknown/newer
     version, incomplete (when ``require_complete``), dataset fingerprint mismatch, class-name
-    mismatch."""
+    mismatch, and (``check_files``) a done shard whose chunk file is missing (zarr would silently
+    read fill values, i.e. all-zero labels, in its place). Unreadable chunks and all-zero label
+    rows of done images are refused later, when read (see ``LabelStore.damaged``)."""
     url = str(url)
     group, attrs = _open_group(url, read_only=True)
     store = LabelStore(url, group, attrs)
@@ -64,12 +66,18 @@ def open_store(url: str, *, require_complete: bool = True, fingerprint: str | No
                 detail = f"class {i} is {have[i]!r} in the store but {want[i]!r} in the dataset"
             raise UserError(f"{url}: class names differ ({detail}); use the dataset the store was made from")
     if require_complete:
-        done = store.done
+        done = store._reading(lambda: store.done)
         if not done.all():
             raise UserError(
                 f"{url}: label store incomplete ({int(done.sum())}/{done.size} images done); "
                 f"rerun `mealkd precompute` with the same arguments to finish it"
             )
+    if check_files:
+        missing = store._reading(store.missing_chunks)
+        if missing:
+            name, shard = missing[0]
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise store.damaged(f"shard {shard} of '{name}' is marked done but its file is missing{more}")
     return store
 
 
@@ -108,6 +116,72 @@ class LabelStore:
         """Images per inner chunk of the label array(s) (the slot-read granularity)."""
         return int(max(a.chunks[0] for a in self._label_arrays))
 
+    # ------------------------------------------------------------------ damage
+    def damaged(self, detail: str) -> UserError:
+        return UserError(
+            f"{self.url}: label store damaged ({detail}); run `mealkd verify {self.url}` to list the damage, "
+            f"then `mealkd verify {self.url} --repair` and rerun `mealkd precompute` with the same arguments to rewrite it"
+        )
+
+    def _reading(self, thunk):
+        """Run a chunk read; a torn/zeroed/truncated chunk file (zarr/Blosc raise OSError, ValueError,
+        RuntimeError, MemoryError, ...) becomes a one-line UserError instead of a traceback."""
+        try:
+            return thunk()
+        except UserError:
+            raise
+        except (OSError, MemoryError, ValueError, RuntimeError, EOFError, TypeError) as err:
+            raise self.damaged(f"a chunk file cannot be decoded: {type(err).__name__}: {str(err)[:120]}") from None
+
+    def required_chunks(self) -> list[tuple[str, int]]:
+        """(array name, shard) of every file a writer must have left for the done shards: the label
+        array(s), windows (if the shard has a usable image) and flips (if flips are drawn at all)."""
+        done, excluded = self.done, self.excluded
+        ips = self.images_per_shard
+        flip_prob = (self.attrs.get("crop") or {}).get("flip_prob", 1.0)
+        out = []
+        for shard in range(self.num_shards):
+            lo, hi = shard * ips, min((shard + 1) * ips, self.num_images)
+            if not done[lo:hi].all():
+                continue
+            out += [(a.path.rsplit("/", 1)[-1], shard) for a in self._label_arrays]
+            if not excluded[lo:hi].all():
+                out.append(("windows", shard))
+            if flip_prob > 0:
+                out.append(("flips", shard))
+        return out
+
+    def missing_chunks(self) -> list[tuple[str, int]]:
+        """Required chunk files (see ``required_chunks``) that are not in the store."""
+        from zarr.core.sync import sync
+
+        required = self.required_chunks()
+        if not required:
+            return []
+        store = zarr_store(self.url, read_only=True)
+        present: dict[str, set] = {}
+        for name in {n for n, _ in required}:
+            async def listing(prefix=f"{name}/"):
+                return {k async for k in store.list_prefix(prefix)}
+
+            present[name] = sync(listing())
+        missing = []
+        for name, shard in required:
+            arr = self._group[name]
+            key = f"{name}/" + arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+            if key not in present[name]:
+                missing.append((name, shard))
+        return missing
+
+    def _check_rows(self, raw: list[np.ndarray], ids: np.ndarray) -> None:
+        """Refuse all-zero stored rows of done images: what zarr returns for a missing chunk."""
+        values = raw[0] if self.encoding == DENSE else raw[1]
+        empty = ~np.any(values != 0, axis=-1)
+        bad = empty & self.done[ids]
+        if np.any(bad):
+            image = int(ids[np.argmax(bad)])
+            raise self.damaged(f"image {image} (shard {image // self.images_per_shard}) is marked done but its stored labels are all zero")
+
     # ------------------------------------------------------------------ small arrays
     @cached_property
     def paths(self) -> list[str]:
@@ -119,23 +193,23 @@ class LabelStore:
 
     @cached_property
     def sizes(self) -> np.ndarray:
-        return np.asarray(self._group["sizes"][:], np.int32)
+        return self._reading(lambda: np.asarray(self._group["sizes"][:], np.int32))
 
     @cached_property
     def excluded(self) -> np.ndarray:
-        return np.asarray(self._group["excluded"][:], bool)
+        return self._reading(lambda: np.asarray(self._group["excluded"][:], bool))
 
     @cached_property
     def windows(self) -> np.ndarray:
-        return np.asarray(self._group["windows"][:], np.int32)
+        return self._reading(lambda: np.asarray(self._group["windows"][:], np.int32))
 
     @cached_property
     def flips(self) -> np.ndarray:
-        return np.asarray(self._group["flips"][:], bool)
+        return self._reading(lambda: np.asarray(self._group["flips"][:], bool))
 
     @cached_property
     def done(self) -> np.ndarray:
-        return np.asarray(self._group["done"][:], bool)
+        return self._reading(lambda: np.asarray(self._group["done"][:], bool))
 
     # ------------------------------------------------------------------ labels
     def _check_ids(self, ids: np.ndarray, bound: int, what: str) -> np.ndarray:
@@ -188,7 +262,9 @@ class LabelStore:
         if ii.size == 0:
             return out
         if self.fast_path and self._raw is not None:
-            return self._decode([ra.rows(ii, cc) for ra in self._raw])
+            raw = self._reading(lambda: [ra.rows(ii, cc) for ra in self._raw])
+            self._check_rows(raw, ii)
+            return self._decode(raw)
         groups = []
         for slot in np.unique(cc):
             sel = np.nonzero(cc == slot)[0]
@@ -198,7 +274,8 @@ class LabelStore:
         async def read_all():
             return await asyncio.gather(*[self._read_slot_async(u, s) for s, _, u, _ in groups])
 
-        for (slot, sel, uniq, inv), raw in zip(groups, sync(read_all())):
+        for (slot, sel, uniq, inv), raw in zip(groups, self._reading(lambda: sync(read_all()))):
+            self._check_rows(raw, uniq)
             out[sel] = self._decode(raw)[inv.reshape(-1)]
         return out
 
@@ -211,16 +288,21 @@ class LabelStore:
         if not 0 <= int(slot) < self.crops_per_image:
             raise IndexError(f"crop slot {slot} out of range [0, {self.crops_per_image})")
         if image_ids is None and not (self.fast_path and self._raw is not None):
-            return self._decode(sync(self._read_slot_async(np.arange(self.num_images), int(slot))))
+            raw = self._reading(lambda: sync(self._read_slot_async(np.arange(self.num_images), int(slot))))
+            self._check_rows(raw, np.arange(self.num_images))
+            return self._decode(raw)
         ids = np.arange(self.num_images) if image_ids is None else self._check_ids(image_ids, self.num_images, "image id")
         if ids.size == 0:
             return np.empty((0, self.num_classes), np.float32)
         if self.fast_path and self._raw is not None:
             slots = np.full(ids.size, int(slot), np.int64)
-            return self._decode([ra.rows(ids, slots) for ra in self._raw])
+            raw = self._reading(lambda: [ra.rows(ids, slots) for ra in self._raw])
+            self._check_rows(raw, ids)
+            return self._decode(raw)
         uniq, inv = np.unique(ids, return_inverse=True)
-        rows = self._decode(sync(self._read_slot_async(uniq, int(slot))))
-        return rows[inv.reshape(-1)]
+        raw = self._reading(lambda: sync(self._read_slot_async(uniq, int(slot))))
+        self._check_rows(raw, uniq)
+        return self._decode(raw)[inv.reshape(-1)]
 
     # ------------------------------------------------------------------ summaries
     def nbytes_on_disk(self) -> int:

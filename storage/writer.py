@@ -230,8 +230,11 @@ class StoreWriter:
         self._done = self._group["done"]
         self.num_images = int(self._done.shape[0])
         self.num_shards = -(-self.num_images // self.images_per_shard)
-        self._windows = self._group["windows"]
-        self._flips = self._group["flips"]
+        # write_empty_chunks: a done shard has a file in every array it wrote, even an all-False
+        # flips block, so a missing file always means damage (LabelStore.missing_chunks)
+        every = {"write_empty_chunks": True}
+        self._windows = self._group["windows"].with_config(every)
+        self._flips = self._group["flips"].with_config(every)
         if self.kind == DENSE:
             self._labels = [self._group["probs"]]
         else:
