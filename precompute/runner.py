@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,19 @@ class PrecomputeConfig:
             raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
         self.policy.validate()
         storage.parse_encoding(self.encoding)
+
+
+@contextmanager
+def _writing(out: str):
+    """A failed store write (disk full, quota, read-only, I/O error) is a one-line user error; what
+    was written before stays valid because ``done`` is only set after a shard's data is on disk."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(
+            f"--out {out}: writing the label store failed ({err.strerror or err}); free space or choose "
+            "another location, then rerun the same command to continue (finished shards are kept)"
+        ) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -131,18 +145,19 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
         return
     sizes, excluded = _probe_all(cfg, index, backend, d, console)
     if d.is_main:
-        storage.create_store(
-            cfg.out,
-            attributes=settings,
-            paths=index.paths,
-            targets=index.targets,
-            sizes=sizes,
-            crops_per_image=cfg.crops_per_image,
-            num_classes=ensemble.num_classes,
-            encoding=cfg.encoding,
-            excluded=excluded,
-            images_per_shard=cfg.images_per_shard,
-        )
+        with _writing(cfg.out):
+            storage.create_store(
+                cfg.out,
+                attributes=settings,
+                paths=index.paths,
+                targets=index.targets,
+                sizes=sizes,
+                crops_per_image=cfg.crops_per_image,
+                num_classes=ensemble.num_classes,
+                encoding=cfg.encoding,
+                excluded=excluded,
+                images_per_shard=cfg.images_per_shard,
+            )
 
 
 def _label_shard(
@@ -180,7 +195,8 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
             summary = _label_pending(cfg, index, ensemble, backend, d, console)
             d.barrier()
             if d.is_main:
-                summary["complete"] = storage.StoreWriter(cfg.out).finalize()
+                with _writing(cfg.out):
+                    summary["complete"] = storage.StoreWriter(cfg.out).finalize()
         finally:
             if lock is not None:
                 lock.__exit__(None, None, None)
@@ -208,7 +224,8 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
         for shard in mine:
             start, stop = writer.shard_range(shard)
             windows, flips, probs = _label_shard(stream, ensemble, cfg, start, stop, sizes, excluded, on_crops)
-            writer.write_shard(shard, windows, flips, probs)
+            with _writing(cfg.out):
+                writer.write_shard(shard, windows, flips, probs)
             images_done += stop - start
             progress.update(task, completed=images_done)
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank}
