@@ -36,14 +36,23 @@ def train_hard_labels(
     seed: int,
     batch_size: int = 64,
     lr: float = 0.05,
+    init: Path | None = None,
 ) -> torch.nn.Module:
-    """Train a torchvision ``arch`` from scratch with one-hot labels; SGD + cosine, weight decay 5e-4."""
+    """Train a torchvision ``arch`` with one-hot labels (from scratch, or on from the state dict ``init``).
+
+    SGD with nesterov momentum, weight decay 5e-4, one-cycle schedule (from scratch) or cosine (continued).
+    """
     torch.manual_seed(seed)
     model = torchvision.models.get_model(arch, num_classes=num_classes)
+    if init is not None:
+        model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
     augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=scale, antialias=True), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * (-(-len(images) // batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    if init is None:
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):

@@ -36,13 +36,13 @@ from precompute.runner import PrecomputeConfig, run_precompute
 @dataclass
 class DemoConfig:
     out: str
-    image_side: int = 32  # JPEG side after upscaling the 8x8 scans
-    image_size: int = 32  # crop size for teachers and students
+    image_side: int = 24  # JPEG side after upscaling the 8x8 scans
+    image_size: int = 24  # crop size for teachers and students
     limit_images: int | None = None
-    teachers: tuple[tuple[str, int], ...] = (("resnet18", 12), ("shufflenet_v2_x1_0", 12), ("densenet121", 6))
+    teachers: tuple[tuple[str, int], ...] = (("resnet18", 10), ("shufflenet_v2_x1_0", 10), ("mobilenet_v3_small", 10))
     student_a: str = "shufflenet_v2_x0_5"
     student_b: str = "mobilenet_v3_small"
-    baseline_epochs: int = 12
+    baseline_epochs: int = 10
     crops_per_image: int = 8
     scale: tuple[float, float] = (0.35, 1.0)
     flip_prob: float = 0.0  # digits are not mirror-symmetric
@@ -94,7 +94,7 @@ class Demo:
             self._tensors = load_tensors(self.train_dir)
         return self._tensors
 
-    def hard_label_model(self, arch: str, epochs: int, seed: int, role: str) -> Path:
+    def hard_label_model(self, arch: str, epochs: int, seed: int, role: str, init: Path | None = None, lr: float = 0.05) -> Path:
         path = self.models_dir / f"{role}_{arch}_seed{seed}.pth"
         if path.exists():
             self.console.print(f"reuse {path.name}")
@@ -102,7 +102,8 @@ class Demo:
         images, targets, classes = self.tensors()
         started = time.perf_counter()
         model = train_hard_labels(
-            arch, images, targets, num_classes=len(classes), image_size=self.cfg.image_size, epochs=epochs, scale=self.cfg.scale, seed=seed, batch_size=self.cfg.batch_size
+            arch, images, targets, num_classes=len(classes), image_size=self.cfg.image_size, epochs=epochs, scale=self.cfg.scale,
+            seed=seed, batch_size=self.cfg.batch_size, init=init, lr=lr,
         )
         torch.save(model.state_dict(), path)
         self.console.print(f"trained {path.name} ({epochs} epochs, hard labels) in {time.perf_counter() - started:.0f}s")
@@ -113,11 +114,16 @@ class Demo:
         return [f"torchvision:{arch}@{self.hard_label_model(arch, epochs, 0, 'teacher')}" for arch, epochs in self.cfg.teachers]
 
     def baselines(self) -> dict[str, list[Path]]:
-        self.step("3. student baselines with hard labels (the good initialisation)")
-        return {
-            "A": [self.hard_label_model(self.cfg.student_a, self.cfg.baseline_epochs, seed, "baseline") for seed in self.seeds],
-            "B": [self.hard_label_model(self.cfg.student_b, self.cfg.baseline_epochs, 0, "baseline")],
-        }
+        self.step("3. student baselines with hard labels (the good initialisation) + a hard-label control")
+        cfg = self.cfg
+        baseline_a = [self.hard_label_model(cfg.student_a, cfg.baseline_epochs, seed, "baseline") for seed in self.seeds]
+        # Control: the same baseline trained on with hard labels for as many epochs as distillation gets,
+        # at distillation's learning rate, so a gain cannot come from extra training alone.
+        control_a = [
+            self.hard_label_model(cfg.student_a, cfg.distill_epochs, seed, "control", init=init, lr=cfg.distill_lr)
+            for seed, init in zip(self.seeds, baseline_a)
+        ]
+        return {"A": baseline_a, "A_control": control_a, "B": [self.hard_label_model(cfg.student_b, cfg.baseline_epochs, 0, "baseline")]}
 
     # 4-5: the two mealkd stages ----------------------------------------------------------------
     def precompute(self, teacher_specs: list[str]) -> None:
@@ -206,9 +212,10 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False, seeds: int = 3, device: st
     distilled_b = demo.distill(cfg.student_b, baselines["B"][0], 0, f"{cfg.student_b}_seed0")
 
     demo.step("6. evaluate on the held-out digits")
-    teacher_acc = {spec.split("@")[0]: demo.accuracy_of_state_dict(spec.split("@")[0].split(":")[1], Path(spec.split("@")[1])) for spec in teacher_specs}
+    teacher_acc = {spec.split("@")[0].split(":")[1]: demo.accuracy_of_state_dict(spec.split("@")[0].split(":")[1], Path(spec.split("@")[1])) for spec in teacher_specs}
     ensemble_acc = demo.ensemble_accuracy(teacher_specs)
     base_a = [demo.accuracy_of_state_dict(cfg.student_a, p) for p in baselines["A"]]
+    control_a = [demo.accuracy_of_state_dict(cfg.student_a, p) for p in baselines["A_control"]]
     dist_a = [evaluate_checkpoint(str(demo.val_dir), str(p), device=device)["top1"] for p in distilled_a]
     base_b = [demo.accuracy_of_state_dict(cfg.student_b, baselines["B"][0])]
     dist_b = [evaluate_checkpoint(str(demo.val_dir), str(distilled_b), device=device)["top1"]]
@@ -219,7 +226,7 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False, seeds: int = 3, device: st
         "seeds": demo.seeds,
         "teachers": teacher_acc,
         "ensemble": ensemble_acc,
-        "student_a": {"arch": cfg.student_a, "baseline": base_a, "distilled": dist_a},
+        "student_a": {"arch": cfg.student_a, "baseline": base_a, "hard_label_control": control_a, "distilled": dist_a},
         "student_b": {"arch": cfg.student_b, "baseline": base_b, "distilled": dist_b},
         "store": {"path": demo.store, "bytes": store.nbytes_on_disk(), "images": store.num_images, "crops_per_image": store.crops_per_image},
         "seconds": time.perf_counter() - started,
@@ -228,20 +235,23 @@ def run_demo(cfg: DemoConfig, *, fresh: bool = False, seeds: int = 3, device: st
     _plot(results, demo.root / "results.png", demo.root / "runs")
 
     table = Table(title=f"MEAL V2 on UCI digits: val top-1 ({len(scan_image_folder(demo.val_dir))} held-out images)")
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     table.add_column("how it was trained")
     table.add_column("val top-1", justify="right")
     for spec, acc in teacher_acc.items():
         table.add_row(f"teacher {spec}", "hard labels", f"{acc:.2%}")
     table.add_row("teacher ensemble", "mean of the teachers' softmax", f"{ensemble_acc:.2%}")
-    table.add_row(f"student A {cfg.student_a}", f"hard labels (baseline, {len(base_a)} seeds)", _mean_spread(base_a))
-    table.add_row(f"student A {cfg.student_a}", f"distilled from the store ({len(dist_a)} seeds)", _mean_spread(dist_a))
-    table.add_row(f"student B {cfg.student_b}", "hard labels (baseline)", _mean_spread(base_b))
-    table.add_row(f"student B {cfg.student_b}", "distilled from the SAME store", _mean_spread(dist_b))
+    table.add_row(f"A: {cfg.student_a}", f"hard labels (baseline, {len(base_a)} seeds)", _mean_spread(base_a))
+    table.add_row(f"A: {cfg.student_a}", f"baseline + {cfg.distill_epochs} more hard-label epochs (control)", _mean_spread(control_a))
+    table.add_row(f"A: {cfg.student_a}", f"baseline + {cfg.distill_epochs} epochs distilled from the store", _mean_spread(dist_a))
+    table.add_row(f"B: {cfg.student_b}", "hard labels (baseline)", _mean_spread(base_b))
+    table.add_row(f"B: {cfg.student_b}", "distilled from the SAME store", _mean_spread(dist_b))
     console.print(table)
     gain = statistics.mean(dist_a) - statistics.mean(base_a)
+    gain_control = statistics.mean(dist_a) - statistics.mean(control_a)
     console.print(
-        f"distillation changed student A's top-1 by {gain:+.2%} (mean over {len(dist_a)} seeds); "
+        f"distillation changed student A's top-1 by {gain:+.2%} vs its baseline and {gain_control:+.2%} vs the hard-label control "
+        f"(means over {len(dist_a)} seeds); "
         f"store: {results['store']['bytes'] / 1024:.0f} KiB for {store.num_images} images x {store.crops_per_image} crops; "
         f"results in {demo.root / 'results.json'} and {demo.root / 'results.png'}; {results['seconds']:.0f}s in all"
     )
@@ -259,19 +269,22 @@ def _plot(results: dict, path: Path, runs: Path) -> None:
     fig, (ax_bar, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels, means, errs = [], [], []
     for name, acc in results["teachers"].items():
-        labels.append(name.split(":")[1])
+        labels.append(name)
         means.append(acc)
         errs.append(0)
     labels.append("ensemble")
     means.append(results["ensemble"])
     errs.append(0)
     for key in ("student_a", "student_b"):
-        for kind in ("baseline", "distilled"):
+        for kind in ("baseline", "hard_label_control", "distilled"):
+            if kind not in results[key]:
+                continue
             values = results[key][kind]
             labels.append(f"{results[key]['arch']}\n{kind}")
             means.append(statistics.mean(values))
             errs.append(statistics.stdev(values) if len(values) > 1 else 0)
-    ax_bar.bar(range(len(labels)), means, yerr=errs, color=["#888"] * (len(results["teachers"]) + 1) + ["#4a90d9", "#e07b39"] * 2, capsize=3)
+    colours = ["#888"] * (len(results["teachers"]) + 1) + ["#4a90d9", "#9bbbe0", "#e07b39", "#4a90d9", "#e07b39"]
+    ax_bar.bar(range(len(labels)), means, yerr=errs, color=colours[: len(labels)], capsize=3)
     ax_bar.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
     ax_bar.set_ylim(max(0.0, min(means) - 0.1), 1.0)
     ax_bar.set_ylabel("val top-1")
