@@ -31,3 +31,21 @@ def precompute(**kwargs) -> None:
     if summary.get("rank", 0) == 0:
         state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
         console.print(f"[green]precompute[/]: {summary['images']} images, {summary['crops']} crops labelled by this run; store {kwargs['out']} is {state}")
+
+
+@click.command()
+@click.argument("store", metavar="STORE")
+@click.option("--data", default=None, help="The precompute --data tree: recompute sampled crops (with --teachers).")
+@click.option("--teachers", default=None, help="The precompute --teachers specs (with --data).")
+@click.option("--sample", default=64, show_default=True, type=int, help="Stored crops recomputed through the teachers.")
+@click.option("--tolerance", default=2e-3, show_default=True, type=float, help="Max allowed |p - p_stored| of a recomputed crop.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the crop sample.")
+@click.option("--repair", is_flag=True, help="Mark damaged shards not done, so rerunning precompute rewrites them.")
+def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> int:
+    """Check a label store: chunk files, probability rows, windows, completeness; with --data and
+    --teachers also recompute sampled crops. Exit 0 pass, 1 a check failed, 2 user error."""
+    from precompute.verify import run_verify
+
+    return run_verify(store, data=data, teachers=teachers, sample=sample, tolerance=tolerance, device=device,
+                      seed=seed, do_repair=repair, console=Console())

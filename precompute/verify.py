@@ -1,0 +1,290 @@
+"""`mealkd verify STORE`: integrity of a label store and, given the data and teachers, a recomputation check.
+
+Integrity (no data needed), per shard so damage is located:
+* every array's chunk files of done shards exist (zarr would silently read fill values, i.e. all-zero
+  labels, for a missing file) and decode (a zeroed/truncated/torn file raises in zarr or Blosc);
+* label rows of done images are probability vectors: finite, non-negative, summing to 1 within the
+  fp16 tolerance (dense) / stored top-k mass <= 1 (top-k); an all-zero row is a lost chunk;
+* windows of done, usable images lie inside the decoded image (``sizes``); excluded images keep zero
+  windows; ``done`` is complete.
+
+Recomputation (``--data`` + ``--teachers``, as TinyViT checks its saved logits): ``--sample`` random
+stored crops of done images are replayed through the same chain (decode -> stored window -> resize
+-> mirror -> normalise, ``precompute.crops.CropStream``) and the same teacher ensemble; reported are
+max |p - p_stored| over the classes (dense) or over the stored top-k entries (top-k) and the top-1
+agreement. The check fails if the difference exceeds ``--tolerance`` or a top-1 disagrees where the
+recomputed top-2 margin is larger than the tolerance (a near-tie may flip under fp16 rounding).
+
+``--repair`` marks the damaged shards not done (under the store lock), so rerunning
+``mealkd precompute`` with the same arguments rewrites exactly those shards.
+
+Exit status: 0 all checks pass, 1 a check failed, 2 user error (not a store, bad flag, mismatched
+data/teachers).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import storage
+from storage.encoding import decode_topk, to_f32
+from storage.errors import UserError
+from storage.schema import DENSE
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "skip"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    damaged_shards: set[int] = field(default_factory=set)
+    recompute: dict | None = None
+
+    def add(self, name: str, ok: bool | None, detail: str) -> None:
+        self.checks.append(Check(name, SKIP if ok is None else (PASS if ok else FAIL), detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+
+def _row_tolerance(num_classes: int) -> float:
+    # fp16 keeps 11 significant bits: each value is off by <= 2^-11 relative, plus <= 2^-25 absolute
+    # for subnormals; the sum of a row of C values by <= 2^-11 + C * 2^-25 (+ float32 summation slack).
+    return 2.0**-11 + num_classes * 2.0**-25 + 1e-5
+
+
+def _shards_text(shards: list[int], limit: int = 8) -> str:
+    head = ", ".join(str(s) for s in shards[:limit])
+    return head + (f" ... ({len(shards)} shards)" if len(shards) > limit else "")
+
+
+def check_integrity(url: str, report: Report) -> storage.LabelStore:
+    """Fill ``report`` with the integrity checks; returns the opened store."""
+    store = storage.open_store(url, require_complete=False, check_files=False)
+    group = store._group
+    n, ips, r, c = store.num_images, store.images_per_shard, store.crops_per_image, store.num_classes
+    shards = store.num_shards
+
+    def read(name: str, lo: int, hi: int):
+        return np.asarray(group[name][lo:hi])
+
+    # per-image metadata written at create time
+    meta_bad = []
+    meta = {}
+    for name in ("paths", "targets", "sizes", "excluded"):
+        try:
+            meta[name] = np.asarray(group[name][:])
+        except Exception as err:  # noqa: BLE001 - any decode failure is damage
+            meta_bad.append(f"{name} ({type(err).__name__})")
+    report.add("metadata arrays", not meta_bad, "paths, targets, sizes, excluded readable" if not meta_bad else "unreadable: " + ", ".join(meta_bad))
+    if meta_bad:
+        report.damaged_shards.update(range(shards))  # cannot judge anything else reliably
+        return store
+    sizes, excluded = meta["sizes"].astype(np.int64), meta["excluded"].astype(bool)
+
+    # done, shard by shard (an unreadable done chunk is damage; repair rewrites it as not done)
+    done = np.zeros(n, bool)
+    unreadable: dict[int, list[str]] = {}
+    for s in range(shards):
+        lo, hi = s * ips, min((s + 1) * ips, n)
+        try:
+            done[lo:hi] = read("done", lo, hi)
+        except Exception as err:  # noqa: BLE001
+            unreadable.setdefault(s, []).append(f"done ({type(err).__name__})")
+    store.__dict__["done"] = done  # what the reader's helpers below use
+    store.__dict__["excluded"] = excluded
+    n_done = int(done.sum())
+    report.add("complete", n_done == n, f"{n_done}/{n} images done" + ("" if n_done == n else "; rerun `mealkd precompute` with the same arguments to finish"))
+
+    missing = store.missing_chunks()
+    missing_by: dict[int, list[str]] = {}
+    for name, s in missing:
+        missing_by.setdefault(s, []).append(name)
+    report.add("chunk files", not missing, f"{len(store.required_chunks())} files of done shards present" if not missing
+               else "missing: " + "; ".join(f"shard {s}: {', '.join(v)}" for s, v in sorted(missing_by.items())[:8]))
+    report.damaged_shards.update(missing_by)
+
+    label_names = ["probs"] if store.encoding == DENSE else ["topk_idx", "topk_val"]
+    tol = _row_tolerance(c)
+    bad_rows: dict[int, str] = {}
+    bad_windows: dict[int, str] = {}
+    rows_checked = 0
+    for s in range(shards):
+        lo, hi = s * ips, min((s + 1) * ips, n)
+        if not done[lo:hi].all() or s in missing_by:
+            continue
+        arrays = {}
+        for name in ("windows", "flips", *label_names):
+            try:
+                arrays[name] = read(name, lo, hi)
+            except Exception as err:  # noqa: BLE001
+                unreadable.setdefault(s, []).append(f"{name} ({type(err).__name__})")
+        if s in unreadable:
+            continue
+        # probability rows
+        if store.encoding == DENSE:
+            rows = to_f32(arrays["probs"])
+            stored_sum = rows.sum(-1, dtype=np.float64)
+            problem = (~np.isfinite(rows).all(-1)) | (rows < 0).any(-1) | (np.abs(stored_sum - 1) > tol)
+        else:
+            vals = to_f32(arrays["topk_val"])
+            idx = arrays["topk_idx"].astype(np.int64)
+            stored_sum = vals.sum(-1, dtype=np.float64)
+            problem = ((~np.isfinite(vals).all(-1)) | (vals < 0).any(-1) | (stored_sum > 1 + tol) | (stored_sum <= 0)
+                       | (idx < 0).any(-1) | (idx >= c).any(-1))
+        rows_checked += problem.size
+        if problem.any():
+            i, k = np.argwhere(problem)[0]
+            what = "all zero (lost chunk)" if stored_sum[i, k] == 0 else f"sums to {stored_sum[i, k]:.5f}"
+            bad_rows[s] = f"image {lo + i} crop {k}: {what}"
+        # windows
+        win = arrays["windows"].astype(np.int64)
+        h_img, w_img = sizes[lo:hi, 0][:, None], sizes[lo:hi, 1][:, None]
+        y, x, h, w = win[..., 0], win[..., 1], win[..., 2], win[..., 3]
+        inside = (y >= 0) & (x >= 0) & (h >= 1) & (w >= 1) & (y + h <= h_img) & (x + w <= w_img)
+        usable = ~excluded[lo:hi]
+        wrong = (usable[:, None] & ~inside) | (~usable[:, None] & (win != 0).any(-1))
+        if wrong.any():
+            i, k = np.argwhere(wrong)[0]
+            bad_windows[s] = f"image {lo + i} crop {k}: window {tuple(int(v) for v in win[i, k])} in image {tuple(int(v) for v in sizes[lo + i])}"
+    report.add("chunks readable", not unreadable, "every chunk of done shards decodes" if not unreadable
+               else "undecodable: " + "; ".join(f"shard {s}: {', '.join(v)}" for s, v in sorted(unreadable.items())[:8]))
+    report.add("probability rows", not bad_rows, f"{rows_checked} rows: finite, >= 0, sum to 1 within {tol:.1e}" if not bad_rows
+               else "; ".join(f"shard {s}: {v}" for s, v in sorted(bad_rows.items())[:4]))
+    report.add("windows in bounds", not bad_windows, "every window of a done, usable image lies inside it" if not bad_windows
+               else "; ".join(f"shard {s}: {v}" for s, v in sorted(bad_windows.items())[:4]))
+    sizes_bad = int(((sizes[done & ~excluded] <= 0).any(-1)).sum())
+    report.add("image sizes", sizes_bad == 0, "decoded sizes of usable images are positive" if not sizes_bad else f"{sizes_bad} usable images with size 0")
+    report.damaged_shards.update(unreadable)
+    report.damaged_shards.update(bad_rows)
+    report.damaged_shards.update(bad_windows)
+    return store
+
+
+def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, sample: int, tolerance: float,
+                    device: str, seed: int, batch_size: int, report: Report) -> None:
+    """Replay ``sample`` random stored crops through the teachers and compare with the stored rows."""
+    from core.dali_io import resolve_backend
+    from core.dataset import scan_image_folder
+    from core.models import load_model, parse_spec_list
+    from precompute.crops import CropStream
+    from precompute.ensemble import TeacherEnsemble
+
+    index = scan_image_folder(data)
+    have = (store.attrs.get("dataset") or {}).get("fingerprint")
+    if have != index.fingerprint:
+        raise UserError(f"--data {data}: not the dataset this store was computed on (fingerprint {str(have)[:12]} != {index.fingerprint[:12]}); pass the precompute --data")
+    backend = resolve_backend(device)
+    specs = parse_spec_list(teachers)
+    models = [load_model(spec, num_classes=store.num_classes) for spec in specs]
+    temperature = float(store.attrs.get("temperature", 1.0))
+    ensemble = TeacherEnsemble(models, default_size=int(store.attrs["crop"]["image_size"]), temperature=temperature, device=backend.device)
+    stored_t = [(t.get("spec"), t.get("weights_sha256"), t.get("weight")) for t in store.attrs.get("teachers") or []]
+    given_t = [(t.get("spec"), t.get("weights_sha256"), t.get("weight")) for t in ensemble.describe()]
+    if stored_t != given_t:
+        raise UserError(f"--teachers: not the store's teachers ({', '.join(str(t[0]) for t in stored_t)}, matched by spec, weights sha256 and weight); pass the precompute --teachers")
+    eligible = np.flatnonzero(store.done & ~store.excluded)
+    if eligible.size == 0:
+        report.add("recompute", None, "no done images to sample")
+        return
+    rng = np.random.default_rng(seed)
+    total = eligible.size * store.crops_per_image
+    flat = np.sort(rng.choice(total, size=min(sample, total), replace=False))
+    images, crops = eligible[flat // store.crops_per_image], flat % store.crops_per_image
+    windows = store.windows[images, crops][:, None, :]
+    flips = store.flips[images, crops][:, None]
+    stream = CropStream(index, ensemble.norms, backend, batch_size=batch_size)
+    fresh = np.zeros((len(images), store.num_classes), np.float32)
+    for batch in stream.batches(images.tolist(), list(range(len(images))), windows, flips):
+        fresh[batch.rows] = ensemble(batch.inputs).cpu().numpy()
+    stored = store.labels(images, crops)
+    if store.encoding == DENSE:
+        diff = np.abs(fresh - stored).max(axis=1)
+        compared = "all classes"
+    else:
+        idx = np.stack([np.asarray(store._group["topk_idx"][i, k]) for i, k in zip(images, crops)]).astype(np.int64)
+        val = to_f32(np.stack([np.asarray(store._group["topk_val"][i, k]) for i, k in zip(images, crops)]))
+        diff = np.abs(np.take_along_axis(fresh, idx, axis=1) - val).max(axis=1)
+        stored = decode_topk(idx, val, store.num_classes)
+        compared = f"the stored top-{store.topk}"
+    top1_fresh, top1_stored = fresh.argmax(1), stored.argmax(1)
+    agree = top1_fresh == top1_stored
+    two = np.sort(fresh, axis=1)[:, -2:]
+    margin = two[:, 1] - two[:, 0]
+    real_disagreement = ~agree & (margin > tolerance)
+    max_diff = float(diff.max())
+    worst = int(np.argmax(diff))
+    report.recompute = {"samples": int(len(images)), "max_abs_diff": max_diff, "top1_agreement": float(agree.mean())}
+    detail = (f"{len(images)} crops, max |p - p_stored| {max_diff:.2e} over {compared} (tolerance {tolerance:.0e}; worst: image {int(images[worst])} crop {int(crops[worst])}), "
+              f"top-1 agreement {agree.mean():.1%}")
+    decoder = (store.attrs.get("decoder") or {}).get("backend")
+    if decoder and decoder != backend.decoder:
+        detail += f"; note: store decoded with '{decoder}', this check with '{backend.decoder}'"
+    report.add("recompute vs stored", max_diff <= tolerance and not real_disagreement.any(), detail)
+    for s in np.unique(images[(diff > tolerance) | real_disagreement] // store.images_per_shard).tolist():
+        report.damaged_shards.add(int(s))
+
+
+def repair(url: str, shards: set[int]) -> None:
+    """Mark ``shards`` not done (under the precompute lock) so a precompute rerun rewrites them."""
+    from precompute.lock import StoreLock
+    from storage.writer import StoreWriter
+
+    with StoreLock(url):
+        writer = StoreWriter(url)
+        for s in sorted(shards):
+            lo, hi = writer.shard_range(s)
+            writer._done[lo:hi] = np.zeros(hi - lo, bool)
+
+
+def render(url: str, report: Report, console: Console) -> None:
+    table = Table(title=f"mealkd verify: {url}", title_justify="left")
+    table.add_column("check", style="bold")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    style = {PASS: "[green]PASS[/]", FAIL: "[red]FAIL[/]", SKIP: "[dim]skip[/]"}
+    for c in report.checks:
+        table.add_row(c.name, style[c.status], c.detail)
+    console.print(table)
+
+
+def run_verify(url: str, *, data: str | None = None, teachers: str | None = None, sample: int = 64,
+               tolerance: float = 2e-3, device: str = "auto", seed: int = 0, batch_size: int = 64,
+               do_repair: bool = False, console: Console | None = None) -> int:
+    """Run the checks, print the table; returns the exit status (0 pass, 1 a check failed)."""
+    console = console or Console()
+    if (data is None) != (teachers is None):
+        raise UserError("--data and --teachers go together: pass both to recompute sampled crops, or neither for the integrity checks only")
+    if sample < 1:
+        raise UserError(f"--sample {sample}: must be >= 1")
+    if tolerance <= 0:
+        raise UserError(f"--tolerance {tolerance}: must be > 0")
+    report = Report()
+    store = check_integrity(url, report)
+    if data is not None:
+        if report.damaged_shards:
+            report.add("recompute vs stored", None, "skipped: the store is damaged (repair it first)")
+        else:
+            check_recompute(store, data, teachers, sample=sample, tolerance=tolerance, device=device, seed=seed,
+                            batch_size=batch_size, report=report)
+    render(url, report, console)
+    damaged = sorted(report.damaged_shards)
+    if damaged and do_repair:
+        repair(url, set(damaged))
+        console.print(f"[yellow]repaired[/]: shards {_shards_text(damaged)} marked not done; rerun `mealkd precompute` with the same arguments to rewrite them")
+    elif damaged:
+        console.print(f"[red]damaged shards[/]: {_shards_text(damaged)}; run `mealkd verify {url} --repair`, then rerun `mealkd precompute` with the same arguments")
+    console.print("[green]verify: all checks passed[/]" if report.ok else "[red]verify: FAILED[/]")
+    return 0 if report.ok else 1
