@@ -1,0 +1,511 @@
+"""Stage two end to end: crop replay, epoch coverage/sharding, training, resume, DDP, CLI errors, plot.
+
+Everything is real: a JPEG ImageFolder on disk, a label store written by a real precompute (two
+teachers: a TorchScript "colour" net whose softmax follows the class tint, and a random torchvision
+resnet18 state dict), DALI pipelines on the CPU, torch training steps, subprocesses of ``cli.py``
+(and ``torch.distributed.run`` with gloo for DDP). No mocks.
+
+The shared fixture (built once per module) is 3 classes x 8 JPEGs (24-48 px) plus one corrupt file
+that precompute excludes with ``--skip-bad``: 24 usable images, R = 4 stored crops each at 16 px.
+Torch runs single-threaded here (and OMP_NUM_THREADS=1 in subprocesses): the machine has two cores
+shared with other jobs, and oversubscribed intra-op threads make every step many times slower.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import storage
+from core.dali_io import resolve_backend
+from core.dataset import scan_image_folder
+from core.distributed import Dist
+from core.replay import Normalization
+from distill.loader import ReplayLoader
+from precompute.crops import CropStream
+from precompute.runner import PrecomputeConfig, run_precompute
+from tests.datagen import make_jpeg_tree
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES, PER_CLASS, R, SIZE = 3, 8, 4, 16
+USABLE = CLASSES * PER_CLASS
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
+CPU = resolve_backend("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# models made in the test
+# ---------------------------------------------------------------------------------------------
+class ColourNet(torch.nn.Module):
+    """Teacher: logits = 4 x per-channel mean (the tree tints class k's channel k % 3)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 4.0 * x.mean(dim=(2, 3))
+
+
+class TinyNet(torch.nn.Module):
+    """Student without BatchNorm or dropout: DDP replicas then equal a 1-process run up to fp rounding."""
+
+    def __init__(self, classes: int = CLASSES):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("distill")
+    tree = make_jpeg_tree(root / "train", CLASSES, PER_CLASS, seed=0)
+    (tree / "class_1" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 4)
+    val = make_jpeg_tree(root / "val", CLASSES, 3, seed=1)
+    torch.manual_seed(0)
+    torch.jit.script(ColourNet()).save(str(root / "colour.pt"))
+    torch.save(torchvision.models.resnet18(num_classes=CLASSES).state_dict(), root / "r18.pth")
+    torch.manual_seed(1)
+    torch.jit.script(TinyNet()).save(str(root / "tiny.pt"))
+    store = root / "store.zarr"
+    run_precompute(
+        PrecomputeConfig(
+            data=str(tree),
+            teachers=f"{root / 'colour.pt'}:size={SIZE},torchvision:resnet18@{root / 'r18.pth'}:w=0.25",
+            out=str(store),
+            crops_per_image=R,
+            image_size=SIZE,
+            batch_size=16,
+            device="cpu",
+            skip_bad=True,
+            images_per_shard=8,
+            num_threads=1,
+        )
+    )
+    index = scan_image_folder(tree)
+    opened = storage.open_store(str(store), fingerprint=index.fingerprint, class_names=index.class_names)
+    assert int((~opened.excluded).sum()) == USABLE and opened.excluded.sum() == 1
+    return {"root": root, "tree": tree, "val": val, "store": store, "index": index, "labels": opened, "tiny": root / "tiny.pt"}
+
+
+NORM = Normalization(size=SIZE)
+
+
+def reference_crops(world) -> dict[tuple[int, int], torch.Tensor]:
+    """(image id, crop slot) -> tensor, from stage one's path (decode once + fn.slice)."""
+    store, index = world["labels"], world["index"]
+    usable = np.flatnonzero(~store.excluded)
+    stream = CropStream(index, [NORM], CPU, batch_size=16, num_threads=1)
+    ref = {}
+    for batch in stream.batches(usable.tolist(), usable.tolist(), store.windows, store.flips):
+        for row, crop, tensor in zip(batch.rows.tolist(), batch.crops.tolist(), batch.inputs[0]):
+            ref[(row, crop)] = tensor.clone()
+    assert len(ref) == USABLE * R
+    return ref
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    ref = reference_crops(world)
+    by_pixels = {t.numpy().tobytes(): key for key, t in ref.items()}
+    assert len(by_pixels) == len(ref), "two stored crops have identical pixels; pick another seed"
+    return ref, by_pixels
+
+
+def replay_epoch(loader: ReplayLoader, epoch: int, by_pixels: dict, store) -> list[tuple[int, int]]:
+    """Run one epoch; identify every yielded crop by its pixels; check it is the planned crop and
+    that its label row is the stored one. Returns the (image, slot) ids in yielded order."""
+    ids, slots, k = loader.images(epoch), loader.slots(epoch), loader.crops_per_step
+    seen: list[tuple[int, int]] = []
+    position = 0
+    for images, labels in loader.epoch(epoch):
+        assert images.shape[0] == labels.shape[0] and images.shape[0] % k == 0
+        assert images.dtype == torch.float32 and tuple(images.shape[1:]) == (3, SIZE, SIZE)
+        planned = [(int(ids[position + b]), slots[j]) for b in range(images.shape[0] // k) for j in range(k)]
+        found = [by_pixels.get(t.numpy().tobytes()) for t in images]
+        assert found == planned, f"epoch {epoch}: yielded pixels are not the planned stored crops"
+        want = store.labels(np.array([p[0] for p in planned]), np.array([p[1] for p in planned]))
+        assert labels.dtype == torch.float32
+        np.testing.assert_array_equal(labels.numpy(), want)
+        position += images.shape[0] // k
+        seen.extend(found)
+    assert position == len(ids)
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 + 2: pixel identity, labels, epoch coverage, sharding
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 2])
+def test_replay_pixels_labels_and_coverage(world, reference, k):
+    """The loader yields bit-identical pixels to stage one for every stored (image, crop), with the
+    stored label rows, and over R/K epochs uses each stored crop of each usable image exactly once."""
+    ref, by_pixels = reference
+    store = world["labels"]
+    loader = ReplayLoader(store, world["index"], NORM, CPU, batch_size=5, crops_per_step=k, seed=3, num_threads=1)
+    try:
+        used: list[tuple[int, int]] = []
+        for epoch in range(R // k):
+            used += replay_epoch(loader, epoch, by_pixels, store)
+        assert len(used) == len(set(used)) == USABLE * R
+        assert set(used) == set(ref)  # the corrupt (excluded) image never appears
+        # epoch R/K starts the cycle again (same crops, different order)
+        again = replay_epoch(loader, R // k, by_pixels, store)
+        assert sorted(again) == sorted(used[: USABLE * k])
+        assert [i for i, _ in again[::k]] != [i for i, _ in used[: USABLE * k : k]]
+    finally:
+        loader.close()
+
+
+def test_two_ranks_shard_disjointly(world, reference):
+    """Two in-process ranks (the sharding is pure arithmetic): per epoch, disjoint shards covering
+    every usable image once, equal step counts, and real iteration on each rank yields its shard."""
+    _, by_pixels = reference
+    store = world["labels"]
+    loaders = [ReplayLoader(store, world["index"], NORM, CPU, batch_size=4, seed=7, dist=Dist(rank=r, world_size=2), num_threads=1) for r in range(2)]
+    try:
+        usable = set(np.flatnonzero(~store.excluded).tolist())
+        for epoch in range(3):
+            shards = [loader.images(epoch) for loader in loaders]
+            assert len(shards[0]) == len(shards[1]) == USABLE // 2
+            assert not set(shards[0].tolist()) & set(shards[1].tolist())
+            assert set(shards[0].tolist()) | set(shards[1].tolist()) == usable
+        assert loaders[0].steps_per_epoch() == loaders[1].steps_per_epoch() == 3
+        seen = [replay_epoch(loader, 1, by_pixels, store) for loader in loaders]
+        assert not set(seen[0]) & set(seen[1])
+        assert set(seen[0]) | set(seen[1]) == {(i, 1) for i in usable}
+    finally:
+        for loader in loaders:
+            loader.close()
+
+
+@pytest.mark.parametrize("world_size", [5, 7])
+def test_uneven_shards_pad_by_wrapping(world, world_size):
+    """24 images over 5 (7) ranks: every rank gets ceil(24/5) = 5 (4) images; the padding repeats
+    the first images of the epoch's permutation (like DistributedSampler), so all ranks run the
+    same number of steps and every image is still visited."""
+    store = world["labels"]
+    per_rank = -(-USABLE // world_size)
+    loaders = [ReplayLoader(store, world["index"], NORM, CPU, batch_size=2, seed=1, dist=Dist(rank=r, world_size=world_size), num_threads=1) for r in range(world_size)]
+    try:
+        order = ReplayLoader(store, world["index"], NORM, CPU, batch_size=2, seed=1, num_threads=1).images(4)
+        shards = [loader.images(4) for loader in loaders]
+        assert {len(s) for s in shards} == {per_rank}
+        assert len({loader.steps_per_epoch() for loader in loaders}) == 1
+        flat = np.concatenate(shards)
+        assert set(flat.tolist()) == set(order.tolist())
+        counts = np.bincount(flat, minlength=len(store.excluded))
+        extra = per_rank * world_size - USABLE
+        assert sorted(np.flatnonzero(counts == 2).tolist()) == sorted(order[:extra].tolist())
+        assert counts.max() <= 2 and (counts == 2).sum() == extra
+    finally:
+        for loader in loaders:
+            loader.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3: the loss through the trainer
+# ---------------------------------------------------------------------------------------------
+def soft_ce(model: torch.nn.Module, loader: ReplayLoader, epoch: int) -> float:
+    """Mean soft cross-entropy -sum p log q over one epoch's crops (computed here, not by distill.losses)."""
+    total = count = 0.0
+    with torch.no_grad():
+        for images, probs in loader.epoch(epoch):
+            total += float(-(probs * torch.log_softmax(model(images), dim=1)).sum())
+            count += images.shape[0]
+    return total / count
+
+
+def test_trainer_steps_decrease_soft_ce(world, tmp_path):
+    from distill.trainer import DistillConfig, Trainer
+
+    cfg = DistillConfig(
+        labels=str(world["store"]), data=str(world["tree"]), student=str(world["tiny"]), init="pretrained",
+        out=str(tmp_path / "run"), epochs=4, batch_size=4, lr=0.05, num_threads=1, device="cpu",
+    )
+    trainer = Trainer(cfg)
+    try:
+        before = soft_ce(trainer.model, trainer.loader, 0)
+        records = trainer.run()
+        probe = ReplayLoader(world["labels"], world["index"], trainer.norm, CPU, batch_size=8, num_threads=1)
+        after = soft_ce(trainer.model, probe, 0)
+        probe.close()
+    finally:
+        trainer.close()
+    assert len(records) == 4 and all(np.isfinite(r["loss"]) for r in records)
+    assert after < 0.8 * before, (before, after)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["teacher_agreement"] > records[0]["teacher_agreement"] or records[0]["teacher_agreement"] == 1.0
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4: resume after kill -9 == uninterrupted (CPU)
+# ---------------------------------------------------------------------------------------------
+def distill_args(world, out: Path, *extra: str, student="torchvision:mobilenet_v3_small", init="scratch", epochs=4, batch_size=4) -> list[str]:
+    return [
+        "distill", "--labels", str(world["store"]), "--data", str(world["tree"]), "--student", student, "--init", init,
+        "--out", str(out), "--epochs", str(epochs), "--batch-size", str(batch_size), "--num-threads", "1", "--device", "cpu", *extra,
+    ]
+
+
+def cli_run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_tensors(a, b, where=""):
+    """Exact equality of nested dicts/lists of tensors (state dicts, optimizer states)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+class Background:
+    """A ``cli.py`` subprocess started now and waited for on first use (overlaps the slow imports)."""
+
+    def __init__(self, args: list[str], out: Path):
+        self.out = out
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+
+    def result(self) -> Path:
+        _, err = self.proc.communicate(timeout=300)
+        assert self.proc.returncode == 0, err
+        return self.out
+
+
+@pytest.fixture(scope="module")
+def straight_run(world) -> Background:
+    """4 epochs uninterrupted (mobilenet_v3_small: BatchNorm + dropout, so RNG state matters), with --val."""
+    out = world["root"] / "straight"
+    return Background(distill_args(world, out, "--val", str(world["val"])), out)
+
+
+def test_resume_after_kill_matches_straight_run(world, straight_run):
+    out = world["root"] / "killed"
+    ckpt = out / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), *distill_args(world, out, "--val", str(world["val"]))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=REPO)
+    inode, landed, deadline = None, 0, time.monotonic() + 240
+    try:
+        while landed < 2:  # every save is a new file renamed into place: count inode changes
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            try:
+                current = os.stat(ckpt).st_ino
+            except FileNotFoundError:
+                current = None
+            if current is not None and current != inode:
+                inode, landed = current, landed + 1
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = load_ckpt(ckpt)["epoch"]
+    assert killed_at == 2, f"the kill landed after epoch {killed_at}, not 2"
+    resumed = cli_run(distill_args(world, out, "--val", str(world["val"]), "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+
+    straight = straight_run.result()
+    a, b = load_ckpt(straight / "checkpoint.pt"), load_ckpt(ckpt)
+    assert a["epoch"] == b["epoch"] == 4
+    for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer", "rng"):
+        assert_same_tensors(a[key], b[key], key)
+    metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, out)]
+    assert [r["epoch"] for r in metrics[1]] == [1, 2, 3, 4]
+    volatile = {"seconds", "crops_per_s"}
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in metrics[0]] == [
+        {k: v for k, v in r.items() if k not in volatile} for r in metrics[1]
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5: DDP (torch.distributed.run, gloo) == one process with the same global batch
+# ---------------------------------------------------------------------------------------------
+# Runs the real `cli.py distill` entry point; the only addition is that each rank saves its own
+# replica (student + discriminator) when the trainer closes, so the replicas can be compared.
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import distill.trainer as trainer
+
+    original_close = trainer.Trainer.close
+
+    def close(self):
+        torch.save({"model": self.model.state_dict(), "disc": self.disc.state_dict()},
+                   os.path.join(self.cfg.out, f"replica{self.dist.rank}.pt"))
+        original_close(self)
+
+    trainer.Trainer.close = close
+    import cli
+    cli.main(sys.argv[1:])
+    """
+)
+
+
+def test_ddp_two_ranks_match_one_process(world, tmp_path):
+    """2 ranks x batch 4 vs 1 process x batch 8 on 24 images (3 global batches of the same 8 images
+    per step: the loader's rank r takes positions r, r+2, ... of the same permutation). The student
+    has no BatchNorm and no dropout and the discriminator's gradients are all-reduced, so both runs
+    compute the same averaged gradient; only the summation order differs (mean of two 4-sample means
+    vs one 8-sample mean, then gloo's all-reduce), i.e. float32 rounding: ~1e-7 relative per step.
+    After 6 SGD steps we allow 1e-5 relative (+1e-6 absolute) on weights and 1e-5 on the logged losses.
+    The two replicas must be bit-identical (DDP broadcasts the initial weights and averages grads)."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    args = lambda out, bs: distill_args(world, out, student=str(world["tiny"]), init="pretrained", epochs=2, batch_size=bs)  # noqa: E731
+    one, two = tmp_path / "one", tmp_path / "two"
+    procs = [
+        subprocess.Popen([sys.executable, str(worker), *args(one, 8)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=REPO),
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *args(two, 4)],
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=REPO),
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+
+    replicas = [torch.load(two / f"replica{r}.pt", weights_only=False) for r in range(2)]
+    assert_same_tensors(replicas[0], replicas[1], "replicas")
+    ckpt_two, ckpt_one = load_ckpt(two / "checkpoint.pt"), load_ckpt(one / "checkpoint.pt")
+    assert_same_tensors(ckpt_two["model"], replicas[0]["model"], "checkpoint")
+    assert ckpt_two["epoch"] == ckpt_one["epoch"] == 2
+    start = torch.jit.load(str(world["tiny"])).state_dict()
+    for name, value in ckpt_one["model"].items():
+        assert not torch.equal(value, start[name]), f"{name} did not train"
+        torch.testing.assert_close(ckpt_two["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in ckpt_one["discriminator"].items():
+        torch.testing.assert_close(ckpt_two["discriminator"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert [r["epoch"] for r in logs[1]] == [1, 2]
+    for r1, r2 in zip(*logs):
+        for key in ("loss", "d_loss", "teacher_agreement"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5), (key, r1, r2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: user errors: one line, exit 2, no traceback, names the culprit and the fix
+# ---------------------------------------------------------------------------------------------
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """The real entry point (cli.main, as the console script runs it), in-process."""
+    import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    return exit_.value.code, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def broken(world):
+    """An incomplete copy of the store, and a copy of the tree with a file added after precompute."""
+    import zarr
+
+    incomplete = world["root"] / "incomplete.zarr"
+    shutil.copytree(world["store"], incomplete)
+    zarr.open_group(str(incomplete), mode="r+")["done"][8:16] = False
+    grown = world["root"] / "grown"
+    shutil.copytree(world["tree"], grown)
+    shutil.copy(grown / "class_0" / "img_000.jpg", grown / "class_0" / "img_new.jpg")
+    five = world["root"] / "five_classes.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), five)
+    return {"incomplete": incomplete, "grown": grown, "five": five}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["incomplete", "fingerprint", "head", "missing-init-file", "unknown-arch", "no-init", "existing-run"],
+)
+def test_distill_user_errors(world, broken, straight_run, tmp_path, case, capsys):
+    out = tmp_path / "run"
+    args = distill_args(world, out, epochs=1)
+    flag = {name: i + 1 for i, name in enumerate(args) if name.startswith("--")}
+    needles: tuple[str, ...]
+    if case == "incomplete":
+        args[flag["--labels"]] = str(broken["incomplete"])
+        needles = (str(broken["incomplete"]), "incomplete", "17/25", "rerun `mealkd precompute`")
+    elif case == "fingerprint":
+        args[flag["--data"]] = str(broken["grown"])
+        needles = ("fingerprint", "files added, removed or changed", "rerun `mealkd precompute`")
+    elif case == "head":
+        args[flag["--init"]] = str(broken["five"])
+        needles = (str(broken["five"]), "classifier.3.weight", "the store has 3 classes; the checkpoint head has 5", "init=pretrained")
+    elif case == "missing-init-file":
+        args[flag["--init"]] = str(tmp_path / "nope.pth")
+        needles = ("init file", str(tmp_path / "nope.pth"), "does not exist")
+    elif case == "unknown-arch":
+        args[flag["--student"]] = "torchvision:resnet9000"
+        needles = ("unknown torchvision architecture 'resnet9000'",)
+    elif case == "no-init":
+        i = args.index("--init")
+        del args[i : i + 2]
+        needles = ("--init is required", "scratch")
+    else:
+        args[flag["--out"]] = str(straight_run.result())
+        needles = (str(straight_run.out), "holds a checkpoint already", "--resume")
+    code, err = run_main(args, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_user_error_exit_path_in_a_subprocess(world, broken):
+    """The same refusal through `python cli.py` itself: exit status 2 and a single stderr line."""
+    args = distill_args(world, world["root"] / "never", epochs=1)
+    args[args.index("--labels") + 1] = str(broken["incomplete"])
+    done = cli_run(args)
+    assert_one_line_error(done.returncode, done.stderr, "incomplete")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8: plot
+# ---------------------------------------------------------------------------------------------
+def test_plot_writes_png(straight_run, tmp_path, capsys):
+    import cli
+
+    run = straight_run.result()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plot", str(run), "--out", str(tmp_path / "curves.png")])
+    assert exit_.value.code == 0
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
+    code, err = run_main(["plot", str(tmp_path / "not-a-run")], capsys)
+    assert_one_line_error(code, err, "no metrics.jsonl", "--out directory of a distill run")
