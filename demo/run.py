@@ -53,15 +53,16 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, out: str) -> "DemoConfig":
+        """A smoke-test sized run (~1 minute on 2 CPU cores): accuracies are meaningless here."""
         return cls(
             out=out,
-            image_side=24,
-            image_size=24,
-            limit_images=200,
-            teachers=(("resnet18", 2), ("shufflenet_v2_x0_5", 2)),
+            image_side=16,
+            image_size=16,
+            limit_images=150,
+            teachers=(("resnet18", 1), ("shufflenet_v2_x0_5", 1)),
             student_a="shufflenet_v2_x0_5",
-            student_b="resnet18",
-            baseline_epochs=2,
+            student_b="mobilenet_v3_small",
+            baseline_epochs=1,
             crops_per_image=2,
             distill_epochs=2,
             batch_size=32,
@@ -86,6 +87,7 @@ class Demo:
     def data(self) -> None:
         self.step("1. data: UCI handwritten digits (scikit-learn) -> JPEG ImageFolder")
         self.train_dir, self.val_dir = write_digits(self.root / "data", side=self.cfg.image_side, limit=self.cfg.limit_images)
+        self.class_names = scan_image_folder(self.train_dir).class_names
         self.console.print(f"train {len(scan_image_folder(self.train_dir))} images, val {len(scan_image_folder(self.val_dir))} images, in {self.root / 'data'}")
         self._tensors = None
 
@@ -170,14 +172,16 @@ class Demo:
 
     # 6: evaluation -----------------------------------------------------------------------------
     def accuracy_of_state_dict(self, arch: str, path: Path) -> float:
-        return evaluate_checkpoint(str(self.val_dir), str(path), student=f"torchvision:{arch}", image_size=self.cfg.image_size, device=self.device)["top1"]
+        return evaluate_checkpoint(
+            str(self.val_dir), str(path), student=f"torchvision:{arch}", image_size=self.cfg.image_size, device=self.device, class_names=self.class_names
+        )["top1"]
 
     def ensemble_accuracy(self, teacher_specs: list[str]) -> float:
-        loaded = [load_model(parse_spec(spec), num_classes=10) for spec in teacher_specs]
+        loaded = [load_model(parse_spec(spec), num_classes=len(self.class_names)) for spec in teacher_specs]
         ensemble = _SoftmaxAverage([m.module for m in loaded])
         backend = resolve_backend(self.device)
         index = scan_image_folder(self.val_dir)
-        return evaluate(ensemble.to(backend.device), index, index.class_names, Normalization(self.cfg.image_size), backend)["top1"]
+        return evaluate(ensemble.to(backend.device), index, self.class_names, Normalization(self.cfg.image_size), backend)["top1"]
 
 
 class _SoftmaxAverage(torch.nn.Module):

@@ -22,17 +22,25 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
     spec_text = student or (raw.get("student_spec") if is_ours else None)
     if spec_text is None:
         raise UserError(f"--checkpoint {checkpoint}: a plain state dict needs --student ARCH spec (e.g. torchvision:resnet18)")
-    loaded = load_model(parse_spec(spec_text), num_classes=raw["num_classes"] if is_ours else num_classes, init=checkpoint)
+    loaded = load_model(parse_spec(spec_text), num_classes=raw["num_classes"] if is_ours else num_classes, init=checkpoint)  # None: read from the file
     norm = Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["norm"].items()}) if is_ours else None
     class_names = raw.get("class_names") if is_ours else None
     return loaded, class_names, norm
 
 
 def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = None, image_size: int | None = None,
-                        batch_size: int = 64, device: str = "auto", per_class: bool = False, console=None) -> dict:
+                        batch_size: int = 64, device: str = "auto", per_class: bool = False, console=None,
+                        class_names: list[str] | None = None) -> dict:
+    """Evaluate a checkpoint on ``data``. Class names come from a mealkd checkpoint, else ``class_names``
+    (the training classes, in training order), else the validation tree's own classes."""
     index = scan_image_folder(data)
-    loaded, class_names, norm = load_student(checkpoint, student=student, num_classes=len(index.class_names))
-    class_names = class_names or loaded.class_names or index.class_names
+    loaded, ckpt_names, norm = load_student(checkpoint, student=student)
+    class_names = ckpt_names or loaded.class_names or class_names or index.class_names
+    if len(class_names) != loaded.num_classes:
+        raise UserError(
+            f"--checkpoint {checkpoint}: the model has {loaded.num_classes} classes but {data} has {len(class_names)}; "
+            "evaluate a mealkd checkpoint (it records its class names) or a validation tree with every training class"
+        )
     size = image_size or (norm.size if norm else loaded.input_size)
     if size is None:
         raise UserError("--image-size: the checkpoint does not record its training size; pass --image-size")
