@@ -74,8 +74,17 @@ class ReplayLoader:
         padded = np.resize(order, per_rank * world)  # wraps around like DistributedSampler
         return padded[self.dist.rank :: world]
 
+    def _starts(self, n: int) -> list[int]:
+        """Batch offsets. A trailing batch of ONE crop is dropped (like drop_last, for that case only):
+        train-mode BatchNorm cannot normalise a single sample and would crash the epoch; the image is
+        visited in other epochs (the order is reshuffled every epoch)."""
+        starts = list(range(0, n, self.batch_size))
+        if len(starts) > 1 and (n - starts[-1]) * self.crops_per_step == 1:
+            starts.pop()
+        return starts
+
     def steps_per_epoch(self) -> int:
-        return -(-len(self.images(0)) // self.batch_size)
+        return len(self._starts(len(self.images(0))))
 
     # -- labels -----------------------------------------------------------------------------
     def _read_labels(self, epoch: int) -> np.ndarray:
@@ -98,7 +107,7 @@ class ReplayLoader:
 
     # -- iteration --------------------------------------------------------------------------
     def _feeds(self, ids: np.ndarray, labels: np.ndarray, slots: list[int]):
-        for start in range(0, len(ids), self.batch_size):
+        for start in self._starts(len(ids)):
             batch = ids[start : start + self.batch_size]
             feed: dict = {
                 "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
