@@ -1,0 +1,210 @@
+"""`mealkd precompute` user errors: one line on stderr naming the culprit, exit code 2, no traceback.
+
+Most cases call the CLI entry point in-process (``cli.main``, the same function the console script
+runs; any exception other than its ``SystemExit(2)`` fails the test, so a traceback cannot hide);
+three run as real ``python cli.py`` subprocesses to check the process-level contract.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import storage
+from cli import main as cli_main
+from precompute.lock import StoreLock
+from tests.datagen import make_jpeg_tree
+from tests.test_precompute import make_teachers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("precompute_errors")
+    data = make_jpeg_tree(root / "data", classes=3, per_class=2, seed=4, min_side=24, max_side=32)
+    empty_class = make_jpeg_tree(root / "empty_class", classes=2, per_class=1, seed=5)
+    (empty_class / "class_9_empty").mkdir()
+    (empty_class / "class_9_empty" / "notes.txt").write_text("not an image")
+    corrupt = make_jpeg_tree(root / "corrupt", classes=3, per_class=2, seed=6, min_side=24, max_side=32)
+    good = (corrupt / "class_1" / "img_000.jpg").read_bytes()
+    (corrupt / "class_1" / "img_001.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    t3 = make_teachers(root / "t3", classes=3)
+    t4 = make_teachers(root / "t4", classes=4)
+    return {"root": root, "data": data, "empty_class": empty_class, "corrupt": corrupt, "t3": t3, "t4": t4}
+
+
+def base(files, out: Path, **extra) -> list[str]:
+    args = {
+        "--data": files["data"], "--teachers": f"torchvision:mobilenet_v3_small@{files['t3']['mobile']}", "--out": out,
+        "--crops-per-image": 2, "--image-size": 16, "--batch-size": 4, "--device": "cpu",
+    }
+    args.update(extra)
+    return ["precompute", *[x for k, v in args.items() for x in (k, str(v))]]
+
+
+def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+PROGRESS = re.compile(r"^(validate|teachers) ")  # rich progress bars (final state printed when stderr is not a TTY)
+DALI_LOG = re.compile(r"^(\x1b\[[0-9;]*m)?\[ERROR\]")  # DALI's native decoder log (see the note in the report)
+
+
+def assert_one_line_error(code: int, err: str, *culprits: str) -> None:
+    """Exit 2; the error is ONE line, the last one; anything before it is progress output only."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    noise = [line for line in lines[:-1] if not (PROGRESS.match(line) or DALI_LOG.match(line))]
+    assert noise == [], err
+    for culprit in culprits:
+        assert culprit in errors[0], (culprit, errors[0])
+
+
+CASES = {
+    # id: (argument overrides, culprits that the message must name)
+    "missing data dir": (lambda f, t: {"--data": t / "no_such_dir"}, lambda f, t: [str(t / "no_such_dir"), "not a directory"]),
+    "empty class dir": (lambda f, t: {"--data": f["empty_class"]}, lambda f, t: ["class_9_empty", "no images"]),
+    "unknown arch": (lambda f, t: {"--teachers": f"torchvision:resnet999@{f['t3']['resnet']}"}, lambda f, t: ["resnet999"]),
+    "missing weights file": (lambda f, t: {"--teachers": f"torchvision:resnet18@{t / 'missing.pth'}"}, lambda f, t: [str(t / "missing.pth")]),
+    "missing torchscript file": (lambda f, t: {"--teachers": str(t / "missing.pt")}, lambda f, t: [str(t / "missing.pt"), "does not exist"]),
+    "malformed option": (lambda f, t: {"--teachers": f"torchvision:mobilenet_v3_small@{f['t3']['mobile']}:w=abc"}, lambda f, t: ["w=", "'abc'"]),
+    "unknown source": (lambda f, t: {"--teachers": "tv:resnet18"}, lambda f, t: ["'tv'"]),
+    "empty list entry": (lambda f, t: {"--teachers": f"{f['t3']['script']},,{f['t3']['script']}"}, lambda f, t: ["empty entry #2"]),
+    "teacher vs dataset classes": (
+        lambda f, t: {"--teachers": f"torchvision:mobilenet_v3_small@{f['t4']['mobile']}"},
+        lambda f, t: [f"torchvision:mobilenet_v3_small@{f['t4']['mobile']}", "4 classes", "has 3"],
+    ),
+    "teachers disagree": (
+        lambda f, t: {"--teachers": f"{f['t3']['script']},{f['t4']['script']}"},
+        lambda f, t: [str(f["t4"]["script"]), "4 classes"],
+    ),
+    "weights of another arch": (
+        lambda f, t: {"--teachers": f"torchvision:resnet18@{f['t3']['mobile']}"},
+        lambda f, t: [str(f["t3"]["mobile"]), "resnet18"],
+    ),
+    "crops-per-image 0": (lambda f, t: {"--crops-per-image": 0}, lambda f, t: ["--crops-per-image 0"]),
+    "negative image size": (lambda f, t: {"--image-size": -16}, lambda f, t: ["--image-size -16"]),
+    "zero batch size": (lambda f, t: {"--batch-size": 0}, lambda f, t: ["--batch-size 0"]),
+    "negative images per shard": (lambda f, t: {"--images-per-shard": -3}, lambda f, t: ["--images-per-shard -3"]),
+    "negative teacher size": (lambda f, t: {"--teachers": f"{f['t3']['script']}:size=-8"}, lambda f, t: ["size="]),
+    "scale min 0": (lambda f, t: {"--scale": "0 0.5"}, lambda f, t: ["--scale 0.0 0.5"]),
+    "scale max > 1": (lambda f, t: {"--scale": "0.5 1.5"}, lambda f, t: ["--scale 0.5 1.5"]),
+    "scale min > max": (lambda f, t: {"--scale": "0.9 0.5"}, lambda f, t: ["--scale 0.9 0.5"]),
+    "ratio negative": (lambda f, t: {"--ratio": "-1 2"}, lambda f, t: ["--ratio -1.0 2.0"]),
+    "flip prob > 1": (lambda f, t: {"--flip-prob": 1.5}, lambda f, t: ["--flip-prob 1.5"]),
+    "temperature 0": (lambda f, t: {"--temperature": 0}, lambda f, t: ["--temperature 0"]),
+    "bad encoding": (lambda f, t: {"--encoding": "sparse"}, lambda f, t: ["sparse"]),
+    "corrupt jpeg": (lambda f, t: {"--data": f["corrupt"]}, lambda f, t: ["class_1/img_001.jpg", "--skip-bad"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_one_line_error(case, files, tmp_path, capsys):
+    overrides, culprits = CASES[case]
+    out = tmp_path / "store.zarr"
+    argv = base(files, out)
+    for key, value in overrides(files, tmp_path).items():
+        i = argv.index(key) if key in argv else None
+        values = str(value).split(" ") if key in ("--scale", "--ratio") else [str(value)]
+        if i is None:
+            argv += [key, *values]
+        else:
+            argv[i + 1 : i + 2] = values
+    code, err = run_in_process(argv, capsys)
+    assert_one_line_error(code, err, *culprits(files, tmp_path))
+    assert not storage.store_exists(str(out))  # nothing was created
+
+
+def test_control_the_base_arguments_work(files, tmp_path, capsys):
+    """The same base arguments without the fault succeed (so each error above is the fault's)."""
+    out = tmp_path / "ok.zarr"
+    code, err = run_in_process(base(files, out), capsys)
+    assert code == 0, err
+    assert storage.open_store(str(out)).done.all()
+
+
+def test_skip_bad_records_excluded_image(files, tmp_path, capsys):
+    out = tmp_path / "skip.zarr"
+    code, err = run_in_process(base(files, out, **{"--data": files["corrupt"]}) + ["--skip-bad"], capsys)
+    assert code == 0, err
+    assert "class_1/img_001.jpg" in err and "excluding 1" in err
+    store = storage.open_store(str(out))
+    bad = store.paths.index("class_1/img_001.jpg")
+    assert store.excluded.tolist() == [i == bad for i in range(len(store.paths))]
+    assert store.done.all()
+    assert not store.windows[bad].any() and store.sizes[bad].tolist() == [0, 0]
+    good = ~store.excluded
+    assert (store.windows[good][..., 2:] > 0).all()
+    probs = np.asarray(store._group["probs"][:], np.float32)
+    np.testing.assert_allclose(probs[bad], 1 / 3, atol=1e-3)  # uniform placeholder rows, never trained on
+    # the rerun of an existing store does not need --skip-bad to be repeated to find it complete
+    code, err = run_in_process(base(files, out, **{"--data": files["corrupt"]}) + ["--skip-bad"], capsys)
+    assert code == 0 and "0 images" in err, err
+
+
+def test_existing_store_with_other_settings_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "seeded.zarr"
+    code, err = run_in_process(base(files, out, **{"--seed": 1}), capsys)
+    assert code == 0, err
+    before = {name: np.asarray(storage.open_store(str(out))._group[name][:]) for name in ("windows", "probs", "done")}
+    for overrides, what in [({"--seed": 2}, "crop"), ({"--temperature": 2.0}, "temperature"), ({"--crops-per-image": 3}, "crops_per_image"),
+                            ({"--teachers": str(files["t3"]["script"])}, "teachers")]:
+        code, err = run_in_process(base(files, out, **{"--seed": 1, **overrides}), capsys)
+        assert_one_line_error(code, err, str(out), what, "different settings")
+    after = {name: np.asarray(storage.open_store(str(out))._group[name][:]) for name in before}
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    # another dataset -> the fingerprint differs -> refused too
+    code, err = run_in_process(base(files, out, **{"--seed": 1, "--data": files["corrupt"]}) + ["--skip-bad"], capsys)
+    assert_one_line_error(code, err, str(out))
+
+
+def test_output_path_that_is_not_a_store(files, tmp_path, capsys):
+    out = tmp_path / "occupied"
+    out.mkdir()
+    (out / "keep.txt").write_text("someone's files")
+    code, err = run_in_process(base(files, out), capsys)
+    assert_one_line_error(code, err, str(out))
+    assert (out / "keep.txt").read_text() == "someone's files"
+    as_file = tmp_path / "a_file.zarr"
+    as_file.write_text("x")
+    code, err = run_in_process(base(files, as_file), capsys)
+    assert_one_line_error(code, err, str(as_file))
+    assert as_file.read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------------------
+# real processes
+# ----------------------------------------------------------------------------------------------
+def test_cli_processes_one_line_errors(files, tmp_path):
+    """`python cli.py precompute` as a process: missing data dir, corrupt JPEG, and a second run on a
+    store that another run holds locked (the lock is held here by the runner's own StoreLock)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    locked = tmp_path / "locked.zarr"
+    runs = {
+        "missing": (base(files, tmp_path / "a.zarr", **{"--data": tmp_path / "nope"}), [str(tmp_path / "nope")]),
+        "corrupt": (base(files, tmp_path / "b.zarr", **{"--data": files["corrupt"]}), ["class_1/img_001.jpg", "unreadable"]),
+        "locked": (base(files, locked), [str(locked), f"pid {os.getpid()}", "another precompute run"]),
+    }
+    with StoreLock(str(locked)):
+        procs = {
+            name: subprocess.Popen([sys.executable, str(REPO / "cli.py"), *argv], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, (argv, _) in runs.items()
+        }
+        results = {name: (p.wait(timeout=240), p.stdout.read(), p.stderr.read()) for name, p in procs.items()}
+    for name, (code, out, err) in results.items():
+        assert_one_line_error(code, err, *runs[name][1])
+        assert out == "", (name, out)
+    assert not storage.store_exists(str(locked))
+    assert not storage.store_exists(str(tmp_path / "b.zarr"))
