@@ -1,0 +1,306 @@
+"""Bad input and faults, both stages: each ends with ONE line naming the culprit and the fix, exit 2,
+no traceback, and nothing marked done that was not written. Odd-but-valid images are handled.
+
+The CLI runs in-process here (``cli.main``: the same entry point, exit code and stderr as a
+subprocess, without paying torch's import per case); tests/test_reliability_kill.py covers real
+processes and signals.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.datagen import make_jpeg_tree, smooth_image
+from tests.test_reliability_common import (
+    assert_same_store, assert_user_error, distill_args, precompute_args, spawn, store_arrays, tiny_teacher,
+)
+
+torch.set_num_threads(1)
+
+
+def run(capsys, *argv: str) -> subprocess.CompletedProcess:
+    import cli
+
+    capsys.readouterr()
+    try:
+        cli.main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), code, out, err)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    data = make_jpeg_tree(root / "data", classes=3, per_class=3, seed=5, min_side=24, max_side=36)
+    teachers = f"{tiny_teacher(root / 't1.pt', seed=1)},{tiny_teacher(root / 't2.pt', seed=2)}:w=0.5"
+    return root, data, teachers
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """An uninterrupted store of the base tree (made once, in a subprocess, while other tests run)."""
+    root, data, teachers = env
+    proc = spawn(*precompute_args(data, teachers, root / "ref.zarr"))
+
+    def get() -> Path:
+        if proc.returncode is None:
+            out = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out[1]
+        return root / "ref.zarr"
+
+    return get
+
+
+def copy_tree(env, tmp_path) -> Path:
+    return Path(shutil.copytree(env[1], tmp_path / "data"))
+
+
+# ------------------------------------------------------------------------------------ bad files
+def _truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(np.random.default_rng(0), 32, 32)).save(buf, "JPEG")
+    return buf.getvalue()[: len(buf.getvalue()) // 3]
+
+
+BAD_FILES = {
+    "truncated.jpg": _truncated_jpeg,
+    "empty.jpg": lambda: b"",
+    "notes.png": lambda: b"these are my notes, not a picture\n" * 20,
+    "noise.jpeg": lambda: np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_unreadable_file_is_named_and_nothing_is_written(env, tmp_path, capsys, reference, name):
+    data = copy_tree(env, tmp_path)
+    (data / "class_1" / name).write_bytes(BAD_FILES[name]())
+    out = tmp_path / "s.zarr"
+    proc = run(capsys, *precompute_args(data, env[2], out))
+    assert_user_error(proc, f"class_1/{name}", "--skip-bad")
+    assert not (out / "zarr.json").exists()  # validation runs before anything is written
+
+
+def test_skip_bad_excludes_exactly_the_bad_files_and_distill_skips_them(env, tmp_path, capsys):
+    data = copy_tree(env, tmp_path)
+    for name, make in BAD_FILES.items():
+        (data / "class_2" / name).write_bytes(make())
+    out = tmp_path / "s.zarr"
+    proc = run(capsys, *precompute_args(data, env[2], out))
+    assert_user_error(proc, "4 unreadable", "--skip-bad")
+    proc = run(capsys, *precompute_args(data, env[2], out, "--skip-bad"))
+    assert proc.returncode == 0, proc.stderr
+    arrays = store_arrays(out)
+    excluded = {p for p, e in zip(arrays["paths"].tolist(), arrays["excluded"]) if e}
+    assert excluded == {f"class_2/{n}" for n in BAD_FILES}
+    assert arrays["done"].all() and (arrays["windows"][arrays["excluded"]] == 0).all()
+    assert run(capsys, "verify", str(out)).returncode == 0
+    proc = run(capsys, *distill_args(out, data, tmp_path / "run", "--epochs", "1"))
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------ odd valid images
+def _exif_rotated(path: Path, h: int, w: int) -> None:
+    img = Image.fromarray(smooth_image(np.random.default_rng(2), h, w))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed: decoded size is (w, h)
+    img.save(path, "JPEG", exif=exif.tobytes())
+
+
+def test_exif_gray_cmyk_png_images_are_handled(env, tmp_path, capsys):
+    """EXIF orientation: sizes and windows follow the decoder's orientation; grayscale/CMYK JPEG,
+    RGBA/L/P PNG decode to RGB. verify's recomputation proves the stored crops replay exactly."""
+    root, _, teachers = env
+    data = tmp_path / "odd"
+    rng = np.random.default_rng(4)
+    (data / "a").mkdir(parents=True)
+    (data / "b").mkdir()
+    _exif_rotated(data / "a" / "exif.jpg", 20, 36)
+    rgb = lambda h, w: smooth_image(rng, h, w)  # noqa: E731
+    Image.fromarray(rgb(30, 26)).convert("L").save(data / "a" / "gray.jpg")
+    Image.fromarray(rgb(28, 34)).convert("CMYK").save(data / "a" / "cmyk.jpg")
+    Image.fromarray(rgb(26, 30)).convert("RGBA").save(data / "b" / "rgba.png")
+    Image.fromarray(rgb(32, 24)).convert("L").save(data / "b" / "gray.png")
+    Image.fromarray(rgb(24, 24)).convert("P").save(data / "b" / "palette.png")
+    Image.fromarray(rgb(30, 30)).save(data / "b" / "plain.jpg")
+    t2 = f"{tiny_teacher(root / 'odd1.pt', classes=2, seed=1)},{tiny_teacher(root / 'odd2.pt', classes=2, seed=2)}"
+    out = tmp_path / "odd.zarr"
+    proc = run(capsys, *precompute_args(data, t2, out))
+    assert proc.returncode == 0, proc.stderr
+    arrays = store_arrays(out)
+    sizes = dict(zip(arrays["paths"].tolist(), arrays["sizes"].tolist()))
+    assert sizes["a/exif.jpg"] == [36, 20]  # oriented, not the stored 20 x 36
+    assert sizes["a/gray.jpg"] == [30, 26] and sizes["a/cmyk.jpg"] == [28, 34] and sizes["b/palette.png"] == [24, 24]
+    assert not arrays["excluded"].any()
+    i = arrays["paths"].tolist().index("a/exif.jpg")
+    win = arrays["windows"][i]
+    assert (win[:, 0] + win[:, 2] <= 36).all() and (win[:, 1] + win[:, 3] <= 20).all()
+    proc = run(capsys, "verify", str(out), "--data", str(data), "--teachers", t2, "--sample", "21", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # recomputed crops match the stored rows
+    proc = run(capsys, *distill_args(out, data, tmp_path / "run", "--epochs", "1", "--batch-size", "3"))
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------------------------ dataset
+def test_empty_class_directory(env, tmp_path, capsys):
+    data = copy_tree(env, tmp_path)
+    (data / "class_9").mkdir()
+    (data / "class_9" / "readme.txt").write_text("no images here")
+    assert_user_error(run(capsys, *precompute_args(data, env[2], tmp_path / "s.zarr")), "class_9", "no images")
+    assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("change", ["class added", "file rewritten", "file added", "file removed"])
+def test_dataset_changed_after_precompute_is_refused_by_distill(env, tmp_path, capsys, reference, change):
+    data = copy_tree(env, tmp_path)
+    if change == "class added":
+        make_jpeg_tree(tmp_path / "extra", classes=4, per_class=1, seed=9)
+        shutil.copytree(tmp_path / "extra" / "class_3", data / "class_3")
+    elif change == "file rewritten":  # same name, different bytes (and size)
+        Image.fromarray(smooth_image(np.random.default_rng(7), 40, 40)).save(data / "class_0" / "img_000.jpg", quality=60)
+    elif change == "file added":
+        shutil.copy(data / "class_0" / "img_000.jpg", data / "class_0" / "img_100.jpg")
+    else:
+        (data / "class_1" / "img_001.jpg").unlink()
+    proc = run(capsys, *distill_args(reference(), data, tmp_path / "run", "--epochs", "1"))
+    assert_user_error(proc, "fingerprint", "rerun `mealkd precompute`")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------ store damage
+@pytest.mark.parametrize("damage", ["probs deleted", "probs zeroed", "probs truncated", "windows zeroed", "flips deleted"])
+def test_damaged_store_is_refused_by_distill_not_read_as_zeros(env, tmp_path, capsys, reference, damage):
+    store = Path(shutil.copytree(reference(), tmp_path / "s.zarr"))
+    array, how = damage.split()
+    chunk = store / array / "c" / "1"
+    target = next(p for p in sorted(chunk.rglob("*")) if p.is_file())
+    if how == "deleted":
+        target.unlink()
+    elif how == "zeroed":
+        target.write_bytes(b"")
+    else:
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    proc = run(capsys, *distill_args(store, env[1], tmp_path / "run", "--epochs", "1"))
+    assert_user_error(proc, "damaged", "mealkd verify")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ------------------------------------------------------------------------------ output location
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_read_only_output_location(env, tmp_path, capsys):
+    target = tmp_path / "ro"
+    mounted = _mount_tmpfs(target, "ro,size=64k")
+    if not mounted:
+        target.chmod(0o555)  # non-root: permissions are enough
+    try:
+        proc = run(capsys, *precompute_args(env[1], env[2], target / "s.zarr"))
+        assert_user_error(proc, str(target), "writable")
+    finally:
+        _umount(target) if mounted else target.chmod(0o755)
+
+
+def test_disk_full_during_shard_writes_then_rerun_completes(env, tmp_path, capsys, reference):
+    disk = tmp_path / "small"
+    if not _mount_tmpfs(disk, "size=88k"):  # create_store needs ~52 KiB of 4 KiB pages, each shard 16 KiB
+        pytest.skip("needs root to mount a size-limited tmpfs")
+    try:
+        out = disk / "s.zarr"
+        proc = run(capsys, *precompute_args(env[1], env[2], out))
+        assert_user_error(proc, "No space left on device", "rerun")
+        arrays, ref = store_arrays(out), store_arrays(reference())
+        done = arrays["done"]
+        assert 0 < done.sum() < done.size, "the disk should fill up between the first and the last shard"
+        for name in ("windows", "flips", "probs"):
+            assert np.array_equal(arrays[name][done], ref[name][done])  # done only for what was written
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        proc = run(capsys, *precompute_args(env[1], env[2], out))
+        assert proc.returncode == 0, proc.stderr
+        assert_same_store(out, reference())
+    finally:
+        _umount(disk)
+
+
+def test_two_precompute_runs_on_one_store(env, tmp_path, reference):
+    out = tmp_path / "s.zarr"
+    procs = [spawn(*precompute_args(env[1], env[2], out)) for _ in range(2)]
+    results = [(p.returncode, o[1]) for p in procs for o in [p.communicate(timeout=300)]]
+    codes = sorted(rc for rc, _ in results)
+    assert codes in ([0, 0], [0, 2]), results  # the loser either waits out nothing (store complete) or is refused
+    for rc, err in results:
+        if rc == 2:
+            assert_user_error(subprocess.CompletedProcess([], rc, "", err), "another precompute run", "wait")
+    assert_same_store(out, reference())
+
+
+# ------------------------------------------------------------------------------------ flags
+@pytest.mark.parametrize(
+    "flags, culprit",
+    [
+        (["--crops-per-image", "0"], "--crops-per-image"),
+        (["--crops-per-image", "-3"], "--crops-per-image"),
+        (["--image-size", "-16"], "--image-size"),
+        (["--image-size", "0"], "--image-size"),
+        (["--scale", "0", "1"], "--scale"),
+        (["--scale", "0.5", "1.5"], "--scale"),
+        (["--scale", "-0.2", "0.9"], "--scale"),
+        (["--scale", "0.9", "0.5"], "--scale"),
+        (["--ratio", "0", "1"], "--ratio"),
+        (["--flip-prob", "1.5"], "--flip-prob"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--images-per-shard", "0"], "--images-per-shard"),
+        (["--temperature", "0"], "--temperature"),
+        (["--encoding", "topk:0"], "encoding"),
+    ],
+)
+def test_bad_precompute_flags(env, tmp_path, capsys, flags, culprit):
+    out = tmp_path / "s.zarr"
+    args = precompute_args(env[1], env[2], out)
+    if flags[0] in args:  # override the default given by precompute_args
+        del args[args.index(flags[0]) : args.index(flags[0]) + 2]
+    proc = run(capsys, *args, *flags)
+    assert_user_error(proc, culprit)
+    assert not out.exists() or not (out / "zarr.json").exists()
+
+
+def test_teachers_with_different_class_counts(env, tmp_path, capsys):
+    three, four = tiny_teacher(tmp_path / "three.pt", classes=3), tiny_teacher(tmp_path / "four.pt", classes=4)
+    proc = run(capsys, *precompute_args(env[1], f"{three},{four}", tmp_path / "s.zarr"))
+    line = assert_user_error(proc, "four.pt", "4")
+    assert "classes" in line
+    assert not (tmp_path / "s.zarr" / "zarr.json").exists()
+
+
+def test_nan_teacher_stops_with_nothing_bad_marked_done(env, tmp_path, capsys):
+    """A teacher whose output turns NaN on one (white) image: one line naming it; shards before it
+    are done and correct, the shard with the white image is not done."""
+    data = copy_tree(env, tmp_path)
+    Image.fromarray(np.full((30, 30, 3), 255, np.uint8)).save(data / "class_2" / "zz_white.jpg", quality=95)
+    good = tiny_teacher(tmp_path / "good.pt", seed=1)
+    bad = tiny_teacher(tmp_path / "nan.pt", seed=2, nan_above=2.0)  # white normalises to ~2.2 on average
+    out = tmp_path / "s.zarr"
+    proc = run(capsys, *precompute_args(data, f"{good},{bad}", out))
+    assert_user_error(proc, "nan.pt", "NaN")
+    arrays = store_arrays(out)
+    white = arrays["paths"].tolist().index("class_2/zz_white.jpg")
+    assert not arrays["done"][white] and arrays["done"][: white - 1].all()
+    assert np.isfinite(arrays["probs"].astype(np.float32)).all()

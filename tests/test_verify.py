@@ -1,0 +1,140 @@
+"""`mealkd verify STORE [--data --teachers --sample N] [--repair]`: integrity checks, the recomputation
+check, exit codes (0 pass, 1 failed check, 2 user error), and repair + precompute rerun restoring a
+damaged store to the uninterrupted result."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tests.datagen import make_jpeg_tree
+from tests.test_reliability_common import assert_same_store, assert_user_error, precompute_args, tiny_teacher
+
+torch.set_num_threads(1)
+
+
+def run(capsys, *argv: str) -> subprocess.CompletedProcess:
+    import cli
+
+    capsys.readouterr()
+    try:
+        cli.main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), code, out, err)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    import cli
+
+    root = tmp_path_factory.mktemp("verify")
+    data = make_jpeg_tree(root / "data", classes=3, per_class=3, seed=11, min_side=24, max_side=36)
+    teachers = f"{tiny_teacher(root / 't1.pt', seed=1)},{tiny_teacher(root / 't2.pt', seed=2)}:w=0.5"
+    for name, extra in (("dense.zarr", ()), ("topk.zarr", ("--encoding", "topk:2"))):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(precompute_args(data, teachers, root / name, *extra))
+        assert exc.value.code == 0
+    return root, data, teachers
+
+
+def fresh(made, tmp_path, name="dense.zarr") -> Path:
+    return Path(shutil.copytree(made[0] / name, tmp_path / name))
+
+
+def rows(proc) -> dict[str, str]:
+    """check name -> PASS/FAIL/skip from the rich table."""
+    out = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│ ").split("│")]
+        if len(cells) >= 2 and cells[1] in ("PASS", "FAIL", "skip") and cells[0]:
+            out[cells[0]] = cells[1]
+    return out
+
+
+@pytest.mark.parametrize("name", ["dense.zarr", "topk.zarr"])
+def test_clean_store_passes_integrity_and_recomputation(made, capsys, name):
+    root, data, teachers = made
+    proc = run(capsys, "verify", str(root / name), "--data", str(data), "--teachers", teachers, "--sample", "27", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = rows(proc)
+    assert set(got.values()) == {"PASS"} and {"chunk files", "probability rows", "windows in bounds", "complete", "recompute vs stored"} <= set(got)
+    assert "top-1 agreement 100.0%" in proc.stdout.replace("\n", "")
+
+
+def test_deleted_shard_fails_and_repair_plus_rerun_restores_it(made, tmp_path, capsys):
+    root, data, teachers = made
+    store = fresh(made, tmp_path)
+    next(p for p in sorted((store / "probs" / "c" / "2").rglob("*")) if p.is_file()).unlink()
+    proc = run(capsys, "verify", str(store))
+    assert proc.returncode == 1 and rows(proc)["chunk files"] == "FAIL"
+    assert "damaged shards: 2" in proc.stdout
+    proc = run(capsys, "verify", str(store), "--repair")
+    assert proc.returncode == 1 and "marked not done" in proc.stdout
+    proc = run(capsys, "verify", str(store))
+    assert proc.returncode == 1 and rows(proc)["complete"] == "FAIL" and rows(proc)["chunk files"] == "PASS"
+    assert run(capsys, *precompute_args(data, teachers, store)).returncode == 0
+    assert run(capsys, "verify", str(store)).returncode == 0
+    assert_same_store(store, root / "dense.zarr")
+
+
+@pytest.mark.parametrize("array", ["windows", "done", "flips"])
+def test_zeroed_or_truncated_chunk_is_unreadable(made, tmp_path, capsys, array):
+    store = fresh(made, tmp_path)
+    target = next(p for p in sorted((store / array / "c").rglob("*")) if p.is_file())
+    target.write_bytes(b"\0" * 3)
+    proc = run(capsys, "verify", str(store))
+    assert proc.returncode == 1
+    assert rows(proc)["chunks readable"] == "FAIL", proc.stdout
+
+
+def test_rows_that_are_not_probabilities_fail(made, tmp_path, capsys):
+    store = fresh(made, tmp_path)
+    probs = zarr.open_group(str(store), mode="r+")["probs"]
+    block = np.asarray(probs[0:2]).astype(np.float32)
+    block[1, 2] *= 0.5  # one row now sums to < 1
+    probs[0:2] = block.astype(np.float16)
+    proc = run(capsys, "verify", str(store))
+    assert proc.returncode == 1 and rows(proc)["probability rows"] == "FAIL"
+    assert "image 1 crop 2" in proc.stdout.replace("\n", "")
+
+
+def test_window_outside_the_image_fails(made, tmp_path, capsys):
+    store = fresh(made, tmp_path)
+    group = zarr.open_group(str(store), mode="r+")
+    win = np.asarray(group["windows"][2:4])
+    win[0, 1, 0] = int(group["sizes"][2][0])  # y = image height: the window hangs off the bottom
+    group["windows"][2:4] = win
+    proc = run(capsys, "verify", str(store))
+    assert proc.returncode == 1 and rows(proc)["windows in bounds"] == "FAIL"
+
+
+def test_recomputation_catches_labels_that_are_valid_but_wrong(made, tmp_path, capsys):
+    """Rows still sum to 1, so integrity passes; recomputing through the teachers does not."""
+    root, data, teachers = made
+    store = fresh(made, tmp_path)
+    probs = zarr.open_group(str(store), mode="r+")["probs"]
+    block = np.asarray(probs[4:6])
+    probs[4:6] = block[..., ::-1].copy()  # classes reversed
+    assert run(capsys, "verify", str(store)).returncode == 0
+    proc = run(capsys, "verify", str(store), "--data", str(data), "--teachers", teachers, "--sample", "27", "--device", "cpu")
+    assert proc.returncode == 1 and rows(proc)["recompute vs stored"] == "FAIL"
+    assert "damaged shards: 2" in proc.stdout
+
+
+def test_user_errors(made, tmp_path, capsys):
+    root, data, teachers = made
+    assert_user_error(run(capsys, "verify", str(tmp_path / "nothing.zarr")), "not a mealkd label store")
+    assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(data)), "--data and --teachers")
+    other = tiny_teacher(tmp_path / "other.pt", seed=5)
+    assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(data), "--teachers", str(other)), "--teachers", "not the store's teachers")
+    make_jpeg_tree(tmp_path / "other_data", classes=3, per_class=2, seed=1)
+    assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(tmp_path / "other_data"), "--teachers", teachers), "--data", "fingerprint")
+    assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--sample", "0"), "--sample")
