@@ -74,17 +74,18 @@ class ReplayLoader:
         padded = np.resize(order, per_rank * world)  # wraps around like DistributedSampler
         return padded[self.dist.rank :: world]
 
-    def _starts(self, n: int) -> list[int]:
-        """Batch offsets. A trailing batch of ONE crop is dropped (like drop_last, for that case only):
-        train-mode BatchNorm cannot normalise a single sample and would crash the epoch; the image is
-        visited in other epochs (the order is reshuffled every epoch)."""
-        starts = list(range(0, n, self.batch_size))
-        if len(starts) > 1 and (n - starts[-1]) * self.crops_per_step == 1:
-            starts.pop()
-        return starts
+    def _bounds(self, n: int) -> list[tuple[int, int]]:
+        """Batch [start, stop) ranges covering all n images. When the remainder would be a batch of ONE
+        crop (train-mode BatchNorm cannot normalise a single sample), the last two batches are split
+        as (batch_size - 1, 2) instead, so nothing is dropped."""
+        bounds = [(start, min(start + self.batch_size, n)) for start in range(0, n, self.batch_size)]
+        if len(bounds) > 1 and self.batch_size > 2 and (n - bounds[-1][0]) * self.crops_per_step == 1:
+            (a, _), (_, stop) = bounds[-2], bounds[-1]
+            bounds[-2:] = [(a, stop - 2), (stop - 2, stop)]
+        return bounds
 
     def steps_per_epoch(self) -> int:
-        return len(self._starts(len(self.images(0))))
+        return len(self._bounds(len(self.images(0))))
 
     # -- labels -----------------------------------------------------------------------------
     def _read_labels(self, epoch: int) -> np.ndarray:
@@ -107,8 +108,8 @@ class ReplayLoader:
 
     # -- iteration --------------------------------------------------------------------------
     def _feeds(self, ids: np.ndarray, labels: np.ndarray, slots: list[int]):
-        for start in self._starts(len(ids)):
-            batch = ids[start : start + self.batch_size]
+        for start, stop in self._bounds(len(ids)):
+            batch = ids[start:stop]
             feed: dict = {
                 "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
                 "labels": list(labels[start : start + len(batch)]),

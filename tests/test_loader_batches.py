@@ -1,0 +1,49 @@
+"""The training loader never yields a one-crop batch (train-mode BatchNorm cannot normalise one
+sample) and never drops an image to avoid it: the last two batches are rebalanced instead."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import storage
+from core.dali_io import resolve_backend
+from core.dataset import scan_image_folder
+from core.replay import Normalization
+from distill.loader import ReplayLoader
+from precompute.runner import PrecomputeConfig, run_precompute
+from tests.datagen import make_jpeg_tree
+
+
+class MeanColour(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))  # 3 "classes" from the 3 channel means
+
+
+@pytest.fixture(scope="module")
+def nine_images(tmp_path_factory) -> tuple:
+    root = tmp_path_factory.mktemp("batches")
+    tree = make_jpeg_tree(root / "train", classes=3, per_class=3, seed=4)
+    torch.jit.script(MeanColour()).save(str(root / "colour.pt"))
+    run_precompute(PrecomputeConfig(data=str(tree), teachers=f"{root / 'colour.pt'}", out=str(root / "s.zarr"), crops_per_image=2, image_size=16, device="cpu", num_threads=1))
+    index = scan_image_folder(tree)
+    return storage.open_store(str(root / "s.zarr"), fingerprint=index.fingerprint), index
+
+
+@pytest.mark.parametrize("batch_size, k, expected", [(4, 1, [4, 3, 2]), (8, 1, [7, 2]), (3, 1, [3, 3, 3]), (4, 2, [8, 8, 2])])
+def test_last_batch_is_never_a_single_crop_and_nothing_is_dropped(nine_images, batch_size, k, expected) -> None:
+    store, index = nine_images
+    loader = ReplayLoader(store, index, Normalization(16), resolve_backend("cpu"), batch_size=batch_size, crops_per_step=k, num_threads=1)
+    try:
+        sizes, rows = [], []
+        for images, labels in loader.epoch(0):
+            sizes.append(images.shape[0])
+            rows.append(labels)
+        assert sizes == expected and loader.steps_per_epoch() == len(expected)
+        seen = torch.cat(rows)
+        expected_rows = np.stack([store.slot_labels(slot, loader.images(0)) for slot in loader.slots(0)], axis=1).reshape(-1, store.num_classes)
+        assert torch.equal(seen, torch.from_numpy(expected_rows))  # all 9 images, in visiting order
+    finally:
+        loader.close()
