@@ -208,3 +208,23 @@ def test_cli_processes_one_line_errors(files, tmp_path):
         assert out == "", (name, out)
     assert not storage.store_exists(str(locked))
     assert not storage.store_exists(str(tmp_path / "b.zarr"))
+
+
+def test_probe_names_the_corrupt_file_and_measures_the_rest(files):
+    """Validation in small batches: the corrupt file fails its whole DALI batch; it alone is reported,
+    and every other image (before and after it, in later batches) gets its decoded (H, W)."""
+    import torch
+    from PIL import Image
+
+    from core.dali_io import Backend
+    from core.dataset import scan_image_folder
+    from core.probe import probe_images
+
+    index = scan_image_folder(files["corrupt"])
+    bad_id = index.paths.index("class_1/img_001.jpg")
+    for batch_size in (2, 4, 64):
+        sizes, bad = probe_images(index, np.arange(len(index)), Backend(torch.device("cpu")), batch_size=batch_size)
+        assert bad == [bad_id]
+        for i, path in enumerate(index.paths):
+            expected = [0, 0] if i == bad_id else list(Image.open(index.root / path).size[::-1])
+            assert sizes[i].tolist() == expected, (batch_size, path)
