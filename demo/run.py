@@ -39,9 +39,11 @@ class DemoConfig:
     image_side: int = 24  # JPEG side after upscaling the 8x8 scans
     image_size: int = 24  # crop size for teachers and students
     limit_images: int | None = None
-    teachers: tuple[tuple[str, int], ...] = (("resnet18", 10), ("shufflenet_v2_x1_0", 10), ("mobilenet_v3_small", 10))
+    # Two architectures that train well on 24 px digits; mobilenet_v3_small, mnasnet0_5 and
+    # squeezenet1_1 stayed near chance with this recipe at this resolution, so they are not used.
+    teachers: tuple[tuple[str, int], ...] = (("resnet18", 10), ("shufflenet_v2_x1_0", 10))
     student_a: str = "shufflenet_v2_x0_5"
-    student_b: str = "mobilenet_v3_small"
+    student_b: str = "shufflenet_v2_x1_0"
     baseline_epochs: int = 10
     crops_per_image: int = 8
     scale: tuple[float, float] = (0.35, 1.0)
@@ -61,7 +63,7 @@ class DemoConfig:
             limit_images=150,
             teachers=(("resnet18", 1), ("shufflenet_v2_x0_5", 1)),
             student_a="shufflenet_v2_x0_5",
-            student_b="mobilenet_v3_small",
+            student_b="resnet18",
             baseline_epochs=1,
             crops_per_image=2,
             distill_epochs=2,

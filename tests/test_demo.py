@@ -41,7 +41,7 @@ def test_quick_demo_runs_end_to_end_and_reuses_its_work(tmp_path: Path) -> None:
     store = storage.open_store(str(out / "labels.zarr"))
     assert store.crops_per_image == 2 and bool(store.done.all())
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == ["mobilenet_v3_small_seed0", "shufflenet_v2_x0_5_seed0", "shufflenet_v2_x0_5_seed1"]
+    assert runs == ["resnet18_seed0", "shufflenet_v2_x0_5_seed0", "shufflenet_v2_x0_5_seed1"]
     for run in runs:
         lines = (out / "runs" / run / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
