@@ -413,8 +413,9 @@ def _check_and_load(model, sd: Mapping, *, what: str, path: str, spec_text: str,
                    f"{tuple(sd[k].shape)} in the checkpoint but {tuple(v.shape)} in the model")
             if head and k.startswith(head + ".") and want is not None:
                 msg += (f" (the store has {want} classes; the checkpoint head has {sd[k].shape[0]}: "
-                        "use init=pretrained to re-initialise the head, or a checkpoint trained on "
-                        f"{want} classes)")
+                        f"to keep its body and train a new head, name the file in the spec "
+                        f"({spec_text.split('@')[0]}@{path}) and use init=pretrained (--init pretrained), or a checkpoint "
+                        f"trained on {want} classes)")
             raise UserError(msg)
     model.load_state_dict(sd, strict=False)
 
