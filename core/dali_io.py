@@ -112,5 +112,7 @@ def to_samples(tensor_list: Any, device: torch.device) -> list[Any]:
             out = torch.empty(sample.shape(), dtype=to_torch_type[sample.dtype], device=device)
             feed_ndarray(sample, out, cuda_stream=torch.cuda.current_stream(device))
             samples.append(out)
+        # These tensors are fed back into another DALI pipeline, which does not know torch's stream.
+        torch.cuda.current_stream(device).synchronize()
         return samples
     return [np.array(tensor_list[i]) for i in range(len(tensor_list))]
