@@ -35,7 +35,7 @@ try:  # precompute/distill have torch imported; storage then uses its faster fp1
 except ImportError:  # pragma: no cover
     pass
 import storage  # noqa: E402
-from storage.encoding import decode_topk, normalise_rows  # noqa: E402
+from storage.encoding import normalise_rows  # noqa: E402
 
 
 def make_probs(n: int, r: int, c: int, seed: int) -> np.ndarray:

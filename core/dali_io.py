@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from nvidia.dali import types
 from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type

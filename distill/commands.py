@@ -8,7 +8,6 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from storage.errors import UserError
 
 
 @click.command()

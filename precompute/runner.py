@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import nvidia.dali
-import torch
 from rich.console import Console
 
 import storage

@@ -23,7 +23,6 @@ data/teachers).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,7 +73,7 @@ def check_integrity(url: str, report: Report) -> storage.LabelStore:
     """Fill ``report`` with the integrity checks; returns the opened store."""
     store = storage.open_store(url, require_complete=False, check_files=False)
     group = store._group
-    n, ips, r, c = store.num_images, store.images_per_shard, store.crops_per_image, store.num_classes
+    n, ips, c = store.num_images, store.images_per_shard, store.num_classes
     shards = store.num_shards
 
     def read(name: str, lo: int, hi: int):

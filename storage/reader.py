@@ -25,7 +25,7 @@ import numpy as np
 
 from storage.encoding import decode_topk, normalise_rows
 from storage.errors import UserError
-from storage.schema import DENSE, FORMAT, TOPK, encoding_from_attr, is_local, local_path, zarr_store
+from storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, zarr_store
 from storage.writer import _open_group
 
 

@@ -12,7 +12,6 @@ shared with other jobs, and oversubscribed intra-op threads make every step many
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil

@@ -2,7 +2,6 @@
 sample) and never drops an image to avoid it: the last two batches are rebalanced instead."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -103,3 +103,17 @@ def assert_same_store(got: Path, want: Path) -> None:
     for name in a:
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), f"array {name} differs"
     assert store_attrs(got) == store_attrs(want)
+
+
+def run(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """``cli.main`` in-process, its exit code and captured output as a CompletedProcess."""
+    import cli
+
+    capsys.readouterr()
+    try:
+        cli.main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), code, out, err)

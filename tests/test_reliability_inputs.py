@@ -20,23 +20,10 @@ from PIL import Image
 
 from tests.datagen import make_jpeg_tree, smooth_image
 from tests.test_reliability_common import (
-    assert_same_store, assert_user_error, distill_args, precompute_args, spawn, store_arrays, tiny_teacher,
+    assert_same_store, assert_user_error, distill_args, precompute_args, run, spawn, store_arrays, tiny_teacher,
 )
 
 torch.set_num_threads(1)
-
-
-def run(capsys, *argv: str) -> subprocess.CompletedProcess:
-    import cli
-
-    capsys.readouterr()
-    try:
-        cli.main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(argv), code, out, err)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ damaged store to the uninterrupted result."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,22 +12,9 @@ import torch
 import zarr
 
 from tests.datagen import make_jpeg_tree
-from tests.test_reliability_common import assert_same_store, assert_user_error, precompute_args, tiny_teacher
+from tests.test_reliability_common import assert_same_store, assert_user_error, precompute_args, run, tiny_teacher
 
 torch.set_num_threads(1)
-
-
-def run(capsys, *argv: str) -> subprocess.CompletedProcess:
-    import cli
-
-    capsys.readouterr()
-    try:
-        cli.main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(argv), code, out, err)
 
 
 @pytest.fixture(scope="module")
