@@ -75,13 +75,15 @@ def to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.array(dense)).to(device)
 
 
-def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple], Any]) -> Iterator[Any]:
+def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple], Any], *, ahead: bool = True) -> Iterator[Any]:
     """Feed each batch to the pipeline's external sources and yield ``convert(outputs)``.
 
     One batch is scheduled ahead, so DALI decodes batch t+1 while the caller computes on batch t.
     The pipeline's queue depth is 1 and every scheduled run has its data fed first, so a pipeline
     can be reused for any number of epochs and a partial last batch is fine. ``convert`` must copy
-    what it keeps: the buffer is released right after it.
+    what it keeps: the buffer is released right after it. ``ahead=False`` runs the next batch only
+    when the caller asks for it: on a CPU-only machine DALI's threads and torch's then do not
+    fight over the same cores.
     """
     feed_iter = iter(feeds)
 
@@ -98,8 +100,12 @@ def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple]
     while in_flight:
         converted = convert(pipe.share_outputs())
         pipe.release_outputs()  # free the single buffer so the next batch runs while the caller works
-        in_flight = schedule_next()
-        yield converted
+        if ahead:
+            in_flight = schedule_next()
+            yield converted
+        else:
+            yield converted
+            in_flight = schedule_next()
 
 
 def to_samples(tensor_list: Any, device: torch.device) -> list[Any]:

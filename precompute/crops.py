@@ -73,6 +73,8 @@ class CropStream:
         meta: list[tuple[np.ndarray, np.ndarray]] = []
         feeds = self._cut_feeds(image_ids, rows, windows, flips, meta)
         device = self.backend.device
-        for outputs in run_batches(self._cut, feeds, lambda outs: [to_torch(o, device) for o in outs]):
+        # On CPU the teachers use every core; overlapping DALI with them costs more than it saves.
+        ahead = self.backend.is_cuda
+        for outputs in run_batches(self._cut, feeds, lambda outs: [to_torch(o, device) for o in outs], ahead=ahead):
             rows_b, crops_b = meta.pop(0)
             yield CropBatch(rows=rows_b, crops=crops_b, inputs=outputs)
