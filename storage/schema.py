@@ -31,14 +31,14 @@ Sharding / chunking choice
   random (image, crop) lookup decodes just one inner chunk. ``chunk_images`` is the power of two
   that makes an inner chunk about ``TARGET_INNER_BYTES`` (32 KiB) raw: 16 images for 1000-class
   fp16 rows, 512-1024 images for top-k.
-* ``images_per_shard`` defaults to ``TARGET_SHARD_BYTES`` (128 MiB) of *dense fp16* labels per
+* ``images_per_shard`` defaults to ``TARGET_SHARD_BYTES`` (256 MiB) of *dense fp16* labels per
   shard (whatever the encoding, because the writer receives dense float32 rows for a whole shard,
   2x that in memory), rounded down to a multiple of the inner chunk, at most
-  ``MAX_IMAGES_PER_SHARD``. ImageNet (1,281,167 images, R=100, C=1000): 656 images/shard (105 MB
-  raw fp16, 210 MB of float32 input per write) -> 1953 shards; files = 4 per shard (probs,
+  ``MAX_IMAGES_PER_SHARD``. ImageNet (1,281,167 images, R=100, C=1000): 1328 images/shard (266 MB
+  raw fp16, 531 MB of float32 input per write) -> 965 shards; files = 4 per shard (probs,
   windows, flips, done; topk: topk_idx, topk_val, windows, flips, done, fidelity) + a handful for
-  the create-time arrays, i.e. ~7.8k files, of which the 1953 label shards hold ~all the bytes.
-  With R=8: 8384 images/shard -> 153 shards.
+  the create-time arrays, i.e. ~3.9k files (~5.8k for top-k), of which the 965 label shards hold
+  ~all the bytes. With R=8: 16384 images/shard (the cap) -> 79 shards.
 * Create-time arrays (paths, targets, sizes, excluded) are written once before any worker starts,
   so they use large plain chunks (``META_CHUNK`` images).
 * Codec: Blosc zstd; bit-shuffle for float16 labels, byte-shuffle elsewhere. Dense fp16 rows use
@@ -62,7 +62,7 @@ VERSION = 1
 DENSE = "dense-f16"
 TOPK = "topk"
 
-TARGET_SHARD_BYTES = 128 * 2**20
+TARGET_SHARD_BYTES = 256 * 2**20
 TARGET_INNER_BYTES = 32 * 2**10
 MAX_CHUNK_IMAGES = 1024
 MAX_IMAGES_PER_SHARD = 16384

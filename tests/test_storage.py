@@ -185,7 +185,7 @@ def test_default_layout_is_sharded_and_chunk_aligned(tmp_path):
                          sizes=np.ones((n, 2)), crops_per_image=r, num_classes=c, encoding="dense")
     g = zarr.open_group(url, mode="r")
     ips = g.attrs["images_per_shard"]
-    assert ips == 656  # 128 MiB of fp16 rows, multiple of 16: ImageNet (1,281,167 images) -> 1953 shards
+    assert ips == 1328  # 256 MiB of fp16 rows, multiple of 16: ImageNet (1,281,167 images) -> 965 shards
     assert g["probs"].shards == (ips, r, c) and g["probs"].chunks == (16, 1, c)
     for name in ("windows", "flips", "done"):
         assert g[name].chunks[0] == ips, name
