@@ -3,7 +3,10 @@
 Epoch e of a store with R crops per image uses crop slots (e*K + k) mod R, k < K, for every image,
 so over R/K epochs each stored crop is used exactly once, and each epoch's labels are one
 contiguous slot column of the store (the fast read path). The next epoch's labels are read in a
-background thread while this epoch trains; a rank holds only its own shard's labels.
+background thread while this epoch trains; a rank holds only its own shard's labels, kept as
+stored (fp16 rows or top-k pairs) and decoded to float32 one batch at a time. Label memory per
+rank: 2 epochs (current + prefetched) x its images x K x stored row bytes, e.g. dense 1000-class
+fp16 = 2 x 2000 B per image and crop: the size of ONE epoch's labels in float32.
 
 Sharding: each epoch a seeded permutation of the usable (non-excluded) images is padded by
 wrapping to a multiple of world_size (as torch's DistributedSampler does, so every rank runs the
@@ -88,9 +91,11 @@ class ReplayLoader:
         return len(self._bounds(len(self.images(0))))
 
     # -- labels -----------------------------------------------------------------------------
-    def _read_labels(self, epoch: int) -> np.ndarray:
+    def _read_labels(self, epoch: int) -> list[list[np.ndarray]]:
+        """This rank's labels for ``epoch`` as stored (fp16 rows, or top-k pairs), one entry per slot:
+        the compact form is what stays in memory; batches are decoded to float32 on the fly."""
         ids = self.images(epoch)
-        return np.stack([self.store.slot_labels(slot, ids) for slot in self.slots(epoch)], axis=1)  # (n, K, C)
+        return [self.store.slot_encoded(slot, ids) for slot in self.slots(epoch)]
 
     def prefetch(self, epoch: int) -> None:
         """Start reading ``epoch``'s labels in the background (no-op if already started)."""
@@ -98,7 +103,7 @@ class ReplayLoader:
             if epoch not in self._labels:
                 self._labels[epoch] = self._pool.submit(self._read_labels, epoch)
 
-    def _take_labels(self, epoch: int) -> np.ndarray:
+    def _take_labels(self, epoch: int) -> list[list[np.ndarray]]:
         self.prefetch(epoch)
         with self._lock:
             future = self._labels.pop(epoch)
@@ -107,12 +112,13 @@ class ReplayLoader:
         return future.result()
 
     # -- iteration --------------------------------------------------------------------------
-    def _feeds(self, ids: np.ndarray, labels: np.ndarray, slots: list[int]):
+    def _feeds(self, ids: np.ndarray, encoded: list[list[np.ndarray]], slots: list[int]):
         for start, stop in self._bounds(len(ids)):
             batch = ids[start:stop]
+            labels = np.stack([self.store.decode([a[start:stop] for a in slot_rows]) for slot_rows in encoded], axis=1)  # (b, K, C)
             feed: dict = {
                 "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
-                "labels": list(labels[start : start + len(batch)]),
+                "labels": list(labels),
             }
             for k, slot in enumerate(slots):
                 win = self.windows[batch, slot]

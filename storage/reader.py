@@ -283,6 +283,13 @@ class LabelStore:
         """float32 (len, C) labels of crop ``slot`` for ``image_ids`` (all images if None), in the
         order of ``image_ids``. Reads contiguous, chunk-aligned image blocks: the fast path for
         training (e.g. epoch e uses slot e mod R). Memory: len x C x 4 bytes."""
+        return self.decode(self.slot_encoded(slot, image_ids))
+
+    def slot_encoded(self, slot: int, image_ids: np.ndarray | None = None) -> list[np.ndarray]:
+        """Like :meth:`slot_labels`, but the rows as stored (dense: [fp16 (len, C)]; top-k:
+        [indices (len, k), fp16 values (len, k)]), to hold many rows compactly and :meth:`decode`
+        them in small batches later. ``decode`` works row by row, so decoding any slice of these
+        arrays gives exactly the matching rows of ``slot_labels``."""
         from zarr.core.sync import sync
 
         if not 0 <= int(slot) < self.crops_per_image:
@@ -290,19 +297,26 @@ class LabelStore:
         if image_ids is None and not (self.fast_path and self._raw is not None):
             raw = self._reading(lambda: sync(self._read_slot_async(np.arange(self.num_images), int(slot))))
             self._check_rows(raw, np.arange(self.num_images))
-            return self._decode(raw)
+            return raw
         ids = np.arange(self.num_images) if image_ids is None else self._check_ids(image_ids, self.num_images, "image id")
         if ids.size == 0:
-            return np.empty((0, self.num_classes), np.float32)
+            return [np.empty((0, shape), dtype) for shape, dtype in self._encoded_row_layout()]
         if self.fast_path and self._raw is not None:
             slots = np.full(ids.size, int(slot), np.int64)
             raw = self._reading(lambda: [ra.rows(ids, slots) for ra in self._raw])
             self._check_rows(raw, ids)
-            return self._decode(raw)
+            return raw
         uniq, inv = np.unique(ids, return_inverse=True)
         raw = self._reading(lambda: sync(self._read_slot_async(uniq, int(slot))))
         self._check_rows(raw, uniq)
-        return self._decode(raw)[inv.reshape(-1)]
+        return [a[inv.reshape(-1)] for a in raw]
+
+    def _encoded_row_layout(self) -> list[tuple[int, np.dtype]]:
+        return [(int(a.shape[-1]), np.dtype(a.dtype)) for a in self._label_arrays]
+
+    def decode(self, raw: list[np.ndarray]) -> np.ndarray:
+        """Stored rows (from :meth:`slot_encoded`) -> float32 probability rows summing to 1."""
+        return self._decode(raw)
 
     # ------------------------------------------------------------------ summaries
     def nbytes_on_disk(self) -> int:
