@@ -46,3 +46,17 @@ def test_last_batch_is_never_a_single_crop_and_nothing_is_dropped(nine_images, b
         assert torch.equal(seen, torch.from_numpy(expected_rows))  # all 9 images, in visiting order
     finally:
         loader.close()
+
+
+def test_epoch_labels_are_held_as_stored_and_decode_to_the_store_rows(nine_images) -> None:
+    """Label memory: the loader keeps fp16 rows (half of float32), and decoding any slice of them
+    gives exactly the store's float32 rows for those images."""
+    store, index = nine_images
+    loader = ReplayLoader(store, index, Normalization(16), resolve_backend("cpu"), batch_size=4, num_threads=1)
+    try:
+        (held,) = loader._read_labels(1)  # one slot (K = 1)
+        assert [a.dtype for a in held] == [np.float16] and held[0].shape == (9, store.num_classes)
+        ids = loader.images(1)
+        assert np.array_equal(store.decode([a[2:7] for a in held]), store.labels(ids[2:7], np.full(5, loader.slots(1)[0])))
+    finally:
+        loader.close()
