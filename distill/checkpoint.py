@@ -18,7 +18,10 @@ def save_atomic(obj: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            try:
+                torch.save(obj, handle)
+            except RuntimeError as err:  # torch's zip writer reports a short write (e.g. disk full) this way
+                raise OSError(f"could not write {path}: {err}") from None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

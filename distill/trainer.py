@@ -282,9 +282,15 @@ class Trainer:
                     result = evaluate(self.model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads, ids=self.val_ids)
                     record.update(val_top1=result["top1"], val_top5=result["top5"])
                 if self.dist.is_main:
-                    self._log(record)
-                    kill_point("distill-checkpoint")
-                    save_atomic(self._checkpoint(epoch + 1), self.checkpoint_path)
+                    try:
+                        self._log(record)
+                        kill_point("distill-checkpoint")
+                        save_atomic(self._checkpoint(epoch + 1), self.checkpoint_path)
+                    except OSError as err:
+                        raise UserError(
+                            f"--out {self.run_dir}: writing the epoch {epoch + 1} checkpoint failed ({err.strerror or err}); "
+                            "free space or choose another --out, then rerun with --resume (the previous checkpoint is intact)"
+                        ) from None
                     progress.console.print(_format_record(record))
                 self.dist.barrier()
                 records.append(record)

@@ -8,6 +8,7 @@ processes and signals.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -223,6 +224,24 @@ def test_disk_full_during_shard_writes_then_rerun_completes(env, tmp_path, capsy
         proc = run(capsys, *precompute_args(env[1], env[2], out))
         assert proc.returncode == 0, proc.stderr
         assert_same_store(out, reference())
+    finally:
+        _umount(disk)
+
+
+def test_disk_full_at_a_distill_checkpoint_then_resume_completes(env, tmp_path, capsys, reference):
+    disk = tmp_path / "small"
+    if not _mount_tmpfs(disk, "size=64k"):  # metrics.jsonl fits, a mobilenet_v3_small checkpoint does not
+        pytest.skip("needs root to mount a size-limited tmpfs")
+    try:
+        out = disk / "run"
+        proc = run(capsys, *distill_args(reference(), env[1], out, "--epochs", "1"))
+        assert_user_error(proc, str(out), "checkpoint failed", "--resume")
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]  # no checkpoint, no temp file left
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        proc = run(capsys, *distill_args(reference(), env[1], out, "--epochs", "1", "--resume"))
+        assert proc.returncode == 0, proc.stderr
+        assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+        assert (out / "checkpoint.pt").exists()
     finally:
         _umount(disk)
 
