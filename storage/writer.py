@@ -73,7 +73,8 @@ _STORE_NODES = {"zarr.json", "paths", "targets", "sizes", "excluded", "windows",
 
 def _unfinished_create(url: str) -> bool:
     """True if ``url`` holds exactly what a create_store killed before its last step leaves: a Zarr
-    group without attributes whose entries are only label-store arrays. Such a leftover (never a
+    group without attributes (or no group metadata yet) whose entries are only label-store arrays
+    and zarr's ``*.partial`` temp files. Such a leftover (never a
     user's data, never a finished store) is replaced instead of refused, so a rerun continues."""
     import zarr
     from zarr.core.sync import sync
@@ -84,9 +85,12 @@ def _unfinished_create(url: str) -> bool:
         async def entries():
             return [e async for e in store.list_dir("")]
 
-        names = set(sync(entries()))
-        if "zarr.json" not in names or not names <= _STORE_NODES:
+        # LocalStore writes "<key>.<uuid>.partial" and renames it: a kill can leave such temp files
+        names = {name for name in sync(entries()) if not name.endswith(".partial")}
+        if not names <= _STORE_NODES:
             return False
+        if "zarr.json" not in names:
+            return True  # killed before the group's own metadata landed: only our arrays or temp files
         return not zarr.open_group(store, mode="r").attrs.asdict()
     except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
         return False
