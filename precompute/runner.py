@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,10 +185,7 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
         specs = parse_spec_list(cfg.teachers)
         teachers = [load_model(spec, num_classes=len(index.class_names)) for spec in specs]
         ensemble = TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device)
-        lock = StoreLock(cfg.out) if d.is_main else None
-        if lock is not None:
-            lock.__enter__()
-        try:
+        with StoreLock(cfg.out) if d.is_main else nullcontext():  # rank 0 holds the lock for the whole run
             _prepare_store(cfg, index, ensemble, backend, d, console)
             d.barrier()
             summary = _label_pending(cfg, index, ensemble, backend, d, console)
@@ -196,9 +193,6 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
             if d.is_main:
                 with _writing(cfg.out):
                     summary["complete"] = storage.StoreWriter(cfg.out).finalize()
-        finally:
-            if lock is not None:
-                lock.__exit__(None, None, None)
         return summary
     finally:
         shutdown(d)
