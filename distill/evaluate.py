@@ -1,11 +1,11 @@
 """Top-1/top-5 on a validation ImageFolder with DALI: resize the shorter side to S/0.875, centre-crop S."""
 from __future__ import annotations
 
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+from core.accel import as_model_input, autocast_for
 from core.dali_io import Backend, build_pipeline, run_batches, to_torch
 from core.dataset import DatasetIndex
 from core.replay import Normalization, eval_graph
@@ -60,16 +60,12 @@ def evaluate(
         for s in range(0, len(ids), batch_size)
     )
     model.eval()
-    on_gpu = backend.is_cuda
-    autocast = torch.autocast("cuda", dtype=torch.float16) if on_gpu else nullcontext()
     correct1 = correct5 = 0
     class_hits = np.zeros(len(model_classes), dtype=np.int64)
     class_total = np.zeros(len(model_classes), dtype=np.int64)
     for images, labels in run_batches(pipe, feeds, lambda outs: (to_torch(outs[0], backend.device), to_torch(outs[1], backend.device))):
-        if on_gpu:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(images).float()
+        with autocast_for(backend.device):
+            logits = model(as_model_input(images)).float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit1 = top[:, 0] == labels

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.progress import TextColumn
 
 import storage
+from core.accel import as_model_input, autocast_for
 from core.dali_io import resolve_backend
 from core.dataset import scan_image_folder
 from core.distributed import Dist, init_distributed, shutdown
@@ -123,6 +123,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.scheduler = parse_schedule(cfg.schedule, cfg.epochs)(self.optimizer)
         self.d_optimizer = make_discriminator_optimizer(self.disc, lr=cfg.d_lr)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.backend.is_cuda)  # a no-op on CPU
         self.loader = ReplayLoader(
             self.store,
             self.index,
@@ -154,6 +155,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         if self.disc.enabled:
             self.disc.load_state_dict(ckpt["discriminator"])
             self.d_optimizer.load_state_dict(ckpt["d_optimizer"])
@@ -176,6 +179,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer is not None else None,
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(self.device)] if self.backend.is_cuda else None},
             "config": asdict(self.cfg),
             "store_fingerprint": self.store.attrs["dataset"]["fingerprint"],
@@ -205,15 +209,12 @@ class Trainer:
 
     def train_epoch(self, epoch: int, progress, task) -> dict:
         self.ddp_model.train()
-        on_gpu = self.backend.is_cuda
-        autocast = torch.autocast("cuda", dtype=torch.float16) if on_gpu else nullcontext()
-        scaler = self._scaler
+        scaler = self.scaler
         totals = {"loss": 0.0, "d_loss": 0.0, "agreement": 0.0, "steps": 0, "crops": 0}
         started = time.perf_counter()
         for images, targets in self.loader.epoch(epoch):
-            if on_gpu:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast:
+            images = as_model_input(images)
+            with autocast_for(self.device):
                 logits = self.ddp_model(images)
             parts = self.loss.parts(logits, targets)
             terms = self.disc(logits, targets)
@@ -261,7 +262,6 @@ class Trainer:
 
     def run(self) -> list[dict]:
         cfg = self.cfg
-        self._scaler = torch.amp.GradScaler("cuda", enabled=self.backend.is_cuda)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._trim_metrics()

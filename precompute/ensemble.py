@@ -1,10 +1,9 @@
 """The teacher ensemble: weighted average of softmax(logits / T) over teachers."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
+from core.accel import as_model_input, autocast_for
 from core.models import LoadedModel, describe
 from core.replay import Normalization
 from storage.errors import UserError
@@ -44,15 +43,10 @@ class TeacherEnsemble:
     @torch.inference_mode()
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """Averaged probabilities (B, C) float32 for crops given once per normalisation."""
-        on_gpu = self.device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.float16) if on_gpu else nullcontext()
         average = None
         for teacher, weight, norm_index in zip(self.teachers, self.weights, self.norm_of):
-            x = inputs[norm_index]
-            if on_gpu:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits = teacher.module(x)
+            with autocast_for(self.device):
+                logits = teacher.module(as_model_input(inputs[norm_index]))
             probs = torch.softmax(logits.float() / self.temperature, dim=1)
             if not torch.isfinite(probs).all():
                 raise UserError(
