@@ -117,3 +117,11 @@ def run(capsys, *argv: str) -> subprocess.CompletedProcess:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(list(argv), code, out, err)
+
+
+def tiny_world(root: Path, seed: int) -> tuple[Path, str]:
+    """A 3-class x 3-image JPEG tree under root/data and a two-teacher spec (TorchScript, weights 1 and 0.5)."""
+    from tests.datagen import make_jpeg_tree
+
+    data = make_jpeg_tree(root / "data", classes=3, per_class=3, seed=seed, min_side=24, max_side=36)
+    return data, f"{tiny_teacher(root / 't1.pt', seed=1)},{tiny_teacher(root / 't2.pt', seed=2)}:w=0.5"

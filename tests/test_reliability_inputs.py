@@ -21,7 +21,7 @@ from PIL import Image
 
 from tests.datagen import make_jpeg_tree, smooth_image
 from tests.test_reliability_common import (
-    assert_same_store, assert_user_error, distill_args, precompute_args, run, spawn, store_arrays, tiny_teacher,
+    assert_same_store, assert_user_error, distill_args, precompute_args, run, spawn, store_arrays, tiny_teacher, tiny_world,
 )
 
 torch.set_num_threads(1)
@@ -30,8 +30,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
-    data = make_jpeg_tree(root / "data", classes=3, per_class=3, seed=5, min_side=24, max_side=36)
-    teachers = f"{tiny_teacher(root / 't1.pt', seed=1)},{tiny_teacher(root / 't2.pt', seed=2)}:w=0.5"
+    data, teachers = tiny_world(root, seed=5)
     return root, data, teachers
 
 

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from tests.datagen import make_jpeg_tree
-from tests.test_reliability_common import assert_same_store, assert_user_error, precompute_args, run, tiny_teacher
+from tests.test_reliability_common import assert_same_store, assert_user_error, precompute_args, run, tiny_teacher, tiny_world
 
 torch.set_num_threads(1)
 
@@ -22,8 +22,7 @@ def made(tmp_path_factory):
     import cli
 
     root = tmp_path_factory.mktemp("verify")
-    data = make_jpeg_tree(root / "data", classes=3, per_class=3, seed=11, min_side=24, max_side=36)
-    teachers = f"{tiny_teacher(root / 't1.pt', seed=1)},{tiny_teacher(root / 't2.pt', seed=2)}:w=0.5"
+    data, teachers = tiny_world(root, seed=11)
     for name, extra in (("dense.zarr", ()), ("topk.zarr", ("--encoding", "topk:2"))):
         with pytest.raises(SystemExit) as exc:
             cli.main(precompute_args(data, teachers, root / name, *extra))
