@@ -58,6 +58,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "MODES",
+    "D_OPTIMIZERS",
+    "DEFAULT_D_LR",
+    "DEFAULT_D_OPTIMIZER",
     "Discriminator",
     "DiscriminatorLoss",
     "DiscriminatorTerms",
@@ -68,6 +71,12 @@ __all__ = [
 ]
 
 MODES = ("meal-v2", "adversarial", "off")
+D_OPTIMIZERS = ("adam", "sgd")
+
+# Defaults of ``mealkd distill --d-optimizer`` / ``--d-lr`` (the CLI reads these).
+# ``DEFAULT_D_LR`` is a float literal or the word "student" (follow the student's lr).
+DEFAULT_D_OPTIMIZER = "adam"
+DEFAULT_D_LR = "1e-4"
 
 STUDENT_INDEX = 0  # column of D's output / one-hot target meaning "student" (fake)
 TEACHER_INDEX = 1  # column meaning "teacher" (real)
@@ -140,6 +149,7 @@ class DiscriminatorLoss(nn.Module):
         mode: ``meal-v2`` | ``adversarial`` | ``off``.
         weight: multiplies the BCE in ``d_term`` (official: 1).
         grl_lambda: scale of the reversed gradient reaching the student (adversarial only).
+        topk: K when the teacher rows come from a ``topk:K`` store (None for a dense store).
     """
 
     def __init__(
@@ -148,6 +158,7 @@ class DiscriminatorLoss(nn.Module):
         mode: str = "meal-v2",
         weight: float = 1.0,
         grl_lambda: float = 1.0,
+        topk: int | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -158,6 +169,9 @@ class DiscriminatorLoss(nn.Module):
         self.num_classes = num_classes
         self.weight = float(weight)
         self.grl_lambda = float(grl_lambda)
+        if topk is not None and not (1 <= int(topk) < num_classes):
+            raise ValueError(f"topk must be in [1, num_classes), got {topk}")
+        self.topk: Optional[int] = None if topk is None else int(topk)
         self.discriminator: Optional[Discriminator] = (
             None if mode == "off" else Discriminator(num_classes)
         )
