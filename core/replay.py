@@ -61,16 +61,18 @@ def cut_graph(norms: list[Normalization], on_gpu: bool):
     return graph
 
 
-def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label_dtype=types.FLOAT):
+def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label_dtype=types.FLOAT, with_classes: bool = False):
     """Stage two: per sample, the encoded file, K windows + flips and K label rows.
 
     K = 1 decodes only the window (``image_slice``); K > 1 decodes once and slices K times (FKD's
-    multi-crop). Outputs: K image batches, then the labels (K, C) per sample.
+    multi-crop). Outputs: K image batches, then the labels (K, C) per sample, then (``with_classes``)
+    the image's dataset class repeated per crop, (K,) int64, fed as ``classes``.
     """
 
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
         labels = fn.external_source(name="labels", dtype=label_dtype, batch=True)
+        extra = (fn.external_source(name="classes", dtype=types.INT64, batch=True),) if with_classes else ()
         crops = []
         if crops_per_sample == 1:
             anchor = fn.external_source(name="anchor0", dtype=types.INT32, batch=True)
@@ -86,7 +88,7 @@ def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label
                 flip = fn.external_source(name=f"flip{k}", dtype=types.INT32, batch=True)
                 window = fn.slice(image, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
                 crops.append(crop_to_tensor(window, flip, norm))
-        return (*crops, labels)
+        return (*crops, labels, *extra)
 
     return graph
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +27,15 @@ from core.dataset import DatasetIndex
 from core.distributed import Dist
 from core.replay import Normalization, replay_graph
 from storage import LabelStore
+from storage.errors import UserError
+
+
+class Batch(NamedTuple):
+    """One training step's crops, sample-major (row b*K + k is image b's k-th crop of the step)."""
+
+    images: torch.Tensor   # (B*K, 3, S, S) float32, normalised
+    labels: torch.Tensor   # (B*K, C) float32 stored ensemble rows, decoded
+    classes: torch.Tensor  # (B*K,) int64 the image's dataset class (for a hard-label term)
 
 
 class ReplayLoader:
@@ -44,7 +54,10 @@ class ReplayLoader:
         num_threads: int = 2,
     ):
         if not 1 <= crops_per_step <= store.crops_per_image:
-            raise ValueError(f"crops_per_step must be in [1, {store.crops_per_image}]")
+            raise UserError(
+                f"--crops-per-image-step {crops_per_step}: the store {store.url} holds {store.crops_per_image} crops per image; "
+                f"use a value from 1 to {store.crops_per_image}"
+            )
         self.store = store
         self.index = index
         self.backend = backend
@@ -56,8 +69,9 @@ class ReplayLoader:
         self.usable = np.flatnonzero(~np.asarray(store.excluded, dtype=bool))
         self.windows = store.windows
         self.flips = store.flips
+        self.classes = np.asarray(store.targets, dtype=np.int64)
         self.pipe = build_pipeline(
-            replay_graph(norm, backend.decoder, crops_per_step), batch_size=batch_size, backend=backend, num_threads=num_threads, seed=seed
+            replay_graph(norm, backend.decoder, crops_per_step, with_classes=True), batch_size=batch_size, backend=backend, num_threads=num_threads, seed=seed
         )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels")
         self._labels: dict[int, Future] = {}
@@ -119,6 +133,7 @@ class ReplayLoader:
             feed: dict = {
                 "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
                 "labels": list(labels),
+                "classes": list(np.repeat(self.classes[batch, None], len(slots), axis=1)),  # (b, K)
             }
             for k, slot in enumerate(slots):
                 win = self.windows[batch, slot]
@@ -127,15 +142,16 @@ class ReplayLoader:
                 feed[f"flip{k}"] = [np.array(f, dtype=np.int32) for f in self.flips[batch, slot]]
             yield feed
 
-    def _convert(self, outputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def _convert(self, outputs: tuple) -> Batch:
         device = self.backend.device
-        crops = [to_torch(o, device) for o in outputs[:-1]]
+        crops = [to_torch(o, device) for o in outputs[:-2]]
         images = torch.stack(crops, dim=1).flatten(0, 1)  # sample-major: (b, k) -> b*K + k
-        labels = to_torch(outputs[-1], device).flatten(0, 1)
-        return images, labels
+        labels = to_torch(outputs[-2], device).flatten(0, 1)
+        classes = to_torch(outputs[-1], device).flatten(0, 1)
+        return Batch(images, labels, classes)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images (B*K, 3, S, S), label rows (B*K, C)) for ``epoch``; prefetches the next epoch's labels."""
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """Yield this rank's batches for ``epoch``; prefetches the next epoch's labels."""
         ids = self.images(epoch)
         labels = self._take_labels(epoch)
         self.prefetch(epoch + 1)

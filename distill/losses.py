@@ -92,8 +92,8 @@ def teacher_agreement(logits: Tensor, target_probs: Tensor) -> Tensor:
 class DistillLossParts(NamedTuple):
     """Components of :class:`DistillLoss` (all float32 scalars).
 
-    ``total`` is what to backpropagate; ``soft`` is the soft cross-entropy (the reported
-    "loss"); ``hard`` is the one-hot cross-entropy, or None when ``hard_label_weight == 0``.
+    ``total`` is what to backpropagate; ``soft`` is the (T²-scaled) soft cross-entropy (the
+    reported "loss"); ``hard`` is the one-hot cross-entropy, or None when ``hard_label_weight == 0``.
     """
 
     total: Tensor
@@ -102,25 +102,36 @@ class DistillLossParts(NamedTuple):
 
 
 class DistillLoss(nn.Module):
-    """``soft_cross_entropy(logits, p) + hard_label_weight * cross_entropy(logits, y)``.
+    """``T² · soft_cross_entropy(logits / T, p) + hard_label_weight · cross_entropy(logits, y)``.
+
+    ``temperature`` T is the one the stored rows were made at (``p = softmax(z_teacher / T)``,
+    the store's ``temperature`` attribute). The student is fitted at the same T, as Hinton et al.
+    do, so it learns the teachers' logits (up to a constant) rather than ``z_teacher / T``; the
+    ``T²`` keeps the soft term's gradient magnitude independent of T. At T = 1 this is exactly
+    the soft cross-entropy. The hard term always uses T = 1.
 
     ``hard_label_weight`` defaults to 0: no one-hot term, as MEAL V2 (the student never sees
-    ground-truth labels).  The hard term is additive (not a convex mix), so weight 0 gives
-    exactly the soft loss.  ``hard_targets`` (int64 class indices, shape (B,)) are required
+    ground-truth labels). The hard term is additive (not a convex mix), so weight 0 gives
+    exactly the soft loss. ``hard_targets`` (int64 class indices, shape (B,)) are required
     only when the weight is > 0; they are ignored otherwise.
     """
 
-    def __init__(self, hard_label_weight: float = 0.0) -> None:
+    def __init__(self, hard_label_weight: float = 0.0, temperature: float = 1.0) -> None:
         super().__init__()
         hard_label_weight = float(hard_label_weight)
         if hard_label_weight < 0 or hard_label_weight != hard_label_weight:
             raise ValueError(f"hard_label_weight must be >= 0, got {hard_label_weight}")
+        temperature = float(temperature)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.hard_label_weight = hard_label_weight
+        self.temperature = temperature
 
     def parts(
         self, logits: Tensor, target_probs: Tensor, hard_targets: Optional[Tensor] = None
     ) -> DistillLossParts:
-        soft = soft_cross_entropy(logits, target_probs)
+        t = self.temperature
+        soft = soft_cross_entropy(logits.float() / t, target_probs) * (t * t)  # exact soft CE at T = 1
         if self.hard_label_weight == 0.0:
             return DistillLossParts(total=soft, soft=soft, hard=None)
         if hard_targets is None:
@@ -138,4 +149,4 @@ class DistillLoss(nn.Module):
         return self.parts(logits, target_probs, hard_targets).total
 
     def extra_repr(self) -> str:
-        return f"hard_label_weight={self.hard_label_weight}"
+        return f"hard_label_weight={self.hard_label_weight}, temperature={self.temperature}"

@@ -1,16 +1,18 @@
 """Stage two: train a student against the stored ensemble vectors (MEAL V2 recipe).
 
-Per step: student logits -> soft cross-entropy to the stored vector (+ optional hard-label term)
-+ the discriminator term; one backward; SGD (momentum 0.9, weight decay 0 by default) for the
-student, its own optimiser and learning rate for the discriminator. A checkpoint is written
-atomically after every epoch with everything needed to continue bit-identically on CPU.
+Per step: student logits -> T²-scaled soft cross-entropy at the store's temperature T to the stored
+vector (+ optional hard-label term on the image's class) + the discriminator term; one backward;
+SGD (momentum 0.9, weight decay 0 by default) for the student, its own optimiser for the
+discriminator (fixed lr, or the student's lr with ``--d-lr student``). A checkpoint is written
+atomically after every epoch with everything needed to continue bit-identically on CPU;
+``--resume`` continues exactly the recorded run (see distill.config).
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,89 +29,53 @@ from core.models import load_model, parse_spec
 from core.progress import RateColumn, make_progress
 from core.replay import Normalization
 from distill.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
-from distill.discriminator import DiscriminatorLoss, make_discriminator_optimizer
+from distill.config import DistillConfig, as_record, parse_schedule, resumed_config
+from distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
 from distill.evaluate import evaluate, readable_images
-from distill.loader import ReplayLoader
-from distill.losses import DistillLoss, teacher_agreement
+from distill.loader import Batch, ReplayLoader
+from distill.losses import DistillLoss, DistillLossParts, teacher_agreement
 from storage.errors import UserError
 from storage.testhooks import kill_point
 
+__all__ = ["CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "DistillConfig", "Trainer", "parse_schedule", "run_distill"]
+
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
-
-
-@dataclass
-class DistillConfig:
-    labels: str
-    data: str
-    student: str
-    out: str
-    init: str | None = None
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cos"
-    image_size: int | None = None
-    crops_per_step: int = 1
-    discriminator: str = "meal-v2"
-    d_lr: float = 1e-4
-    hard_label_weight: float = 0.0
-    val: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    num_threads: int = 2
-    resume: bool = False
-
-    def validate(self) -> None:
-        if self.init is None:
-            raise UserError(
-                "--init is required: MEAL V2 needs a good student initialisation; pass a checkpoint FILE, "
-                "'pretrained' (torchvision weights from the local hub cache) or 'scratch'"
-            )
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--crops-per-image-step", self.crops_per_step)):
-            if value < 1:
-                raise UserError(f"{flag} {value}: must be >= 1")
-        if self.lr <= 0 or self.d_lr <= 0:
-            raise UserError("--lr/--d-lr: learning rates must be > 0")
-        if self.weight_decay < 0 or self.hard_label_weight < 0:
-            raise UserError("--weight-decay/--hard-label-weight: must be >= 0")
-        if self.image_size is not None and self.image_size < 1:
-            raise UserError(f"--image-size {self.image_size}: must be >= 1")
-        parse_schedule(self.schedule, self.epochs)
-
-
-def parse_schedule(text: str, epochs: int):
-    """'cos' or 'step:M1,M2[,...]' (epochs at which lr is multiplied by 0.1) -> scheduler factory."""
-    if text == "cos":
-        return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    if text.startswith("step:"):
-        try:
-            milestones = [int(m) for m in text[5:].split(",") if m]
-        except ValueError:
-            milestones = []
-        if milestones and all(m > 0 for m in milestones):
-            return lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    raise UserError(f"--schedule {text}: use 'cos' or 'step:M1,M2' (epochs where the lr drops 10x)")
+CONFIG_NAME = "config.json"
+REFRESH_EVERY = 10  # steps between progress-bar refreshes (each one reads the running sums to the host)
+SUMS = ("loss", "hard_loss", "d_loss", "d_acc", "agreement")  # per-step values summed over an epoch
 
 
 class Trainer:
-    def __init__(self, cfg: DistillConfig, console: Console | None = None):
+    def __init__(self, cfg: DistillConfig, console: Console | None = None, *, explicit: set[str] | None = None):
+        """``explicit``: the training flags the user gave on the command line (None: those that differ
+        from the defaults); with ``--resume`` they must agree with the recorded run."""
+        self.console = console or Console(stderr=True)
+        self.run_dir = Path(cfg.out).expanduser()
+        self.resume_from = self._resume_checkpoint(cfg)
+        if self.resume_from is not None:
+            cfg = resumed_config(cfg, self.resume_from.get("config") or {}, explicit, self.checkpoint_path)
         cfg.validate()
         self.cfg = cfg
-        self.console = console or Console(stderr=True)
         self.backend = resolve_backend(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
         self.dist: Dist = init_distributed(self.backend.is_cuda)
         self.device = self.backend.device
-        self.run_dir = Path(cfg.out)
         torch.manual_seed(cfg.seed)
 
         self.index = scan_image_folder(cfg.data)
         self.store = storage.open_store(cfg.labels, fingerprint=self.index.fingerprint, class_names=self.index.class_names)
+        self._check_store_identity()
         self.class_names = self.store.class_names
-        spec = parse_spec(cfg.student)
-        self.student = load_model(spec, num_classes=self.store.num_classes, init=cfg.init)
+        self.temperature = self.store.temperature
+        self.student = self._load_student()
+        self.head_reinitialized = bool(
+            (self.resume_from.get("run_info") or {}).get("head_reinitialized") if self.resume_from is not None else self.student.head_reinitialized
+        )
+        if self.head_reinitialized and self.resume_from is None and self.dist.is_main:
+            self.console.print(
+                f"[yellow]--init {cfg.init}: {cfg.student}'s weights predict another number of classes than the store's "
+                f"{self.store.num_classes}: its classifier was re-initialised and starts from random weights"
+            )
         size = cfg.image_size or int(self.store.attrs["crop"]["image_size"])
         self.norm = Normalization(size=size, mean=tuple(self.student.mean), std=tuple(self.student.std))
 
@@ -118,11 +84,14 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(model) if self.dist.active else model
-        self.loss = DistillLoss(cfg.hard_label_weight)
-        self.disc = DiscriminatorLoss(self.store.num_classes, mode=cfg.discriminator).to(self.device)
+        self.loss = DistillLoss(cfg.hard_label_weight, temperature=self.temperature)
+        self.disc = DiscriminatorLoss(self.store.num_classes, mode=cfg.discriminator, topk=self.store.topk).to(self.device)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.scheduler = parse_schedule(cfg.schedule, cfg.epochs)(self.optimizer)
-        self.d_optimizer = make_discriminator_optimizer(self.disc, lr=cfg.d_lr)
+        self.d_lr_fixed = cfg.d_lr_value()  # None: D follows the student's lr
+        self.d_optimizer = make_discriminator_optimizer(
+            self.disc, lr=cfg.lr if self.d_lr_fixed is None else self.d_lr_fixed, kind=cfg.d_optimizer, momentum=cfg.momentum
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.backend.is_cuda)  # a no-op on CPU
         self.loader = ReplayLoader(
             self.store,
@@ -144,26 +113,67 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / CHECKPOINT_NAME
 
-    def _restore(self) -> int:
+    def _resume_checkpoint(self, cfg: DistillConfig) -> dict | None:
+        """The checkpoint ``--resume`` continues (None for a fresh run)."""
         if not self.checkpoint_path.exists():
-            return 0
-        if not self.cfg.resume:
+            return None
+        if not cfg.resume:
             raise UserError(f"--out {self.run_dir}: holds a checkpoint already; pass --resume to continue it or choose another --out")
-        ckpt = load_checkpoint(self.checkpoint_path, flag="--out")
-        if ckpt["student_spec"] != self.cfg.student or ckpt["store_fingerprint"] != self.store.attrs["dataset"]["fingerprint"]:
-            raise UserError(f"--out {self.run_dir}: its checkpoint is for another student or store; choose another --out")
+        return load_checkpoint(self.checkpoint_path, flag="--out")
+
+    def _check_store_identity(self) -> None:
+        ckpt = self.resume_from
+        if ckpt is None:
+            return
+        recorded = ckpt.get("store_id")
+        same = recorded == self.store.store_id if recorded else ckpt.get("store_fingerprint") == self.store.attrs["dataset"]["fingerprint"]
+        if not same:
+            raise UserError(
+                f"--labels {self.cfg.labels}: not the label store the run in {self.run_dir} was trained from "
+                f"(store id {self.store.store_id[:12]}, the run's is {str(recorded)[:12]}); pass that store, or start a new "
+                f"run from the checkpoint: --init {self.checkpoint_path} --out NEW_DIR"
+            )
+
+    def _load_student(self):
+        """The student: from ``--init`` for a fresh run, from the checkpoint's weights on resume (so a
+        since-deleted ``--init`` file does not matter)."""
+        spec = parse_spec(self.cfg.student)
+        if self.resume_from is None:
+            init = self.cfg.init
+        else:  # a TorchScript student is its own file; its trained weights are loaded in _restore
+            init = "weights" if spec.source == "torchscript" else str(self.checkpoint_path)
+        return load_model(spec, num_classes=self.store.num_classes, init=init)
+
+    def _restore(self) -> int:
+        ckpt = self.resume_from
+        if ckpt is None:
+            return 0
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.disc.enabled:
+            if ckpt.get("discriminator") is None or ckpt.get("d_optimizer") is None:
+                raise UserError(
+                    f"--out {self.run_dir}: its checkpoint has no discriminator state (the run used --discriminator off); "
+                    f"resume it with --discriminator off, or start a new run: --init {self.checkpoint_path} --out NEW_DIR"
+                )
             self.disc.load_state_dict(ckpt["discriminator"])
             self.d_optimizer.load_state_dict(ckpt["d_optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.backend.is_cuda and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], self.device)
         return int(ckpt["epoch"])
+
+    @property
+    def run_info(self) -> dict:
+        """Facts about the run that are not flags, recorded in checkpoints, config.json and metrics."""
+        return {
+            "store_id": self.store.store_id,
+            "temperature": self.temperature,
+            "head_reinitialized": self.head_reinitialized,
+        }
 
     def _checkpoint(self, epoch: int) -> dict:
         return {
@@ -181,9 +191,18 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(self.device)] if self.backend.is_cuda else None},
-            "config": asdict(self.cfg),
+            "config": as_record(self.cfg),
+            "run_info": self.run_info,
+            "store_id": self.store.store_id,
             "store_fingerprint": self.store.attrs["dataset"]["fingerprint"],
         }
+
+    def _write_config(self) -> None:
+        """RUN/config.json: the run's full configuration and facts, rewritten at every (re)start."""
+        record = {"config": as_record(self.cfg), "run_info": self.run_info, "labels_url": self.store.url, "started_epoch": self.start_epoch}
+        tmp = self.run_dir / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / CONFIG_NAME)
 
     # -- metrics ------------------------------------------------------------------------------
     def _trim_metrics(self) -> None:
@@ -207,17 +226,24 @@ class Trainer:
                 torch_dist.all_reduce(param.grad)
                 param.grad /= self.dist.world_size
 
+    def losses(self, logits: torch.Tensor, batch: Batch) -> tuple[DistillLossParts, DiscriminatorTerms]:
+        """The step's loss parts and discriminator terms for ``logits`` of ``batch``: the soft term at the
+        store's temperature, the hard term on the crops' classes, D on the student's softmax at T."""
+        parts = self.loss.parts(logits, batch.labels, batch.classes)
+        terms = self.disc(logits.float() / self.temperature, batch.labels)
+        return parts, terms
+
     def train_epoch(self, epoch: int, progress, task) -> dict:
         self.ddp_model.train()
         scaler = self.scaler
-        totals = {"loss": 0.0, "d_loss": 0.0, "agreement": 0.0, "steps": 0, "crops": 0}
+        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)  # on the device: no per-step host sync
+        steps = crops = 0
         started = time.perf_counter()
-        for images, targets in self.loader.epoch(epoch):
-            images = as_model_input(images)
+        for batch in self.loader.epoch(epoch):
+            images = as_model_input(batch.images)
             with autocast_for(self.device):
                 logits = self.ddp_model(images)
-            parts = self.loss.parts(logits, targets)
-            terms = self.disc(logits, targets)
+            parts, terms = self.losses(logits, batch)
             total = parts.total + terms.d_term
             self.optimizer.zero_grad(set_to_none=True)
             if self.d_optimizer is not None:
@@ -229,55 +255,65 @@ class Trainer:
                 scaler.step(self.d_optimizer)
             scaler.update()
             kill_point("distill-step")
-            totals["loss"] += float(parts.soft.detach())
-            totals["d_loss"] += float(terms.d_loss)
-            totals["agreement"] += float(teacher_agreement(logits.detach(), targets))
-            totals["steps"] += 1
-            totals["crops"] += images.shape[0]
-            steps = totals["steps"]
-            progress.update(
-                task,
-                advance=1,
-                loss=totals["loss"] / steps,
-                d_loss=totals["d_loss"] / steps,
-                agree=totals["agreement"] / steps,
-                crops_per_step=images.shape[0] * self.dist.world_size,
-            )
+            hard = parts.hard if parts.hard is not None else torch.zeros_like(parts.soft)
+            with torch.no_grad():
+                sums += torch.stack([parts.soft.detach(), hard.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
+            steps += 1
+            crops += images.shape[0]
+            fields = {}
+            if steps % REFRESH_EVERY == 1 or steps == progress.tasks[task].total:
+                means = (sums / steps).tolist()
+                fields = dict(loss=means[0], d_loss=means[2], d_acc=means[3], agree=means[4])
+            progress.update(task, advance=1, crops_per_step=images.shape[0] * self.dist.world_size, **fields)
         elapsed = time.perf_counter() - started
         if self.dist.active:  # log the epoch's global means, not rank 0's shard (every rank runs the same steps)
-            summed = torch.tensor([totals[k] for k in ("loss", "d_loss", "agreement")], dtype=torch.float64)
-            torch_dist.all_reduce(summed)
-            for key, value in zip(("loss", "d_loss", "agreement"), (summed / self.dist.world_size).tolist()):
-                totals[key] = value
-        steps = max(1, totals["steps"])
-        return {
+            torch_dist.all_reduce(sums)
+            sums /= self.dist.world_size
+        means = dict(zip(SUMS, (sums / max(1, steps)).tolist()))
+        record = {
             "epoch": epoch + 1,
-            "loss": totals["loss"] / steps,
-            "d_loss": totals["d_loss"] / steps,
-            "teacher_agreement": totals["agreement"] / steps,
+            "loss": means["loss"],
+            "d_loss": means["d_loss"],
+            "d_acc": means["d_acc"],
+            "teacher_agreement": means["agreement"],
             "lr": self.optimizer.param_groups[0]["lr"],
-            "crops_per_s": totals["crops"] * self.dist.world_size / max(elapsed, 1e-9),
+            "d_lr": self.d_optimizer.param_groups[0]["lr"] if self.d_optimizer is not None else None,
+            "temperature": self.temperature,
+            "crops_per_s": crops * self.dist.world_size / max(elapsed, 1e-9),
             "seconds": elapsed,
         }
+        if self.loss.hard_label_weight > 0:
+            record["hard_loss"] = means["hard_loss"]
+        if self.head_reinitialized:
+            record["head_reinitialized"] = True
+        return record
+
+    def _follow_student_lr(self) -> None:
+        """``--d-lr student``: D's lr is the student's current lr (what the official code's per-epoch reset did)."""
+        if self.d_lr_fixed is None and self.d_optimizer is not None:
+            for group in self.d_optimizer.param_groups:
+                group["lr"] = self.optimizer.param_groups[0]["lr"]
 
     def run(self) -> list[dict]:
         cfg = self.cfg
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._trim_metrics()
+            self._write_config()
         records = []
         steps = self.loader.steps_per_epoch()
         columns = (
             RateColumn("crops", "crops_per_step"),
             TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("D {task.fields[d_loss]:.3f}"),
+            TextColumn("D {task.fields[d_loss]:.3f} ({task.fields[d_acc]:.0%})"),
             TextColumn("agree {task.fields[agree]:.1%}"),
         )
         with make_progress(self.console, *columns, enabled=self.dist.is_main) as progress:
             for epoch in range(self.start_epoch, cfg.epochs):
-                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=0.0, d_loss=0.0, agree=0.0, crops_per_step=cfg.batch_size)
+                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=0.0, d_loss=0.0, d_acc=0.0, agree=0.0, crops_per_step=cfg.batch_size)
                 record = self.train_epoch(epoch, progress, task)
                 self.scheduler.step()
+                self._follow_student_lr()
                 if self.val_index is not None and self.dist.is_main:
                     result = evaluate(self.model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads, ids=self.val_ids)
                     record.update(val_top1=result["top1"], val_top5=result["top5"])
@@ -302,14 +338,15 @@ class Trainer:
 
 
 def _format_record(record: dict) -> str:
-    text = f"epoch {record['epoch']}: loss {record['loss']:.4f}  D {record['d_loss']:.3f}  agree {record['teacher_agreement']:.1%}  {record['crops_per_s']:.0f} crops/s"
+    text = (f"epoch {record['epoch']}: loss {record['loss']:.4f}  D {record['d_loss']:.3f} (acc {record['d_acc']:.0%})  "
+            f"agree {record['teacher_agreement']:.1%}  {record['crops_per_s']:.0f} crops/s")
     if "val_top1" in record:
         text += f"  val top-1 {record['val_top1']:.2%} top-5 {record['val_top5']:.2%}"
     return text
 
 
-def run_distill(cfg: DistillConfig, console: Console | None = None) -> list[dict]:
-    trainer = Trainer(cfg, console)
+def run_distill(cfg: DistillConfig, console: Console | None = None, *, explicit: set[str] | None = None) -> list[dict]:
+    trainer = Trainer(cfg, console, explicit=explicit)
     try:
         return trainer.run()
     finally:

@@ -103,6 +103,20 @@ class LabelStore:
         names = attrs.get("class_names")
         self.class_names = [str(x) for x in names] if names is not None else [str(i) for i in range(self.num_classes)]
 
+    @property
+    def store_id(self) -> str:
+        """This store's identity (``store_id`` attribute, a UUID written at creation). Stores made
+        before the attribute existed fall back to their creation time + dataset fingerprint."""
+        recorded = self.attrs.get("store_id")
+        if recorded:
+            return str(recorded)
+        return f"created-{self.attrs.get('created')}-{str((self.attrs.get('dataset') or {}).get('fingerprint'))[:16]}"
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature T the stored rows were made at (softmax(z / T)); 1 if unrecorded."""
+        return float(self.attrs.get("temperature") or 1.0)
+
     def __repr__(self) -> str:
         return (f"LabelStore({self.url!r}, images={self.num_images}, crops={self.crops_per_image}, "
                 f"classes={self.num_classes}, encoding={self.encoding}{'' if self.topk is None else ':' + str(self.topk)})")

@@ -71,7 +71,7 @@ META_CHUNK = 1 << 17
 #: attribute keys create_store owns (a caller may not set them to something else)
 RESERVED_ATTRS = (
     "format", "version", "num_classes", "crops_per_image", "label_encoding", "images_per_shard",
-    "created", "mealkd_version",
+    "created", "mealkd_version", "store_id",
 )
 
 

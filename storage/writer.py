@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import uuid
 from typing import Sequence
 
 import numpy as np
@@ -105,7 +106,8 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     dataset {num_images, fingerprint}, decoder backend, dali version, ...). create_store adds
     ``format``, ``version``, ``num_classes``, ``crops_per_image``, ``label_encoding``
     (``{"kind": "dense-f16"}`` or ``{"kind": "topk", "k": K}``), ``images_per_shard``, ``created``
-    (UTC ISO time) and ``mealkd_version``. The group's ``zarr.json`` with these attributes is written
+    (UTC ISO time), ``mealkd_version`` and ``store_id`` (a random UUID: the store's identity, which
+    a distill checkpoint records). The group's ``zarr.json`` with these attributes is written
     last, so a killed create never looks like a mealkd store. Refuses (UserError) if anything
     already exists at ``url``.
     """
@@ -146,9 +148,10 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
         "format": FORMAT, "version": VERSION, "num_classes": c, "crops_per_image": r,
         "label_encoding": encoding_attr(kind, k), "images_per_shard": ips,
         "created": _now(), "mealkd_version": _mealkd_version(),
+        "store_id": uuid.uuid4().hex,  # this store's identity: two stores over the same images differ here
     }
     for key in RESERVED_ATTRS:
-        if key in attributes and key not in ("created", "mealkd_version") and attributes[key] != own[key]:
+        if key in attributes and key not in ("created", "mealkd_version", "store_id") and attributes[key] != own[key]:
             raise ValueError(f"attribute {key!r}={attributes[key]!r} conflicts with {own[key]!r}")
     attributes.update(own)
     try:

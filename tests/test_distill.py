@@ -132,7 +132,7 @@ def replay_epoch(loader: ReplayLoader, epoch: int, by_pixels: dict, store) -> li
     ids, slots, k = loader.images(epoch), loader.slots(epoch), loader.crops_per_step
     seen: list[tuple[int, int]] = []
     position = 0
-    for images, labels in loader.epoch(epoch):
+    for images, labels, _ in loader.epoch(epoch):
         assert images.shape[0] == labels.shape[0] and images.shape[0] % k == 0
         assert images.dtype == torch.float32 and tuple(images.shape[1:]) == (3, SIZE, SIZE)
         planned = [(int(ids[position + b]), slots[j]) for b in range(images.shape[0] // k) for j in range(k)]
@@ -224,7 +224,7 @@ def soft_ce(model: torch.nn.Module, loader: ReplayLoader, epoch: int) -> float:
     """Mean soft cross-entropy -sum p log q over one epoch's crops (computed here, not by distill.losses)."""
     total = count = 0.0
     with torch.no_grad():
-        for images, probs in loader.epoch(epoch):
+        for images, probs, _ in loader.epoch(epoch):
             total += float(-(probs * torch.log_softmax(model(images), dim=1)).sum())
             count += images.shape[0]
     return total / count

@@ -37,7 +37,7 @@ def test_last_batch_is_never_a_single_crop_and_nothing_is_dropped(nine_images, b
     loader = ReplayLoader(store, index, Normalization(16), resolve_backend("cpu"), batch_size=batch_size, crops_per_step=k, num_threads=1)
     try:
         sizes, rows = [], []
-        for images, labels in loader.epoch(0):
+        for images, labels, _ in loader.epoch(0):
             sizes.append(images.shape[0])
             rows.append(labels)
         assert sizes == expected and loader.steps_per_epoch() == len(expected)

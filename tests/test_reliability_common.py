@@ -94,7 +94,7 @@ def store_attrs(url: Path) -> dict:
     import zarr
 
     attrs = zarr.open_group(str(url), mode="r").attrs.asdict()
-    return {k: v for k, v in attrs.items() if k not in ("created", "completed")}
+    return {k: v for k, v in attrs.items() if k not in ("created", "completed", "store_id")}
 
 
 def assert_same_store(got: Path, want: Path) -> None:
