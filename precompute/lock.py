@@ -6,23 +6,16 @@ import os
 from pathlib import Path
 
 from storage.errors import UserError
-
-
-def local_path(url: str) -> Path | None:
-    """The filesystem path of a local store URL, or None for remote fsspec URLs."""
-    if url.startswith("file://"):
-        return Path(url[len("file://") :])
-    if "://" in url:
-        return None
-    return Path(url)
+from storage.schema import is_local, local_path
 
 
 class StoreLock:
-    """``fcntl.flock`` on ``<store>.lock`` beside the store, held for the whole run by rank 0."""
+    """``fcntl.flock`` on ``<store>.lock`` beside the store, held for the whole run by rank 0.
+    Remote (fsspec) stores get no lock."""
 
     def __init__(self, url: str):
-        path = local_path(url)
-        self.path = None if path is None else path.with_name(path.name + ".lock")
+        path = local_path(url) if is_local(url) else None  # the same path the store itself is opened at (~ expanded)
+        self.path: Path | None = None if path is None else path.with_name(path.name + ".lock")
         self._fd: int | None = None
 
     def __enter__(self) -> "StoreLock":
