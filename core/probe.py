@@ -3,10 +3,22 @@
 DALI fails a whole batch on one corrupt file, good samples included, so a failed batch is retried
 file by file in fresh pipelines to name the culprits. Sizes come from ``fn.peek_image_shape``
 (EXIF-aware, the decoder's orientation rule) and are cross-checked against the decoded shape.
+
+The decoder (nvImageCodec) logs a corrupt file on the C-level stderr (``[ERROR] [jpeg_parser]
+Invalid marker``), beside mealkd's own message. While probing, file descriptor 2 is routed to a
+temp file (:func:`decoder_log`): the decoder's lines become the per-file ``reasons`` that mealkd
+folds into its one-line message, and everything else written there meanwhile (Python warnings,
+progress bars) is written back to the real stderr.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -15,6 +27,68 @@ from core.dataset import DatasetIndex
 from core.replay import probe_graph
 
 ProgressFn = Callable[[int], None]
+log = logging.getLogger(__name__)
+
+_ANSI = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")
+# nvImageCodec / DALI log lines: "[ERROR] [jpeg_parser] Invalid marker" (level, then a [module] tag)
+_DECODER_LINE = re.compile(r"^\s*\[(?:FATAL|ERROR|WARNING|WARN|INFO|DEBUG|TRACE|VERBOSE)\]\s*\[[\w.:-]+\]")
+# nvimgcodecStatus_t values (nvimgcodec.h) that DALI reports as "nvImageCodec failure: '#N'"
+_NVIMGCODEC_STATUS = {3: "bad code stream", 4: "not a supported image format", 13: "bad code stream",
+                      14: "not a supported image format", 19: "incomplete bit stream"}
+
+
+@contextmanager
+def decoder_log() -> Iterator[list[str]]:
+    """Route file descriptor 2 to a temp file for the block; yield a list that, on exit, holds the
+    decoder's log lines (ANSI colours stripped). Every other byte written to fd 2 meanwhile is
+    written back to the real stderr, and fd 2 is restored even if the block raises."""
+    lines: list[str] = []
+    _flush_python_stderr()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            try:
+                _flush_python_stderr()  # what Python buffered meanwhile belongs to the window
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            sink.seek(0)
+            other = _split_decoder_lines(sink.read(), lines)
+            if other:
+                os.write(2, other)
+
+
+def _flush_python_stderr() -> None:
+    if sys.stderr is not None:
+        sys.stderr.flush()
+
+
+def _split_decoder_lines(data: bytes, decoder_lines: list[str]) -> bytes:
+    """Append decoder log lines of ``data`` to ``decoder_lines``; return the rest, byte for byte."""
+    other = []
+    for raw in data.splitlines(keepends=True):
+        text = _ANSI.sub(b"", raw).decode(errors="replace").strip()
+        if _DECODER_LINE.match(text):
+            decoder_lines.append(text)
+        else:
+            other.append(raw)
+    return b"".join(other)
+
+
+def decoder_reason(lines: list[str], error: BaseException | None = None) -> str:
+    """A short reason for a file the decoder refused: its first ERROR line ("jpeg_parser: Invalid
+    marker"), else nvImageCodec's status from DALI's exception, else "cannot be decoded"."""
+    for line in sorted(lines, key=lambda s: "[ERROR]" not in s and "[FATAL]" not in s):
+        m = re.match(r"^\s*\[\w+\]\s*\[([\w.:-]+)\]\s*(.*)$", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2).strip()}"[:200]
+    m = re.search(r"nvImageCodec failure: '#(\d+)'", str(error or ""))
+    if m:
+        return _NVIMGCODEC_STATUS.get(int(m.group(1)), f"nvImageCodec status {m.group(1)}")
+    return "cannot be decoded"
 
 
 def _probe_pipeline(backend: Backend, batch_size: int, num_threads: int):
@@ -32,6 +106,16 @@ def _probe_batch(index: DatasetIndex, ids: list[int], pipe) -> np.ndarray:
     return decoded.astype(np.int32)
 
 
+def _probe_one(index: DatasetIndex, i: int, backend: Backend) -> tuple[np.ndarray | None, str]:
+    """(H, W) of one file, or (None, why the decoder refused it)."""
+    with decoder_log() as lines:
+        try:
+            return _probe_batch(index, [i], _probe_pipeline(backend, 1, 1))[0], ""
+        except RuntimeError as err:
+            error = err
+    return None, decoder_reason(lines, error)
+
+
 def probe_images(
     index: DatasetIndex,
     ids: np.ndarray,
@@ -40,33 +124,50 @@ def probe_images(
     batch_size: int = 64,
     num_threads: int = 2,
     progress: ProgressFn | None = None,
+    reasons: dict[int, str] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Decode every image in ``ids``; return sizes (len(ids), 2) = (H, W) and the ids that failed.
 
-    Failed images get size (0, 0). Zero-byte files fail without reaching DALI.
+    Failed images get size (0, 0). Zero-byte files fail without reaching DALI. If ``reasons`` is
+    given, it receives id -> why each failed image was refused (the decoder's own message).
     """
     sizes = np.zeros((len(ids), 2), dtype=np.int32)
     bad: list[int] = []
+    why: dict[int, str] = {} if reasons is None else reasons
     position = {int(i): row for row, i in enumerate(ids)}
     id_list = [int(i) for i in ids]
     pipe = None  # one pipeline for all clean batches (building and tearing one down per batch cost ~2/3 of the probe)
     for start in range(0, len(id_list), batch_size):
         chunk = id_list[start : start + batch_size]
         good = [i for i in chunk if index.byte_sizes[i] > 0]
-        bad.extend(i for i in chunk if index.byte_sizes[i] == 0)
+        for i in chunk:
+            if index.byte_sizes[i] == 0:
+                bad.append(i)
+                why[i] = "empty file"
         try:
-            if good and pipe is None:
-                pipe = _probe_pipeline(backend, batch_size, num_threads)
-            measured = _probe_batch(index, good, pipe) if good else np.zeros((0, 2), np.int32)
+            with decoder_log() as lines:  # a clean batch's decoder warnings are dropped; a failed one is retried below
+                if good and pipe is None:
+                    pipe = _probe_pipeline(backend, batch_size, num_threads)
+                measured = _probe_batch(index, good, pipe) if good else np.zeros((0, 2), np.int32)
+            if lines:
+                log.debug("decoder messages for a clean batch: %s", lines[:3])
             for i, hw in zip(good, measured):
                 sizes[position[i]] = hw
         except RuntimeError:
             pipe = None  # a failed run may leave the pipeline unusable: the next clean batch gets a new one
             for i in good:
-                try:
-                    sizes[position[i]] = _probe_batch(index, [i], _probe_pipeline(backend, 1, 1))[0]
-                except RuntimeError:
+                hw, reason = _probe_one(index, i, backend)
+                if hw is None:
                     bad.append(i)
+                    why[i] = reason
+                else:
+                    sizes[position[i]] = hw
         if progress is not None:
             progress(len(chunk))
     return sizes, sorted(bad)
+
+
+def describe_unreadable(index: DatasetIndex, bad: list[int], reasons: dict[int, str], limit: int = 3) -> str:
+    """'PATH (reason), PATH (reason) and N more' for a one-line message."""
+    named = ", ".join(f"{index.root / index.paths[i]}" + (f" ({reasons[i]})" if reasons.get(i) else "") for i in bad[:limit])
+    return named + (f" and {len(bad) - limit} more" if len(bad) > limit else "")

@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import nvidia.dali
 from rich.console import Console
+from rich.markup import escape
 
 import storage
 from core.dali_io import Backend, resolve_backend
 from core.dataset import DatasetIndex, scan_image_folder
 from core.distributed import Dist, init_distributed, shutdown
 from core.models import load_model, parse_spec_list
-from core.probe import probe_images
+from core.probe import describe_unreadable, probe_images
 from core.progress import RateColumn, make_progress
 from core.windows import CropPolicy, draw_all_windows
 from precompute.crops import CropStream
@@ -112,25 +113,28 @@ def _check_existing(out: str, settings: dict, crops_per_image: int) -> None:
 def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: Dist, console: Console) -> tuple[np.ndarray, np.ndarray]:
     """Decode every file once (ranks split the work): sizes (N, 2) and the excluded mask."""
     mine = np.arange(d.rank, len(index), d.world_size)
+    reasons_mine: dict[int, str] = {}
     with make_progress(console, RateColumn("images"), enabled=d.is_main) as progress:
         task = progress.add_task("validate", total=len(mine))
         sizes_mine, bad_mine = probe_images(
-            index, mine, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads, progress=lambda n: progress.advance(task, n)
+            index, mine, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads,
+            progress=lambda n: progress.advance(task, n), reasons=reasons_mine,
         )
     sizes = np.zeros((len(index), 2), dtype=np.int32)
     bad: list[int] = []
-    for rank, (rank_sizes, rank_bad) in enumerate(d.gather((sizes_mine, bad_mine))):
+    reasons: dict[int, str] = {}
+    for rank, (rank_sizes, rank_bad, rank_reasons) in enumerate(d.gather((sizes_mine, bad_mine, reasons_mine))):
         sizes[np.arange(rank, len(index), d.world_size)] = rank_sizes
         bad.extend(rank_bad)
+        reasons.update(rank_reasons)
     bad.sort()
     if bad and not cfg.skip_bad:
-        names = ", ".join(str(index.root / index.paths[i]) for i in bad[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise UserError(f"--data: {len(bad)} unreadable image file(s): {names}{more}; fix or remove them, or pass --skip-bad to exclude them")
+        raise UserError(f"--data: {len(bad)} unreadable image file(s): {describe_unreadable(index, bad, reasons)}; "
+                        "fix or remove them, or pass --skip-bad to exclude them")
     excluded = np.zeros(len(index), dtype=bool)
     excluded[bad] = True
     if bad and d.is_main:
-        console.print(f"[yellow]--skip-bad: excluding {len(bad)} unreadable file(s), e.g. {index.paths[bad[0]]}")
+        console.print(f"[yellow]--skip-bad: excluding {len(bad)} unreadable file(s), e.g. {escape(describe_unreadable(index, bad, reasons, limit=1))}", soft_wrap=True)
     return sizes, excluded
 
 
