@@ -216,9 +216,10 @@ class FKDDataset:
         import torch
         from PIL import Image
 
+        from core.checkpoint_io import load_torch_file
         from core.replay import IMAGENET_MEAN, IMAGENET_STD
 
-        record = torch.load(self.labels / f"{i:06d}.pt")
+        record = load_torch_file(self.labels / f"{i:06d}.pt", "label file")
         slot = self.epoch % self.crops
         y, x, h, w = record["windows"][slot].tolist()
         image = Image.open(self.index.root / self.index.paths[i]).convert("RGB")

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from core.checkpoint_io import TRUST_ENV, load_torch_file  # noqa: F401 - TRUST_ENV re-exported
 from storage.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +59,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 SOURCES = ("torchvision", "timm", "torchscript")
 INIT_MODES = ("weights", "pretrained", "scratch")  # anything else is a file path
-TRUST_ENV = "MEALKD_TRUST_CHECKPOINTS"  # =1: allow full unpickling of checkpoints weights_only refuses
 
 _GRAMMAR = ("expected torchvision:ARCH[@FILE], timm:ARCH[@FILE] or FILE.pt, "
             "optionally followed by :w=W :size=N :mean=M/M/M :std=S/S/S")
@@ -288,6 +288,9 @@ def load_model(spec: ModelSpec | str, *, num_classes: int | None = None,
     init=<path>       a state dict / checkpoint loaded strictly into the architecture built with
                       num_classes (inferred from the file when None); it takes precedence over a
                       spec's own '@FILE'/'@WEIGHTS' (a student reloaded from its checkpoint).
+                      For a TorchScript spec the scripted file is the architecture: the checkpoint's
+                      state dict is loaded into it (a TorchScript student's ``distill`` checkpoint).
+    Every file is read through :func:`core.checkpoint_io.load_torch_file` (weights_only policy).
     """
     if isinstance(spec, str):
         spec = parse_spec(spec)
@@ -324,27 +327,6 @@ def _resolve_meta(spec: ModelSpec, size: int | None, mean: Any, std: Any):
 
 
 # ---------------------------------------------------------------- checkpoint files
-def _torch_load(path: str, what: str) -> Any:
-    import pickle
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if os.environ.get(TRUST_ENV) == "1":
-            log.warning("loading %s with full unpickling (%s=1)", path, TRUST_ENV)
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as e2:  # noqa: BLE001
-                raise UserError(f"cannot read {what} {path}: {_one_line(e2)}") from None
-        raise UserError(f"{what} {path} holds objects torch.load(weights_only=True) refuses "
-                        f"({_one_line(e)}); if you trust the file, set {TRUST_ENV}=1") from None
-    except Exception as e:  # noqa: BLE001 - corrupt zip, not a torch file, ...
-        raise UserError(f"cannot read {what} {path} as a PyTorch checkpoint ({_one_line(e)}): "
-                        "check the file (is it truncated?)") from None
-
-
 def _read_state_dict(path: str, what: str, spec_text: str):
     """-> (state dict, the checkpoint dict it came from (or {}), resolved path)."""
     import torch
@@ -352,7 +334,7 @@ def _read_state_dict(path: str, what: str, spec_text: str):
     p = os.path.expanduser(path)
     if not os.path.isfile(p):
         raise UserError(f"{what} {path} (for {spec_text}) does not exist: check the path")
-    obj = _torch_load(p, what)
+    obj = load_torch_file(p, what)
     outer: Mapping = {}
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state_dict", "model_state"):
@@ -550,7 +532,7 @@ def _tv_from_hub(spec: ModelSpec, arch: str):
                     "file?)", path, sha[:12], m.group(1))
     # torchvision's builder unpickles the cached file with weights_only=False: refuse what a safe
     # load refuses first (costs a second read of the file, which is in the page cache by now).
-    del_me = _torch_load(path, "hub-cache weights")
+    del_me = load_torch_file(path, "hub-cache weights")
     del del_me
     try:
         model = get_model(arch, weights=w)  # torchvision's builder: finds the cached file, remaps keys
@@ -738,12 +720,10 @@ def _load_timm(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedMod
 
 
 # ---------------------------------------------------------------- TorchScript
-def _load_torchscript(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedModel:
+def _jit_load(spec: ModelSpec):
+    """(scripted module, resolved path) of a TorchScript spec."""
     import torch
 
-    if init not in ("weights", "pretrained"):
-        raise UserError(f"{spec.text} is a TorchScript file, which can only be used as it is: "
-                        f"init={init!r} needs an architecture spec such as torchvision:ARCH")
     file = spec.weights_file or ""
     path = os.path.expanduser(file)
     if not os.path.isfile(path):
@@ -751,12 +731,17 @@ def _load_torchscript(spec: ModelSpec, num_classes: int | None, init: str) -> Lo
     try:
         with warnings.catch_warnings():  # "torch.jit.load is deprecated" is not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(path, map_location="cpu")
+            return torch.jit.load(path, map_location="cpu"), path
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{file} is not a TorchScript file ({_one_line(e)}); for a state dict, name its "
                         f"architecture: torchvision:ARCH@{file}") from None
-    size, mean, std = _resolve_meta(spec, None, None, None)
-    probe = size or 224
+
+
+def _torchscript_classes(module, spec: ModelSpec, size: int | None) -> int:
+    """The class count of a scripted classifier, from one forward pass on a zero image."""
+    import torch
+
+    file, probe = spec.weights_file, size or 224
     was_training = module.training
     module.eval()
     try:
@@ -772,7 +757,25 @@ def _load_torchscript(spec: ModelSpec, num_classes: int | None, init: str) -> Lo
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UserError(f"TorchScript model {file} returns {shape}, not (batch, classes) logits")
-    n = int(out.shape[1])
+    return int(out.shape[1])
+
+
+def _load_torchscript(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedModel:
+    """The scripted module as saved (init weights/pretrained), or the scripted module with the state
+    dict of a checkpoint loaded into it (init=<path>: a TorchScript student trained by ``distill``,
+    whose checkpoint holds the scripted module's state dict)."""
+    if init == "scratch":
+        raise UserError(f"{spec.text} is a TorchScript file, which cannot be re-initialised (init=scratch): "
+                        "use init=pretrained to start from its weights, or an architecture spec such as torchvision:ARCH")
+    module, path = _jit_load(spec)
+    names: list[str] | None = None
+    if init not in INIT_MODES:
+        sd, outer, path = _read_state_dict(init, "init file", spec.text)
+        _check_and_load(module, sd, what="init file", path=path, spec_text=spec.text, head=None, want=None)
+    size, mean, std = _resolve_meta(spec, None, None, None)
+    n = _torchscript_classes(module, spec, size)
+    if init not in INIT_MODES:
+        names = _class_names(outer, n, path)
     if num_classes is not None and int(num_classes) != n:
         raise _class_mismatch(spec, n, int(num_classes))
-    return LoadedModel(spec, module, n, size, mean, std, file_sha256(path), None, False, path)
+    return LoadedModel(spec, module, n, size, mean, std, file_sha256(path), names, False, path)

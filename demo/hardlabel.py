@@ -13,6 +13,7 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
+from core.checkpoint_io import load_torch_file
 from core.dataset import scan_image_folder
 from core.replay import IMAGENET_MEAN, IMAGENET_STD
 
@@ -45,7 +46,7 @@ def train_hard_labels(
     torch.manual_seed(seed)
     model = torchvision.models.get_model(arch, num_classes=num_classes)
     if init is not None:
-        model.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_torch_file(init, "hard-label init"))
     augment = v2.Compose([v2.RandomResizedCrop(image_size, scale=scale, antialias=True), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps = epochs * (-(-len(images) // batch_size))

@@ -27,6 +27,7 @@ from core.models import load_model, parse_spec
 from core.replay import Normalization
 from demo.data import write_digits
 from demo.hardlabel import load_tensors, train_hard_labels
+from distill.checkpoint import load_checkpoint
 from distill.evaluate import evaluate
 from distill.inference import evaluate_checkpoint
 from distill.trainer import DistillConfig, run_distill
@@ -150,7 +151,7 @@ class Demo:
     def distill(self, arch: str, init: Path, seed: int, name: str) -> Path:
         run_dir = self.root / "runs" / name
         checkpoint = run_dir / "checkpoint.pt"
-        if checkpoint.exists() and torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"] >= self.cfg.distill_epochs:
+        if checkpoint.exists() and load_checkpoint(checkpoint, flag="demo checkpoint")["epoch"] >= self.cfg.distill_epochs:
             self.console.print(f"reuse {run_dir}")
             return checkpoint
         run_distill(

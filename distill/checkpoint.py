@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from core.checkpoint_io import load_torch_file
 from storage.errors import UserError
 
 CHECKPOINT_FORMAT = "mealkd-checkpoint"
@@ -36,15 +37,15 @@ def save_atomic(obj: Any, path: Path) -> None:
         os.close(dir_fd)
 
 
+def is_checkpoint(obj: Any) -> bool:
+    """Whether a loaded object is a mealkd checkpoint dict (as written by ``mealkd distill``)."""
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
 def load_checkpoint(path: str | Path, *, flag: str = "--checkpoint") -> dict:
-    """A mealkd checkpoint dict; UserError if missing or not ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{flag} {path}: file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"{flag} {path}: cannot read it as a torch checkpoint ({type(err).__name__}); is the file complete?") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    """A mealkd checkpoint dict, read under the one torch.load policy (``core.checkpoint_io``:
+    weights_only=True; it holds only tensors and plain values); UserError if missing or not ours."""
+    ckpt = load_torch_file(path, flag)
+    if not is_checkpoint(ckpt):
         raise UserError(f"{flag} {path}: not a mealkd checkpoint; pass a file written by `mealkd distill`")
     return ckpt

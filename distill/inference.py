@@ -3,26 +3,31 @@ from __future__ import annotations
 
 import os
 
-import torch
-
+from core.checkpoint_io import load_torch_file
 from core.dali_io import resolve_backend
 from core.dataset import scan_image_folder
 from core.models import load_model, parse_spec
 from core.replay import Normalization
+from distill.checkpoint import is_checkpoint
 from distill.evaluate import evaluate, readable_images
 from storage.errors import UserError
 
 
 def load_student(checkpoint: str, *, student: str | None = None, num_classes: int | None = None):
-    """(LoadedModel, class names or None, training Normalization or None) from a checkpoint file."""
-    if not os.path.isfile(checkpoint):
-        raise UserError(f"--checkpoint {checkpoint}: file not found")
-    raw = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    is_ours = isinstance(raw, dict) and raw.get("format") == "mealkd-checkpoint"
+    """(LoadedModel, class names or None, training Normalization or None) from a checkpoint file.
+
+    The architecture comes from ``student`` or the checkpoint's own student spec; for a TorchScript
+    student that is its .pt file, into which the checkpoint's state dict is loaded."""
+    raw = load_torch_file(checkpoint, "--checkpoint")
+    is_ours = is_checkpoint(raw)
     spec_text = student or (raw.get("student_spec") if is_ours else None)
     if spec_text is None:
         raise UserError(f"--checkpoint {checkpoint}: a plain state dict needs --student ARCH spec (e.g. torchvision:resnet18)")
-    loaded = load_model(parse_spec(spec_text), num_classes=raw["num_classes"] if is_ours else num_classes, init=checkpoint)  # None: read from the file
+    spec = parse_spec(spec_text)
+    if student is None and spec.source == "torchscript" and not os.path.isfile(os.path.expanduser(spec.weights_file or "")):
+        raise UserError(f"--checkpoint {checkpoint}: its student is the TorchScript file {spec.weights_file}, which is not there "
+                        "(moved, or a relative path from another directory); pass it with --student PATH.pt")
+    loaded = load_model(spec, num_classes=raw["num_classes"] if is_ours else num_classes, init=checkpoint)  # None: read from the file
     norm = Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["norm"].items()}) if is_ours else None
     class_names = raw.get("class_names") if is_ours else None
     return loaded, class_names, norm

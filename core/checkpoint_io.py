@@ -1,0 +1,69 @@
+"""The one ``torch.load`` policy of mealkd: every checkpoint, weights file and state dict it reads
+goes through :func:`load_torch_file`.
+
+Policy: ``torch.load(weights_only=True)`` on the CPU, so a file can only hold tensors, containers
+and plain values (what state dicts, optimiser/scheduler states, RNG states and mealkd's own
+checkpoints are made of) and loading it never runs code from the file. A file that needs full
+unpickling (arbitrary Python objects) is refused with a one-line error naming the switch
+``MEALKD_TRUST_CHECKPOINTS=1``; with it set, such a file is loaded with ``weights_only=False``
+(after a warning): only for files you trust, since unpickling can run any code.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+from storage.errors import UserError
+
+TRUST_ENV = "MEALKD_TRUST_CHECKPOINTS"  # =1: allow full unpickling of files weights_only refuses
+log = logging.getLogger(__name__)
+
+
+def trusted() -> bool:
+    """Whether the user set ``MEALKD_TRUST_CHECKPOINTS=1``."""
+    return os.environ.get(TRUST_ENV, "").strip() == "1"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(err).__name__
+    return first.split(". ")[0][:200]  # torch's messages go on for sentences
+
+
+def _refusal(err: BaseException) -> str:
+    """The useful part of torch's long weights_only message: 'Unsupported global: GLOBAL x.Y'."""
+    m = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\.\s|$)", str(err), re.M)
+    return m.group(1).strip()[:200] if m else _first_line(err)
+
+
+def load_torch_file(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load`` of ``path`` onto the CPU under mealkd's policy (module docstring).
+
+    ``what`` names the file in messages (e.g. ``"--checkpoint"``, ``"weights file"``): every
+    failure is a one-line :class:`UserError` "``what`` ``path``: problem; fix".
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path}: file not found; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if not trusted():
+            raise UserError(f"{what} {path}: holds Python objects that the safe loader (torch.load weights_only=True) "
+                            f"refuses ({_refusal(err)}); if you trust the file, set {TRUST_ENV}=1") from None
+        refused = err
+    except Exception as err:  # noqa: BLE001 - corrupt zip, not a torch file, truncated, ...
+        raise UserError(f"{what} {path}: cannot read it as a PyTorch file ({_first_line(err)}); "
+                        "is the file complete (not truncated)?") from None
+    log.warning("%s %s: loading with full unpickling (%s=1): %s", what, path, TRUST_ENV, _refusal(refused))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"{what} {path}: cannot read it even with {TRUST_ENV}=1 ({_first_line(err)}); "
+                        "is the file complete (not truncated)?") from None
