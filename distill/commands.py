@@ -48,27 +48,30 @@ def distill(**kwargs) -> None:
 
 
 @click.command()
-@click.option("--data", required=True, help="Validation ImageFolder (class names as in training).")
-@click.option("--checkpoint", required=True, help="A mealkd checkpoint, or a state dict with --student.")
-@click.option("--student", default=None, help="Student spec (only needed for a plain state dict).")
+@click.option("--data", required=True, help="Validation ImageFolder (class names as in training). Unreadable files are skipped and counted.")
+@click.option("--checkpoint", required=True, help="A mealkd checkpoint (torchvision/timm or TorchScript student), or a state dict with --student.")
+@click.option("--student", default=None, help="Student spec (only needed for a plain state dict, or a TorchScript student's moved .pt file).")
 @click.option("--image-size", default=None, type=int, help="Crop size (default: the checkpoint's training size).")
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--per-class", is_flag=True, help="Also print per-class top-1.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (top1, top5, images, unreadable, ...).")
 def evaluate(data, checkpoint, student, image_size, batch_size, device, per_class, as_json) -> None:
-    """Top-1/top-5 of a trained model on a validation ImageFolder (resize S/0.875, centre crop S)."""
+    """Top-1/top-5 of a trained model on a validation ImageFolder (resize S/0.875, centre crop S).
+    Files the decoder cannot read are left out of the accuracy, and reported."""
     from distill.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device, per_class=per_class)
+    result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device,
+                                 per_class=per_class, console=Console(stderr=True))
     if as_json:
         click.echo(json.dumps(result))
         return
     table = Table(title=f"evaluate {checkpoint}")
     table.add_column("images", justify="right")
+    table.add_column("unreadable (skipped)", justify="right")
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
-    table.add_row(str(result["images"]), f"{result['top1']:.2%}", f"{result['top5']:.2%}")
+    table.add_row(str(result["images"]), str(result["unreadable"]), f"{result['top1']:.2%}", f"{result['top5']:.2%}")
     console = Console()
     console.print(table)
     for name, acc in result.get("per_class_top1", {}).items():

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from core.accel import as_model_input, autocast_for
 from core.dali_io import Backend, build_pipeline, run_batches, to_torch
 from core.dataset import DatasetIndex
 from core.replay import Normalization, eval_graph
-from core.probe import probe_images
+from core.probe import describe_unreadable, probe_images
 from storage.errors import UserError
 
 
@@ -26,11 +27,17 @@ def class_mapping(val_classes: list[str], model_classes: list[str], *, flag: str
 
 
 def readable_images(index: DatasetIndex, backend: Backend, *, flag: str = "--data", console=None) -> np.ndarray:
-    """Ids of the images the DALI decoder can read; unreadable ones are reported and left out."""
+    """Ids of the images the DALI decoder can read; unreadable ones are reported on ``console`` and
+    left out (of the accuracy's denominator too). UserError if none is readable."""
     ids = np.arange(len(index))
-    _, bad = probe_images(index, ids, backend)
+    reasons: dict[int, str] = {}
+    _, bad = probe_images(index, ids, backend, reasons=reasons)
+    if len(bad) == len(index):
+        raise UserError(f"{flag} {index.root}: none of its {len(index)} image file(s) can be decoded, e.g. "
+                        f"{describe_unreadable(index, bad, reasons, limit=1)}; point {flag} at a folder of readable images")
     if bad and console is not None:
-        console.print(f"[yellow]{flag}: skipping {len(bad)} unreadable image(s), e.g. {index.root / index.paths[bad[0]]}")
+        console.print(f"[yellow]{flag}: skipping {len(bad)} unreadable image(s) (not counted in the accuracy), e.g. "
+                      f"{escape(describe_unreadable(index, bad, reasons, limit=1))}", soft_wrap=True)
     return np.setdiff1d(ids, np.asarray(bad, dtype=np.int64))
 
 
@@ -46,10 +53,13 @@ def evaluate(
     num_threads: int = 2,
     per_class: bool = False,
     ids: np.ndarray | None = None,
+    flag: str = "--data",
 ) -> dict:
     """Accuracy of ``model`` on ``index`` (or its images ``ids``): top1, top5 (fractions), images, optional per-class top-1."""
-    mapping = class_mapping(index.class_names, model_classes)
+    mapping = class_mapping(index.class_names, model_classes, flag=flag)
     ids = np.arange(len(index)) if ids is None else np.asarray(ids)
+    if len(ids) == 0:
+        raise UserError(f"{flag} {index.root}: no images to evaluate; point {flag} at a folder of readable images")
     targets = mapping[index.targets[ids]]
     pipe = build_pipeline(eval_graph(norm, backend.decoder), batch_size=batch_size, backend=backend, num_threads=num_threads)
     feeds = (

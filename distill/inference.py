@@ -53,4 +53,6 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
     backend = resolve_backend(device)
     model = loaded.module.to(backend.device)
     ids = readable_images(index, backend, console=console)
-    return evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids)
+    result = evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids)
+    result["unreadable"] = len(index) - len(ids)  # skipped files, not in the denominator
+    return result
