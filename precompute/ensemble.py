@@ -9,16 +9,41 @@ from core.replay import Normalization
 from storage.errors import UserError
 
 
-class TeacherEnsemble:
-    """Teachers grouped by input normalisation, so each distinct (size, mean, std) is cut once."""
+def check_class_order(teachers: list[LoadedModel], class_names: list[str], *, flag: str = "--data") -> None:
+    """A teacher whose checkpoint records its class names must list them in the dataset's order
+    (output j of the teacher must mean class j of the store); teachers without names are trusted."""
+    for t in teachers:
+        if t.class_names is None or list(t.class_names) == list(class_names):
+            continue
+        if len(t.class_names) != len(class_names):
+            raise UserError(f"--teachers: teacher {t.spec.text} records {len(t.class_names)} class names but {flag} has "
+                            f"{len(class_names)} classes; use a teacher trained on these classes")
+        pos = next(j for j, (a, b) in enumerate(zip(t.class_names, class_names)) if a != b)
+        raise UserError(
+            f"--teachers: teacher {t.spec.text} orders its classes differently from {flag}: output {pos} is "
+            f"{t.class_names[pos]!r} in its checkpoint's class_names but class {pos} of {flag} is {class_names[pos]!r}; "
+            "reorder the teacher's classifier rows (and its class_names) to the dataset's sorted class order, or retrain it"
+        )
 
-    def __init__(self, teachers: list[LoadedModel], *, default_size: int, temperature: float, device: torch.device):
+
+class TeacherEnsemble:
+    """Teachers grouped by input normalisation, so each distinct (size, mean, std) is cut once.
+
+    A teacher's input size is its ``:size=N`` (or its architecture's one fixed size), else
+    ``default_size``: precompute's ``--image-size``, the crop size the store records (the rule is
+    in ``core.models``). With ``class_names`` (the dataset's), teachers whose checkpoints record
+    class names must list them in that order (:func:`check_class_order`)."""
+
+    def __init__(self, teachers: list[LoadedModel], *, default_size: int, temperature: float, device: torch.device,
+                 class_names: list[str] | None = None, flag: str = "--data"):
         if temperature <= 0:
             raise UserError(f"--temperature {temperature}: must be > 0")
         counts = {t.num_classes for t in teachers}
         if len(counts) > 1:
             detail = ", ".join(f"{t.spec.text} -> {t.num_classes}" for t in teachers)
             raise UserError(f"--teachers: the teachers disagree on the number of classes ({detail}); use teachers trained on the same label set")
+        if class_names is not None:
+            check_class_order(teachers, class_names, flag=flag)
         self.teachers = teachers
         self.num_classes = counts.pop()
         self.temperature = temperature

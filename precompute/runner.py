@@ -188,7 +188,8 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
         index = scan_image_folder(cfg.data)
         specs = parse_spec_list(cfg.teachers)
         teachers = [load_model(spec, num_classes=len(index.class_names)) for spec in specs]
-        ensemble = TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device)
+        ensemble = TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device,
+                                   class_names=index.class_names)
         with StoreLock(cfg.out) if d.is_main else nullcontext():  # rank 0 holds the lock for the whole run
             _prepare_store(cfg, index, ensemble, backend, d, console)
             d.barrier()

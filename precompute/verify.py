@@ -189,7 +189,8 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     specs = parse_spec_list(teachers)
     models = [load_model(spec, num_classes=store.num_classes) for spec in specs]
     temperature = float(store.attrs.get("temperature", 1.0))
-    ensemble = TeacherEnsemble(models, default_size=int(store.attrs["crop"]["image_size"]), temperature=temperature, device=backend.device)
+    ensemble = TeacherEnsemble(models, default_size=int(store.attrs["crop"]["image_size"]), temperature=temperature, device=backend.device,
+                               class_names=store.class_names)
     stored_t = [(t.get("spec"), t.get("weights_sha256"), t.get("weight")) for t in store.attrs.get("teachers") or []]
     given_t = [(t.get("spec"), t.get("weights_sha256"), t.get("weight")) for t in ensemble.describe()]
     if stored_t != given_t:
