@@ -1,14 +1,52 @@
-"""The GPU compute policy both stages share: fp16 autocast and channels_last on CUDA, plain fp32 on CPU."""
+"""The compute policy both stages share: ``--precision`` (autocast dtype) and channels_last on CUDA.
+
+``--precision auto|fp32|fp16|bf16``:
+
+* ``auto``: on CUDA, bf16 autocast where the GPU supports it (Ampere and newer: no loss scaling
+  needed, no fp16 overflow), else fp16 autocast with a GradScaler; on CPU, plain fp32.
+* ``fp32``: no autocast anywhere.
+* ``fp16`` / ``bf16``: autocast to that dtype on the chosen device (on CPU too, where torch
+  supports it; slower than fp32 on most CPUs, useful to check a recipe).
+
+Losses, the discriminator and the ensemble average are always computed in float32.
+"""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from storage.errors import UserError
 
-def autocast_for(device: torch.device) -> AbstractContextManager:
-    """fp16 autocast on CUDA; nothing on CPU (bf16 there would change results and rarely speeds up)."""
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(flag: str, device: torch.device, *, option: str = "--precision") -> str:
+    """``auto|fp32|fp16|bf16`` -> the concrete precision ('fp32', 'fp16' or 'bf16') on ``device``."""
+    if flag not in PRECISIONS:
+        raise UserError(f"{option} {flag}: choose one of {', '.join(PRECISIONS)}")
+    if flag != "auto":
+        return flag
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a concrete precision (None: fp32, no autocast)."""
+    return _DTYPES[precision]
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> AbstractContextManager:
+    """The autocast context for ``precision`` ('auto' resolved here) on ``device``."""
+    dtype = autocast_dtype(resolve_precision(precision, device))
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def needs_grad_scaler(device: torch.device, precision: str) -> bool:
+    """Loss scaling is needed for fp16 on CUDA only (bf16 has fp32's exponent range)."""
+    return device.type == "cuda" and resolve_precision(precision, device) == "fp16"
 
 
 def as_model_input(images: torch.Tensor) -> torch.Tensor:

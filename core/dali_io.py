@@ -11,6 +11,7 @@ from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
+from core.distributed import local_rank as distributed_local_rank
 from storage.errors import UserError
 
 Feed = dict[str, Any]  # external-source name -> batch (list of arrays, or an array with a leading batch axis)
@@ -36,15 +37,21 @@ class Backend:
         return "mixed" if self.is_cuda else "cpu"
 
 
-def resolve_backend(flag: str, *, local_rank: int = 0) -> Backend:
-    """``--device auto|cpu|cuda`` -> Backend; auto picks CUDA when available."""
+def resolve_backend(flag: str, *, local_rank: int | None = None) -> Backend:
+    """``--device auto|cpu|cuda`` -> Backend; auto picks CUDA when available.
+
+    The one place a GPU is chosen: ``local_rank`` (default: torchrun's LOCAL_RANK) modulo the number
+    of visible devices, so 8 ranks on an 8-GPU node get GPUs 0-7 and a launcher that shows each
+    process only its own GPU (SLURM, Kubernetes) gets device 0 in every process.
+    """
     if flag not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device {flag}: choose auto, cpu or cuda")
     if flag == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible to torch; use --device cpu")
     if flag == "cpu" or (flag == "auto" and not torch.cuda.is_available()):
         return Backend(torch.device("cpu"))
-    return Backend(torch.device("cuda", local_rank % torch.cuda.device_count()))
+    rank = distributed_local_rank() if local_rank is None else local_rank
+    return Backend(torch.device("cuda", rank % torch.cuda.device_count()))
 
 
 def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backend, num_threads: int, seed: int = 0) -> Pipeline:

@@ -1,12 +1,42 @@
-"""torch.distributed glue: under ``torchrun`` join the process group; alone, behave as rank 0 of 1."""
+"""torch.distributed glue: under ``torchrun`` join the process group; alone, behave as rank 0 of 1.
+
+One collective policy for both stages:
+
+* **tensors** (DDP gradients, epoch metrics, D's gradients) live on the training device and use the
+  default group: NCCL for CUDA tensors, gloo for CPU tensors (``"cpu:gloo,cuda:nccl"`` on GPU, so a
+  CPU tensor never reaches NCCL, which has no CPU backend), with ``STEP_TIMEOUT``;
+* **Python objects and barriers** (dataset sizes, the pending-shard list, "everyone is here") go
+  through a separate CPU gloo group with ``WAIT_TIMEOUT``: a rank may wait there for hours while the
+  others label their shards, which must not trip the per-step timeout.
+
+The device is decided once, by the caller (``core.dali_io.resolve_backend``: ``LOCAL_RANK`` modulo
+the visible device count, which also works when a launcher shows each process one GPU), and passed
+here; nothing in this module picks a GPU itself.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+#: a collective on tensors that takes longer than this is a hang (a training step, an all-reduce)
+STEP_TIMEOUT = timedelta(minutes=30)
+#: object collectives and barriers: ranks may wait here while the others finish their shards / epoch
+WAIT_TIMEOUT = timedelta(hours=float(os.environ.get("MEALKD_WAIT_TIMEOUT_HOURS", "12")))
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's ``LOCAL_RANK``; 0 when run alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def default_group_backend(device: torch.device) -> str:
+    """The default group's backend string: gloo for CPU tensors always, NCCL for CUDA tensors."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 @dataclass(frozen=True)
@@ -14,6 +44,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    cpu_group: Any = None  # the gloo group for objects and barriers (None when alone)
 
     @property
     def is_main(self) -> bool:
@@ -24,15 +55,16 @@ class Dist:
         return self.world_size > 1
 
     def barrier(self) -> None:
+        """Wait for every rank (on the CPU group; names the missing ranks if one never arrives)."""
         if self.active:
-            dist.barrier()
+            dist.monitored_barrier(group=self.cpu_group, timeout=WAIT_TIMEOUT, wait_all_ranks=True)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """Send a picklable object from ``src`` to every rank."""
         if not self.active:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=self.cpu_group)
         return box[0]
 
     def gather(self, obj: Any) -> list[Any]:
@@ -40,21 +72,31 @@ class Dist:
         if not self.active:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.cpu_group)
         return out
 
 
-def init_distributed(use_cuda: bool) -> Dist:
-    """Join the process group described by torchrun's environment (gloo on CPU, nccl on GPU)."""
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group torchrun describes, for training/inference on ``device``."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Dist()
     if not dist.is_initialized():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        kwargs: dict[str, Any] = {}
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=default_group_backend(device), timeout=STEP_TIMEOUT, **kwargs)
+    cpu_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank(), cpu_group=cpu_group)
+
+
+def seed_for(seed: int, rank: int, epoch: int) -> int:
+    """The torch seed of ``rank`` in ``epoch``: different per rank (independent dropout masks), a pure
+    function of (seed, rank, epoch), so a resumed epoch draws exactly what the original did."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def shutdown(d: Dist) -> None:

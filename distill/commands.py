@@ -9,6 +9,7 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
+from core.accel import PRECISIONS
 from distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 
 
@@ -32,6 +33,7 @@ from distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 @click.option("--hard-label-weight", default=0.0, show_default=True, type=float, help="Weight of an extra one-hot cross-entropy on each crop's dataset class, at T = 1 (MEAL V2: 0).")
 @click.option("--val", default=None, help="Validation ImageFolder evaluated after every epoch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train; 'auto' picks CUDA when available.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16 with loss scaling), fp32 on CPU.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the student's init, the epoch order and D.")
 @click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint exactly as recorded: training flags left out take their recorded values; a changed one is refused (start a new run with --init RUN/checkpoint.pt instead). --val, --device and --num-threads may change.")

@@ -4,7 +4,8 @@ Per step: student logits -> T²-scaled soft cross-entropy at the store's tempera
 vector (+ optional hard-label term on the image's class) + the discriminator term; one backward;
 SGD (momentum 0.9, weight decay 0 by default) for the student, its own optimiser for the
 discriminator (fixed lr, or the student's lr with ``--d-lr student``). A checkpoint is written
-atomically after every epoch with everything needed to continue bit-identically on CPU;
+atomically after every epoch with everything needed to continue bit-identically on CPU (torch's
+RNG is reseeded from (seed, rank, epoch) at every epoch, so no RNG state needs saving);
 ``--resume`` continues exactly the recorded run (see distill.config).
 """
 from __future__ import annotations
@@ -21,10 +22,10 @@ from rich.console import Console
 from rich.progress import TextColumn
 
 import storage
-from core.accel import as_model_input, autocast_for
+from core.accel import as_model_input, autocast_for, needs_grad_scaler, resolve_precision
 from core.dali_io import resolve_backend
 from core.dataset import scan_image_folder
-from core.distributed import Dist, init_distributed, shutdown
+from core.distributed import Dist, init_distributed, seed_for, shutdown
 from core.models import load_model, parse_spec
 from core.progress import RateColumn, make_progress
 from core.replay import Normalization
@@ -57,10 +58,11 @@ class Trainer:
             cfg = resumed_config(cfg, self.resume_from.get("config") or {}, explicit, self.checkpoint_path)
         cfg.validate()
         self.cfg = cfg
-        self.backend = resolve_backend(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-        self.dist: Dist = init_distributed(self.backend.is_cuda)
+        self.backend = resolve_backend(cfg.device)
+        self.dist: Dist = init_distributed(self.backend.device)
         self.device = self.backend.device
-        torch.manual_seed(cfg.seed)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        torch.manual_seed(cfg.seed)  # the same on every rank: D (not DDP-wrapped) must start identical everywhere
 
         self.index = scan_image_folder(cfg.data)
         self.store = storage.open_store(cfg.labels, fingerprint=self.index.fingerprint, class_names=self.index.class_names)
@@ -92,7 +94,7 @@ class Trainer:
         self.d_optimizer = make_discriminator_optimizer(
             self.disc, lr=cfg.lr if self.d_lr_fixed is None else self.d_lr_fixed, kind=cfg.d_optimizer, momentum=cfg.momentum
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.backend.is_cuda)  # a no-op on CPU
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(self.device, self.precision))  # fp16 on CUDA only
         self.loader = ReplayLoader(
             self.store,
             self.index,
@@ -151,7 +153,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
+        if ckpt.get("scaler") and self.scaler.is_enabled():  # a resume may change --device/--precision
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.disc.enabled:
             if ckpt.get("discriminator") is None or ckpt.get("d_optimizer") is None:
@@ -161,9 +163,6 @@ class Trainer:
                 )
             self.disc.load_state_dict(ckpt["discriminator"])
             self.d_optimizer.load_state_dict(ckpt["d_optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if self.backend.is_cuda and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], self.device)
         return int(ckpt["epoch"])
 
     @property
@@ -173,6 +172,9 @@ class Trainer:
             "store_id": self.store.store_id,
             "temperature": self.temperature,
             "head_reinitialized": self.head_reinitialized,
+            "precision": self.precision,
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
         }
 
     def _checkpoint(self, epoch: int) -> dict:
@@ -190,7 +192,6 @@ class Trainer:
             "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(self.device)] if self.backend.is_cuda else None},
             "config": as_record(self.cfg),
             "run_info": self.run_info,
             "store_id": self.store.store_id,
@@ -235,13 +236,15 @@ class Trainer:
 
     def train_epoch(self, epoch: int, progress, task) -> dict:
         self.ddp_model.train()
+        # per rank and epoch (independent dropout masks across ranks; a resumed epoch redraws the same)
+        torch.manual_seed(seed_for(self.cfg.seed, self.dist.rank, epoch))
         scaler = self.scaler
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)  # on the device: no per-step host sync
         steps = crops = 0
         started = time.perf_counter()
         for batch in self.loader.epoch(epoch):
             images = as_model_input(batch.images)
-            with autocast_for(self.device):
+            with autocast_for(self.device, self.precision):
                 logits = self.ddp_model(images)
             parts, terms = self.losses(logits, batch)
             total = parts.total + terms.d_term

@@ -1,13 +1,13 @@
 """Stage one: the teacher pass over every image's seeded crops, written shard by shard.
 
 Resumable by construction: a shard is written whole and only then marked done, so a rerun after
-any interruption processes exactly the shards that are not done. Under torchrun, rank r takes the
-pending shards s with s % world_size == r; rank 0 creates the store and finalises it.
+any interruption processes exactly the shards that are not done. Under torchrun, rank 0 lists the
+pending shards and rank r takes every world_size-th of them from position r (balanced however a
+partial run left them); rank 0 creates the store and finalises it.
 """
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -182,8 +182,8 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
     """Run (or continue) stage one; returns a summary. Collective under torchrun."""
     console = console or Console(stderr=True)
     cfg.validate()
-    backend = resolve_backend(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    d = init_distributed(backend.is_cuda)
+    backend = resolve_backend(cfg.device)
+    d = init_distributed(backend.device)
     try:
         index = scan_image_folder(cfg.data)
         specs = parse_spec_list(cfg.teachers)
@@ -203,11 +203,19 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
         shutdown(d)
 
 
+def pending_for_rank(pending: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's share of the pending shards: every world_size-th, so counts differ by at most one."""
+    return list(pending[rank::world_size])
+
+
 def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend, d: Dist, console: Console) -> dict:
     writer = storage.StoreWriter(cfg.out)
     store = storage.open_store(cfg.out, require_complete=False)
     sizes, excluded = store.sizes, store.excluded
-    mine = [s for s in writer.pending_shards() if s % d.world_size == d.rank]
+    # rank 0 lists the pending shards once (before anyone writes) and every rank takes an equal share of
+    # THEM: after a partial run, `shard % world` could leave one rank all the work and the rest waiting
+    pending = d.broadcast(writer.pending_shards() if d.is_main else None)
+    mine = pending_for_rank(pending, d.rank, d.world_size)
     total_images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in mine)
     stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
     crops_done = images_done = 0

@@ -337,7 +337,7 @@ def test_resume_after_kill_matches_straight_run(world, straight_run):
     straight = straight_run.result()
     a, b = load_ckpt(straight / "checkpoint.pt"), load_ckpt(ckpt)
     assert a["epoch"] == b["epoch"] == 4
-    for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer", "rng"):
+    for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer", "scaler"):
         assert_same_tensors(a[key], b[key], key)
     metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, out)]
     assert [r["epoch"] for r in metrics[1]] == [1, 2, 3, 4]

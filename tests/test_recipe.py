@@ -259,3 +259,35 @@ def test_pretrained_init_with_another_class_count_says_the_head_was_reinitialise
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["head_reinitialized"] is True
     assert json.loads((out / "config.json").read_text())["run_info"]["head_reinitialized"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# --precision (issue 10): parsed once, applied to the student's forward, recorded
+# ---------------------------------------------------------------------------------------------
+def test_precision_flag_runs_bf16_autocast_on_cpu_and_is_recorded(recipe, tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        trainer = Trainer(config(recipe, tmp_path / precision, epochs=1, precision=precision))
+        try:
+            batch = next(iter(trainer.loader.epoch(0)))
+            from core.accel import autocast_for
+
+            with autocast_for(trainer.device, trainer.precision):
+                logits = trainer.model(batch.images)
+            assert logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+            losses[precision] = trainer.run()[0]["loss"]
+        finally:
+            trainer.close()
+        assert json.loads((tmp_path / precision / "config.json").read_text())["run_info"]["precision"] == precision
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_bad_precision_is_one_line(recipe, tmp_path, capsys):
+    code, _, err = run_main(cli_args(recipe, tmp_path / "run", "--precision", "fp64", init="scratch"), capsys)
+    assert code == 2 and "--precision" in err and "Traceback" not in err
+    from core.accel import resolve_precision
+    from storage.errors import UserError
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(UserError, match="--precision fp8"):
+        resolve_precision("fp8", torch.device("cpu"))

@@ -1,0 +1,59 @@
+"""Multi-process policy (issue 10): balanced pending shards on a resumed multi-rank precompute, the
+collective policy, per-rank seeds. Real torchrun (gloo) processes, real stores on disk."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from core.distributed import default_group_backend, seed_for
+from precompute.runner import pending_for_rank
+from tests.datagen import make_jpeg_tree
+from tests.test_reliability_common import ENV, REPO, assert_same_store, precompute_args, tiny_teacher
+
+
+def test_pending_shards_split_evenly_over_ranks():
+    # after a partial run only odd shards are pending: `shard % world` would give rank 0 nothing
+    assert [pending_for_rank([1, 3, 5, 7, 9], r, 2) for r in range(2)] == [[1, 5, 9], [3, 7]]
+    assert [pending_for_rank([4], r, 3) for r in range(3)] == [[4], [], []]
+
+
+def test_resumed_two_rank_precompute_balances_pending_shards(tmp_path):
+    data = make_jpeg_tree(tmp_path / "train", classes=3, per_class=4)  # 12 images, 2 per shard -> 6 shards
+    teacher = tiny_teacher(tmp_path / "t.pt")
+    ref = tmp_path / "ref.zarr"
+    args = precompute_args(data, f"{teacher}:size=16", ref)
+    done = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    partial = tmp_path / "partial.zarr"
+    shutil.copytree(ref, partial)
+    import zarr
+
+    marks = zarr.open_group(str(partial), mode="r+")["done"]
+    marks[2:4] = False  # shard 1
+    marks[6:8] = False  # shard 3
+    args[args.index("--out") + 1] = str(partial)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"), *args],
+                         env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 images, 6 crops labelled by this run" in run.stderr  # rank 0 labelled shard 1 (rank 1 shard 3)
+    assert_same_store(partial, ref)
+
+
+def test_collective_policy_keeps_cpu_tensors_off_nccl():
+    assert default_group_backend(torch.device("cuda", 3)) == "cpu:gloo,cuda:nccl"
+    assert default_group_backend(torch.device("cpu")) == "gloo"
+
+
+def test_seeds_differ_per_rank_and_epoch_and_repeat_exactly():
+    seeds = {(r, e): seed_for(7, r, e) for r in range(8) for e in range(5)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(seed_for(7, r, e) == s for (r, e), s in seeds.items())
+    assert all(0 <= s < 2**63 for s in seeds.values())
+    masks = []
+    for rank in range(2):
+        torch.manual_seed(seed_for(7, rank, 0))
+        masks.append(torch.nn.functional.dropout(torch.ones(64), 0.5))
+    assert not torch.equal(masks[0], masks[1])
