@@ -16,9 +16,17 @@ A *spec* names a model and, optionally, how to feed it::
 followed by options, each introduced by ``:``::
 
     :w=0.5                           weight in the ensemble average (default 1, must be > 0)
-    :size=224                        input size in pixels
+    :size=224                        input size in pixels (see "Input size" below)
     :mean=0.485/0.456/0.406          per-channel mean ('/'-separated; one value = all channels)
     :std=0.229/0.224/0.225           per-channel std
+
+Input size (one rule for every source): a model's input size is its ``:size=N`` if given; else,
+for an architecture that only accepts one size (a ViT: from its position embedding), that size;
+else None, which means "the crop size of the run": precompute's ``--image-size`` (the size the
+store records) for a teacher, the training size for a student. In particular, a hub-cache
+torchvision/timm teacher does NOT get its weights' own eval crop (e.g. 380 for efficientnet_b4):
+``torchvision:ARCH`` and ``torchvision:ARCH@FILE.pth`` see the same pixels. Mean/std do come from
+the weights' metadata where there is some (else ImageNet's), unless ``:mean``/``:std`` are given.
 
 ``--teachers`` takes a comma-separated list of specs (:func:`parse_spec_list`). Limitations, by
 design: a path may not contain ',' (the list separator); a path component after the first may not
@@ -570,7 +578,7 @@ def _tv_file_extra(arch: str, sd: Mapping) -> dict:
 
 def _load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedModel:
     arch = _tv_check_arch(spec)
-    d_size, d_mean, d_std = _tv_default_meta(arch, spec.weights_enum)
+    _, d_mean, d_std = _tv_default_meta(arch, spec.weights_enum)  # its eval crop size is not used (module docstring)
 
     if init == "scratch":
         model = _tv_build(arch, num_classes, init_weights=True)
@@ -588,7 +596,7 @@ def _load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> Lo
         for attr in ("transform_input", "image_size"):
             if hasattr(hub_model, attr):
                 extra[attr] = getattr(hub_model, attr)
-        what, size_default = "hub-cache weights", d_size
+        what = "hub-cache weights"
     else:
         file = spec.weights_file if init in INIT_MODES else init
         what = "weights file" if init in INIT_MODES else "init file"
@@ -596,7 +604,6 @@ def _load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> Lo
         sd = _tv_fix_keys(arch, sd)
         sha = file_sha256(path)
         extra = _tv_file_extra(arch, sd)
-        size_default = extra.get("image_size")
         if head + ".weight" not in sd:
             raise UserError(f"{what} {file} is not a state dict for torchvision:{arch}: it has no "
                             f"{head + '.weight'!r} (first keys: {', '.join(list(sd)[:3])}); "
@@ -622,7 +629,7 @@ def _load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> Lo
         model = _tv_build(arch, want, init_weights=False, **extra)
         _check_and_load(model, sd, what=what, path=path, spec_text=spec.text, head=head, want=want)
     n = _head_classes(_find_head(model)[1])
-    size, mean, std = _resolve_meta(spec, size_default, d_mean, d_std)
+    size, mean, std = _resolve_meta(spec, extra.get("image_size"), d_mean, d_std)  # only a ViT has a fixed size
     return LoadedModel(spec, model, n, size, mean, std, sha, names, reinit, path)
 
 
@@ -636,9 +643,12 @@ def _import_timm(spec: ModelSpec):
 
 
 def _timm_meta(model) -> tuple[int | None, Any, Any]:
+    """(fixed input size or None, mean, std): the pretrained config's eval size is not used (module
+    docstring); a model whose patch embedding only accepts one size (timm ViTs) needs that size."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size")
-    return (int(size[-1]) if size else None), cfg.get("mean"), cfg.get("std")
+    embed = getattr(model, "patch_embed", None)
+    fixed = getattr(embed, "img_size", None) if getattr(embed, "strict_img_size", False) else None
+    return (int(fixed[-1]) if fixed else None), cfg.get("mean"), cfg.get("std")
 
 
 def _timm_head_name(model) -> str:
@@ -668,7 +678,7 @@ def _load_timm(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedMod
     if init == "scratch":
         kw = {} if num_classes is None else {"num_classes": int(num_classes)}
         model = create(pretrained=False, **kw)
-        size, mean, std = _resolve_meta(spec, None, *_timm_meta(model)[1:])
+        size, mean, std = _resolve_meta(spec, *_timm_meta(model))
         return LoadedModel(spec, model, int(model.num_classes), size, mean, std, None, None)
 
     if init in INIT_MODES and not spec.weights_file:
@@ -713,8 +723,7 @@ def _load_timm(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedMod
         reinit, names = True, None
     else:
         _check_and_load(model, sd, what=what, path=path, spec_text=spec.text, head=head, want=want)
-    _, mean, std = _timm_meta(model)
-    size, mean, std = _resolve_meta(spec, None, mean, std)
+    size, mean, std = _resolve_meta(spec, *_timm_meta(model))
     return LoadedModel(spec, model, int(model.num_classes), size, mean, std, file_sha256(path), names,
                        reinit, path)
 

@@ -7,10 +7,14 @@ from rich.console import Console
 
 @click.command()
 @click.option("--data", required=True, help="Training images as an ImageFolder tree: DIR/<class>/<image>.")
-@click.option("--teachers", required=True, help="Comma list of teacher specs: torchvision:ARCH[@FILE.pth], timm:ARCH[@FILE], FILE.pt; options like :w=0.5 :size=224.")
+@click.option("--teachers", required=True, help="Comma list of teacher specs: torchvision:ARCH[@FILE.pth], timm:ARCH[@FILE], FILE.pt; "
+              "options like :w=0.5 :size=224. A teacher's input size is its :size=N if given, else --image-size, wherever its "
+              "weights come from (hub cache or file); only a fixed-size architecture (ViT) keeps its own size. A teacher checkpoint "
+              "that records class_names must list them in --data's sorted class order.")
 @click.option("--out", required=True, help="Label store to write (a local path or fsspec URL). Rerunning continues it.")
 @click.option("--crops-per-image", "crops_per_image", default=10, show_default=True, type=int, help="R: stored crops per image.")
-@click.option("--image-size", default=224, show_default=True, type=int, help="Crop size fed to teachers without their own :size.")
+@click.option("--image-size", default=224, show_default=True, type=int, help="Crop size S: every stored crop is resized to S (the store records it); "
+              "teachers without :size=N see S x S, hub-cache teachers included (not their weights' own eval size).")
 @click.option("--scale", nargs=2, type=float, default=(0.08, 1.0), show_default=True, help="RandomResizedCrop area range MIN MAX.")
 @click.option("--ratio", nargs=2, type=float, default=(3 / 4, 4 / 3), show_default=True, help="RandomResizedCrop aspect range MIN MAX.")
 @click.option("--flip-prob", default=0.5, show_default=True, type=float, help="Probability of a horizontal flip (0 disables).")

@@ -16,7 +16,12 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _teachers(value) -> str:
+def _triple(values) -> str:
+    return "/".join(f"{float(v):g}" for v in values)
+
+
+def _teachers(value, crop_size) -> str:
+    """One line per teacher: spec, weight, input size (None = the store's crop size), mean/std, sha256."""
     if not value:
         return "-"
     lines = []
@@ -28,6 +33,10 @@ def _teachers(value) -> str:
                 bits.append(f"weight {t['weight']:g}")
             if t.get("input_size") is not None:
                 bits.append(f"input {t['input_size']}")
+            elif crop_size is not None:
+                bits.append(f"input {crop_size} (the crop size)")
+            if t.get("mean") is not None and t.get("std") is not None:
+                bits.append(f"mean {_triple(t['mean'])} std {_triple(t['std'])}")
             if sha:
                 bits.append(f"sha256 {sha}")
             lines.append(", ".join(bits))
@@ -56,7 +65,7 @@ def inspect(store: str, sample: int) -> None:
     table = Table(title=f"mealkd label store: {store}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    table.add_row("teachers", _teachers(a.get("teachers")))
+    table.add_row("teachers", _teachers(a.get("teachers"), (a.get("crop") or {}).get("image_size")))
     if a.get("temperature") is not None:
         table.add_row("temperature", f"{a['temperature']:g}")
     names = s.class_names

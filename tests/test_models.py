@@ -259,7 +259,8 @@ def test_hub_teacher_and_pretrained_student(fake_hub_mobilenet):
     ref, path = fake_hub_mobilenet
     teacher = load_model("torchvision:mobilenet_v3_small")
     assert teacher.num_classes == 1000 and not teacher.module.training
-    assert (teacher.input_size, teacher.mean, teacher.std) == (224, IMAGENET_MEAN, IMAGENET_STD)
+    # input size None = the run's crop size (--image-size), as for ARCH@FILE: not the weights' eval crop
+    assert (teacher.input_size, teacher.mean, teacher.std) == (None, IMAGENET_MEAN, IMAGENET_STD)
     assert teacher.weights_sha256 == file_sha256(str(path)) and teacher.weights_path == str(path)
     assert torch.equal(outputs(teacher.module), outputs(ref))
     with pytest.raises(UserError, match="predicts 1000 classes") as e:
