@@ -54,6 +54,33 @@ def resolve_backend(flag: str, *, local_rank: int | None = None) -> Backend:
     return Backend(torch.device("cuda", rank % torch.cuda.device_count()))
 
 
+def decoder_record(backend: Backend) -> dict:
+    """What decides the decoded pixels, for the store's ``decoder`` attribute: the DALI backend and
+    version and, on GPU, the pinned hardware-decoder load, the GPU model and the decoder libraries."""
+    import nvidia.dali
+    from nvidia.dali import backend as dali_backend
+
+    from core.replay import HW_DECODER_LOAD
+
+    record: dict[str, Any] = {"backend": backend.decoder, "dali_version": nvidia.dali.__version__}
+    if backend.is_cuda:
+        record["hw_decoder_load"] = HW_DECODER_LOAD
+        record["gpu"] = torch.cuda.get_device_name(backend.device)
+        for key, getter in (("nvimgcodec", "GetNvimgcodecVersion"), ("nvjpeg", "GetNvjpegVersion"), ("cuda", "GetCudaVersion")):
+            try:
+                record[key] = getattr(dali_backend, getter)()
+            except Exception:  # noqa: BLE001 - a library DALI cannot report is recorded as unknown
+                record[key] = None
+    return record
+
+
+def decoder_differences(stored: dict | None, current: dict) -> list[str]:
+    """Fields of two decoder records that differ, 'backend' first ([] when they agree)."""
+    stored = stored or {}
+    keys = ["backend"] + sorted((set(stored) | set(current)) - {"backend"})
+    return [k for k in keys if stored.get(k) != current.get(k)]
+
+
 def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backend, num_threads: int, seed: int = 0) -> Pipeline:
     """Build a DALI pipeline from a graph function (outputs tuple) for the backend."""
     pipe = Pipeline(

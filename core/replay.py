@@ -1,9 +1,17 @@
 """Crop replay: (encoded image, window, flip) -> normalised tensor, with the same DALI operators in both stages.
 
 A crop is a window (y, x, h, w) in pixels of the decoded (EXIF-oriented) source image plus a flip
-bit. Stage one decodes an image once and cuts all its crops with ``fn.slice``; stage two decodes
-only the window with ``fn.decoders.image_slice``. Both then run :func:`crop_to_tensor`. On the CPU
-backend the two paths give bit-identical tensors (tests/test_replay.py proves it).
+bit. Every operator of the chain is built by ONE function here, used by both stages:
+:func:`decode_image` (whole image), :func:`cut_window` (``fn.slice``), :func:`crop_to_tensor`
+(resize, mirror, normalise). Stage one decodes an image once and cuts all its crops.
+
+Stage two does the same, with one exception: on the CPU with K = 1 it decodes only the window
+(``fn.decoders.image_slice``, much less work per crop), which is bit-identical to decode + slice on
+the CPU backend (tests/test_replay.py proves it). On the GPU (``mixed``) stage two always decodes
+whole images and slices, like stage one, so a crop's pixels never depend on K; and every mixed
+decoder uses the same pinned ``hw_decoder_load`` (:data:`HW_DECODER_LOAD`), so they never depend on
+the image's position in its batch either (DALI sends the first part of a batch to the hardware JPEG
+engine and the rest to the CUDA decoder).
 """
 from __future__ import annotations
 
@@ -24,6 +32,27 @@ class Normalization:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+#: fraction of each batch given to the hardware JPEG decoder on ``mixed`` (DALI's default is 0.65, by
+#: batch position). 0 keeps every image on the CUDA decoder: the same pixels whatever the batch.
+HW_DECODER_LOAD = 0.0
+
+
+def decode_image(encoded, decoder: str):
+    """The whole-image decode of both stages: HWC uint8 RGB, EXIF-oriented."""
+    extra = {"hw_decoder_load": HW_DECODER_LOAD} if decoder == "mixed" else {}
+    return fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **extra)
+
+
+def cut_window(image, anchor, shape):
+    """The crop of both stages: the stored (y, x) anchor and (h, w) shape, never out of bounds."""
+    return fn.slice(image, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
+
+
+def decodes_window_only(decoder: str, crops_per_sample: int) -> bool:
+    """Whether stage two may decode just the window (CPU, K = 1): bit-identical there, not proven on GPU."""
+    return decoder == "cpu" and crops_per_sample == 1
+
+
 def crop_to_tensor(crop, flip, norm: Normalization):
     """The shared tail of the chain: resize the window to size x size, mirror, normalise, CHW float."""
     resized = fn.resize(crop, size=[norm.size, norm.size], interp_type=types.INTERP_LINEAR, antialias=True)
@@ -42,7 +71,7 @@ def decode_graph(decoder: str):
 
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
-        return fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        return decode_image(encoded, decoder)
 
     return graph
 
@@ -55,7 +84,7 @@ def cut_graph(norms: list[Normalization], on_gpu: bool):
         anchor = fn.external_source(name="anchor", dtype=types.INT32, batch=True)
         shape = fn.external_source(name="shape", dtype=types.INT32, batch=True)
         flip = fn.external_source(name="flip", dtype=types.INT32, batch=True)
-        crop = fn.slice(image, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
+        crop = cut_window(image, anchor, shape)
         return tuple(crop_to_tensor(crop, flip, norm) for norm in norms)
 
     return graph
@@ -64,8 +93,8 @@ def cut_graph(norms: list[Normalization], on_gpu: bool):
 def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label_dtype=types.FLOAT, with_classes: bool = False):
     """Stage two: per sample, the encoded file, K windows + flips and K label rows.
 
-    K = 1 decodes only the window (``image_slice``); K > 1 decodes once and slices K times (FKD's
-    multi-crop). Outputs: K image batches, then the labels (K, C) per sample, then (``with_classes``)
+    K > 1 (and K = 1 on the GPU) decodes once and slices K times (FKD's multi-crop); K = 1 on the
+    CPU decodes only the window (``image_slice``). Outputs: K image batches, then the labels (K, C) per sample, then (``with_classes``)
     the image's dataset class repeated per crop, (K,) int64, fed as ``classes``.
     """
 
@@ -74,20 +103,19 @@ def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label
         labels = fn.external_source(name="labels", dtype=label_dtype, batch=True)
         extra = (fn.external_source(name="classes", dtype=types.INT64, batch=True),) if with_classes else ()
         crops = []
-        if crops_per_sample == 1:
+        if decodes_window_only(decoder, crops_per_sample):
             anchor = fn.external_source(name="anchor0", dtype=types.INT32, batch=True)
             shape = fn.external_source(name="shape0", dtype=types.INT32, batch=True)
             flip = fn.external_source(name="flip0", dtype=types.INT32, batch=True)
             window = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", device=decoder, output_type=types.RGB)
             crops.append(crop_to_tensor(window, flip, norm))
         else:
-            image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+            image = decode_image(encoded, decoder)
             for k in range(crops_per_sample):
                 anchor = fn.external_source(name=f"anchor{k}", dtype=types.INT32, batch=True)
                 shape = fn.external_source(name=f"shape{k}", dtype=types.INT32, batch=True)
                 flip = fn.external_source(name=f"flip{k}", dtype=types.INT32, batch=True)
-                window = fn.slice(image, anchor, shape, axis_names="HW", out_of_bounds_policy="error")
-                crops.append(crop_to_tensor(window, flip, norm))
+                crops.append(crop_to_tensor(cut_window(image, anchor, shape), flip, norm))
         return (*crops, labels, *extra)
 
     return graph
@@ -98,7 +126,7 @@ def probe_graph(decoder: str):
 
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
-        decoded = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        decoded = decode_image(encoded, decoder)
         return fn.peek_image_shape(encoded), decoded.shape()
 
     return graph
@@ -110,7 +138,7 @@ def eval_graph(norm: Normalization, decoder: str, resize_ratio: float = 0.875):
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
         target = fn.external_source(name="target", dtype=types.INT64, batch=True)
-        image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        image = decode_image(encoded, decoder)
         image = fn.resize(image, resize_shorter=round(norm.size / resize_ratio), interp_type=types.INTERP_LINEAR, antialias=True)
         image = fn.crop_mirror_normalize(
             image,

@@ -34,6 +34,7 @@ from distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 @click.option("--val", default=None, help="Validation ImageFolder evaluated after every epoch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train; 'auto' picks CUDA when available.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16 with loss scaling), fp32 on CPU.")
+@click.option("--allow-decoder-mismatch", is_flag=True, help="Train although the store was decoded by another JPEG decoder (CPU vs GPU nvJPEG): the student then sees slightly different pixels than the teachers did.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the student's init, the epoch order and D.")
 @click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint exactly as recorded: training flags left out take their recorded values; a changed one is refused (start a new run with --init RUN/checkpoint.pt instead). --val, --device and --num-threads may change.")

@@ -23,7 +23,7 @@ from rich.progress import TextColumn
 
 import storage
 from core.accel import as_model_input, autocast_for, needs_grad_scaler, resolve_precision
-from core.dali_io import resolve_backend
+from core.dali_io import decoder_differences, decoder_record, resolve_backend
 from core.dataset import scan_image_folder
 from core.distributed import Dist, init_distributed, seed_for, shutdown
 from core.models import load_model, parse_spec
@@ -67,6 +67,7 @@ class Trainer:
         self.index = scan_image_folder(cfg.data)
         self.store = storage.open_store(cfg.labels, fingerprint=self.index.fingerprint, class_names=self.index.class_names)
         self._check_store_identity()
+        self._check_decoder()
         self.class_names = self.store.class_names
         self.temperature = self.store.temperature
         self.student = self._load_student()
@@ -76,7 +77,8 @@ class Trainer:
         if self.head_reinitialized and self.resume_from is None and self.dist.is_main:
             self.console.print(
                 f"[yellow]--init {cfg.init}: {cfg.student}'s weights predict another number of classes than the store's "
-                f"{self.store.num_classes}: its classifier was re-initialised and starts from random weights"
+                f"{self.store.num_classes}: its classifier was re-initialised and starts from random weights",
+                soft_wrap=True,
             )
         size = cfg.image_size or int(self.store.attrs["crop"]["image_size"])
         self.norm = Normalization(size=size, mean=tuple(self.student.mean), std=tuple(self.student.std))
@@ -135,6 +137,24 @@ class Trainer:
                 f"(store id {self.store.store_id[:12]}, the run's is {str(recorded)[:12]}); pass that store, or start a new "
                 f"run from the checkpoint: --init {self.checkpoint_path} --out NEW_DIR"
             )
+
+    def _check_decoder(self) -> None:
+        """The student must see the pixels the teachers saw: refuse another decoder backend (CPU vs nvJPEG
+        decode differently) unless accepted knowingly; warn about other differences (GPU model, versions)."""
+        stored = self.store.attrs.get("decoder") or {}
+        current = decoder_record(self.backend)
+        differing = decoder_differences(stored, current)
+        if not differing:
+            return
+        detail = ", ".join(f"{k} {stored.get(k)!r} in the store vs {current.get(k)!r} here" for k in differing[:3])
+        if differing[0] == "backend" and not self.cfg.allow_decoder_mismatch:
+            raise UserError(
+                f"--labels {self.cfg.labels}: made with the {stored.get('backend')!r} JPEG decoder but this run decodes with "
+                f"{current['backend']!r} (--device {self.cfg.device}): the student would see other pixels than the teachers; "
+                "train on the store's device, or pass --allow-decoder-mismatch to accept it"
+            )
+        if self.dist.is_main:
+            self.console.print(f"[yellow]--labels {self.cfg.labels}: decoded pixels may differ slightly from the teachers' ({detail})", soft_wrap=True)
 
     def _load_student(self):
         """The student: from ``--init`` for a fresh run, from the checkpoint's weights on resume (so a

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import nvidia.dali
 from rich.console import Console
 from rich.markup import escape
 
 import storage
-from core.dali_io import Backend, resolve_backend
+from core.dali_io import Backend, decoder_record, resolve_backend
 from core.dataset import DatasetIndex, scan_image_folder
 from core.distributed import Dist, init_distributed, shutdown
 from core.models import load_model, parse_spec_list
@@ -93,7 +92,7 @@ def _settings(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsem
             "teachers": ensemble.describe(),
             "temperature": cfg.temperature,
             "dataset": {"num_images": len(index), "fingerprint": index.fingerprint},
-            "decoder": {"backend": backend.decoder, "dali_version": nvidia.dali.__version__},
+            "decoder": decoder_record(backend),
             "encoding_request": cfg.encoding,
         }
     )

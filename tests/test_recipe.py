@@ -291,3 +291,38 @@ def test_bad_precision_is_one_line(recipe, tmp_path, capsys):
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(UserError, match="--precision fp8"):
         resolve_precision("fp8", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder backends (issue 10): a store decoded on another backend is refused unless accepted
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpu_made_store(recipe):
+    """A copy of the T=1 store whose attributes say nvJPEG on a GPU decoded it (what precompute records there)."""
+    import zarr
+
+    copy = recipe["root"] / "gpu_made.zarr"
+    shutil.copytree(recipe["stores"][1], copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    decoder = dict(group.attrs["decoder"], backend="mixed", hw_decoder_load=0.0, gpu="NVIDIA H100 80GB HBM3")
+    group.attrs["decoder"] = decoder
+    return copy
+
+
+def test_store_from_another_decoder_is_refused_unless_accepted(recipe, gpu_made_store, tmp_path, capsys):
+    args = cli_args(recipe, tmp_path / "run", init="scratch", epochs=1)
+    args[args.index("--labels") + 1] = str(gpu_made_store)
+    code, _, err = run_main(args, capsys)
+    assert_one_line_error(code, err, str(gpu_made_store), "'mixed'", "'cpu'", "--allow-decoder-mismatch")
+    assert not (tmp_path / "run").exists()
+    code, _, err = run_main([*args, "--allow-decoder-mismatch"], capsys)
+    assert code == 0, err
+    assert "may differ slightly" in err and "H100" in err
+
+
+def test_gpu_replay_uses_the_stage_one_chain_for_every_k():
+    from core.replay import decodes_window_only
+
+    assert decodes_window_only("cpu", 1)
+    assert not any(decodes_window_only("cpu", k) for k in (2, 3))
+    assert not any(decodes_window_only("mixed", k) for k in (1, 2, 3))
