@@ -7,9 +7,9 @@ STAMP := $(VENV)/.mealkd-installed
 
 .PHONY: demo test install clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[test,demo]'
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)
