@@ -1,6 +1,8 @@
 """Small glue around DALI: device choice, pipeline construction, a prefetching runner, torch conversion."""
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -106,7 +108,54 @@ def to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
         out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    return torch.from_numpy(np.array(dense)).to(device)
+    host = torch.from_numpy(np.array(dense))
+    if device.type == "cuda":  # pinned memory: the copy runs asynchronously on the current stream
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, up to ``depth`` items ahead of the consumer.
+
+    For the feeds of a pipeline: file reads and label decoding for the next batches then overlap the
+    training step. An exception in the producer is re-raised in the consumer; a consumer that stops
+    early (break, error) stops the producer too.
+    """
+    done = object()
+    slots: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+            put((None, done))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            put((err, None))
+
+    thread = threading.Thread(target=produce, name="feeds", daemon=True)
+    thread.start()
+    try:
+        while True:
+            err, item = slots.get()
+            if err is not None:
+                raise err
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple], Any], *, ahead: bool = True) -> Iterator[Any]:

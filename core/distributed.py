@@ -18,10 +18,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+from storage.errors import UserError
 
 #: a collective on tensors that takes longer than this is a hang (a training step, an all-reduce)
 STEP_TIMEOUT = timedelta(minutes=30)
@@ -66,6 +68,23 @@ class Dist:
         box = [obj]
         dist.broadcast_object_list(box, src=src, group=self.cpu_group)
         return box[0]
+
+    def on_main(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` on rank 0 only, its result sent to every rank (e.g. one dataset scan per job
+        instead of one per rank). A UserError on rank 0 is raised on every rank, so no rank is left
+        waiting for a result that never comes."""
+        if not self.active:
+            return compute()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                outcome = ("ok", compute())
+            except UserError as err:
+                outcome = ("error", str(err))
+        kind, value = self.broadcast(outcome)
+        if kind == "error":
+            raise UserError(value)
+        return value
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's object, on every rank, in rank order."""

@@ -1,14 +1,15 @@
 """Top-1/top-5 on a validation ImageFolder with DALI: resize the shorter side to S/0.875, centre-crop S."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from rich.markup import escape
 
 from core.accel import as_model_input, autocast_for
-from core.dali_io import Backend, build_pipeline, run_batches, to_torch
+from core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
 from core.dataset import DatasetIndex
+from core.distributed import Dist
 from core.replay import Normalization, eval_graph
 from core.probe import describe_unreadable, probe_images
 from storage.errors import UserError
@@ -54,12 +55,20 @@ def evaluate(
     per_class: bool = False,
     ids: np.ndarray | None = None,
     flag: str = "--data",
+    dist: Dist = Dist(),
+    precision: str = "auto",
 ) -> dict:
-    """Accuracy of ``model`` on ``index`` (or its images ``ids``): top1, top5 (fractions), images, optional per-class top-1."""
+    """Accuracy of ``model`` on ``index`` (or its images ``ids``): top1, top5 (fractions), images, optional per-class top-1.
+
+    Under torchrun every rank evaluates every world_size-th image (no padding, so nothing is counted
+    twice) and the counts are summed over ranks: every rank returns the same, exact result.
+    """
     mapping = class_mapping(index.class_names, model_classes, flag=flag)
     ids = np.arange(len(index)) if ids is None else np.asarray(ids)
     if len(ids) == 0:
         raise UserError(f"{flag} {index.root}: no images to evaluate; point {flag} at a folder of readable images")
+    n = len(ids)
+    ids = ids[dist.rank :: dist.world_size]
     targets = mapping[index.targets[ids]]
     pipe = build_pipeline(eval_graph(norm, backend.decoder), batch_size=batch_size, backend=backend, num_threads=num_threads)
     feeds = (
@@ -70,23 +79,25 @@ def evaluate(
         for s in range(0, len(ids), batch_size)
     )
     model.eval()
-    correct1 = correct5 = 0
-    class_hits = np.zeros(len(model_classes), dtype=np.int64)
-    class_total = np.zeros(len(model_classes), dtype=np.int64)
-    for images, labels in run_batches(pipe, feeds, lambda outs: (to_torch(outs[0], backend.device), to_torch(outs[1], backend.device))):
-        with autocast_for(backend.device):
+    classes = len(model_classes)
+    # counts stay on the device (no host sync per batch): top-1 and top-5 hits, then per-class hits and totals
+    counts = torch.zeros(2 + 2 * classes, dtype=torch.int64, device=backend.device)
+    convert = lambda outs: (to_torch(outs[0], backend.device), to_torch(outs[1], backend.device))  # noqa: E731
+    for images, labels in run_batches(pipe, background(feeds), convert):
+        with autocast_for(backend.device, precision):
             logits = model(as_model_input(images)).float()
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices
         hit1 = top[:, 0] == labels
-        correct1 += int(hit1.sum())
-        correct5 += int((top == labels[:, None]).any(dim=1).sum())
-        np.add.at(class_hits, labels.cpu().numpy(), hit1.cpu().numpy().astype(np.int64))
-        np.add.at(class_total, labels.cpu().numpy(), 1)
-    n = len(ids)
-    result = {"top1": correct1 / n, "top5": correct5 / n, "images": n}
+        counts[0] += hit1.sum()
+        counts[1] += (top == labels[:, None]).any(dim=1).sum()
+        counts[2 : 2 + classes] += torch.bincount(labels[hit1], minlength=classes)
+        counts[2 + classes :] += torch.bincount(labels, minlength=classes)
+    if dist.active:
+        torch_dist.all_reduce(counts)
+    counts = counts.cpu().numpy()
+    result = {"top1": int(counts[0]) / n, "top5": int(counts[1]) / n, "images": n}
     if per_class:
-        result["per_class_top1"] = {
-            model_classes[c]: float(class_hits[c] / class_total[c]) for c in range(len(model_classes)) if class_total[c] > 0
-        }
+        hits, totals = counts[2 : 2 + classes], counts[2 + classes :]
+        result["per_class_top1"] = {model_classes[c]: float(hits[c] / totals[c]) for c in range(classes) if totals[c] > 0}
     return result

@@ -2,11 +2,13 @@
 
 Epoch e of a store with R crops per image uses crop slots (e*K + k) mod R, k < K, for every image,
 so over R/K epochs each stored crop is used exactly once, and each epoch's labels are one
-contiguous slot column of the store (the fast read path). The next epoch's labels are read in a
-background thread while this epoch trains; a rank holds only its own shard's labels, kept as
-stored (fp16 rows or top-k pairs) and decoded to float32 one batch at a time. Label memory per
-rank: 2 epochs (current + prefetched) x its images x K x stored row bytes, e.g. dense 1000-class
-fp16 = 2 x 2000 B per image and crop: the size of ONE epoch's labels in float32.
+contiguous slot column of the store (the fast read path). The next epoch's labels, windows and
+flips are read in a background thread while this epoch trains; a rank holds only its own images'
+rows of the epoch's K slots (never the whole N x R windows array), labels kept as stored (fp16
+rows or top-k pairs) and decoded to float32 one batch at a time. Label memory per rank: 2 epochs
+(current + prefetched) x its images x K x stored row bytes, e.g. dense 1000-class fp16 = 2 x 2000 B
+per image and crop: the size of ONE epoch's labels in float32. The per-batch feeds (file reads,
+label decoding) are built by a second background thread, two batches ahead of the training step.
 
 Sharding: each epoch a seeded permutation of the usable (non-excluded) images is padded by
 wrapping to a multiple of world_size (as torch's DistributedSampler does, so every rank runs the
@@ -17,12 +19,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from core.dali_io import Backend, build_pipeline, run_batches, to_torch
+from core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
 from core.dataset import DatasetIndex
 from core.distributed import Dist
 from core.replay import Normalization, replay_graph
@@ -36,6 +39,17 @@ class Batch(NamedTuple):
     images: torch.Tensor   # (B*K, 3, S, S) float32, normalised
     labels: torch.Tensor   # (B*K, C) float32 stored ensemble rows, decoded
     classes: torch.Tensor  # (B*K,) int64 the image's dataset class (for a hard-label term)
+
+
+@dataclass(frozen=True)
+class EpochData:
+    """One epoch's plan and stored data for this rank (row i belongs to image ``ids[i]``)."""
+
+    ids: np.ndarray  # (n,) image ids in visiting order
+    slots: list[int]  # the K crop slots of the epoch
+    labels: list[list[np.ndarray]]  # per slot, the rows as stored
+    windows: np.ndarray  # (n, K, 4) int32
+    flips: np.ndarray  # (n, K) bool
 
 
 class ReplayLoader:
@@ -52,6 +66,7 @@ class ReplayLoader:
         dist: Dist = Dist(),
         shuffle: bool = True,
         num_threads: int = 2,
+        feed_depth: int = 2,
     ):
         if not 1 <= crops_per_step <= store.crops_per_image:
             raise UserError(
@@ -67,14 +82,13 @@ class ReplayLoader:
         self.dist = dist
         self.shuffle = shuffle
         self.usable = np.flatnonzero(~np.asarray(store.excluded, dtype=bool))
-        self.windows = store.windows
-        self.flips = store.flips
+        self.feed_depth = feed_depth
         self.classes = np.asarray(store.targets, dtype=np.int64)
         self.pipe = build_pipeline(
             replay_graph(norm, backend.decoder, crops_per_step, with_classes=True), batch_size=batch_size, backend=backend, num_threads=num_threads, seed=seed
         )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels")
-        self._labels: dict[int, Future] = {}
+        self._epochs: dict[int, Future] = {}
         self._lock = threading.Lock()
 
     # -- the plan ---------------------------------------------------------------------------
@@ -104,42 +118,52 @@ class ReplayLoader:
     def steps_per_epoch(self) -> int:
         return len(self._bounds(len(self.images(0))))
 
-    # -- labels -----------------------------------------------------------------------------
-    def _read_labels(self, epoch: int) -> list[list[np.ndarray]]:
-        """This rank's labels for ``epoch`` as stored (fp16 rows, or top-k pairs), one entry per slot:
-        the compact form is what stays in memory; batches are decoded to float32 on the fly."""
+    # -- the epoch's stored data -------------------------------------------------------------
+    def _read_epoch(self, epoch: int) -> EpochData:
+        """This rank's stored data for ``epoch``: per slot, the labels as stored (fp16 rows, or top-k
+        pairs; decoded to float32 one batch at a time) and the windows and flips of those images only,
+        so memory is O(images of this rank x K), never O(N x R)."""
         ids = self.images(epoch)
-        return [self.store.slot_encoded(slot, ids) for slot in self.slots(epoch)]
+        slots = self.slots(epoch)
+        crops = [self.store.slot_crops(slot, ids) for slot in slots]
+        return EpochData(
+            ids=ids,
+            slots=slots,
+            labels=[self.store.slot_encoded(slot, ids) for slot in slots],
+            windows=np.stack([w for w, _ in crops], axis=1),  # (n, K, 4)
+            flips=np.stack([f for _, f in crops], axis=1),  # (n, K)
+        )
 
     def prefetch(self, epoch: int) -> None:
-        """Start reading ``epoch``'s labels in the background (no-op if already started)."""
+        """Start reading ``epoch``'s stored data in the background (no-op if already started)."""
         with self._lock:
-            if epoch not in self._labels:
-                self._labels[epoch] = self._pool.submit(self._read_labels, epoch)
+            if epoch not in self._epochs:
+                self._epochs[epoch] = self._pool.submit(self._read_epoch, epoch)
 
-    def _take_labels(self, epoch: int) -> list[list[np.ndarray]]:
+    def _take_epoch(self, epoch: int) -> EpochData:
         self.prefetch(epoch)
         with self._lock:
-            future = self._labels.pop(epoch)
-            for stale in [e for e in self._labels if e < epoch]:
-                self._labels.pop(stale).cancel()
+            future = self._epochs.pop(epoch)
+            for stale in [e for e in self._epochs if e < epoch]:
+                self._epochs.pop(stale).cancel()
         return future.result()
 
     # -- iteration --------------------------------------------------------------------------
-    def _feeds(self, ids: np.ndarray, encoded: list[list[np.ndarray]], slots: list[int]):
-        for start, stop in self._bounds(len(ids)):
-            batch = ids[start:stop]
-            labels = np.stack([self.store.decode([a[start:stop] for a in slot_rows]) for slot_rows in encoded], axis=1)  # (b, K, C)
+    def _feeds(self, data: EpochData):
+        k = len(data.slots)
+        for start, stop in self._bounds(len(data.ids)):
+            batch = data.ids[start:stop]
+            labels = np.stack([self.store.decode([a[start:stop] for a in slot_rows]) for slot_rows in data.labels], axis=1)  # (b, K, C)
             feed: dict = {
                 "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
                 "labels": list(labels),
-                "classes": list(np.repeat(self.classes[batch, None], len(slots), axis=1)),  # (b, K)
+                "classes": list(np.repeat(self.classes[batch, None], k, axis=1)),  # (b, K)
             }
-            for k, slot in enumerate(slots):
-                win = self.windows[batch, slot]
-                feed[f"anchor{k}"] = [np.ascontiguousarray(w[:2]) for w in win]
-                feed[f"shape{k}"] = [np.ascontiguousarray(w[2:]) for w in win]
-                feed[f"flip{k}"] = [np.array(f, dtype=np.int32) for f in self.flips[batch, slot]]
+            windows, flips = data.windows[start:stop], data.flips[start:stop].astype(np.int32)
+            for j in range(k):
+                feed[f"anchor{j}"] = list(np.ascontiguousarray(windows[:, j, :2]))
+                feed[f"shape{j}"] = list(np.ascontiguousarray(windows[:, j, 2:]))
+                feed[f"flip{j}"] = list(flips[:, j])
             yield feed
 
     def _convert(self, outputs: tuple) -> Batch:
@@ -151,11 +175,11 @@ class ReplayLoader:
         return Batch(images, labels, classes)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Yield this rank's batches for ``epoch``; prefetches the next epoch's labels."""
-        ids = self.images(epoch)
-        labels = self._take_labels(epoch)
+        """Yield this rank's batches for ``epoch``; prefetches the next epoch's stored data. Feeds (file
+        reads, label decoding) are built in a background thread, ``feed_depth`` batches ahead."""
+        data = self._take_epoch(epoch)
         self.prefetch(epoch + 1)
-        yield from run_batches(self.pipe, self._feeds(ids, labels, self.slots(epoch)), self._convert)
+        yield from run_batches(self.pipe, background(self._feeds(data), self.feed_depth), self._convert)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -64,7 +64,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)  # the same on every rank: D (not DDP-wrapped) must start identical everywhere
 
-        self.index = scan_image_folder(cfg.data)
+        self.index = self.dist.on_main(lambda: scan_image_folder(cfg.data))  # one scan per job, not per rank
         self.store = storage.open_store(cfg.labels, fingerprint=self.index.fingerprint, class_names=self.index.class_names)
         self._check_store_identity()
         self._check_decoder()
@@ -86,11 +86,14 @@ class Trainer:
         model = self.student.module.to(self.device)
         if self.backend.is_cuda:
             model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
         self.model = model
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(model) if self.dist.active else model
         self.loss = DistillLoss(cfg.hard_label_weight, temperature=self.temperature)
         self.disc = DiscriminatorLoss(self.store.num_classes, mode=cfg.discriminator, topk=self.store.topk).to(self.device)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # fused SGD on CUDA: one kernel for the whole update instead of one per parameter tensor
+        fused = {"fused": True} if self.backend.is_cuda else {}
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
         self.scheduler = parse_schedule(cfg.schedule, cfg.epochs)(self.optimizer)
         self.d_lr_fixed = cfg.d_lr_value()  # None: D follows the student's lr
         self.d_optimizer = make_discriminator_optimizer(
@@ -108,8 +111,11 @@ class Trainer:
             dist=self.dist,
             num_threads=cfg.num_threads,
         )
-        self.val_index = scan_image_folder(cfg.val, flag="--val") if cfg.val else None
-        self.val_ids = readable_images(self.val_index, self.backend, flag="--val", console=self.console) if self.val_index and self.dist.is_main else None
+        # validation: scanned and probed once (rank 0), then evaluated by every rank on its share
+        self.val_index = self.dist.on_main(lambda: scan_image_folder(cfg.val, flag="--val")) if cfg.val else None
+        self.val_ids = (
+            self.dist.on_main(lambda: readable_images(self.val_index, self.backend, flag="--val", console=self.console)) if self.val_index else None
+        )
         self.start_epoch = self._restore()
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -337,8 +343,9 @@ class Trainer:
                 record = self.train_epoch(epoch, progress, task)
                 self.scheduler.step()
                 self._follow_student_lr()
-                if self.val_index is not None and self.dist.is_main:
-                    result = evaluate(self.model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads, ids=self.val_ids)
+                if self.val_index is not None:
+                    result = evaluate(self.model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size,
+                                      num_threads=cfg.num_threads, ids=self.val_ids, flag="--val", dist=self.dist, precision=self.precision)
                     record.update(val_top1=result["top1"], val_top5=result["top5"])
                 if self.dist.is_main:
                     try:

@@ -225,6 +225,19 @@ class LabelStore:
     def done(self) -> np.ndarray:
         return self._reading(lambda: np.asarray(self._group["done"][:], bool))
 
+    def slot_crops(self, slot: int, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(windows (n, 4) int32, flips (n,) bool) of crop ``slot`` for ``image_ids``, in their order.
+        Reads only that slot's column: memory O(n), not O(N x R) like :attr:`windows`."""
+        if not 0 <= int(slot) < self.crops_per_image:
+            raise IndexError(f"crop slot {slot} out of range [0, {self.crops_per_image})")
+        ids = self._check_ids(image_ids, self.num_images, "image id")
+        if ids.size == 0:
+            return np.empty((0, 4), np.int32), np.empty(0, bool)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        windows = self._reading(lambda: np.asarray(self._group["windows"].get_orthogonal_selection((uniq, int(slot), slice(None))), np.int32))
+        flips = self._reading(lambda: np.asarray(self._group["flips"].get_orthogonal_selection((uniq, int(slot))), bool))
+        return windows[inv.reshape(-1)], flips[inv.reshape(-1)]
+
     # ------------------------------------------------------------------ labels
     def _check_ids(self, ids: np.ndarray, bound: int, what: str) -> np.ndarray:
         ids = np.asarray(ids).reshape(-1).astype(np.int64)

@@ -378,11 +378,12 @@ def test_ddp_two_ranks_match_one_process(world, tmp_path):
     has no BatchNorm and no dropout and the discriminator's gradients are all-reduced, so both runs
     compute the same averaged gradient; only the summation order differs (mean of two 4-sample means
     vs one 8-sample mean, then gloo's all-reduce), i.e. float32 rounding: ~1e-7 relative per step.
-    After 6 SGD steps we allow 1e-5 relative (+1e-6 absolute) on weights and 1e-5 on the logged losses.
+    After 6 SGD steps we allow 1e-5 relative (+1e-6 absolute) on weights and 1e-5 on the logged losses;
+    the validation accuracy, which the two ranks compute on halves of the images, must be the same.
     The two replicas must be bit-identical (DDP broadcasts the initial weights and averages grads)."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    args = lambda out, bs: distill_args(world, out, student=str(world["tiny"]), init="pretrained", epochs=2, batch_size=bs)  # noqa: E731
+    args = lambda out, bs: distill_args(world, out, "--val", str(world["val"]), student=str(world["tiny"]), init="pretrained", epochs=2, batch_size=bs)  # noqa: E731
     one, two = tmp_path / "one", tmp_path / "two"
     procs = [
         subprocess.Popen([sys.executable, str(worker), *args(one, 8)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=REPO),
@@ -409,6 +410,8 @@ def test_ddp_two_ranks_match_one_process(world, tmp_path):
     for r1, r2 in zip(*logs):
         for key in ("loss", "d_loss", "teacher_agreement"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-5), (key, r1, r2)
+        # --val sharded over the two ranks (5 + 4 of the 9 images, counts summed): the same accuracy
+        assert (r2["val_top1"], r2["val_top5"]) == (r1["val_top1"], r1["val_top5"]), (r1, r2)
 
 
 # ---------------------------------------------------------------------------------------------

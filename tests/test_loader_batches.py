@@ -50,13 +50,52 @@ def test_last_batch_is_never_a_single_crop_and_nothing_is_dropped(nine_images, b
 
 def test_epoch_labels_are_held_as_stored_and_decode_to_the_store_rows(nine_images) -> None:
     """Label memory: the loader keeps fp16 rows (half of float32), and decoding any slice of them
-    gives exactly the store's float32 rows for those images."""
+    gives exactly the store's float32 rows for those images; windows and flips are held for the
+    epoch's slot only (O(n), not the store's N x R arrays), equal to the store's."""
     store, index = nine_images
     loader = ReplayLoader(store, index, Normalization(16), resolve_backend("cpu"), batch_size=4, num_threads=1)
     try:
-        (held,) = loader._read_labels(1)  # one slot (K = 1)
+        data = loader._read_epoch(1)
+        (held,) = data.labels  # one slot (K = 1)
         assert [a.dtype for a in held] == [np.float16] and held[0].shape == (9, store.num_classes)
         ids = loader.images(1)
-        assert np.array_equal(store.decode([a[2:7] for a in held]), store.labels(ids[2:7], np.full(5, loader.slots(1)[0])))
+        slot = loader.slots(1)[0]
+        assert np.array_equal(data.ids, ids) and data.slots == [slot]
+        assert np.array_equal(store.decode([a[2:7] for a in held]), store.labels(ids[2:7], np.full(5, slot)))
+        assert data.windows.shape == (9, 1, 4) and np.array_equal(data.windows[:, 0], store.windows[ids, slot])
+        assert data.flips.shape == (9, 1) and np.array_equal(data.flips[:, 0], store.flips[ids, slot])
     finally:
         loader.close()
+
+
+def test_background_feeds_keep_order_raise_producer_errors_and_stop_early() -> None:
+    """The feed thread yields everything in order, re-raises a producer error in the consumer, and a
+    consumer that stops early ends the producer (it never runs more than `depth` items ahead)."""
+    import threading
+
+    from core.dali_io import background
+
+    assert list(background(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in background(failing()):
+            got.append(item)
+    assert got == [1]
+
+    produced = []
+
+    def counting():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    for item in background(counting(), depth=2):
+        if item == 3:
+            break
+    assert len(produced) <= 3 + 2 + 2  # consumed + queued + one in the producer's hand
+    assert not any(t.name == "feeds" and t.is_alive() for t in threading.enumerate())
