@@ -55,17 +55,18 @@ def distill(**kwargs) -> None:
 @click.option("--checkpoint", required=True, help="A mealkd checkpoint (torchvision/timm or TorchScript student), or a state dict with --student.")
 @click.option("--student", default=None, help="Student spec (only needed for a plain state dict, or a TorchScript student's moved .pt file).")
 @click.option("--image-size", default=None, type=int, help="Crop size (default: the checkpoint's training size).")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Images per batch.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run; 'auto' picks CUDA when available.")
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16), fp32 on CPU.")
 @click.option("--per-class", is_flag=True, help="Also print per-class top-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (top1, top5, images, unreadable, ...).")
-def evaluate(data, checkpoint, student, image_size, batch_size, device, per_class, as_json) -> None:
+def evaluate(data, checkpoint, student, image_size, batch_size, device, precision, per_class, as_json) -> None:
     """Top-1/top-5 of a trained model on a validation ImageFolder (resize S/0.875, centre crop S).
     Files the decoder cannot read are left out of the accuracy, and reported."""
     from distill.inference import evaluate_checkpoint
 
     result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device,
-                                 per_class=per_class, console=Console(stderr=True))
+                                 precision=precision, per_class=per_class, console=Console(stderr=True))
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from core.checkpoint_io import load_torch_file
+from core.accel import resolve_precision
 from core.dali_io import resolve_backend
 from core.dataset import scan_image_folder
 from core.models import load_model, parse_spec
@@ -35,7 +36,7 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
 
 def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = None, image_size: int | None = None,
                         batch_size: int = 64, device: str = "auto", per_class: bool = False, console=None,
-                        class_names: list[str] | None = None) -> dict:
+                        class_names: list[str] | None = None, precision: str = "auto") -> dict:
     """Evaluate a checkpoint on ``data``. Class names come from a mealkd checkpoint, else ``class_names``
     (the training classes, in training order), else the validation tree's own classes."""
     index = scan_image_folder(data)
@@ -51,8 +52,9 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
         raise UserError("--image-size: the checkpoint does not record its training size; pass --image-size")
     norm = Normalization(size=size, mean=tuple(loaded.mean), std=tuple(loaded.std))
     backend = resolve_backend(device)
+    resolve_precision(precision, backend.device)  # a bad value is a one-line error before any work
     model = loaded.module.to(backend.device)
     ids = readable_images(index, backend, console=console)
-    result = evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids)
+    result = evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids, precision=precision)
     result["unreadable"] = len(index) - len(ids)  # skipped files, not in the denominator
     return result

@@ -4,6 +4,8 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
+from core.accel import PRECISIONS
+
 
 @click.command()
 @click.option("--data", required=True, help="Training images as an ImageFolder tree: DIR/<class>/<image>.")
@@ -23,6 +25,8 @@ from rich.console import Console
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="Softmax temperature T of the teachers.")
 @click.option("--encoding", default="dense", show_default=True, help="Label encoding: dense (fp16 vectors) or topk:K.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Teachers' autocast dtype: 'auto' = bf16 "
+              "on GPUs that support it (else fp16), fp32 on CPU. Recorded in the store; a batch that overflows in fp16/bf16 is rerun in fp32.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as excluded instead of aborting.")
 @click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
 @click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
@@ -35,6 +39,8 @@ def precompute(**kwargs) -> None:
     if summary.get("rank", 0) == 0:
         state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
         console.print(f"[green]precompute[/]: {summary['images']} images, {summary['crops']} crops labelled by this run; store {kwargs['out']} is {state}")
+        if summary.get("fp32_fallbacks"):
+            console.print(f"[yellow]precompute[/]: {summary['fp32_fallbacks']} teacher batch(es) overflowed in {kwargs['precision']} and were recomputed in fp32")
 
 
 @click.command()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from core.accel import as_model_input, autocast_for
+from core.accel import as_model_input, autocast_for, resolve_precision
 from core.models import LoadedModel, describe
 from core.replay import Normalization
 from storage.errors import UserError
@@ -35,7 +35,7 @@ class TeacherEnsemble:
     class names must list them in that order (:func:`check_class_order`)."""
 
     def __init__(self, teachers: list[LoadedModel], *, default_size: int, temperature: float, device: torch.device,
-                 class_names: list[str] | None = None, flag: str = "--data"):
+                 class_names: list[str] | None = None, flag: str = "--data", precision: str = "auto"):
         if temperature <= 0:
             raise UserError(f"--temperature {temperature}: must be > 0")
         counts = {t.num_classes for t in teachers}
@@ -48,6 +48,8 @@ class TeacherEnsemble:
         self.num_classes = counts.pop()
         self.temperature = temperature
         self.device = device
+        self.precision = resolve_precision(precision, device)  # the teachers' autocast dtype, recorded in the store
+        self.fp32_fallbacks = 0  # batches a teacher overflowed in reduced precision and was rerun in fp32
         self.norms: list[Normalization] = []
         self.norm_of: list[int] = []
         for t in teachers:
@@ -70,12 +72,17 @@ class TeacherEnsemble:
         """Averaged probabilities (B, C) float32 for crops given once per normalisation."""
         average = None
         for teacher, weight, norm_index in zip(self.teachers, self.weights, self.norm_of):
-            with autocast_for(self.device):
-                logits = teacher.module(as_model_input(inputs[norm_index]))
+            x = as_model_input(inputs[norm_index])
+            with autocast_for(self.device, self.precision):
+                logits = teacher.module(x)
             probs = torch.softmax(logits.float() / self.temperature, dim=1)
+            if not torch.isfinite(probs).all() and self.precision != "fp32":
+                # an fp16/bf16 overflow is not bad weights: rerun this batch of this teacher in fp32
+                self.fp32_fallbacks += 1
+                probs = torch.softmax(teacher.module(x).float() / self.temperature, dim=1)
             if not torch.isfinite(probs).all():
                 raise UserError(
-                    f"--teachers: teacher {teacher.spec.text} produced NaN/Inf outputs; check its weights file "
+                    f"--teachers: teacher {teacher.spec.text} produced NaN/Inf outputs in fp32; check its weights file "
                     "(nothing was marked done for the batch)"
                 )
             average = probs * weight if average is None else average + probs * weight

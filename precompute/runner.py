@@ -30,7 +30,7 @@ from precompute.lock import StoreLock
 from storage.errors import UserError
 
 # Attributes that must match for a rerun to continue an existing store.
-SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "dataset", "decoder", "encoding_request")
+SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "precision", "dataset", "decoder", "encoding_request")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class PrecomputeConfig:
     temperature: float = 1.0
     encoding: str = "dense"
     device: str = "auto"
+    precision: str = "auto"
     skip_bad: bool = False
     num_threads: int = 2
     images_per_shard: int | None = None
@@ -91,6 +92,7 @@ def _settings(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsem
             "crop": cfg.policy.to_dict(),
             "teachers": ensemble.describe(),
             "temperature": cfg.temperature,
+            "precision": ensemble.precision,
             "dataset": {"num_images": len(index), "fingerprint": index.fingerprint},
             "decoder": decoder_record(backend),
             "encoding_request": cfg.encoding,
@@ -187,7 +189,7 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
         index = scan_image_folder(cfg.data)
         specs = parse_spec_list(cfg.teachers)
         teachers = [load_model(spec, num_classes=len(index.class_names)) for spec in specs]
-        ensemble = TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device,
+        ensemble = TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device, precision=cfg.precision,
                                    class_names=index.class_names)
         with StoreLock(cfg.out) if d.is_main else nullcontext():  # rank 0 holds the lock for the whole run
             _prepare_store(cfg, index, ensemble, backend, d, console)
@@ -233,4 +235,5 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
                 writer.write_shard(shard, windows, flips, probs)
             images_done += stop - start
             progress.update(task, completed=images_done)
-    return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank}
+    return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
+            "fp32_fallbacks": ensemble.fp32_fallbacks}

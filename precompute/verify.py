@@ -11,9 +11,14 @@ Integrity (no data needed), per shard so damage is located:
 Recomputation (``--data`` + ``--teachers``, as TinyViT checks its saved logits): ``--sample`` random
 stored crops of done images are replayed through the same chain (decode -> stored window -> resize
 -> mirror -> normalise, ``precompute.crops.CropStream``) and the same teacher ensemble; reported are
-max |p - p_stored| over the classes (dense) or over the stored top-k entries (top-k) and the top-1
-agreement. The check fails if the difference exceeds ``--tolerance`` or a top-1 disagrees where the
-recomputed top-2 margin is larger than the tolerance (a near-tie may flip under fp16 rounding).
+max |p - p_stored| over the classes (dense) or over the stored top-k entries (top-k), the total
+variation and the top-1 agreement. The recomputation runs under the store's recorded decoder backend
+and teacher precision where it can (a CPU store is checked on the CPU). Under exactly the store's
+conditions with fp32 teachers, the check fails if a difference exceeds ``--tolerance`` or a top-1
+disagrees where the recomputed top-2 margin is larger than the tolerance. Otherwise (fp16/bf16
+teachers, or a GPU-decoded store checked on the CPU) differences of a few 1e-3 are numeric drift,
+not damage: the check passes on aggregates (mean TV <= 0.02, top-1 agreement >= 98% on crops whose
+top-2 margin is >= 0.05) and only a crop off by TV > 0.25 marks its shard damaged.
 
 ``--repair`` marks the damaged shards not done (under the store lock), so rerunning
 ``mealkd precompute`` with the same arguments rewrites exactly those shards.
@@ -30,7 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 import storage
-from storage.encoding import decode_topk, to_f32
+from storage.encoding import decode_topk, encode_topk, to_f32
 from storage.errors import UserError
 from storage.schema import DENSE
 
@@ -172,9 +177,24 @@ def check_integrity(url: str, report: Report) -> storage.LabelStore:
     return store
 
 
+#: when the recomputation cannot reproduce the store's conditions (another decoder backend, or the
+#: teachers ran in fp16/bf16), differences are numeric drift, judged on aggregates: these tolerances
+DRIFT_MEAN_TV = 0.02         # mean total variation 0.5 * sum|p - p_stored| over the sampled crops
+DRIFT_MIN_AGREEMENT = 0.98   # top-1 agreement over sampled crops whose recomputed top-2 margin is >= 0.05
+DAMAGE_TV = 0.25             # a single crop this far off is damage whatever the conditions
+_TIE_MARGIN = 0.05
+
+
 def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, sample: int, tolerance: float,
                     device: str, seed: int, batch_size: int, report: Report) -> None:
-    """Replay ``sample`` random stored crops through the teachers and compare with the stored rows."""
+    """Replay ``sample`` random stored crops through the teachers and compare with the stored rows.
+
+    Exact conditions (the store's decoder backend, fp32 teachers, as on CPU): every crop must match
+    within ``tolerance`` (max |p - p_stored|) and agree on top-1 unless tied; a crop that does not
+    marks its shard damaged. Other conditions (a GPU store checked on CPU, fp16/bf16 teachers):
+    drift is expected, so the check passes on aggregates (mean TV <= DRIFT_MEAN_TV, top-1 agreement
+    >= DRIFT_MIN_AGREEMENT on untied crops) and only crops off by TV > DAMAGE_TV mark shards damaged.
+    """
     from core.dali_io import resolve_backend
     from core.dataset import scan_image_folder
     from core.models import load_model, parse_spec_list
@@ -185,12 +205,16 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     have = (store.attrs.get("dataset") or {}).get("fingerprint")
     if have != index.fingerprint:
         raise UserError(f"--data {data}: not the dataset this store was computed on (fingerprint {str(have)[:12]} != {index.fingerprint[:12]}); pass the precompute --data")
-    backend = resolve_backend(device)
+    stored_decoder = (store.attrs.get("decoder") or {}).get("backend") or "cpu"
+    stored_precision = store.attrs.get("precision") or "fp32"
+    backend = resolve_backend("cpu" if device == "auto" and stored_decoder == "cpu" else device)  # recompute where the store was made
+    precision = stored_precision if backend.is_cuda else "fp32"
+    exact = backend.decoder == stored_decoder and precision == stored_precision == "fp32"
     specs = parse_spec_list(teachers)
     models = [load_model(spec, num_classes=store.num_classes) for spec in specs]
     temperature = float(store.attrs.get("temperature", 1.0))
     ensemble = TeacherEnsemble(models, default_size=int(store.attrs["crop"]["image_size"]), temperature=temperature, device=backend.device,
-                               class_names=store.class_names)
+                               class_names=store.class_names, precision=precision)
     stored_t = [(t.get("spec"), t.get("weights_sha256"), t.get("weight")) for t in store.attrs.get("teachers") or []]
     given_t = [(t.get("spec"), t.get("weights_sha256"), t.get("weight")) for t in ensemble.describe()]
     if stored_t != given_t:
@@ -212,28 +236,41 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     stored = store.labels(images, crops)
     if store.encoding == DENSE:
         diff = np.abs(fresh - stored).max(axis=1)
+        comparable = fresh
         compared = "all classes"
     else:
         idx = np.stack([np.asarray(store._group["topk_idx"][i, k]) for i, k in zip(images, crops)]).astype(np.int64)
         val = to_f32(np.stack([np.asarray(store._group["topk_val"][i, k]) for i, k in zip(images, crops)]))
         diff = np.abs(np.take_along_axis(fresh, idx, axis=1) - val).max(axis=1)
         stored = decode_topk(idx, val, store.num_classes)
+        fresh_idx, fresh_val = encode_topk(fresh, store.topk, idx.dtype)
+        comparable = decode_topk(fresh_idx.astype(np.int64), to_f32(fresh_val), store.num_classes)  # the same encoding, so TV is drift only
         compared = f"the stored top-{store.topk}"
-    top1_fresh, top1_stored = fresh.argmax(1), stored.argmax(1)
-    agree = top1_fresh == top1_stored
+    tv = 0.5 * np.abs(comparable - stored).sum(axis=1)
     two = np.sort(fresh, axis=1)[:, -2:]
     margin = two[:, 1] - two[:, 0]
-    real_disagreement = ~agree & (margin > tolerance)
+    agree = fresh.argmax(1) == stored.argmax(1)
+    untied = margin >= _TIE_MARGIN
+    agreement = float(agree[untied].mean()) if untied.any() else 1.0
     max_diff = float(diff.max())
     worst = int(np.argmax(diff))
-    report.recompute = {"samples": int(len(images)), "max_abs_diff": max_diff, "top1_agreement": float(agree.mean())}
-    detail = (f"{len(images)} crops, max |p - p_stored| {max_diff:.2e} over {compared} (tolerance {tolerance:.0e}; worst: image {int(images[worst])} crop {int(crops[worst])}), "
-              f"top-1 agreement {agree.mean():.1%}")
-    decoder = (store.attrs.get("decoder") or {}).get("backend")
-    if decoder and decoder != backend.decoder:
-        detail += f"; note: store decoded with '{decoder}', this check with '{backend.decoder}'"
-    report.add("recompute vs stored", max_diff <= tolerance and not real_disagreement.any(), detail)
-    for s in np.unique(images[(diff > tolerance) | real_disagreement] // store.images_per_shard).tolist():
+    conditions = (f"store: {stored_decoder} decoder, {stored_precision} teachers; recomputed: {backend.decoder}, {precision}")
+    report.recompute = {"samples": int(len(images)), "max_abs_diff": max_diff, "top1_agreement": float(agree.mean()),
+                        "mean_tv": float(tv.mean()), "max_tv": float(tv.max()), "exact_conditions": exact}
+    if exact:
+        real_disagreement = ~agree & (margin > tolerance)
+        damaged = (diff > tolerance) | real_disagreement
+        ok = not damaged.any()
+        detail = (f"{len(images)} crops, max |p - p_stored| {max_diff:.2e} over {compared} (tolerance {tolerance:.0e}; worst: image "
+                  f"{int(images[worst])} crop {int(crops[worst])}), top-1 agreement {agree.mean():.1%} ({conditions})")
+    else:
+        damaged = tv > DAMAGE_TV
+        ok = not damaged.any() and float(tv.mean()) <= DRIFT_MEAN_TV and agreement >= DRIFT_MIN_AGREEMENT
+        detail = (f"{len(images)} crops, numeric drift expected ({conditions}): mean TV {tv.mean():.4f} (<= {DRIFT_MEAN_TV}), "
+                  f"top-1 agreement {agreement:.1%} on untied crops (>= {DRIFT_MIN_AGREEMENT:.0%}), max TV {tv.max():.3f} "
+                  f"(a crop above {DAMAGE_TV} is damage)")
+    report.add("recompute vs stored", ok, detail)
+    for s in np.unique(images[damaged] // store.images_per_shard).tolist():
         report.damaged_shards.add(int(s))
 
 
