@@ -8,6 +8,7 @@ partial run left them); rank 0 creates the store and finalises it.
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -228,12 +229,21 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
             crops_done += n
             progress.advance(task, n / cfg.crops_per_image)
 
-        for shard in mine:
-            start, stop = writer.shard_range(shard)
-            windows, flips, probs = _label_shard(stream, ensemble, cfg, start, stop, sizes, excluded, on_crops)
-            with _writing(cfg.out):
-                writer.write_shard(shard, windows, flips, probs)
-            images_done += stop - start
-            progress.update(task, completed=images_done)
+        # The write (encode + disk) of shard s overlaps the teacher pass of shard s+1, on one writer
+        # thread; at most one shard waits to be written (memory: two shards' float32 labels).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as pool:
+            in_flight: Future | None = None
+            for shard in mine:
+                start, stop = writer.shard_range(shard)
+                windows, flips, probs = _label_shard(stream, ensemble, cfg, start, stop, sizes, excluded, on_crops)
+                if in_flight is not None:
+                    with _writing(cfg.out):
+                        in_flight.result()
+                in_flight = pool.submit(writer.write_shard, shard, windows, flips, probs)
+                images_done += stop - start
+                progress.update(task, completed=images_done)
+            if in_flight is not None:
+                with _writing(cfg.out):
+                    in_flight.result()
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
             "fp32_fallbacks": ensemble.fp32_fallbacks}
