@@ -22,3 +22,11 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The GPU check (benchmarks/gpu_check.py, docs/benchmarks.md "GPU check"): `make gpu-check` with this
+# venv; GPU_CHECK_ARGS="--device cpu --quick" for the CPU smoke run. On a GPU host whose Python already
+# has torch, DALI and zarr (and no package index): `make gpu-check GPU_PY=python3` (no venv, no install).
+GPU_PY ?= $(PY)
+.PHONY: gpu-check
+gpu-check: $(if $(filter $(PY),$(GPU_PY)),$(STAMP))
+	PYTHONPATH=. $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

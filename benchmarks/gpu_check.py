@@ -1,0 +1,946 @@
+"""One command that proves the GPU path (issue 10): builds its own data and teachers, runs the real
+stages, prints one PASS/FAIL/WARN/SKIP/INFO table and writes the same rows as JSON.
+
+    PYTHONPATH=. python3 benchmarks/gpu_check.py                      # on a GPU host (~6 min on one H100)
+    python benchmarks/gpu_check.py --device cpu --quick               # the CPU smoke run the tests use
+
+Nothing is downloaded. The script writes, under --work: an ImageFolder of JPEGs made with PIL
+(short sides 200-500 px, mixed aspect ratios, baseline / progressive / 4:4:4 / grayscale / CMYK
+files, EXIF orientation tags, a few 2000+ px images, one corrupt file), small torchvision teachers
+(random weights trained for a few seconds where there is a GPU, BatchNorm statistics re-estimated
+on the images) saved as state dicts and used as ``torchvision:ARCH@FILE.pth``. Then the checks:
+
+* ``store cpu==cuda``    CPU store vs CUDA store of the same data (sizes, windows, flips, excluded
+                         bit-equal; labels top-1 agreement >= 98%, mean total variation <= 0.02)
+* ``replay identity``    the crops stage one labelled (precompute's CropStream) vs stage two's
+                         ReplayLoader with K=1, K=2 and another batch order and size: bit-equal
+* ``resume``             distill --val 3 epochs SIGKILLed in epoch 3 (after the epoch-2 checkpoint), then --resume,
+                         vs a straight 3-epoch run: per-epoch losses within 2%
+* ``distill gpu~cpu``    per-epoch loss of the CUDA run vs a CPU run, within 5%
+* ``evaluate gpu~cpu``   evaluate of one checkpoint on CUDA vs CPU, within one image
+* ``torchrun ...``       1-process ``torch.distributed.run`` precompute and distill, equal to the
+                         plain runs
+* throughput ratios      precompute / teacher-forward-only >= 0.85, distill / student-step-only
+                         >= 0.80, loader alone >= 1.25 x the student's step rate (one run, nothing
+                         else running; PASS/FAIL only for --device cuda without --quick)
+
+Exit status 0 when no row FAILs, 1 otherwise. Details: docs/benchmarks.md, section "GPU check".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where used: the image-writing workers need only numpy and PIL
+    import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# `python benchmarks/gpu_check.py` puts benchmarks/ first on sys.path, where distill.py and precompute.py
+# would shadow the packages of the same names: the repository root goes first, the script's folder out.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "benchmarks")]
+
+MARKER = ".mealkd-gpu-check"
+STATUSES = ("PASS", "FAIL", "WARN", "SKIP", "INFO")
+TOP1_AGREEMENT, MEAN_TV = 0.98, 0.02
+RESUME_TOL, DEVICE_LOSS_TOL = 0.02, 0.05
+PRECOMPUTE_RATIO, DISTILL_RATIO, LOADER_RATIO = 0.85, 0.80, 1.25
+
+
+# ---------------------------------------------------------------------------------------------
+# settings and results
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run (--quick or full)."""
+
+    classes: int
+    per_class: int            # training images per class of the correctness tree (+ 1 corrupt file)
+    val_per_class: int
+    short_side: tuple[int, int]
+    large: int                # images with a 2000+ px side (full) / the largest side (quick)
+    large_side: int
+    crops: int                # R
+    size: int                 # S
+    teachers: tuple[str, ...]
+    teacher_seconds: float    # training time per teacher (0: random weights, BatchNorm re-estimated)
+    student: str
+    batch: int
+    epochs: int
+    lr: float
+    bench_per_class: int      # throughput tree (0: reuse the correctness tree)
+    bench_crops: int
+    bench_size: int
+    bench_teachers: tuple[str, ...]
+    bench_student: str
+    bench_batch: int
+    timeout_s: int            # per subprocess
+
+
+QUICK = Plan(classes=3, per_class=8, val_per_class=3, short_side=(32, 64), large=1, large_side=160, crops=2, size=24,
+             teachers=("resnet18", "mobilenet_v3_small"), teacher_seconds=0.0, student="mobilenet_v3_small", batch=8,
+             epochs=3, lr=0.05, bench_per_class=0, bench_crops=2, bench_size=24, bench_teachers=("resnet18",),
+             bench_student="mobilenet_v3_small", bench_batch=8, timeout_s=150)
+FULL = Plan(classes=8, per_class=24, val_per_class=8, short_side=(200, 500), large=3, large_side=2400, crops=4, size=128,
+            teachers=("resnet18", "mobilenet_v3_large"), teacher_seconds=12.0, student="resnet18", batch=32,
+            epochs=3, lr=0.05, bench_per_class=512, bench_crops=8, bench_size=224, bench_teachers=("resnet50", "resnet101"),
+            bench_student="resnet50", bench_batch=128, timeout_s=420)
+
+
+@dataclass
+class Row:
+    check: str
+    status: str
+    value: str = ""
+    threshold: str = ""
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Ctx:
+    """What the checks share: paths, device, settings, environment for subprocesses."""
+
+    work: Path
+    device: str
+    quick: bool
+    plan: Plan
+    threads: int
+    logs: Path = field(init=False)
+    paths: dict[str, Path] = field(default_factory=dict)
+    jobs: list["Job"] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.logs = self.work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    @property
+    def target_run(self) -> bool:
+        """Throughput thresholds are the target only for a full run on CUDA."""
+        return self.cuda and not self.quick
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "MEALKD_TEST_KILL_AT"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads), **extra)
+        return env
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------------------------
+def nvidia_smi() -> str | None:
+    """'GPU name, driver version' from nvidia-smi (None without one)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def environment() -> dict:
+    """Versions and hardware, printed at the top and stored in the JSON."""
+    import nvidia.dali
+    import torch
+    import torchvision
+    import zarr
+
+    smi = nvidia_smi()
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "nvidia_smi": smi,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "dali": nvidia.dali.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# data: a realistic JPEG ImageFolder, written with PIL
+# ---------------------------------------------------------------------------------------------
+VARIANTS = ("baseline", "progressive", "444", "gray", "cmyk", "exif6", "exif3", "exif8")
+ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 3 / 2)
+
+
+def class_pixels(rng: np.random.Generator, k: int, classes: int, h: int, w: int) -> np.ndarray:
+    """Smooth random colour field + stripes whose angle and frequency, and a tint, depend on the class."""
+    from PIL import Image
+
+    coarse = rng.integers(0, 256, size=(max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), dtype=np.float32) * 0.6
+    angle = math.pi * k / classes
+    freq = (3 + k % 3) * 2 * math.pi / min(h, w) * 4
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    stripes = 50.0 * np.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 2 * math.pi))
+    base += stripes[..., None]
+    base[..., k % 3] += 60.0
+    return np.clip(base + 30.0, 0, 255).astype(np.uint8)
+
+
+def write_jpeg(job: tuple) -> None:
+    """One file: (path, height, width, variant, class, classes, seed)."""
+    from PIL import Image
+
+    path, h, w, variant, k, classes, seed = job
+    img = Image.fromarray(class_pixels(np.random.default_rng(seed), k, classes, h, w))
+    kwargs: dict = {"quality": 90}
+    if variant == "progressive":
+        kwargs.update(progressive=True, quality=85)
+    elif variant == "444":
+        kwargs.update(subsampling=0, quality=92)
+    elif variant == "gray":
+        img = img.convert("L")
+    elif variant == "cmyk":
+        img = img.convert("CMYK")
+    elif variant.startswith("exif"):
+        exif = img.getexif()
+        exif[0x0112] = int(variant[4:])
+        kwargs["exif"] = exif.tobytes()
+    img.save(path, "JPEG", **kwargs)
+
+
+def image_jobs(root: Path, classes: int, per_class: int, plan: Plan, seed: int, large: int) -> list[tuple]:
+    """The files of one tree: sizes, aspect ratios and variants cycle; ``large`` big images."""
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for k in range(classes):
+        (root / f"class_{k:02d}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            n = k * per_class + i
+            short = int(rng.integers(plan.short_side[0], plan.short_side[1] + 1))
+            aspect = ASPECTS[n % len(ASPECTS)]
+            h, w = (short, round(short * aspect)) if aspect >= 1 else (round(short / aspect), short)
+            if n < large:  # spread over the first classes
+                h, w = (plan.large_side * 3 // 4, plan.large_side) if n % 2 == 0 else (plan.large_side, plan.large_side * 2 // 3)
+            jobs.append((str(root / f"class_{k:02d}" / f"img_{i:04d}.jpg"), h, w, VARIANTS[n % len(VARIANTS)], k, classes, seed * 100003 + n))
+    return jobs
+
+
+def make_tree(root: Path, classes: int, per_class: int, plan: Plan, *, seed: int, large: int, corrupt: bool, workers: int) -> Path:
+    """Write the tree (in parallel where there are cores); one corrupt file if asked."""
+    jobs = image_jobs(root, classes, per_class, plan, seed, large)
+    if workers > 1 and len(jobs) > 64:
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(write_jpeg, jobs, chunksize=16))
+    else:
+        for job in jobs:
+            write_jpeg(job)
+    if corrupt:
+        (root / "class_01" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg, truncated " * 8)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# teachers: torchvision architectures, a few seconds of training (GPU) and re-estimated BatchNorm
+# ---------------------------------------------------------------------------------------------
+def load_pixels(tree: Path, size: int, limit: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Readable images of the tree (at most ``limit``, evenly spread), EXIF-oriented, RGB, resized to
+    size x size (uint8 NCHW), and their classes."""
+    import torch
+    from PIL import Image, ImageOps
+
+    files = [(path, k) for k, d in enumerate(sorted(p for p in tree.iterdir() if p.is_dir())) for path in sorted(d.iterdir())]
+    if limit is not None and len(files) > limit:
+        files = [files[i] for i in np.linspace(0, len(files) - 1, limit).round().astype(int)]
+    images, labels = [], []
+    for path, k in files:
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (size * 2, size * 2))
+                rgb = ImageOps.exif_transpose(img).convert("RGB").resize((size, size), Image.BILINEAR)
+        except OSError:
+            continue  # the corrupt file
+        images.append(torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1))
+        labels.append(k)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def normalised(batch: "torch.Tensor") -> "torch.Tensor":
+    """uint8 NCHW -> float, ImageNet mean/std (what a torchvision:ARCH@FILE teacher is fed)."""
+    import torch
+
+    mean = torch.tensor([0.485, 0.456, 0.406], device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=batch.device).view(1, 3, 1, 1)
+    return (batch.float() / 255.0 - mean) / std
+
+
+def augment(batch: "torch.Tensor", rng: np.random.Generator) -> "torch.Tensor":
+    """A random crop (rescaled back) and a random flip of a float batch, the same for the whole batch."""
+    import torch.nn.functional as F
+
+    s = batch.shape[-1]
+    c = int(rng.integers(max(4, s // 2), s + 1))
+    y, x = (int(v) for v in rng.integers(0, s - c + 1, size=2))
+    out = F.interpolate(batch[..., y : y + c, x : x + c], size=(s, s), mode="bilinear", align_corners=False)
+    return out.flip(-1) if rng.random() < 0.5 else out
+
+
+def reestimate_batchnorm(model: "torch.nn.Module", images: "torch.Tensor", batches: int = 4, batch: int = 32) -> None:
+    """Replace running statistics by the average over a few batches of real images."""
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(batches):
+            idx = torch.randint(0, len(images), (min(batch, len(images)),), generator=gen)
+            model(normalised(images[idx]))
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+
+
+def fit_teacher(arch: str, classes: int, images: "torch.Tensor", labels: "torch.Tensor", seconds: float, device: str, seed: int) -> dict:
+    """A torchvision model: trained on the images for ``seconds`` (0: random weights), BatchNorm re-estimated."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, num_classes=classes).to(device)
+    images, labels = images.to(device), labels.to(device)
+    if seconds > 0:
+        rng = np.random.default_rng(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        model.train()
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            idx = torch.from_numpy(rng.integers(0, len(images), size=min(64, len(images)))).to(device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = torch.nn.functional.cross_entropy(model(augment(normalised(images[idx]), rng)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    reestimate_batchnorm(model, images)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def teacher_specs(archs: tuple[str, ...], tree: Path, out_dir: Path, classes: int, size: int, seconds: float, device: str) -> str:
+    """Write one state dict per architecture; the comma list of ``torchvision:ARCH@FILE.pth`` specs."""
+    import torch
+
+    images, labels = load_pixels(tree, size, limit=None if seconds > 0 else 256)  # BatchNorm statistics need only a few batches
+    specs = []
+    for i, arch in enumerate(archs):
+        path = out_dir / f"teacher_{arch}_{size}.pth"
+        if not path.exists():
+            torch.save(fit_teacher(arch, classes, images, labels, seconds, device, seed=i), path)
+        specs.append(f"torchvision:{arch}@{path}" + (":w=0.5" if i else ""))
+    return ",".join(specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# subprocesses
+# ---------------------------------------------------------------------------------------------
+class Job:
+    """A ``cli.py`` (or ``torch.distributed.run``) subprocess started now, waited for on first use."""
+
+    def __init__(self, ctx: Ctx, name: str, args: list[str], *, torchrun: bool = False, env: dict | None = None):
+        self.name = name
+        self.log = ctx.logs / f"{name}.log"
+        self.timeout = ctx.plan.timeout_s
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun else [sys.executable]
+        self.cmd = [*launcher, "cli.py", *args]
+        self.started = time.perf_counter()
+        self._handle = open(self.log, "w")
+        self._handle.write(" ".join(self.cmd) + "\n\n")
+        self._handle.flush()
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env or ctx.env(), stdout=subprocess.PIPE, stderr=self._handle, text=True)
+        self.stdout = ""
+        self.returncode: int | None = None
+        self.seconds = 0.0
+        ctx.jobs.append(self)
+
+    def wait(self) -> "Job":
+        if self.returncode is None:
+            try:
+                self.stdout, _ = self.proc.communicate(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.stdout, _ = self.proc.communicate()
+            self.returncode = self.proc.returncode
+            self.seconds = time.perf_counter() - self.started
+            self._handle.close()
+        return self
+
+    def tail(self, lines: int = 3) -> str:
+        text = [line for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        return " | ".join(text[-lines:])[-400:]
+
+    def require(self, code: int = 0) -> "Job":
+        """Wait; raise with the log's tail unless the exit status is ``code``."""
+        self.wait()
+        if self.returncode != code:
+            raise CheckError(f"{self.name} exited {self.returncode} (want {code}): {self.tail()} [log {self.log}]")
+        return self
+
+
+class CheckError(Exception):
+    """A check's failure, with a one-line reason."""
+
+
+def precompute_args(ctx: Ctx, data: Path, teachers: str, out: Path, device: str, *, crops: int, size: int, batch: int) -> list[str]:
+    return ["precompute", "--data", str(data), "--teachers", teachers, "--out", str(out), "--crops-per-image", str(crops),
+            "--image-size", str(size), "--batch-size", str(batch), "--device", device, "--skip-bad", "--num-threads", str(ctx.threads)]
+
+
+def distill_args(ctx: Ctx, store: Path, out: Path, device: str, *, epochs: int | None = None, val: bool = True) -> list[str]:
+    p = ctx.plan
+    return ["distill", "--labels", str(store), "--data", str(ctx.paths["train"]), "--student", f"torchvision:{p.student}",
+            "--init", "scratch", "--out", str(out), "--epochs", str(epochs or p.epochs), "--batch-size", str(p.batch), "--lr", str(p.lr),
+            "--device", device, "--num-threads", str(ctx.threads)] + (["--val", str(ctx.paths["val"])] if val else [])
+
+
+def kill_in_epoch_3(store: Path, batch: int) -> str:
+    """MEALKD_TEST_KILL_AT value that SIGKILLs distill at the first step of epoch 3, after the epoch-2
+    checkpoint landed (steps per epoch = ceil(usable images / batch) with K = 1)."""
+    steps = -(-int((~np.asarray(open_store(store).excluded, bool)).sum()) // batch)
+    return f"distill-step:{2 * steps + 1}"
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# store comparisons
+# ---------------------------------------------------------------------------------------------
+def open_store(path: Path):
+    import storage
+
+    return storage.open_store(str(path))
+
+
+def label_agreement(a, b) -> tuple[float, float, bool]:
+    """(top-1 agreement, mean total variation, bit-equal) over every usable (image, crop) of two stores."""
+    usable = np.flatnonzero(~np.asarray(a.excluded, bool))
+    r = a.crops_per_image
+    ids, crops = np.repeat(usable, r), np.tile(np.arange(r), len(usable))
+    pa, pb = a.labels(ids, crops), b.labels(ids, crops)
+    top1 = float((pa.argmax(1) == pb.argmax(1)).mean())
+    tv = float(0.5 * np.abs(pa - pb).sum(1).mean())
+    return top1, tv, bool(np.array_equal(pa, pb))
+
+
+def geometry_differences(a, b) -> list[str]:
+    """Which of sizes / windows / flips / excluded differ between two stores."""
+    names = ("sizes", "windows", "flips", "excluded")
+    return [n for n in names if not np.array_equal(np.asarray(getattr(a, n)), np.asarray(getattr(b, n)))]
+
+
+def compare_stores(check: str, path_a: Path, path_b: Path) -> Row:
+    a, b = open_store(path_a), open_store(path_b)
+    differing = geometry_differences(a, b)
+    top1, tv, equal = label_agreement(a, b)
+    n_ex = int(np.asarray(a.excluded).sum())
+    ok = not differing and top1 >= TOP1_AGREEMENT and tv <= MEAN_TV
+    detail = (f"geometry differs: {', '.join(differing)}; " if differing else "sizes/windows/flips/excluded bit-equal; ") + \
+        f"{int((~np.asarray(a.excluded)).sum())} images x {a.crops_per_image} crops, {n_ex} excluded; labels {'bit-equal' if equal else 'differ'}"
+    return Row(check, "PASS" if ok else "FAIL", f"top1 {top1:.2%}, TV {tv:.4f}", f"top1>={TOP1_AGREEMENT:.0%}, TV<={MEAN_TV}", detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# replay identity (in-process, on the chosen device)
+# ---------------------------------------------------------------------------------------------
+def pixel_key(tensor) -> bytes:
+    return hashlib.blake2b(tensor.detach().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+
+
+def stage_one_crops(store, index, norm, backend, batch: int, threads: int) -> dict[bytes, tuple[int, int]]:
+    """Pixel key -> (image, slot) of every stored crop, cut by precompute's own CropStream."""
+    from precompute.crops import CropStream
+
+    usable = np.flatnonzero(~np.asarray(store.excluded, bool)).tolist()
+    stream = CropStream(index, [norm], backend, batch_size=batch, num_threads=threads)
+    keys: dict[bytes, tuple[int, int]] = {}
+    for b in stream.batches(usable, usable, store.windows, store.flips):
+        for row, crop, tensor in zip(b.rows.tolist(), b.crops.tolist(), b.inputs[0]):
+            keys[pixel_key(tensor)] = (row, crop)
+    if len(keys) != len(usable) * store.crops_per_image:
+        raise CheckError(f"stage one produced {len(keys)} distinct crops for {len(usable) * store.crops_per_image} stored ones")
+    return keys
+
+
+def replay_mismatches(loader, epochs: list[int], keys: dict, store) -> tuple[int, int, set]:
+    """(crops seen, crops whose pixels or labels are not the planned stored crop's, (image, slot) seen)."""
+    seen, bad, used = 0, 0, set()
+    for epoch in epochs:
+        ids, slots, k = loader.images(epoch), loader.slots(epoch), loader.crops_per_step
+        position = 0
+        for batch in loader.epoch(epoch):
+            n = batch.images.shape[0] // k
+            planned = [(int(ids[position + i]), slots[j]) for i in range(n) for j in range(k)]
+            found = [keys.get(pixel_key(t)) for t in batch.images]
+            want = store.labels(np.array([p[0] for p in planned]), np.array([p[1] for p in planned]))
+            label_ok = np.array_equal(batch.labels.cpu().numpy(), want)
+            bad += sum(f != p for f, p in zip(found, planned)) + (0 if label_ok else len(planned))
+            seen += len(planned)
+            used.update(planned)
+            position += n
+    return seen, bad, used
+
+
+def check_replay(ctx: Ctx) -> Row:
+    import storage
+    from core.dali_io import resolve_backend
+    from core.dataset import scan_image_folder
+    from core.replay import Normalization
+    from distill.loader import ReplayLoader
+
+    index = scan_image_folder(ctx.paths["train"])
+    store = storage.open_store(str(ctx.paths["store"]), fingerprint=index.fingerprint, class_names=index.class_names)
+    backend = resolve_backend(ctx.device)
+    norm = Normalization(size=int(store.attrs["crop"]["image_size"]))
+    r, b = store.crops_per_image, ctx.plan.batch
+    keys = stage_one_crops(store, index, norm, backend, batch=b * 2 + 3, threads=ctx.threads)
+    runs = [("K=1", 1, b, 0, list(range(r))), ("K=2", 2, b, 0, list(range(r // 2))), ("K=1 other order/batch", 1, b + 3, 11, [0])]
+    parts, total_bad, total = [], 0, 0
+    for name, k, batch, seed, epochs in runs:
+        loader = ReplayLoader(store, index, norm, backend, batch_size=batch, crops_per_step=k, seed=seed, num_threads=ctx.threads)
+        try:
+            seen, bad, used = replay_mismatches(loader, epochs, keys, store)
+        finally:
+            loader.close()
+        full = len(used) == len(keys) if name != "K=1 other order/batch" else True
+        total_bad += bad + (0 if full else 1)
+        total += seen
+        parts.append(f"{name} batch {batch}: {seen - bad}/{seen} identical" + ("" if full else " (not every stored crop visited)"))
+    return Row("replay identity (stage 1 == stage 2)", "PASS" if total_bad == 0 else "FAIL", f"{total - total_bad}/{total} bit-equal",
+               "all bit-equal", f"{ctx.device}: " + "; ".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# distill: resume, devices, evaluate, torchrun
+# ---------------------------------------------------------------------------------------------
+def check_resume(straight: Job, killed: Job, resumed_args: list[str], ctx: Ctx) -> Row:
+    import torch
+
+    straight.require()
+    killed.require(-9)
+    killed_dir = Path(killed.cmd[killed.cmd.index("--out") + 1])
+    epoch = torch.load(killed_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]
+    if epoch != 2:
+        raise CheckError(f"the killed run's checkpoint is at epoch {epoch}, not 2")
+    Job(ctx, f"distill-resume-{ctx.device}", resumed_args).require()
+    a, b = metrics(Path(straight.cmd[straight.cmd.index("--out") + 1])), metrics(killed_dir)
+    if [r["epoch"] for r in b] != [r["epoch"] for r in a] or "val_top1" not in b[-1]:
+        raise CheckError(f"epochs {[r['epoch'] for r in b]} after resume vs {[r['epoch'] for r in a]} straight (or no val_top1)")
+    diff = max_rel_diff([r["loss"] for r in b], [r["loss"] for r in a])
+    exact = [r["loss"] for r in a] == [r["loss"] for r in b]
+    return Row("distill resume == straight", "PASS" if diff <= RESUME_TOL else "FAIL", f"max loss diff {diff:.2%}", f"<={RESUME_TOL:.0%}",
+               f"{ctx.device}, --val: SIGKILLed at the first step of epoch 3, --resume to 3; losses "
+               f"{'identical' if exact else 'differ'}; val top-1 {b[-1]['val_top1']:.2%} vs {a[-1]['val_top1']:.2%}")
+
+
+def check_device_losses(gpu: Job, cpu: Job) -> Row:
+    gpu.require()
+    cpu.require()
+    a = metrics(Path(gpu.cmd[gpu.cmd.index("--out") + 1]))
+    b = metrics(Path(cpu.cmd[cpu.cmd.index("--out") + 1]))
+    diff = max_rel_diff([r["loss"] for r in a], [r["loss"] for r in b])
+    return Row("distill loss cuda ~ cpu", "PASS" if diff <= DEVICE_LOSS_TOL else "FAIL", f"max loss diff {diff:.2%}", f"<={DEVICE_LOSS_TOL:.0%}",
+               f"each on its own device's store; final loss {a[-1]['loss']:.4f} (cuda) vs {b[-1]['loss']:.4f} (cpu)")
+
+
+def check_evaluate(jobs: dict[str, Job]) -> Row:
+    results = {name: json.loads(job.require().stdout.strip().splitlines()[-1]) for name, job in jobs.items()}
+    g, c = results["cuda"], results["cpu"]
+    if g["images"] != c["images"]:
+        raise CheckError(f"evaluated {g['images']} images on cuda vs {c['images']} on cpu")
+    off = abs(g["top1"] - c["top1"]) * g["images"]
+    return Row("evaluate cuda ~ cpu", "PASS" if off <= 1 + 1e-6 else "FAIL", f"{off:.0f} image(s) apart", "<=1 image",
+               f"top-1 {g['top1']:.2%} (cuda) vs {c['top1']:.2%} (cpu) on {g['images']} images, {g['unreadable']} unreadable skipped")
+
+
+def check_torchrun_precompute(job: Job, plain_store: Path, ctx: Ctx) -> Row:
+    job.require()
+    row = compare_stores("torchrun 1-process precompute", Path(job.cmd[job.cmd.index("--out") + 1]), plain_store)
+    row.detail = f"{'nccl' if ctx.cuda else 'gloo'} launch, {row.detail}; vs plain precompute. {WORLD_ONE}"
+    return row
+
+
+def check_torchrun_distill(job: Job, straight: Job, ctx: Ctx) -> Row:
+    job.require()
+    straight.require()
+    a = metrics(Path(job.cmd[job.cmd.index("--out") + 1]))
+    b = metrics(Path(straight.cmd[straight.cmd.index("--out") + 1]))
+    if [r["epoch"] for r in a] != [1]:
+        raise CheckError(f"the torchrun run logged epochs {[r['epoch'] for r in a]}, not [1]")
+    diff = max_rel_diff([a[0]["loss"]], [b[0]["loss"]])
+    return Row("torchrun 1-process distill", "PASS" if diff <= RESUME_TOL else "FAIL", f"loss diff {diff:.2%}", f"<={RESUME_TOL:.0%}",
+               f"{'nccl' if ctx.cuda else 'gloo'} launch, {ctx.device}, --epochs 1 vs epoch 1 of the plain straight run (epoch 1's "
+               f"cosine lr does not depend on --epochs); losses {'identical' if a[0]['loss'] == b[0]['loss'] else 'differ'}. {WORLD_ONE}")
+
+
+WORLD_ONE = ("Note: with WORLD_SIZE=1 core.distributed.init_distributed forms no process group, so this proves the "
+             "launcher path, not NCCL/gloo collectives")
+
+
+# ---------------------------------------------------------------------------------------------
+# throughput (in-process, one measurement at a time)
+# ---------------------------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def quiet_console():
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=True)
+
+
+def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
+    """End to end on a fresh store, then the labelling pass alone: every shard marked not done and rerun."""
+    import zarr
+
+    from precompute.runner import PrecomputeConfig, run_precompute
+
+    p = ctx.plan
+    cfg = PrecomputeConfig(data=str(data), teachers=teachers, out=str(out), crops_per_image=p.bench_crops, image_size=p.bench_size,
+                           batch_size=p.bench_batch, device=ctx.device, skip_bad=True, num_threads=ctx.threads)
+    t0 = time.perf_counter()
+    run_precompute(cfg, quiet_console())
+    fresh = time.perf_counter() - t0
+    zarr.open_group(str(out), mode="r+")["done"][:] = False
+    t0 = time.perf_counter()
+    summary = run_precompute(cfg, quiet_console())
+    labelling = time.perf_counter() - t0
+    if not summary.get("complete"):
+        raise CheckError("the rerun over pending shards did not complete the store")
+    return {"crops": summary["crops"], "fresh_s": fresh, "labelling_s": labelling}
+
+
+def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int = 8) -> float:
+    """Seconds for the ensemble alone over ``crops`` crops: real stored crops held on the device, cycled."""
+    import storage
+    from core.dali_io import resolve_backend
+    from core.dataset import scan_image_folder
+    from core.models import load_model, parse_spec_list
+    from precompute.crops import CropStream
+    from precompute.ensemble import TeacherEnsemble
+
+    p = ctx.plan
+    index = scan_image_folder(data)
+    store = storage.open_store(str(store_path))
+    backend = resolve_backend(ctx.device)
+    models = [load_model(s, num_classes=len(index.class_names)) for s in parse_spec_list(teachers)]
+    ensemble = TeacherEnsemble(models, default_size=p.bench_size, temperature=1.0, device=backend.device)
+    usable = np.flatnonzero(~np.asarray(store.excluded, bool))[: math.ceil(pool_batches * p.bench_batch / p.bench_crops)].tolist()
+    stream = CropStream(index, ensemble.norms, backend, batch_size=p.bench_batch, num_threads=ctx.threads)
+    pool = [b.inputs for b in stream.batches(usable, usable, store.windows, store.flips)]
+    pool = [x for x in pool if x[0].shape[0] == p.bench_batch] or pool
+    ensemble(pool[0])
+    sync(ctx.device)
+    done, i = 0, 0
+    t0 = time.perf_counter()
+    while done < crops:
+        done += ensemble(pool[i % len(pool)]).shape[0]
+        i += 1
+    sync(ctx.device)
+    return (time.perf_counter() - t0) * crops / done
+
+
+def student_step(trainer, batch) -> None:
+    """One training step exactly as Trainer.train_epoch takes it (forward, losses, D, backward, both optimisers)."""
+    import torch
+
+    from core.accel import as_model_input, autocast_for
+    from distill.losses import teacher_agreement
+
+    images = as_model_input(batch.images)
+    with autocast_for(trainer.device, trainer.precision):
+        logits = trainer.ddp_model(images)
+    parts, terms = trainer.losses(logits, batch)
+    total = parts.total + terms.d_term
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if trainer.d_optimizer is not None:
+        trainer.d_optimizer.zero_grad(set_to_none=True)
+    trainer.scaler.scale(total).backward()
+    trainer.scaler.step(trainer.optimizer)
+    if trainer.d_optimizer is not None:
+        trainer.scaler.step(trainer.d_optimizer)
+    trainer.scaler.update()
+    with torch.no_grad():
+        torch.stack([parts.soft.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
+
+
+def time_distill(ctx: Ctx, data: Path, store: Path, out: Path) -> dict:
+    """Loader alone (one epoch), the student step alone (batches already on the device), then the real
+    Trainer for 2 epochs (epoch 2's crops/s); one Trainer, nothing else running."""
+    from distill.trainer import DistillConfig, Trainer
+
+    p = ctx.plan
+    cfg = DistillConfig(labels=str(store), data=str(data), student=f"torchvision:{p.bench_student}", init="scratch", out=str(out),
+                        epochs=2, batch_size=p.bench_batch, lr=p.lr, device=ctx.device, num_threads=ctx.threads)
+    trainer = Trainer(cfg, quiet_console())
+    try:
+        steps = trainer.loader.steps_per_epoch()
+        crops, t0 = 0, time.perf_counter()
+        pool = []
+        for batch in trainer.loader.epoch(1):
+            crops += batch.images.shape[0]
+            if len(pool) < 8:
+                pool.append(batch)
+        sync(ctx.device)
+        loader_rate = crops / (time.perf_counter() - t0)
+        trainer.model.train()
+        for batch in pool[:2]:
+            student_step(trainer, batch)
+        sync(ctx.device)
+        crops, t0 = 0, time.perf_counter()
+        for i in range(steps):
+            student_step(trainer, pool[i % len(pool)])
+            crops += pool[i % len(pool)].images.shape[0]
+        sync(ctx.device)
+        student_rate = crops / (time.perf_counter() - t0)
+        records = trainer.run()
+    finally:
+        trainer.close()
+    return {"loader": loader_rate, "student": student_rate, "distill": records[-1]["crops_per_s"], "steps": steps}
+
+
+def ratio_row(ctx: Ctx, check: str, ratio: float, threshold: float, detail: str) -> Row:
+    met = ratio >= threshold
+    status = ("PASS" if met else "FAIL") if ctx.target_run else ("INFO" if met else "WARN")
+    note = "" if ctx.target_run else " (not a target run: --device cpu or --quick; reported, never FAIL)"
+    return Row(check, status, f"{ratio:.2f}", f">={threshold}", detail + note)
+
+
+def throughput_rows(ctx: Ctx) -> list[Row]:
+    bench = ctx.paths["bench"]
+    pre = time_precompute(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
+    teacher_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"])
+    d = time_distill(ctx, bench, ctx.work / "bench.zarr", ctx.work / "runs" / "bench")
+    p = ctx.plan
+    what = f"{ctx.device}, {pre['crops']} crops at {p.bench_size}px"
+    return [
+        ratio_row(ctx, "precompute / teacher-only", teacher_s / pre["labelling_s"], PRECOMPUTE_RATIO,
+                  f"{what}, teachers {'+'.join(p.bench_teachers)}: {pre['crops'] / pre['labelling_s']:.0f} vs "
+                  f"{pre['crops'] / teacher_s:.0f} crops/s (labelling pass: rerun over all-pending shards: decode, cut, "
+                  f"teachers, shard writes, finalize)"),
+        Row("precompute end-to-end / teacher-only", "INFO", f"{teacher_s / pre['fresh_s']:.2f}", "-",
+            f"fresh store incl. model load, validation decode of every file, store creation: {pre['crops'] / pre['fresh_s']:.0f} crops/s"),
+        ratio_row(ctx, "distill / student-step-only", d["distill"] / d["student"], DISTILL_RATIO,
+                  f"{ctx.device}, student {p.bench_student}, batch {p.bench_batch}, {d['steps']} steps/epoch: "
+                  f"{d['distill']:.0f} (epoch 2) vs {d['student']:.0f} crops/s"),
+        ratio_row(ctx, "loader / student-step-only", d["loader"] / d["student"], LOADER_RATIO,
+                  f"ReplayLoader alone {d['loader']:.0f} crops/s vs the student's {d['student']:.0f} crops/s"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration
+# ---------------------------------------------------------------------------------------------
+def guarded(check: str, fn: Callable[[], Row | list[Row]]) -> list[Row]:
+    """Run one check; any exception becomes a FAIL row with a one-line reason."""
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+        rows = out if isinstance(out, list) else [out]
+    except Exception as err:  # noqa: BLE001 - every failure is reported as a row, the script goes on
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        rows = [Row(check, "FAIL", "", "", f"{type(err).__name__}: {reason}"[:600])]
+    for r in rows:
+        r.seconds = round(time.perf_counter() - t0, 1)
+    return rows
+
+
+def skip(check: str, reason: str) -> Row:
+    return Row(check, "SKIP", "", "", reason)
+
+
+def prepare(ctx: Ctx) -> None:
+    """Trees and teachers (the bench tree is the training tree with --quick)."""
+    p = ctx.plan
+    workers = max(1, min(16, (os.cpu_count() or 1) - 1))
+    ctx.paths["train"] = make_tree(ctx.work / "train", p.classes, p.per_class, p, seed=1, large=p.large, corrupt=True, workers=workers)
+    ctx.paths["val"] = make_tree(ctx.work / "val", p.classes, p.val_per_class, p, seed=2, large=0, corrupt=False, workers=workers)
+    ctx.paths["bench"] = (make_tree(ctx.work / "bench", p.classes, p.bench_per_class, p, seed=3, large=p.large, corrupt=True, workers=workers)
+                          if p.bench_per_class else ctx.paths["train"])
+    models = ctx.work / "models"
+    models.mkdir(exist_ok=True)
+    ctx.paths["teachers"] = teacher_specs(p.teachers, ctx.paths["train"], models, p.classes, p.size, p.teacher_seconds, ctx.device)
+    ctx.paths["bench_teachers"] = teacher_specs(p.bench_teachers, ctx.paths["bench"], models, p.classes, p.bench_size, 0.0, ctx.device)
+
+
+def run_checks(ctx: Ctx) -> list[Row]:
+    """All checks; every subprocess started is waited for (or killed at its timeout) before returning."""
+    try:
+        return _run_checks(ctx)
+    finally:
+        for job in ctx.jobs:
+            job.wait()
+
+
+def _run_checks(ctx: Ctx) -> list[Row]:
+    p, work, dev = ctx.plan, ctx.work, ctx.device
+    rows: list[Row] = []
+    teachers = ctx.paths["teachers"]
+    ctx.paths["store"] = work / f"store_{dev}.zarr"
+    pre = lambda out, device: precompute_args(ctx, ctx.paths["train"], teachers, out, device, crops=p.crops, size=p.size, batch=p.batch * 2)  # noqa: E731
+    # phase 1: the stores (device store, its torchrun twin, and on CUDA the CPU store)
+    main_store = Job(ctx, f"precompute-{dev}", pre(ctx.paths["store"], dev))
+    torchrun_pre = Job(ctx, "torchrun-precompute", pre(work / "store_torchrun.zarr", dev), torchrun=True)
+    cpu_store = Job(ctx, "precompute-cpu", pre(work / "store_cpu.zarr", "cpu")) if ctx.cuda else None
+    rows += guarded("precompute " + dev, lambda: (main_store.require(), Row(f"precompute {dev}", "PASS", f"{main_store.seconds:.0f} s", "exit 0", "store complete"))[1])
+    if not ctx.paths["store"].exists() or main_store.returncode != 0:
+        return rows + [Row("remaining checks", "FAIL", "", "", "no device store: see the precompute log")]
+
+    # phase 2: distill runs in the background, replay identity in this process
+    runs = work / "runs"
+    straight = Job(ctx, f"distill-straight-{dev}", distill_args(ctx, ctx.paths["store"], runs / f"straight_{dev}", dev))
+    killed_args = distill_args(ctx, ctx.paths["store"], runs / f"killed_{dev}", dev)
+    killed = Job(ctx, f"distill-killed-{dev}", killed_args, env=ctx.env(MEALKD_TEST_KILL_AT=kill_in_epoch_3(ctx.paths["store"], p.batch)))
+    torchrun_distill = Job(ctx, "torchrun-distill", distill_args(ctx, ctx.paths["store"], runs / "torchrun", dev, epochs=1, val=False), torchrun=True)
+    cpu_distill = None
+    if ctx.cuda:
+        cpu_store.require()
+        cpu_distill = Job(ctx, "distill-cpu", distill_args(ctx, work / "store_cpu.zarr", runs / "straight_cpu", "cpu"))
+        rows += guarded("store cpu == cuda", lambda: compare_stores("store cpu == cuda", work / "store_cpu.zarr", ctx.paths["store"]))
+    else:
+        rows.append(skip("store cpu == cuda", "needs CUDA (--device cpu)"))
+    rows += guarded("replay identity (stage 1 == stage 2)", lambda: check_replay(ctx))
+    rows += guarded("torchrun 1-process precompute", lambda: check_torchrun_precompute(torchrun_pre, ctx.paths["store"], ctx))
+    rows += guarded("distill resume == straight", lambda: check_resume(straight, killed, killed_args + ["--resume"], ctx))
+    rows += guarded("torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))
+    if ctx.cuda:
+        rows += guarded("distill loss cuda ~ cpu", lambda: check_device_losses(straight, cpu_distill))
+        ckpt = str(runs / f"straight_{dev}" / "checkpoint.pt")
+        evals = {d: Job(ctx, f"evaluate-{d}", ["evaluate", "--data", str(ctx.paths["val"]), "--checkpoint", ckpt, "--device", d, "--json"]) for d in ("cuda", "cpu")}
+        rows += guarded("evaluate cuda ~ cpu", lambda: check_evaluate(evals))
+    else:
+        rows += [skip("distill loss cuda ~ cpu", "needs CUDA (--device cpu)"), skip("evaluate cuda ~ cpu", "needs CUDA (--device cpu)")]
+    for job in ctx.jobs:
+        job.wait()
+    # phase 3: throughput, alone
+    rows += guarded("throughput", lambda: throughput_rows(ctx))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+def print_env(env: dict, ctx: Ctx) -> None:
+    print("mealkd GPU check")
+    for key, value in env.items():
+        print(f"  {key:<13} {value}")
+    print(f"  {'run':<13} --device {ctx.device}{' --quick' if ctx.quick else ''}, work {ctx.work}, {ctx.threads} CPU thread(s) per process")
+    print(flush=True)
+
+
+def table(rows: list[Row]) -> str:
+    head = ("check", "status", "measured", "threshold", "s")
+    cells = [head] + [(r.check, r.status, r.value, r.threshold, f"{r.seconds:.0f}") for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    line = lambda c: "| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |"  # noqa: E731
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(c) for c in cells[1:]]
+    out.append("")
+    out += [f"- {r.check}: {r.detail}" for r in rows if r.detail]
+    return "\n".join(out)
+
+
+def prepare_work(work: Path) -> Path:
+    """Use ``work`` (created, or emptied if this script made it); refuse a foreign non-empty directory."""
+    work = work.expanduser().resolve()
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARKER).exists():
+            raise SystemExit(f"error: --work {work} is not empty and was not made by this script; choose another directory")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("made by benchmarks/gpu_check.py; emptied on each run\n")
+    return work
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a few dozen small images, tiny teachers): well under a minute on 2 CPU cores")
+    p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mealkd-gpu-check"), help="work directory (emptied if made by this script)")
+    p.add_argument("--json", default=None, help="JSON result file (default: WORK/gpu_check.json)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process (torch and DALI; default 1 with --quick, else min(8, cores/2))")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: torch sees no CUDA device; use --device cpu")
+    started = time.perf_counter()
+    threads = args.threads or (1 if args.quick else max(1, min(8, (os.cpu_count() or 2) // 2)))
+    torch.set_num_threads(threads)
+    ctx = Ctx(work=prepare_work(Path(args.work)), device=args.device, quick=args.quick, plan=QUICK if args.quick else FULL, threads=threads)
+    env = environment()
+    print_env(env, ctx)
+    rows = guarded("data + teachers", lambda: (prepare(ctx), Row("data + teachers", "INFO", "", "", describe_data(ctx)))[1])
+    if rows[0].status != "FAIL":
+        rows += run_checks(ctx)
+    total = time.perf_counter() - started
+    print(table(rows))
+    failed = [r.check for r in rows if r.status == "FAIL"]
+    print(f"\n{'FAIL' if failed else 'PASS'}: {len(rows)} rows, {len(failed)} failed; {total:.0f} s; logs in {ctx.logs}")
+    out = Path(args.json) if args.json else ctx.work / "gpu_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": env, "device": ctx.device, "quick": ctx.quick, "threads": threads, "plan": asdict(ctx.plan),
+                               "seconds": round(total, 1), "passed": not failed, "rows": [asdict(r) for r in rows],
+                               "subprocesses": [{"name": j.name, "exit": j.returncode, "seconds": round(j.seconds, 1), "log": str(j.log)} for j in ctx.jobs]}, indent=2) + "\n")
+    print(f"JSON: {out}")
+    return 1 if failed else 0
+
+
+def describe_data(ctx: Ctx) -> str:
+    """One line on what prepare() made."""
+    p = ctx.plan
+    n = sum(1 for _ in ctx.paths["train"].rglob("*.jpg"))
+    nb = sum(1 for _ in ctx.paths["bench"].rglob("*.jpg"))
+    return (f"train {n} JPEGs ({p.classes} classes, short side {p.short_side[0]}-{p.short_side[1]} px, {p.large} x {p.large_side} px, "
+            f"variants {'/'.join(VARIANTS)}, 1 corrupt), bench {nb}; teachers {'+'.join(p.teachers)} "
+            f"({'trained %.0f s each' % p.teacher_seconds if p.teacher_seconds else 'random'}, BatchNorm re-estimated), bench teachers "
+            f"{'+'.join(p.bench_teachers)} (random, BatchNorm re-estimated)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
