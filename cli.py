@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "distill.commands:evaluate",
     "inspect": "storage.commands:inspect",
     "verify": "precompute.commands:verify",
+    "import-fkd": "precompute.commands:import_fkd",
     "plot": "distill.commands:plot",
     "demo": "demo:demo",
 }

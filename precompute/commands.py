@@ -59,3 +59,29 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
 
     return run_verify(store, data=data, teachers=teachers, sample=sample, tolerance=tolerance, device=device,
                       seed=seed, do_repair=repair, console=Console())
+
+
+@click.command("import-fkd")
+@click.argument("label_dir", metavar="LABEL_DIR")
+@click.option("--data", required=True, help="The training ImageFolder the FKD labels were made for (DIR/<class>/<image>); "
+              "LABEL_DIR/<name of DIR>/<class>/<image>.tar or LABEL_DIR/<class>/<image>.tar holds each image's labels.")
+@click.option("--out", required=True, help="Label store to write (a local path). Rerunning the same command continues it.")
+@click.option("--teacher-name", default=None, help="What made the labels, e.g. 'efficientnet_l2_ns_475 (FKD release)': recorded "
+              "as the store's teacher (FKD's files do not say).")
+@click.option("--image-size", default=224, show_default=True, type=int, help="Crop size S recorded in the store: distill trains at S "
+              "unless given --image-size (FKD's files do not record the teachers' input size).")
+@click.option("--skip-bad", is_flag=True, help="Exclude images whose label file is missing, unreadable or does not fit the image "
+              "(and unreadable or EXIF-rotated images) instead of stopping at the first list of them.")
+@click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads for decoding the images (their sizes).")
+@click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
+def import_fkd(**kwargs) -> None:
+    """Import FKD's released soft labels (one torch.save file per image: crop fractions, flips, top-k
+    indices and values) from LABEL_DIR into a mealkd label store that `mealkd distill` replays."""
+    from precompute.import_fkd import ImportConfig, run_import
+
+    console = Console(stderr=True)
+    summary = run_import(ImportConfig(**kwargs), console)
+    state = "complete" if summary["complete"] else "incomplete (rerun to continue)"
+    console.print(f"[green]import-fkd[/]: {summary['images']} images imported by this run ({summary['crops_per_image']} crops, "
+                  f"top-{summary['topk']}, {summary['excluded']} excluded, {summary['clamped_windows']} windows clamped); "
+                  f"store {kwargs['out']} is {state}")
