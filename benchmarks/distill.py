@@ -14,6 +14,8 @@ process's ru_maxrss, and for DataLoader methods also the largest worker's):
      the same soft CE + discriminator step as (a).
   d  online MEAL V2: (b)'s loader, the store's teachers run on every batch (inference mode), then
      (a)'s soft CE + discriminator step.
+  s  limit: the same Trainer.train_step as (a) on one batch already in memory (no loading at all).
+  l  limit: (a)'s replay loader alone, no training.
 Teachers (random weights; cost is what matters): torchvision resnet18 + mobilenet_v3_small (w=0.5).
 """
 from __future__ import annotations
@@ -246,23 +248,42 @@ def _run_method(args) -> dict:
     tree, store = work / "train", work / "store.zarr"
     classes = args.classes
 
-    if args.method == "a":
+    if args.method in ("a", "s", "l"):
         from distill.trainer import DistillConfig, Trainer
 
-        out = work / "run_a"
+        out = work / f"run_{args.method}"
         if out.exists():
             import shutil
 
             shutil.rmtree(out)
         trainer = Trainer(DistillConfig(labels=str(store), data=str(tree), student=f"torchvision:{args.student}", init="scratch", out=str(out),
-                                        epochs=2, batch_size=args.batch_size, image_size=args.size, num_threads=args.workers, device="cpu"))
+                                        epochs=2, batch_size=args.batch_size, image_size=args.size, num_threads=args.workers, device=args.device))
         try:
-            records = trainer.run()
-            label_bytes = len(trainer.loader.images(0)) * trainer.loader.crops_per_step * classes * 4
+            if args.method == "a":
+                records = trainer.run()
+                label_bytes = len(trainer.loader.images(0)) * trainer.loader.crops_per_step * classes * 4
+                last = records[-1]
+                return {"crops_per_s": last["crops_per_s"], "seconds": last["seconds"], "label_mib_per_rank": 2 * label_bytes / 2**20,
+                        "loader_wait_s": last["loader_wait_s"], "steps": trainer.loader.steps_per_epoch()}
+            if args.method == "l":  # the replay loader alone: no training
+                return {**timed_epochs(lambda images, labels, classes_: images.shape[0], trainer.loader.epoch), "label_mib_per_rank": 0.0}
+            # s: the very same training step on one batch already in memory, as many steps as an epoch
+            batch = next(iter(trainer.loader.epoch(0)))
+            steps = trainer.loader.steps_per_epoch()
+            trainer.ddp_model.train()
+
+            def step(*_) -> int:
+                trainer.train_step(batch)
+                return batch.images.shape[0]
+
+            result = timed_epochs(step, lambda epoch: ((),) * steps)
+            if trainer.device.type == "cuda":
+                import torch as _torch
+
+                _torch.cuda.synchronize()
+            return {**result, "label_mib_per_rank": 0.0}
         finally:
             trainer.close()
-        last = records[-1]
-        return {"crops_per_s": last["crops_per_s"], "seconds": last["seconds"], "label_mib_per_rank": 2 * label_bytes / 2**20}
 
     model = make_student(args, classes)
     if args.method == "b":
@@ -328,7 +349,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DALI threads (a) / DataLoader workers (b, c, d)")
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--methods", default="abcd")
+    parser.add_argument("--methods", default="slabcd", help="s: student step only, l: loader only, a-d: see above")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of methods a, s, l")
     parser.add_argument("--work", default="/tmp/mealkd-bench-distill")
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -346,7 +368,8 @@ def main() -> None:
             sys.exit(f"method {method} failed:\n{done.stderr[-3000:]}")
         results[method] = json.loads(done.stdout.strip().splitlines()[-1])
         print(method, results[method], flush=True)
-    names = {"a": "mealkd distill (DALI replay + store)", "b": "hard labels, torchvision DataLoader (floor)",
+    names = {"s": "limit: the same student step on a batch in memory", "l": "limit: the replay loader alone",
+             "a": "mealkd distill (DALI replay + store)", "b": "hard labels, torchvision DataLoader (floor)",
              "c": "FKD-style (PIL + per-image label files)", "d": "online MEAL V2 (teachers per batch)"}
     print("\n| method | crops/s | vs (a) | peak RSS main / PSS main + workers (MiB) | labels in RAM per rank |")
     print("|---|---|---|---|---|")
@@ -354,6 +377,13 @@ def main() -> None:
     for method, r in results.items():
         ratio = f"{a / r['crops_per_s']:.2f}x" if a and method != "a" else "-"
         print(f"| ({method}) {names[method]} | {r['crops_per_s']:.1f} | {ratio} | {r['rss_mib']} / {r['total_pss_mib']} | {r['label_mib_per_rank']:.2f} MiB |")
+    if "a" in results:
+        ra = results["a"]
+        print(f"\n(a) waited for the loader {ra['loader_wait_s']:.2f} s of its {ra['seconds']:.2f} s timed epoch "
+              f"({1000 * ra['loader_wait_s'] / ra['steps']:.1f} ms per step outside the model step)")
+        for limit in ("s", "l"):
+            if limit in results:
+                print(f"(a) / ({limit}) = {ra['crops_per_s'] / results[limit]['crops_per_s']:.2f}")
     if "d" in results:
         d = results["d"]
         print(f"\n(d) spent {d['teacher_seconds']:.1f} s of its {d['seconds']:.1f} s timed epoch in the teachers")

@@ -260,40 +260,50 @@ class Trainer:
         terms = self.disc(logits.float() / self.temperature, batch.labels)
         return parts, terms
 
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """One optimisation step on ``batch``; returns the step's SUMS values as a device tensor (no host sync)."""
+        images = as_model_input(batch.images)
+        with autocast_for(self.device, self.precision):
+            logits = self.ddp_model(images)
+        parts, terms = self.losses(logits, batch)
+        total = parts.total + terms.d_term
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.d_optimizer is not None:
+            self.d_optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self._reduce_discriminator_grads()
+        self.scaler.step(self.optimizer)
+        if self.d_optimizer is not None:
+            self.scaler.step(self.d_optimizer)
+        self.scaler.update()
+        hard = parts.hard if parts.hard is not None else torch.zeros_like(parts.soft)
+        with torch.no_grad():
+            return torch.stack([parts.soft.detach(), hard.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
+
     def train_epoch(self, epoch: int, progress, task) -> dict:
         self.ddp_model.train()
         # per rank and epoch (independent dropout masks across ranks; a resumed epoch redraws the same)
         torch.manual_seed(seed_for(self.cfg.seed, self.dist.rank, epoch))
-        scaler = self.scaler
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)  # on the device: no per-step host sync
         steps = crops = 0
+        waited = 0.0  # seconds the training thread spent waiting for the loader (input-bound if large)
         started = time.perf_counter()
-        for batch in self.loader.epoch(epoch):
-            images = as_model_input(batch.images)
-            with autocast_for(self.device, self.precision):
-                logits = self.ddp_model(images)
-            parts, terms = self.losses(logits, batch)
-            total = parts.total + terms.d_term
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.d_optimizer is not None:
-                self.d_optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            self._reduce_discriminator_grads()
-            scaler.step(self.optimizer)
-            if self.d_optimizer is not None:
-                scaler.step(self.d_optimizer)
-            scaler.update()
+        batches = iter(self.loader.epoch(epoch))
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
+            sums += self.train_step(batch)
             kill_point("distill-step")
-            hard = parts.hard if parts.hard is not None else torch.zeros_like(parts.soft)
-            with torch.no_grad():
-                sums += torch.stack([parts.soft.detach(), hard.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
             steps += 1
-            crops += images.shape[0]
+            crops += batch.images.shape[0]
             fields = {}
             if steps % REFRESH_EVERY == 1 or steps == progress.tasks[task].total:
                 means = (sums / steps).tolist()
                 fields = dict(loss=means[0], d_loss=means[2], d_acc=means[3], agree=means[4])
-            progress.update(task, advance=1, crops_per_step=images.shape[0] * self.dist.world_size, **fields)
+            progress.update(task, advance=1, crops_per_step=batch.images.shape[0] * self.dist.world_size, **fields)
         elapsed = time.perf_counter() - started
         if self.dist.active:  # log the epoch's global means, not rank 0's shard (every rank runs the same steps)
             torch_dist.all_reduce(sums)
@@ -310,6 +320,7 @@ class Trainer:
             "temperature": self.temperature,
             "crops_per_s": crops * self.dist.world_size / max(elapsed, 1e-9),
             "seconds": elapsed,
+            "loader_wait_s": waited,
         }
         if self.loss.hard_label_weight > 0:
             record["hard_loss"] = means["hard_loss"]
