@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "evaluate": "distill.commands:evaluate",
     "inspect": "storage.commands:inspect",
     "verify": "precompute.commands:verify",
+    "extend": "precompute.commands:extend",
+    "merge": "precompute.commands:merge",
     "import-fkd": "precompute.commands:import_fkd",
     "plot": "distill.commands:plot",
     "demo": "demo:demo",

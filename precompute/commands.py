@@ -61,6 +61,55 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
                       seed=seed, do_repair=repair, console=Console())
 
 
+@click.command()
+@click.argument("store", metavar="STORE")
+@click.option("--crops-per-image", "crops_per_image", required=True, type=int,
+              help="R2: crops per image of the new store; more than STORE's R. Crops 0..R-1 are copied, R..R2-1 labelled.")
+@click.option("--out", required=True, help="The new, extended store (a local path or fsspec URL); STORE is left as it is. "
+              "Rerunning the same command continues it.")
+@click.option("--data", required=True, help="The precompute --data tree, unchanged (its fingerprint is checked).")
+@click.option("--teachers", default=None, help="The precompute --teachers specs (same files, options and :w= weights); "
+              "default: the specs STORE records. Their weights' sha256 must match the store's.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Crops per teacher batch.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="'auto' = the kind of device STORE was decoded on (its crops' pixels depend on it).")
+@click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
+@click.option("--images-per-shard", default=None, type=int, help="Images per shard of the new store (default: sized "
+              "automatically for R2 if STORE's was automatic, else STORE's; top-k: a multiple of STORE's).")
+def extend(**kwargs) -> None:
+    """Grow a finished label store from R to R2 crops per image: the teachers label only the new
+    crops; the result equals a store made with R2 from the start and gets a new store id."""
+    from precompute.extend import ExtendConfig, run_extend
+
+    console = Console(stderr=True)
+    summary = run_extend(ExtendConfig(**kwargs), console)
+    if summary.get("rank", 0) == 0:
+        state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
+        console.print(f"[green]extend[/]: {summary['images']} images, {summary['crops']} new crops labelled by this run; "
+                      f"store {kwargs['out']} is {state}")
+
+
+@click.command()
+@click.argument("stores", nargs=-1, required=True, metavar="STORE STORE [STORE ...]")
+@click.option("--out", required=True, help="The merged store to write (a local path or fsspec URL). Rerunning the same "
+              "command continues it.")
+@click.option("--weights", default=None, help="Comma list, one positive weight per STORE in order (e.g. 1,0.5). Default: "
+              "each store's total recorded teacher weight, i.e. the ensemble of all the teachers with their recorded :w= weights.")
+@click.option("--encoding", default=None, help="Label encoding of the merged store: dense or topk:K. Default: dense if every "
+              "STORE is dense, else topk with K = the sum of the inputs' K (the union of their supports, at most classes - 1).")
+@click.option("--images-per-shard", default=None, type=int, help="Images per shard of the merged store (default: sized automatically).")
+def merge(stores, out, weights, encoding, images_per_shard) -> None:
+    """Merge label stores of the same dataset and crops, made by different teachers, into one
+    weighted-ensemble store that records every teacher (a new store; the inputs are only read)."""
+    from precompute.merge import MergeConfig, run_merge
+
+    console = Console(stderr=True)
+    summary = run_merge(MergeConfig(tuple(stores), out, weights, encoding, images_per_shard), console)
+    state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
+    console.print(f"[green]merge[/]: {len(stores)} stores, {summary['images']} images merged by this run ({summary['encoding']}); "
+                  f"store {out} is {state}")
+
+
 @click.command("import-fkd")
 @click.argument("label_dir", metavar="LABEL_DIR")
 @click.option("--data", required=True, help="The training ImageFolder the FKD labels were made for (DIR/<class>/<image>); "

@@ -1,10 +1,11 @@
-"""``mealkd inspect STORE``: a one-screen summary of a label store."""
+"""``mealkd inspect STORE [--json]``: a one-screen summary of a label store (or one JSON object)."""
 from __future__ import annotations
 
 import json
 
 import click
 
+from storage.lineage import describe_lineage, teacher_tv_bound
 from storage.reader import open_store
 
 
@@ -45,58 +46,114 @@ def _teachers(value, crop_size) -> str:
     return "\n".join(lines)
 
 
-@click.command("inspect")
-@click.argument("store", metavar="STORE")
-@click.option("--sample", default=4096, show_default=True, help="(image, crop) pairs sampled for the label statistics.")
-def inspect(store: str, sample: int) -> None:
-    """Summarise the label store STORE (a path or fsspec URL): teachers, classes, crops,
-    encoding, completeness, size on disk and label statistics."""
-    from rich.console import Console
-    from rich.table import Table
-
+def summary(store: str, sample: int) -> dict:
+    """Everything ``inspect`` shows, as one JSON-able dict (``inspect --json`` prints it)."""
     s = open_store(store, require_complete=False)
     a = s.attrs
-    done = s.done
-    n_done = int(done.sum())
+    n_done = int(s.done.sum())
     nbytes = s.nbytes_on_disk()
-    crops_written = max(1, n_done * s.crops_per_image)
     stats = s.label_stats(sample=sample)
+    if not stats["samples"]:
+        stats = {"samples": 0, "mean_top1": None, "mean_entropy": None, "top1_matches_target": None}
+    crop = a.get("crop") or {}
+    return {
+        "url": store,
+        "store_id": s.store_id,
+        "teachers": a.get("teachers") or [],
+        "crop_size": crop.get("image_size"),
+        "temperature": a.get("temperature"),
+        "precision": a.get("precision"),
+        "num_classes": s.num_classes,
+        "class_names": s.class_names,
+        "num_images": s.num_images,
+        "excluded": int(s.excluded.sum()),
+        "crops_per_image": s.crops_per_image,
+        "encoding": {"kind": s.encoding, "k": s.topk,
+                     "index_dtype": None if s.topk is None else ("uint16" if s.num_classes <= 65535 else "int32")},
+        "fidelity": a.get("fidelity"),
+        "images_done": n_done,
+        "complete": n_done == s.num_images,
+        "num_shards": s.num_shards,
+        "images_per_shard": s.images_per_shard,
+        "bytes_on_disk": nbytes,
+        "bytes_per_crop": nbytes / max(1, n_done * s.crops_per_image),
+        "labels": stats,
+        "dataset": a.get("dataset") or {},
+        "crop": a.get("crop"),
+        "decoder": a.get("decoder"),
+        "created": a.get("created"),
+        "completed": a.get("completed"),
+        "mealkd_version": a.get("mealkd_version"),
+        "extended_from": a.get("extended_from"),
+        "merged_from": a.get("merged_from"),
+        "fidelity_reference": a.get("fidelity_reference"),
+        "teacher_tv_bound": teacher_tv_bound(a) if a.get("merged_from") else None,
+    }
 
-    table = Table(title=f"mealkd label store: {store}", show_header=False, title_justify="left")
+
+def _table(info: dict):
+    from rich.table import Table
+
+    table = Table(title=f"mealkd label store: {info['url']}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    table.add_row("teachers", _teachers(a.get("teachers"), (a.get("crop") or {}).get("image_size")))
-    if a.get("temperature") is not None:
-        table.add_row("temperature", f"{a['temperature']:g}")
-    names = s.class_names
+    table.add_row("teachers", _teachers(info["teachers"], info["crop_size"]))
+    if info["temperature"] is not None:
+        table.add_row("temperature", f"{info['temperature']:g}")
+    names = info["class_names"]
     head = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    table.add_row("classes", f"{s.num_classes} ({head})")
-    excl = int(s.excluded.sum())
-    table.add_row("images", f"{s.num_images}" + (f" ({excl} excluded as unreadable)" if excl else ""))
-    table.add_row("crops per image", str(s.crops_per_image))
-    idx_dtype = "uint16" if s.num_classes <= 65535 else "int32"
-    enc = "dense fp16 rows" if s.topk is None else f"top-{s.topk} ({idx_dtype} index + fp16 value)"
-    fid = a.get("fidelity")
-    if s.topk is not None:
+    table.add_row("classes", f"{info['num_classes']} ({head})")
+    excl = info["excluded"]
+    table.add_row("images", f"{info['num_images']}" + (f" ({excl} excluded as unreadable)" if excl else ""))
+    table.add_row("crops per image", str(info["crops_per_image"]))
+    enc_info, fid = info["encoding"], info["fidelity"]
+    enc = "dense fp16 rows" if enc_info["k"] is None else f"top-{enc_info['k']} ({enc_info['index_dtype']} index + fp16 value)"
+    if enc_info["k"] is not None:
         enc += (f"\nfidelity: mean TV {fid['mean_tv']:.4f}, max TV {fid['max_tv']:.4f} over {fid['rows']} rows"
                 if fid else "\nfidelity: computed at finalize (store not complete)")
+        if fid and info["fidelity_reference"]:
+            enc += f" (vs {info['fidelity_reference']})"
     table.add_row("encoding", enc)
-    state = "complete" if n_done == s.num_images else "INCOMPLETE (rerun precompute to finish)"
-    table.add_row("completeness", f"{n_done}/{s.num_images} images done, {state}")
-    table.add_row("shards", f"{s.num_shards} x {s.images_per_shard} images")
-    table.add_row("bytes on disk", f"{_human(nbytes)} ({nbytes} B), {nbytes / crops_written:.1f} B per stored crop")
+    state = "complete" if info["complete"] else "INCOMPLETE (rerun precompute to finish)"
+    table.add_row("completeness", f"{info['images_done']}/{info['num_images']} images done, {state}")
+    table.add_row("shards", f"{info['num_shards']} x {info['images_per_shard']} images")
+    nbytes = info["bytes_on_disk"]
+    table.add_row("bytes on disk", f"{_human(nbytes)} ({nbytes} B), {info['bytes_per_crop']:.1f} B per stored crop")
+    stats = info["labels"]
     if stats["samples"]:
         table.add_row("labels", f"mean top-1 prob {stats['mean_top1']:.4f}, mean entropy {stats['mean_entropy']:.4f} nats, "
                                 f"top-1 = target {stats['top1_matches_target']:.1%} ({stats['samples']} sampled crops)")
     else:
         table.add_row("labels", "no finished images yet")
-    ds = a.get("dataset") or {}
-    table.add_row("dataset fingerprint", str(ds.get("fingerprint", "-")))
-    crop = a.get("crop")
+    table.add_row("dataset fingerprint", str(info["dataset"].get("fingerprint", "-")))
+    crop = info["crop"]
     table.add_row("crop policy", json.dumps(crop) if crop is not None else "-")
-    dec = a.get("decoder")
-    if dec is not None:
-        table.add_row("decoder", json.dumps(dec))
-    table.add_row("created", f"{a.get('created', '-')} (mealkd {a.get('mealkd_version', '?')})"
-                  + (f", completed {a['completed']}" if a.get("completed") else ""))
-    Console(soft_wrap=False).print(table)
+    if info["decoder"] is not None:
+        table.add_row("decoder", json.dumps(info["decoder"]))
+    table.add_row("store id", str(info["store_id"]))
+    history = describe_lineage(info)
+    if info["teacher_tv_bound"] is not None:
+        history.append(f"mean TV to the teachers' exact ensemble <= {info['teacher_tv_bound']:.4f} (the inputs' top-k losses "
+                       "by share + this merge's)")
+    if history:
+        table.add_row("history", "\n".join(history))
+    table.add_row("created", f"{info['created'] or '-'} (mealkd {info['mealkd_version'] or '?'})"
+                  + (f", completed {info['completed']}" if info["completed"] else ""))
+    return table
+
+
+@click.command("inspect")
+@click.argument("store", metavar="STORE")
+@click.option("--sample", default=4096, show_default=True, help="(image, crop) pairs sampled for the label statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (everything the table shows, full class "
+              "names, teachers and history) on stdout instead of the table, for scripts.")
+def inspect(store: str, sample: int, as_json: bool) -> None:
+    """Summarise the label store STORE (a path or fsspec URL): teachers, classes, crops,
+    encoding, completeness, size on disk, label statistics, and what extend/merge recorded."""
+    from rich.console import Console
+
+    info = summary(store, sample)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    Console(soft_wrap=False).print(_table(info))

@@ -382,3 +382,29 @@ class LabelStore:
             "mean_entropy": float(ent.mean()),
             "top1_matches_target": float((rows.argmax(axis=1) == self.targets[imgs]).mean()),
         }
+
+    # ------------------------------------------------------------------ whole-image blocks
+    def block_crops(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(windows (n, R, 4) int32, flips (n, R) bool) of images [start, stop): all their crops."""
+        return (self._reading(lambda: np.asarray(self._group["windows"][start:stop], np.int32)),
+                self._reading(lambda: np.asarray(self._group["flips"][start:stop], bool)))
+
+    def block_encoded(self, start: int, stop: int) -> list[np.ndarray]:
+        """Stored label arrays of images [start, stop), all crops, as stored (dense: [fp16 (n, R, C)];
+        top-k: [indices (n, R, k), fp16 values (n, R, k)]). All-zero rows of done images (a missing
+        chunk read as fill values) are refused like every other read."""
+        raw = self._reading(lambda: [np.asarray(a[start:stop]) for a in self._label_arrays])
+        n, r = stop - start, self.crops_per_image
+        ids = np.repeat(np.arange(start, stop), r)
+        self._check_rows([a.reshape(n * r, -1) for a in raw], ids)
+        return raw
+
+    def block_labels(self, start: int, stop: int) -> np.ndarray:
+        """float32 (n, R, C) probability rows of images [start, stop), decoded like :meth:`labels`."""
+        return self.decode(self.block_encoded(start, stop))
+
+    def shard_fidelity(self) -> np.ndarray | None:
+        """Top-k stores: the per-shard fidelity rows (S, 3) = (sum_tv, max_tv, rows); None for dense."""
+        if self.topk is None:
+            return None
+        return self._reading(lambda: np.asarray(self._group["fidelity"][:], np.float64))

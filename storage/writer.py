@@ -366,3 +366,40 @@ class StoreWriter:
         self._group.update_attributes(new)
         self.attrs = self._group.attrs.asdict()
         return True
+
+    def write_shard_encoded(self, shard: int, windows: np.ndarray, flips: np.ndarray, labels: Sequence[np.ndarray],
+                            fidelity: tuple[float, float, int] | None = None) -> None:
+        """Like :meth:`write_shard`, but the label arrays come already in the store's encoding
+        (dense: ``[fp16 (n, R, C)]``; top-k: ``[indices (n, R, k), fp16 values (n, R, k)]``) with, for
+        top-k, the shard's fidelity row ``(sum_tv, max_tv, rows)``. For writers that copy stored rows
+        (``mealkd extend``): a top-k row cannot be re-encoded from its decoded form without changing
+        it, and its fidelity cannot be re-measured without the dense row. Same order and crash
+        safety as ``write_shard``: data, fsync, then ``done``."""
+        start, stop = self.shard_range(shard)
+        n, r = stop - start, self.crops_per_image
+        windows, flips = np.asarray(windows), np.asarray(flips)
+        if windows.shape != (n, r, 4) or not np.issubdtype(windows.dtype, np.integer):
+            raise ValueError(f"windows must be ({n}, {r}, 4) integer, got {windows.shape} {windows.dtype}")
+        if flips.shape != (n, r) or flips.dtype != np.bool_:
+            raise ValueError(f"flips must be ({n}, {r}) bool, got {flips.shape} {flips.dtype}")
+        if len(labels) != len(self._labels):
+            raise ValueError(f"expected {len(self._labels)} label array(s) for encoding {self.kind}, got {len(labels)}")
+        for have, arr in zip(labels, self._labels):
+            want = (n, r, arr.shape[-1])
+            if np.shape(have) != want or np.asarray(have).dtype != arr.dtype:
+                raise ValueError(f"{arr.path} block must be {want} {arr.dtype}, got {np.shape(have)} {np.asarray(have).dtype}")
+        if (self.kind == TOPK) != (fidelity is not None):
+            raise ValueError("a fidelity row is required for top-k stores and only for them")
+        self._windows[start:stop] = windows.astype(np.int32)
+        kill_point("shard-windows")
+        self._flips[start:stop] = flips
+        arrays = [self._windows, self._flips, *self._labels]
+        for have, arr in zip(labels, self._labels):
+            arr[start:stop] = np.asarray(have)
+        if fidelity is not None:
+            self._fidelity[shard] = np.asarray(fidelity, np.float64)
+            arrays.append(self._fidelity)
+        self._fsync(arrays, shard)
+        kill_point("shard-before-done")
+        self._done[start:stop] = np.ones(stop - start, bool)
+        kill_point("shard-done")

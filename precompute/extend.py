@@ -1,0 +1,288 @@
+"""``mealkd extend``: grow a finished store from R to R2 crops per image into a NEW store.
+
+Why a new store, not in place: the crop axis is part of every shard's shape (one file per shard
+holds all R crops), so growing R rewrites every label file anyway; writing them to a new path
+keeps the source untouched and valid the whole time (distill runs reading it are unaffected), and
+the result gets a new ``store_id``, so a distill run trained on the source cannot ``--resume`` on a
+different label set. Delete the source afterwards if the disk space matters.
+
+What makes it exact: crop windows are keyed by (seed, image, crop), so crops 0..R-1 of an R2 store
+are the source's crops. Each shard of the new store is the source's stored rows for crops 0..R-1
+(copied as stored: fp16 rows or top-k indices/values, byte for byte) plus the teachers' rows for
+the new crops R..R2-1, encoded exactly as precompute encodes them. The stored windows are checked
+against the generator first. The result equals, array by array, a store made with R2 from the
+start (the teachers' floats for one crop do not depend on its batch neighbours on CPU; on GPU
+they can differ in the last bits, as between any two GPU runs). For top-k the per-shard fidelity
+(sum of TV, max TV, rows) adds the source's sums to the new crops', so new shards must cover
+whole source shards: ``--images-per-shard`` must be a multiple of the source's.
+
+Resumable like precompute: the new store is written shard by shard, ``done`` last, under the
+store lock; rerunning the same command continues it; it is finalised (``completed``) only when
+every shard is done.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+
+import storage
+from core.accel import PRECISIONS
+from core.dali_io import Backend, resolve_backend
+from core.dataset import DatasetIndex, scan_image_folder
+from core.distributed import Dist, init_distributed, shutdown
+from core.models import load_model, parse_spec_list
+from core.progress import RateColumn, make_progress
+from core.windows import CropPolicy, draw_all_windows
+from precompute.crops import CropStream
+from precompute.ensemble import TeacherEnsemble
+from precompute.lock import StoreLock
+from precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, _writing, pending_for_rank
+from storage.encoding import encode_topk, to_f16, topk_tv
+from storage.errors import UserError
+from storage.lineage import inherited_attributes, same_location, source_record
+from storage.reader import LabelStore
+from storage.schema import DENSE, default_images_per_shard
+
+#: dense float32 rows of new crops held at once (a shard is labelled in image blocks of this size)
+BLOCK_BYTES = 256 * 2**20
+
+#: the flag to blame when a setting of the current run differs from the source store's
+_FLAG_OF = {
+    "class_names": "--data", "dataset": "--data", "teachers": "--teachers", "decoder": "--device",
+    "precision": "--device", "crop": "STORE", "temperature": "STORE", "encoding_request": "STORE",
+}
+
+
+@dataclass
+class ExtendConfig:
+    store: str
+    crops_per_image: int
+    out: str
+    data: str
+    teachers: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    num_threads: int = 2
+    images_per_shard: int | None = None
+
+
+def _open_source(cfg: ExtendConfig) -> LabelStore:
+    if same_location(cfg.store, cfg.out):
+        raise UserError(f"--out {cfg.out}: is STORE itself; extend writes a new store (the source stays valid), choose another --out")
+    try:
+        source = storage.open_store(cfg.store, require_complete=True)
+    except UserError as err:
+        raise UserError(f"STORE {err}") from None
+    r = source.crops_per_image
+    if cfg.crops_per_image <= r:
+        raise UserError(f"--crops-per-image {cfg.crops_per_image}: STORE already has {r} crops per image; pass more than {r}")
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size {cfg.batch_size}: must be >= 1")
+    return source
+
+
+def _shard_size(cfg: ExtendConfig, source: LabelStore) -> int:
+    """Dense: the automatic size for R2 if the source had the automatic size for R, else the
+    source's. Top-k: the source's, or a multiple of it (fidelity sums per whole source shard)."""
+    ips = source.images_per_shard
+    if cfg.images_per_shard is not None:
+        if cfg.images_per_shard < 1:
+            raise UserError(f"--images-per-shard {cfg.images_per_shard}: must be >= 1")
+        if source.topk is not None and cfg.images_per_shard % ips:
+            raise UserError(f"--images-per-shard {cfg.images_per_shard}: a top-k store's new shards must cover whole source shards; "
+                            f"use a multiple of the source's {ips}")
+        return cfg.images_per_shard
+    n, r, c = source.num_images, source.crops_per_image, source.num_classes
+    if source.topk is None and ips == default_images_per_shard(n, r, c, DENSE, None):
+        return default_images_per_shard(n, cfg.crops_per_image, c, DENSE, None)
+    return ips
+
+
+def _precompute_config(cfg: ExtendConfig, source: LabelStore, teachers: str) -> PrecomputeConfig:
+    a = source.attrs
+    if a.get("precision") not in (None, *PRECISIONS):
+        raise UserError(f"STORE {source.url}: its teachers ran at different precisions ({a.get('precision')}, a merged store); "
+                        "extend each input store, then merge the extended stores")
+    policy = CropPolicy.from_dict(a["crop"])
+    return PrecomputeConfig(
+        data=cfg.data, teachers=teachers, out=cfg.out, crops_per_image=cfg.crops_per_image, image_size=policy.image_size,
+        scale=policy.scale, ratio=policy.ratio, flip_prob=policy.flip_prob, seed=policy.seed, batch_size=cfg.batch_size,
+        temperature=source.temperature, encoding=a.get("encoding_request") or "dense", device=cfg.device,
+        precision=a.get("precision") or "auto", num_threads=cfg.num_threads, images_per_shard=cfg.images_per_shard,
+    )
+
+
+def _check_settings(source: LabelStore, settings: dict) -> None:
+    """The current data/teachers/device must reproduce the source's settings exactly."""
+    differing = [k for k in SETTINGS_KEYS if k in source.attrs and _jsonable(source.attrs.get(k)) != settings[k]]
+    if not differing:
+        return
+    key = differing[0]
+    flag = _FLAG_OF.get(key, "STORE")
+    fixes = {
+        "--data": "pass the precompute --data tree, unchanged",
+        "--teachers": "pass the precompute --teachers (same files, specs and :w= weights), or omit --teachers to use the recorded specs",
+        "--device": "run on the kind of device (and decoder) the store was made with",
+        "STORE": "this store's settings cannot be reproduced here",
+    }
+    raise UserError(f"{flag}: {', '.join(differing)} differ(s) from what STORE {source.url} records; {fixes[flag]}")
+
+
+def _existing_output(cfg: ExtendConfig, source: LabelStore, ips: int) -> bool:
+    """True if ``--out`` is this extension, begun earlier (continue it); UserError if it is anything else."""
+    if not storage.store_exists(cfg.out):
+        return False
+    out = storage.open_store(cfg.out, require_complete=False)
+    origin = out.attrs.get("extended_from") or {}
+    same = (origin.get("store_id") == source.store_id and out.crops_per_image == cfg.crops_per_image
+            and (cfg.images_per_shard is None or out.images_per_shard == ips))
+    if not same:
+        raise UserError(f"--out {cfg.out}: a different label store is already there (not the extension of STORE to "
+                        f"{cfg.crops_per_image} crops per image); choose another --out or delete it")
+    return True
+
+
+def _create_output(cfg: ExtendConfig, source: LabelStore, ips: int) -> None:
+    attributes = inherited_attributes(source.attrs)
+    attributes["extended_from"] = source_record(source.attrs, cfg.store)
+    with _writing(cfg.out):
+        storage.create_store(
+            cfg.out, attributes=attributes, paths=source.paths, targets=source.targets, sizes=source.sizes,
+            crops_per_image=cfg.crops_per_image, num_classes=source.num_classes,
+            encoding="dense" if source.topk is None else f"topk:{source.topk}", excluded=source.excluded,
+            images_per_shard=ips,
+        )
+
+
+class _ShardExtender:
+    """Builds one shard of the extended store: the source's crops as stored + the new crops."""
+
+    def __init__(self, source: LabelStore, stream: CropStream, ensemble: TeacherEnsemble, policy: CropPolicy, r2: int,
+                 writer: storage.StoreWriter):
+        self.source, self.stream, self.ensemble, self.policy, self.r2 = source, stream, ensemble, policy, r2
+        self.writer = writer
+        self.r = source.crops_per_image
+        self.c = source.num_classes
+        self.block = max(1, BLOCK_BYTES // ((r2 - self.r) * self.c * 4))
+        self.source_fidelity = source.shard_fidelity()
+
+    def windows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """All R2 windows/flips of images [start, stop); the first R must equal the stored ones."""
+        sizes, excluded = self.source.sizes[start:stop], self.source.excluded[start:stop]
+        rows = np.flatnonzero(~excluded)
+        windows = np.zeros((stop - start, self.r2, 4), np.int32)
+        flips = np.zeros((stop - start, self.r2), bool)
+        windows[rows], flips[rows] = draw_all_windows(self.policy, np.arange(start, stop)[rows], sizes[rows], self.r2)
+        old_w, old_f = self.source.block_crops(start, stop)
+        same = np.all(windows[:, : self.r] == old_w, axis=(1, 2)) & np.all(flips[:, : self.r] == old_f, axis=1)
+        if not same.all():
+            image = start + int(np.argmin(same))
+            raise UserError(f"STORE {self.source.url}: the stored crops of image {image} are not the ones the crop generator "
+                            f"draws for its recorded policy (seed {self.policy.seed}); this store cannot be extended, "
+                            "make a new one with `mealkd precompute --crops-per-image R2`")
+        return windows, flips
+
+    def new_rows(self, start: int, stop: int, windows: np.ndarray, flips: np.ndarray, on_crops) -> np.ndarray:
+        """float32 (n, R2-R, C) teacher rows of the new crops (excluded images: uniform rows)."""
+        excluded = self.source.excluded[start:stop]
+        probs = np.full((stop - start, self.r2 - self.r, self.c), 1.0 / self.c, np.float32)
+        rows = np.flatnonzero(~excluded)
+        new_w = np.ascontiguousarray(windows[:, self.r:])
+        new_f = np.ascontiguousarray(flips[:, self.r:])
+        for batch in self.stream.batches((start + rows).tolist(), rows.tolist(), new_w, new_f):
+            probs[batch.rows, batch.crops] = self.ensemble(batch.inputs).cpu().numpy()
+            on_crops(len(batch.rows))
+        return probs
+
+    def source_fidelity_rows(self, start: int, stop: int) -> tuple[float, float, int]:
+        """Sum of TV, max TV and rows of the source shards that make up images [start, stop)."""
+        ips = self.source.images_per_shard
+        rows = self.source_fidelity[start // ips: -(-stop // ips)]
+        return float(rows[:, 0].sum()), float(rows[:, 1].max(initial=0.0)), int(rows[:, 2].sum())
+
+    def build(self, shard: int, on_crops) -> None:
+        start, stop = self.writer.shard_range(shard)
+        windows, flips = self.windows(start, stop)
+        old = self.source.block_encoded(start, stop)
+        kept = ~self.source.excluded[start:stop]
+        parts: list[list[np.ndarray]] = [[] for _ in old]
+        total, worst, count = self.source_fidelity_rows(start, stop) if self.source.topk is not None else (0.0, 0.0, 0)
+        for lo in range(start, stop, self.block):
+            hi = min(stop, lo + self.block)
+            probs = self.new_rows(lo, hi, windows[lo - start: hi - start], flips[lo - start: hi - start], on_crops)
+            if self.source.topk is None:
+                parts[0].append(to_f16(probs))
+            else:
+                idx, val = encode_topk(probs, self.source.topk, old[0].dtype)
+                parts[0].append(idx)
+                parts[1].append(val)
+                keep = kept[lo - start: hi - start]
+                t, w, n = topk_tv(probs[keep], idx[keep], val[keep])
+                total, worst, count = total + t, max(worst, w), count + n
+        labels = [np.concatenate([o, np.concatenate(p, axis=0)], axis=1) for o, p in zip(old, parts)]
+        fidelity = None if self.source.topk is None else (total, worst, count)
+        self.writer.write_shard_encoded(shard, windows, flips, labels, fidelity)
+
+
+def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
+    """Extend (or continue extending) ``cfg.store`` into ``cfg.out``; collective under torchrun."""
+    console = console or Console(stderr=True)
+    source = _open_source(cfg)
+    ips = _shard_size(cfg, source)
+    stored_backend = (source.attrs.get("decoder") or {}).get("backend") or "cpu"
+    backend = resolve_backend(("cpu" if stored_backend == "cpu" else "cuda") if cfg.device == "auto" else cfg.device)
+    d = init_distributed(backend.device)
+    try:
+        teachers = cfg.teachers or ",".join(str(t.get("spec")) for t in source.attrs.get("teachers") or [])
+        pcfg = _precompute_config(cfg, source, teachers)
+        index = scan_image_folder(cfg.data)
+        if index.fingerprint != (source.attrs.get("dataset") or {}).get("fingerprint"):
+            raise UserError(f"--data {cfg.data}: not the dataset STORE was made from (fingerprint differs: files added, removed "
+                            "or changed); pass the precompute --data tree, unchanged")
+        models = [load_model(spec, num_classes=source.num_classes) for spec in parse_spec_list(teachers)]
+        ensemble = TeacherEnsemble(models, default_size=pcfg.image_size, temperature=pcfg.temperature, device=backend.device,
+                                   precision=pcfg.precision, class_names=index.class_names)
+        _check_settings(source, _settings(pcfg, index, ensemble, backend))
+        with StoreLock(cfg.out) if d.is_main else nullcontext():
+            if d.is_main and not _existing_output(cfg, source, ips):
+                _create_output(cfg, source, ips)
+            d.barrier()
+            summary = _extend_pending(cfg, source, index, ensemble, backend, pcfg.policy, d, console)
+            d.barrier()
+            if d.is_main:
+                with _writing(cfg.out):
+                    summary["complete"] = storage.StoreWriter(cfg.out).finalize()
+        return summary
+    finally:
+        shutdown(d)
+
+
+def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend,
+                    policy: CropPolicy, d: Dist, console: Console) -> dict:
+    writer = storage.StoreWriter(cfg.out)
+    pending = d.broadcast(writer.pending_shards() if d.is_main else None)
+    mine = pending_for_rank(pending, d.rank, d.world_size)
+    stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+    extender = _ShardExtender(source, stream, ensemble, policy, cfg.crops_per_image, writer)
+    new_per_image = cfg.crops_per_image - source.crops_per_image
+    total_images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in mine)
+    crops_done = images_done = 0
+    with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:
+        task = progress.add_task("new crops", total=total_images, crops_per_image=new_per_image)
+
+        def on_crops(n: int) -> None:
+            nonlocal crops_done
+            crops_done += n
+            progress.advance(task, n / new_per_image)
+
+        for shard in mine:
+            with _writing(cfg.out):
+                extender.build(shard, on_crops)
+            start, stop = writer.shard_range(shard)
+            images_done += stop - start
+            progress.update(task, completed=images_done)
+    return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
+            "fp32_fallbacks": ensemble.fp32_fallbacks}
