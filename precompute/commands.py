@@ -95,8 +95,8 @@ def extend(**kwargs) -> None:
               "command continues it.")
 @click.option("--weights", default=None, help="Comma list, one positive weight per STORE in order (e.g. 1,0.5). Default: "
               "each store's total recorded teacher weight, i.e. the ensemble of all the teachers with their recorded :w= weights.")
-@click.option("--encoding", default=None, help="Label encoding of the merged store: dense or topk:K. Default: dense if every "
-              "STORE is dense, else topk with K = the sum of the inputs' K (the union of their supports, at most classes - 1).")
+@click.option("--encoding", default=None, help="Label encoding of the merged store: dense or topk:K. Default: topk with K = the "
+              "sum of the inputs' K (the union of their supports, at most classes - 1) if every STORE is top-k, else dense.")
 @click.option("--images-per-shard", default=None, type=int, help="Images per shard of the merged store (default: sized automatically).")
 def merge(stores, out, weights, encoding, images_per_shard) -> None:
     """Merge label stores of the same dataset and crops, made by different teachers, into one

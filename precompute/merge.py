@@ -8,8 +8,9 @@ Shares default to each store's total recorded teacher weight, so merging stores 
 within fp16 rounding); ``--weights`` sets one weight per store instead. Every teacher is recorded
 with its effective weight (store weight x its share of its own store's teacher weight).
 
-Top-k: the default output keeps K = the sum of the inputs' K (capped at C - 1): the union of the
-supports, so nothing an input kept is dropped. The top-k fidelity the store records (``fidelity``
+Top-k: when every input is top-k, the default output keeps K = the sum of the inputs' K (capped at
+C - 1): the union of the supports, so nothing an input kept is dropped; with any dense input the
+default output is dense. The top-k fidelity the store records (``fidelity``
 attribute, per-shard ``fidelity`` array) is the TV between the exact weighted mixture of the inputs'
 decoded rows and the stored top-K row; each input's own fidelity is kept in ``merged_from``.
 
@@ -140,10 +141,9 @@ def _output_encoding(cfg: MergeConfig, stores: list[LabelStore]) -> str:
     if cfg.encoding is not None:
         kind, k = parse_encoding(cfg.encoding)
         return "dense" if kind == DENSE else f"topk:{k}"
-    ks = [s.topk for s in stores if s.topk is not None]
-    if not ks:
-        return "dense"
-    return f"topk:{min(stores[0].num_classes - 1, sum(ks))}"
+    if any(s.topk is None for s in stores):
+        return "dense"  # a dense input's support is every class: only dense keeps the union
+    return f"topk:{min(stores[0].num_classes - 1, sum(s.topk for s in stores))}"
 
 
 def _effective_teachers(stores: list[LabelStore], weights: list[float]) -> list[dict]:

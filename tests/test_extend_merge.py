@@ -168,6 +168,13 @@ def test_topk_merge_keeps_the_union_of_supports_and_records_its_fidelity(world, 
     want = attrs["fidelity"]["mean_tv"] + sum(m["share"] * m["fidelity"]["mean_tv"] for m in attrs["merged_from"])
     assert bound == pytest.approx(want)
 
+    dense_a = _pre(capsys, world, world["t1"], "only-t1.zarr")  # a dense input: its support is every class
+    mixed = world["root"] / "merged-mixed.zarr"
+    assert run(capsys, "merge", str(dense_a), str(b), "--out", str(mixed)).returncode == 0
+    assert _attrs(mixed)["label_encoding"] == {"kind": "dense-f16"}
+    want = (normalise_rows(store_arrays(dense_a)["probs"]) + 0.5 * decode_topk(gb["topk_idx"], gb["topk_val"], CLASSES)) / 1.5
+    np.testing.assert_allclose(normalise_rows(store_arrays(mixed)["probs"]), want, atol=1e-3)
+
 
 def test_merge_killed_anywhere_then_rerun_equals_uninterrupted(world, capsys):
     rng = random.Random(SEED + 1)
