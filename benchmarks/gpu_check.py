@@ -569,7 +569,14 @@ def check_resume(straight: Job, killed: Job, resumed_args: list[str], ctx: Ctx) 
                f"{'identical' if exact else 'differ'}; val top-1 {b[-1]['val_top1']:.2%} vs {a[-1]['val_top1']:.2%}")
 
 
-def check_device_losses(gpu: Job, cpu: Job) -> Row:
+def check_cpu_store(job: Job, cuda_store: Path) -> Row:
+    job.require()
+    return compare_stores("store cpu == cuda", Path(job.cmd[job.cmd.index("--out") + 1]), cuda_store)
+
+
+def check_device_losses(gpu: Job, cpu: Job | None) -> Row:
+    if cpu is None:
+        raise CheckError("no CPU run: the CPU store failed (see the row 'store cpu == cuda')")
     gpu.require()
     cpu.require()
     a = metrics(Path(gpu.cmd[gpu.cmd.index("--out") + 1]))
@@ -834,9 +841,9 @@ def _run_checks(ctx: Ctx) -> list[Row]:
     torchrun_distill = Job(ctx, "torchrun-distill", distill_args(ctx, ctx.paths["store"], runs / "torchrun", dev, epochs=1, val=False), torchrun=True)
     cpu_distill = None
     if ctx.cuda:
-        cpu_store.require()
-        cpu_distill = Job(ctx, "distill-cpu", distill_args(ctx, work / "store_cpu.zarr", runs / "straight_cpu", "cpu"))
-        rows += guarded("store cpu == cuda", lambda: compare_stores("store cpu == cuda", work / "store_cpu.zarr", ctx.paths["store"]))
+        if cpu_store.wait().returncode == 0:
+            cpu_distill = Job(ctx, "distill-cpu", distill_args(ctx, work / "store_cpu.zarr", runs / "straight_cpu", "cpu"))
+        rows += guarded("store cpu == cuda", lambda: check_cpu_store(cpu_store, ctx.paths["store"]))
     else:
         rows.append(skip("store cpu == cuda", "needs CUDA (--device cpu)"))
     rows += guarded("replay identity (stage 1 == stage 2)", lambda: check_replay(ctx))
