@@ -76,6 +76,18 @@ def _open_inputs(cfg: MergeConfig) -> list[LabelStore]:
     return stores
 
 
+def _warn_shared_teachers(stores: list[LabelStore], console: Console) -> None:
+    """A teacher (same weights file) in two inputs counts twice in the mixture: allowed, but said."""
+    owner: dict[str, str] = {}
+    for s in stores:
+        for t in s.attrs.get("teachers") or []:
+            sha = t.get("weights_sha256")
+            if sha and sha in owner and owner[sha] != s.url:
+                console.print(f"[yellow]merge[/]: teacher {t.get('spec')} (sha256 {sha[:12]}) is in both {owner[sha]} and {s.url}; "
+                              "its labels count once per store", soft_wrap=True)
+            owner.setdefault(sha, s.url)
+
+
 def _differences(a: LabelStore, b: LabelStore) -> str | None:
     """The first label-relevant difference between two stores' attributes, in words."""
     if (a.attrs.get("dataset") or {}).get("fingerprint") != (b.attrs.get("dataset") or {}).get("fingerprint"):
@@ -218,6 +230,7 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict:
                                 "with these weights and encoding); choose another --out or delete it")
         else:
             _check_compatible(stores, console)
+            _warn_shared_teachers(stores, console)
             attributes = plan_attributes(cfg, stores, weights, encoding)
             with _writing(cfg.out):
                 storage.create_store(cfg.out, attributes=attributes, paths=first.paths, targets=first.targets, sizes=first.sizes,
