@@ -159,11 +159,16 @@ def local_path(url: str | os.PathLike) -> Path:
 
 def zarr_store(url: str | os.PathLike, *, read_only: bool):
     """A zarr store for ``url``: local paths and ``file://`` use zarr's LocalStore (atomic
-    temp-file + rename writes, see ``storage.writer``); any other fsspec URL uses FsspecStore."""
+    temp-file + rename writes, see ``storage.writer``); any other fsspec URL uses FsspecStore, after
+    ``storage.remote.check_remote`` (one-line errors for credentials, bucket, endpoint; storage
+    options from fsspec's configuration, see there)."""
     from zarr.storage import FsspecStore, LocalStore
 
     if is_local(url):
         return LocalStore(local_path(url), read_only=read_only)
+    from storage.remote import check_remote
+
+    check_remote(str(url))
     try:
         return FsspecStore.from_url(str(url), read_only=read_only)
     except (ImportError, ValueError) as err:
