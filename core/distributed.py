@@ -36,6 +36,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (or another launcher of its kind) set the rendezvous environment, even for 1 process:
+    then the process group is formed, so a 1-process run exercises the same collectives as 8."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def default_group_backend(device: torch.device) -> str:
     """The default group's backend string: gloo for CPU tensors always, NCCL for CUDA tensors."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
@@ -54,7 +60,8 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        """In a process group (launched by torchrun, even with one process): collectives run."""
+        return self.cpu_group is not None
 
     def barrier(self) -> None:
         """Wait for every rank (on the CPU group; names the missing ranks if one never arrives)."""
@@ -97,8 +104,7 @@ class Dist:
 
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group torchrun describes, for training/inference on ``device``."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if not launched_by_torchrun():
         return Dist()
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {}

@@ -49,3 +49,20 @@ def load_checkpoint(path: str | Path, *, flag: str = "--checkpoint") -> dict:
     if not is_checkpoint(ckpt):
         raise UserError(f"{flag} {path}: not a mealkd checkpoint; pass a file written by `mealkd distill`")
     return ckpt
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a finished file to ``dst`` (best.pt, epoch snapshots) all or nothing: temp file, fsync, rename."""
+    import shutil
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as source:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

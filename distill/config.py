@@ -6,7 +6,8 @@ values, and a training flag given with another value is refused (it would silent
 run: e.g. ``--epochs 200`` after a 180-epoch cosine run sends the lr back up). Paths (``--labels``,
 ``--data``) may move; the store is identified by its id and the dataset by its fingerprint.
 Operational flags (``--val``, ``--device``, ``--precision``, ``--allow-decoder-mismatch``,
-``--num-threads``) may change freely.
+``--num-threads``, ``--compile``, ``--channels-last``, ``--log-every``, ``--tensorboard``,
+``--eval-every``, ``--keep-every``) may change freely.
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
+from distill.optimization import OPTIMIZERS, parse_milestones
 from storage.errors import UserError
 
 D_LR_STUDENT = "student"
@@ -39,6 +39,14 @@ TRAINING_FLAGS: dict[str, str] = {
     "d_lr": "--d-lr",
     "hard_label_weight": "--hard-label-weight",
     "seed": "--seed",
+    "opt": "--opt",
+    "warmup_epochs": "--warmup-epochs",
+    "clip_grad": "--clip-grad",
+    "ema_decay": "--ema-decay",
+    "cutmix": "--cutmix",
+    "mixup": "--mixup",
+    "cutmix_alpha": "--cutmix-alpha",
+    "mixup_alpha": "--mixup-alpha",
 }
 
 
@@ -68,6 +76,20 @@ class DistillConfig:
     seed: int = 0
     num_threads: int = 2
     resume: bool = False
+    opt: str = "sgd"
+    warmup_epochs: float = 0.0
+    clip_grad: float | None = None
+    ema_decay: float | None = None
+    cutmix: float = 0.0
+    mixup: float = 0.0
+    cutmix_alpha: float = 1.0
+    mixup_alpha: float = 0.8
+    compile: bool = False
+    channels_last: str = "auto"
+    log_every: int = 50
+    tensorboard: bool = False
+    eval_every: int = 1
+    keep_every: int = 0
 
     def validate(self) -> None:
         if self.init is None:
@@ -87,7 +109,30 @@ class DistillConfig:
             raise UserError("--weight-decay/--hard-label-weight: must be >= 0")
         if self.image_size is not None and self.image_size < 1:
             raise UserError(f"--image-size {self.image_size}: must be >= 1")
-        parse_schedule(self.schedule, self.epochs)
+        parse_milestones(self.schedule)
+        if self.opt not in OPTIMIZERS:
+            raise UserError(f"--opt {self.opt}: choose one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise UserError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0 and less than --epochs {self.epochs}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise UserError(f"--clip-grad {self.clip_grad}: the maximum gradient norm must be > 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UserError(f"--ema-decay {self.ema_decay}: must lie in (0, 1), e.g. 0.9998")
+        for flag, p in (("--cutmix", self.cutmix), ("--mixup", self.mixup)):
+            if not 0 <= p <= 1:
+                raise UserError(f"{flag} {p}: a probability in [0, 1]")
+        if self.cutmix + self.mixup > 1:
+            raise UserError(f"--cutmix {self.cutmix} + --mixup {self.mixup}: the two probabilities add up to more than 1")
+        for flag, a in (("--cutmix-alpha", self.cutmix_alpha), ("--mixup-alpha", self.mixup_alpha)):
+            if not a > 0:
+                raise UserError(f"{flag} {a}: the Beta distribution's alpha must be > 0")
+        if self.channels_last not in ("auto", "on", "off"):
+            raise UserError(f"--channels-last {self.channels_last}: choose auto, on or off")
+        for flag, n in (("--log-every", self.log_every), ("--eval-every", self.eval_every)):
+            if n < 1:
+                raise UserError(f"{flag} {n}: must be >= 1")
+        if self.keep_every < 0:
+            raise UserError(f"--keep-every {self.keep_every}: must be >= 0 (0 keeps no epoch snapshots)")
 
     def d_lr_value(self) -> float | None:
         """D's fixed learning rate, or None when it follows the student's lr (``--d-lr student``)."""
@@ -105,20 +150,6 @@ def parse_d_lr(value: str | float) -> float | None:
     if not lr > 0:
         raise UserError(f"--d-lr {value}: use a learning rate > 0 (e.g. 1e-4) or 'student'")
     return lr
-
-
-def parse_schedule(text: str, epochs: int):
-    """'cos' or 'step:M1,M2[,...]' (epochs at which lr is multiplied by 0.1) -> scheduler factory."""
-    if text == "cos":
-        return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    if text.startswith("step:"):
-        try:
-            milestones = [int(m) for m in text[5:].split(",") if m]
-        except ValueError:
-            milestones = []
-        if milestones and all(m > 0 for m in milestones):
-            return lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    raise UserError(f"--schedule {text}: use 'cos' or 'step:M1,M2' (epochs where the lr drops 10x)")
 
 
 def _canonical(name: str, value: Any) -> Any:
@@ -170,6 +201,5 @@ def as_record(cfg: DistillConfig) -> dict:
 
 
 __all__ = [
-    "D_LR_STUDENT", "TRAINING_FLAGS", "DistillConfig", "as_record", "given_fields", "parse_d_lr",
-    "parse_schedule", "resumed_config",
+    "D_LR_STUDENT", "TRAINING_FLAGS", "DistillConfig", "as_record", "given_fields", "parse_d_lr", "resumed_config",
 ]

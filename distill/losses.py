@@ -112,8 +112,9 @@ class DistillLoss(nn.Module):
 
     ``hard_label_weight`` defaults to 0: no one-hot term, as MEAL V2 (the student never sees
     ground-truth labels). The hard term is additive (not a convex mix), so weight 0 gives
-    exactly the soft loss. ``hard_targets`` (int64 class indices, shape (B,)) are required
-    only when the weight is > 0; they are ignored otherwise.
+    exactly the soft loss. ``hard_targets`` (int64 class indices (B,), or float class
+    distributions (B, C) for mixed batches) are required only when the weight is > 0; they are
+    ignored otherwise.
     """
 
     def __init__(self, hard_label_weight: float = 0.0, temperature: float = 1.0) -> None:
@@ -136,11 +137,14 @@ class DistillLoss(nn.Module):
             return DistillLossParts(total=soft, soft=soft, hard=None)
         if hard_targets is None:
             raise ValueError("hard_targets are required when hard_label_weight > 0")
-        if hard_targets.shape != logits.shape[:1]:
-            raise ValueError(
-                f"hard_targets shape {tuple(hard_targets.shape)} != ({logits.shape[0]},)"
-            )
-        hard = F.cross_entropy(logits.float(), hard_targets.long())
+        if hard_targets.is_floating_point():  # class distributions (CutMix/Mixup of one-hot classes)
+            if hard_targets.shape != logits.shape:
+                raise ValueError(f"hard_targets shape {tuple(hard_targets.shape)} != logits shape {tuple(logits.shape)}")
+            hard = F.cross_entropy(logits.float(), hard_targets.float())
+        else:
+            if hard_targets.shape != logits.shape[:1]:
+                raise ValueError(f"hard_targets shape {tuple(hard_targets.shape)} != ({logits.shape[0]},)")
+            hard = F.cross_entropy(logits.float(), hard_targets.long())
         return DistillLossParts(total=soft + self.hard_label_weight * hard, soft=soft, hard=hard)
 
     def forward(

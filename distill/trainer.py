@@ -1,17 +1,20 @@
 """Stage two: train a student against the stored ensemble vectors (MEAL V2 recipe).
 
-Per step: student logits -> T²-scaled soft cross-entropy at the store's temperature T to the stored
-vector (+ optional hard-label term on the image's class) + the discriminator term; one backward;
-SGD (momentum 0.9, weight decay 0 by default) for the student, its own optimiser for the
-discriminator (fixed lr, or the student's lr with ``--d-lr student``). A checkpoint is written
-atomically after every epoch with everything needed to continue bit-identically on CPU (torch's
-RNG is reseeded from (seed, rank, epoch) at every epoch, so no RNG state needs saving);
-``--resume`` continues exactly the recorded run (see distill.config).
+Per step: optional CutMix/Mixup of the stored crops and their stored rows (distill.mixing) ->
+student logits -> T²-scaled soft cross-entropy at the store's temperature T to the stored vector
+(+ optional hard-label term on the image's class) + the discriminator term; one backward;
+optional gradient clipping; SGD (momentum 0.9, weight decay 0 by default) or AdamW for the
+student with a per-step schedule (distill.optimization), its own optimiser for the discriminator
+(fixed lr, or the student's lr with ``--d-lr student``); optional EMA of the student.
+
+After every epoch (validation every ``--eval-every`` epochs, raw and EMA weights) a checkpoint is
+written atomically with everything needed to continue bit-identically on CPU (torch's RNG is
+reseeded from (seed, rank, epoch) at every epoch, so no RNG state needs saving), plus ``best.pt``
+(best validation top-1) and ``epoch_NNNN.pt`` every ``--keep-every`` epochs. ``--resume``
+continues exactly the recorded run (see distill.config).
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,31 +22,31 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 from rich.console import Console
-from rich.progress import TextColumn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import storage
-from core.accel import as_model_input, autocast_for, needs_grad_scaler, resolve_precision
+from core.accel import autocast_for, needs_grad_scaler, resolve_precision
 from core.dali_io import decoder_differences, decoder_record, resolve_backend
 from core.dataset import scan_image_folder
 from core.distributed import Dist, init_distributed, seed_for, shutdown
 from core.models import load_model, parse_spec
-from core.progress import RateColumn, make_progress
 from core.replay import Normalization
-from distill.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_atomic
-from distill.config import DistillConfig, as_record, parse_schedule, resumed_config
+from distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
+from distill.config import DistillConfig, as_record, resumed_config
 from distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
 from distill.evaluate import evaluate, readable_images
 from distill.loader import Batch, ReplayLoader
 from distill.losses import DistillLoss, DistillLossParts, teacher_agreement
+from distill.mixing import MixPolicy, mix
+from distill.optimization import make_optimizer, make_scheduler
+from distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog
 from storage.errors import UserError
 from storage.testhooks import kill_point
 
-__all__ = ["CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "DistillConfig", "Trainer", "parse_schedule", "run_distill"]
+__all__ = ["BEST_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "DistillConfig", "Trainer", "run_distill"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
-CONFIG_NAME = "config.json"
-REFRESH_EVERY = 10  # steps between progress-bar refreshes (each one reads the running sums to the host)
+BEST_NAME = "best.pt"
 SUMS = ("loss", "hard_loss", "d_loss", "d_acc", "agreement")  # per-step values summed over an epoch
 
 
@@ -84,17 +87,21 @@ class Trainer:
         self.norm = Normalization(size=size, mean=tuple(self.student.mean), std=tuple(self.student.std))
 
         model = self.student.module.to(self.device)
-        if self.backend.is_cuda:
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and self.backend.is_cuda)
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if self.backend.is_cuda:
             torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
         self.model = model
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(model) if self.dist.active else model
+        # --compile: the forward (and its backward) of the student through torch.compile; weights are shared
+        self.forward_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
         self.loss = DistillLoss(cfg.hard_label_weight, temperature=self.temperature)
+        self.mix_policy = MixPolicy(cutmix=cfg.cutmix, mixup=cfg.mixup, cutmix_alpha=cfg.cutmix_alpha, mixup_alpha=cfg.mixup_alpha)
         self.disc = DiscriminatorLoss(self.store.num_classes, mode=cfg.discriminator, topk=self.store.topk).to(self.device)
-        # fused SGD on CUDA: one kernel for the whole update instead of one per parameter tensor
-        fused = {"fused": True} if self.backend.is_cuda else {}
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused)
-        self.scheduler = parse_schedule(cfg.schedule, cfg.epochs)(self.optimizer)
+        self.optimizer = make_optimizer(cfg.opt, model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                        on_cuda=self.backend.is_cuda)
         self.d_lr_fixed = cfg.d_lr_value()  # None: D follows the student's lr
         self.d_optimizer = make_discriminator_optimizer(
             self.disc, lr=cfg.lr if self.d_lr_fixed is None else self.d_lr_fixed, kind=cfg.d_optimizer, momentum=cfg.momentum
@@ -111,6 +118,10 @@ class Trainer:
             dist=self.dist,
             num_threads=cfg.num_threads,
         )
+        self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=self.loader.steps_per_epoch(), epochs=cfg.epochs,
+                                        warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)
+        self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
+        self.best = {"val_top1": None, "epoch": None}
         # validation: scanned and probed once (rank 0), then evaluated by every rank on its share
         self.val_index = self.dist.on_main(lambda: scan_image_folder(cfg.val, flag="--val")) if cfg.val else None
         self.val_ids = (
@@ -189,6 +200,10 @@ class Trainer:
                 )
             self.disc.load_state_dict(ckpt["discriminator"])
             self.d_optimizer.load_state_dict(ckpt["d_optimizer"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.n_averaged.fill_(int(ckpt["ema_updates"]))
+        self.best = dict(ckpt.get("best") or self.best)
         return int(ckpt["epoch"])
 
     @property
@@ -218,31 +233,14 @@ class Trainer:
             "d_optimizer": self.d_optimizer.state_dict() if self.d_optimizer is not None else None,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_updates": int(self.ema.n_averaged) if self.ema is not None else 0,
+            "best": dict(self.best),
             "config": as_record(self.cfg),
             "run_info": self.run_info,
             "store_id": self.store.store_id,
             "store_fingerprint": self.store.attrs["dataset"]["fingerprint"],
         }
-
-    def _write_config(self) -> None:
-        """RUN/config.json: the run's full configuration and facts, rewritten at every (re)start."""
-        record = {"config": as_record(self.cfg), "run_info": self.run_info, "labels_url": self.store.url, "started_epoch": self.start_epoch}
-        tmp = self.run_dir / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / CONFIG_NAME)
-
-    # -- metrics ------------------------------------------------------------------------------
-    def _trim_metrics(self) -> None:
-        """Drop metric lines of epochs after the checkpoint (from a run killed after logging them)."""
-        path = self.run_dir / METRICS_NAME
-        if not path.exists():
-            return
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= self.start_epoch]
-        path.write_text("".join(line + "\n" for line in lines))
-
-    def _log(self, record: dict) -> None:
-        with open(self.run_dir / METRICS_NAME, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
 
     # -- training -----------------------------------------------------------------------------
     def _reduce_discriminator_grads(self) -> None:
@@ -262,9 +260,10 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> torch.Tensor:
         """One optimisation step on ``batch``; returns the step's SUMS values as a device tensor (no host sync)."""
-        images = as_model_input(batch.images)
+        batch, _, _ = mix(batch, self.mix_policy, self.store.num_classes)
+        images = batch.images.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.images
         with autocast_for(self.device, self.precision):
-            logits = self.ddp_model(images)
+            logits = self.forward_model(images)
         parts, terms = self.losses(logits, batch)
         total = parts.total + terms.d_term
         self.optimizer.zero_grad(set_to_none=True)
@@ -272,19 +271,28 @@ class Trainer:
             self.d_optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self._reduce_discriminator_grads()
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         self.scaler.step(self.optimizer)
         if self.d_optimizer is not None:
             self.scaler.step(self.d_optimizer)
         self.scaler.update()
+        self.scheduler.step()
+        self._follow_student_lr()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         hard = parts.hard if parts.hard is not None else torch.zeros_like(parts.soft)
         with torch.no_grad():
             return torch.stack([parts.soft.detach(), hard.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
 
-    def train_epoch(self, epoch: int, progress, task) -> dict:
+    def train_epoch(self, epoch: int, report) -> dict:
+        """One epoch; ``report(step, crops, means or None, lr)`` is called after every step."""
         self.ddp_model.train()
         # per rank and epoch (independent dropout masks across ranks; a resumed epoch redraws the same)
         torch.manual_seed(seed_for(self.cfg.seed, self.dist.rank, epoch))
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)  # on the device: no per-step host sync
+        steps_total = self.loader.steps_per_epoch()
         steps = crops = 0
         waited = 0.0  # seconds the training thread spent waiting for the loader (input-bound if large)
         started = time.perf_counter()
@@ -299,11 +307,12 @@ class Trainer:
             kill_point("distill-step")
             steps += 1
             crops += batch.images.shape[0]
-            fields = {}
-            if steps % REFRESH_EVERY == 1 or steps == progress.tasks[task].total:
-                means = (sums / steps).tolist()
-                fields = dict(loss=means[0], d_loss=means[2], d_acc=means[3], agree=means[4])
-            progress.update(task, advance=1, crops_per_step=batch.images.shape[0] * self.dist.world_size, **fields)
+            means = None
+            lr = self.optimizer.param_groups[0]["lr"]
+            if self.log.wants_means(steps, steps_total):
+                means = dict(zip(SUMS, (sums / steps).tolist()))
+                self.log.scalars(means, lr, int(self.scheduler.last_epoch))
+            report(steps, batch.images.shape[0] * self.dist.world_size, means, lr)
         elapsed = time.perf_counter() - started
         if self.dist.active:  # log the epoch's global means, not rank 0's shard (every rank runs the same steps)
             torch_dist.all_reduce(sums)
@@ -334,44 +343,60 @@ class Trainer:
             for group in self.d_optimizer.param_groups:
                 group["lr"] = self.optimizer.param_groups[0]["lr"]
 
+    def validate(self, epoch: int) -> dict:
+        """Validation top-1/top-5 of the raw weights (and of the EMA weights), every --eval-every epochs and at the end."""
+        cfg = self.cfg
+        if self.val_index is None or ((epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs):
+            return {}
+        models = {"val": self.model} | ({"val_ema": self.ema.module} if self.ema is not None else {})
+        out = {}
+        for prefix, model in models.items():
+            result = evaluate(model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size,
+                              num_threads=cfg.num_threads, ids=self.val_ids, flag="--val", dist=self.dist, precision=self.precision)
+            out.update({f"{prefix}_top1": result["top1"], f"{prefix}_top5": result["top5"]})
+        return out
+
+    def _save(self, epoch: int, record: dict) -> None:
+        """checkpoint.pt every epoch; best.pt when the validation top-1 (EMA weights if any) improves;
+        epoch_NNNN.pt every --keep-every epochs. Each file is written whole or not at all."""
+        score = record.get("val_ema_top1", record.get("val_top1"))
+        improved = score is not None and (self.best["val_top1"] is None or score > self.best["val_top1"])
+        if improved:
+            self.best = {"val_top1": score, "epoch": epoch + 1}
+        save_atomic(self._checkpoint(epoch + 1), self.checkpoint_path)
+        if improved:
+            copy_atomic(self.checkpoint_path, self.run_dir / BEST_NAME)
+        if self.cfg.keep_every and (epoch + 1) % self.cfg.keep_every == 0:
+            copy_atomic(self.checkpoint_path, self.run_dir / f"epoch_{epoch + 1:04d}.pt")
+
     def run(self) -> list[dict]:
         cfg = self.cfg
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._trim_metrics()
-            self._write_config()
+            self.log.trim(self.start_epoch)
+            self.log.write_config({"config": as_record(cfg), "run_info": self.run_info, "labels_url": self.store.url,
+                                   "started_epoch": self.start_epoch})
         records = []
         steps = self.loader.steps_per_epoch()
-        columns = (
-            RateColumn("crops", "crops_per_step"),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("D {task.fields[d_loss]:.3f} ({task.fields[d_acc]:.0%})"),
-            TextColumn("agree {task.fields[agree]:.1%}"),
-        )
-        with make_progress(self.console, *columns, enabled=self.dist.is_main) as progress:
+        with self.log.progress(cfg.epochs, cfg.batch_size) as progress:
             for epoch in range(self.start_epoch, cfg.epochs):
-                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, loss=0.0, d_loss=0.0, d_acc=0.0, agree=0.0, crops_per_step=cfg.batch_size)
-                record = self.train_epoch(epoch, progress, task)
-                self.scheduler.step()
-                self._follow_student_lr()
-                if self.val_index is not None:
-                    result = evaluate(self.model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size,
-                                      num_threads=cfg.num_threads, ids=self.val_ids, flag="--val", dist=self.dist, precision=self.precision)
-                    record.update(val_top1=result["top1"], val_top5=result["top5"])
+                record = self.train_epoch(epoch, progress.epoch(epoch, steps))
+                record.update(self.validate(epoch))
                 if self.dist.is_main:
                     try:
-                        self._log(record)
+                        self.log.epoch_record(record, int(self.scheduler.last_epoch))
                         kill_point("distill-checkpoint")
-                        save_atomic(self._checkpoint(epoch + 1), self.checkpoint_path)
+                        self._save(epoch, record)
                     except OSError as err:
                         raise UserError(
                             f"--out {self.run_dir}: writing the epoch {epoch + 1} checkpoint failed ({err.strerror or err}); "
                             "free space or choose another --out, then rerun with --resume (the previous checkpoint is intact)"
                         ) from None
-                    progress.console.print(_format_record(record))
+                    progress.print(_format_record(record))
                 self.dist.barrier()
                 records.append(record)
         self.loader.close()
+        self.log.close()
         return records
 
     def close(self) -> None:
@@ -383,6 +408,8 @@ def _format_record(record: dict) -> str:
             f"agree {record['teacher_agreement']:.1%}  {record['crops_per_s']:.0f} crops/s")
     if "val_top1" in record:
         text += f"  val top-1 {record['val_top1']:.2%} top-5 {record['val_top5']:.2%}"
+    if "val_ema_top1" in record:
+        text += f"  EMA top-1 {record['val_ema_top1']:.2%}"
     return text
 
 

@@ -235,7 +235,7 @@ def test_trainer_steps_decrease_soft_ce(world, tmp_path):
 
     cfg = DistillConfig(
         labels=str(world["store"]), data=str(world["tree"]), student=str(world["tiny"]), init="pretrained",
-        out=str(tmp_path / "run"), epochs=4, batch_size=4, lr=0.05, num_threads=1, device="cpu",
+        out=str(tmp_path / "run"), epochs=4, batch_size=4, lr=0.08, num_threads=1, device="cpu",
     )
     trainer = Trainer(cfg)
     try:

@@ -57,3 +57,25 @@ def test_seeds_differ_per_rank_and_epoch_and_repeat_exactly():
         torch.manual_seed(seed_for(7, rank, 0))
         masks.append(torch.nn.functional.dropout(torch.ones(64), 0.5))
     assert not torch.equal(masks[0], masks[1])
+
+
+def test_one_process_torchrun_forms_a_group_and_runs_the_collectives(tmp_path):
+    """Under torchrun even one process joins a process group, so a 1-GPU host exercises the same
+    collectives (object broadcast, barrier, a device-tensor all-reduce) as an 8-GPU job."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from core.distributed import init_distributed, shutdown\n"
+        "d = init_distributed(torch.device('cpu'))\n"
+        "assert d.active and dist.get_world_size() == 1 and dist.get_backend() == 'gloo'\n"
+        "t = torch.ones(3); dist.all_reduce(t); assert t.tolist() == [1.0, 1.0, 1.0]\n"
+        "assert d.on_main(lambda: 'scanned') == 'scanned' and d.gather(5) == [5]\n"
+        "d.barrier(); shutdown(d); print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script)],
+                          env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+    alone = subprocess.run([sys.executable, "-c", "import torch; from core.distributed import init_distributed; "
+                            "assert not init_distributed(torch.device('cpu')).active; print('alone')"],
+                           env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert alone.returncode == 0 and "alone" in alone.stdout, alone.stderr[-2000:]

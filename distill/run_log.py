@@ -1,0 +1,160 @@
+"""What a distill run tells its user: progress, RUN/metrics.jsonl, RUN/config.json, TensorBoard.
+
+Progress is a rich bar when stderr is a terminal, and plain text lines every ``--log-every``
+steps when it is not (SLURM/Kubernetes logs, ``| tee``), so a cluster log stays readable. The
+running means are read from the device only when a line or the bar is refreshed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import TextColumn
+
+from core.progress import RateColumn, make_progress
+from storage.errors import UserError
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.json"
+TENSORBOARD_DIR = "tensorboard"
+BAR_REFRESH_EVERY = 10  # steps between bar refreshes on a terminal
+
+
+class RunLog:
+    """Rank 0's record of a run; every method is a no-op on other ranks (``enabled=False``)."""
+
+    def __init__(self, run_dir: Path, console: Console, *, enabled: bool, log_every: int, tensorboard: bool):
+        self.run_dir = run_dir
+        self.console = console
+        self.enabled = enabled
+        self.log_every = max(1, log_every)
+        self.plain = not console.is_terminal
+        self._writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard: the tensorboard package is not installed; pip install tensorboard (or mealkd[tensorboard])") from None
+            self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+
+    # -- files ----------------------------------------------------------------------------------
+    def write_config(self, record: dict) -> None:
+        """RUN/config.json: the run's full configuration and facts, rewritten at every (re)start."""
+        if not self.enabled:
+            return
+        tmp = self.run_dir / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / CONFIG_NAME)
+
+    def trim(self, last_epoch: int) -> None:
+        """Drop metric lines of epochs after ``last_epoch`` (from a run killed after logging them)."""
+        path = self.run_dir / METRICS_NAME
+        if not self.enabled or not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+        path.write_text("".join(line + "\n" for line in lines))
+
+    def epoch_record(self, record: dict, global_step: int) -> None:
+        """Append the epoch's metrics line (and TensorBoard scalars)."""
+        if not self.enabled:
+            return
+        with open(self.run_dir / METRICS_NAME, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                    self._writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+            self._writer.add_scalar("epoch/global_step", global_step, record["epoch"])
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # -- progress -------------------------------------------------------------------------------
+    def wants_means(self, step: int, steps: int) -> bool:
+        """Whether step ``step`` (1-based) of ``steps`` shows the running means (so they are read then)."""
+        if not self.enabled:
+            return False
+        every = self.log_every if self.plain else BAR_REFRESH_EVERY
+        return step % every == 0 or step == steps or (not self.plain and step == 1)
+
+    def progress(self, epochs: int, batch_size: int):
+        """A context manager whose ``epoch(e, steps)`` returns that epoch's step reporter."""
+        return _PlainProgress(self, epochs) if self.plain else _BarProgress(self, epochs, batch_size)
+
+    def scalars(self, means: dict, lr: float, global_step: int) -> None:
+        if self._writer is not None:
+            for key, value in means.items():
+                self._writer.add_scalar(f"step/{key}", value, global_step)
+            self._writer.add_scalar("step/lr", lr, global_step)
+
+
+class _BarProgress:
+    def __init__(self, log: RunLog, epochs: int, batch_size: int):
+        self.log, self.epochs, self.batch_size = log, epochs, batch_size
+        columns = (
+            RateColumn("crops", "crops_per_step"),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("D {task.fields[d_loss]:.3f} ({task.fields[d_acc]:.0%})"),
+            TextColumn("agree {task.fields[agree]:.1%}"),
+        )
+        self.progress = make_progress(log.console, *columns, enabled=log.enabled)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def epoch(self, epoch: int, steps: int):
+        task = self.progress.add_task(f"epoch {epoch + 1}/{self.epochs}", total=steps, loss=0.0, d_loss=0.0, d_acc=0.0, agree=0.0,
+                                      crops_per_step=self.batch_size)
+
+        def step(done: int, crops: int, means: dict | None, lr: float) -> None:
+            fields = {} if means is None else dict(loss=means["loss"], d_loss=means["d_loss"], d_acc=means["d_acc"], agree=means["agreement"])
+            self.progress.update(task, advance=1, crops_per_step=crops, **fields)
+
+        return step
+
+    def print(self, text: str) -> None:
+        if self.log.enabled:
+            self.progress.console.print(text)
+
+
+class _PlainProgress:
+    def __init__(self, log: RunLog, epochs: int):
+        self.log, self.epochs = log, epochs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def epoch(self, epoch: int, steps: int):
+        started = time.perf_counter()
+        seen = 0
+
+        def step(done: int, crops: int, means: dict | None, lr: float) -> None:
+            nonlocal seen
+            seen += crops
+            if means is None or not self.log.enabled:
+                return
+            rate = seen / max(time.perf_counter() - started, 1e-9)
+            self.log.console.print(
+                f"epoch {epoch + 1}/{self.epochs} step {done}/{steps}: loss {means['loss']:.4f}  D {means['d_loss']:.3f} "
+                f"(acc {means['d_acc']:.0%})  agree {means['agreement']:.1%}  lr {lr:.3g}  {rate:.0f} crops/s",
+                soft_wrap=True, highlight=False,
+            )
+
+        return step
+
+    def print(self, text: str) -> None:
+        if self.log.enabled:
+            self.log.console.print(text, soft_wrap=True, highlight=False)
