@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "merge": "precompute.commands:merge",
     "import-fkd": "precompute.commands:import_fkd",
     "plot": "distill.commands:plot",
+    "export": "distill.commands:export",
     "demo": "demo:demo",
 }
 

@@ -12,6 +12,10 @@ A *spec* names a model and, optionally, how to feed it::
     timm:ARCH[@FILE]                 the same through timm (only if timm is installed)
     FILE.pt                          a TorchScript archive (torch.jit.load); also ``torchscript:PATH``
                                      for names that would otherwise be ambiguous
+    FILE.pt2                         a torch.export ExportedProgram (torch.export.save; loaded with
+                                     torch.export.load and used as ``.module()``); also ``export:PATH``.
+                                     Its input size is ``:size=N``, else the example input's H x W
+                                     recorded in the program (a dynamic H/W: the run's crop size)
 
 followed by options, each introduced by ``:``::
 
@@ -65,12 +69,14 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-SOURCES = ("torchvision", "timm", "torchscript")
+SOURCES = ("torchvision", "timm", "torchscript", "export")
+FILE_SOURCES = ("torchscript", "export")  # the file is the model (architecture and weights): used as-is
 INIT_MODES = ("weights", "pretrained", "scratch")  # anything else is a file path
 
-_GRAMMAR = ("expected torchvision:ARCH[@FILE], timm:ARCH[@FILE] or FILE.pt, "
+_GRAMMAR = ("expected torchvision:ARCH[@FILE], timm:ARCH[@FILE], FILE.pt (TorchScript) or FILE.pt2 (torch.export), "
             "optionally followed by :w=W :size=N :mean=M/M/M :std=S/S/S")
 _TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript", ".ptl")
+_EXPORT_SUFFIXES = (".pt2",)
 _OPTION_RE = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
 _SOURCE_RE = re.compile(r"^([A-Za-z][\w-]*):(.*)$", re.S)
 _ARCH_RE = re.compile(r"^[A-Za-z0-9_][\w.\-]*$")
@@ -89,7 +95,7 @@ class ModelSpec:
     """A parsed spec. ``weights_enum`` (extra) is set for ``torchvision:ARCH@IMAGENET1K_V2``."""
 
     text: str
-    source: str  # 'torchvision' | 'timm' | 'torchscript'
+    source: str  # 'torchvision' | 'timm' | 'torchscript' | 'export'
     arch: str | None
     weights_file: str | None
     weight: float = 1.0
@@ -142,6 +148,11 @@ def _parse_option(text: str, key: str, value: str) -> tuple[str, Any]:
     raise _bad(text, f"unknown option {key!r} (valid: w, size, mean, std)")
 
 
+def rest_is_pt2(path: str) -> bool:
+    """Whether a bare spec names an ExportedProgram file (``.pt2``)."""
+    return path.lower().endswith(_EXPORT_SUFFIXES)
+
+
 def parse_spec(text: str) -> ModelSpec:
     """Parse one spec (see the module docstring). UserError on anything malformed."""
     if not isinstance(text, str):
@@ -174,15 +185,15 @@ def parse_spec(text: str) -> ModelSpec:
     elif m and "/" not in m.group(1) and len(m.group(1)) > 1:
         raise _bad(raw, f"unknown model source {m.group(1)!r} (valid: {', '.join(SOURCES)})")
     else:
-        source, rest = "torchscript", body
-        if not (rest.lower().endswith(_TORCHSCRIPT_SUFFIXES) or "/" in rest or os.sep in rest):
+        source, rest = ("export" if rest_is_pt2(body) else "torchscript"), body
+        if source == "torchscript" and not (rest.lower().endswith(_TORCHSCRIPT_SUFFIXES) or "/" in rest or os.sep in rest):
             hint = (f"did you mean torchvision:{rest}?" if _ARCH_RE.match(rest)
-                    else "a TorchScript file must end in .pt (or be given as torchscript:PATH)")
-            raise _bad(raw, f"{rest!r} is neither SOURCE:ARCH nor a TorchScript file: {hint}")
+                    else "a TorchScript file must end in .pt, an ExportedProgram in .pt2 (or give torchscript:PATH / export:PATH)")
+            raise _bad(raw, f"{rest!r} is neither SOURCE:ARCH nor a TorchScript (.pt) or ExportedProgram (.pt2) file: {hint}")
 
-    if source == "torchscript":
+    if source in FILE_SOURCES:
         if not rest.strip():
-            raise _bad(raw, "torchscript: needs a file path")
+            raise _bad(raw, f"{source}: needs a file path")
         weights_file = rest
     else:
         arch, at, file_part = rest.partition("@")
@@ -296,8 +307,9 @@ def load_model(spec: ModelSpec | str, *, num_classes: int | None = None,
     init=<path>       a state dict / checkpoint loaded strictly into the architecture built with
                       num_classes (inferred from the file when None); it takes precedence over a
                       spec's own '@FILE'/'@WEIGHTS' (a student reloaded from its checkpoint).
-                      For a TorchScript spec the scripted file is the architecture: the checkpoint's
-                      state dict is loaded into it (a TorchScript student's ``distill`` checkpoint).
+                      For a TorchScript (.pt) or ExportedProgram (.pt2) spec the file is the
+                      architecture: the checkpoint's state dict is loaded into it (such a student's
+                      ``distill`` checkpoint).
     Every file is read through :func:`core.checkpoint_io.load_torch_file` (weights_only policy).
     """
     if isinstance(spec, str):
@@ -305,16 +317,18 @@ def load_model(spec: ModelSpec | str, *, num_classes: int | None = None,
     init = _resolve_init(init)
     if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if init not in INIT_MODES and (spec.weights_file or spec.weights_enum) and spec.source != "torchscript":
+    if init not in INIT_MODES and (spec.weights_file or spec.weights_enum) and spec.source not in FILE_SOURCES:
         # e.g. a student trained from ARCH@start.pth, reloaded from its own checkpoint
         log.info("%s: loading weights from init file %s instead of the spec's '@...'", spec.text, init)
-    if init == "scratch" and (spec.weights_file or spec.weights_enum) and spec.source != "torchscript":
+    if init == "scratch" and (spec.weights_file or spec.weights_enum) and spec.source not in FILE_SOURCES:
         raise UserError(f"spec {spec.text} names weights but init is 'scratch': drop the '@...' part "
                         "or use init=pretrained")
     if spec.source == "torchvision":
         loaded = _load_torchvision(spec, num_classes, init)
     elif spec.source == "timm":
         loaded = _load_timm(spec, num_classes, init)
+    elif spec.source == "export":
+        loaded = _load_exported(spec, num_classes, init)
     else:
         loaded = _load_torchscript(spec, num_classes, init)
     if init == "weights":
@@ -746,8 +760,8 @@ def _jit_load(spec: ModelSpec):
                         f"architecture: torchvision:ARCH@{file}") from None
 
 
-def _torchscript_classes(module, spec: ModelSpec, size: int | None) -> int:
-    """The class count of a scripted classifier, from one forward pass on a zero image."""
+def _torchscript_classes(module, spec: ModelSpec, size: int | None, kind: str = "TorchScript") -> int:
+    """The class count of a scripted (or exported) classifier, from one forward pass on a zero image."""
     import torch
 
     file, probe = spec.weights_file, size or 224
@@ -757,7 +771,7 @@ def _torchscript_classes(module, spec: ModelSpec, size: int | None) -> int:
         with torch.no_grad():
             out = module(torch.zeros(1, 3, probe, probe))
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot run TorchScript model {file} on a 1x3x{probe}x{probe} float input to "
+        raise UserError(f"cannot run {kind} model {file} on a 1x3x{probe}x{probe} float input to "
                         f"find its class count ({_one_line(e)}): pass the input size, e.g. {spec.text}:size=N") from None
     finally:
         module.train(was_training)
@@ -765,7 +779,7 @@ def _torchscript_classes(module, spec: ModelSpec, size: int | None) -> int:
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"TorchScript model {file} returns {shape}, not (batch, classes) logits")
+        raise UserError(f"{kind} model {file} returns {shape}, not (batch, classes) logits")
     return int(out.shape[1])
 
 
@@ -783,6 +797,105 @@ def _load_torchscript(spec: ModelSpec, num_classes: int | None, init: str) -> Lo
         _check_and_load(module, sd, what="init file", path=path, spec_text=spec.text, head=None, want=None)
     size, mean, std = _resolve_meta(spec, None, None, None)
     n = _torchscript_classes(module, spec, size)
+    if init not in INIT_MODES:
+        names = _class_names(outer, n, path)
+    if num_classes is not None and int(num_classes) != n:
+        raise _class_mismatch(spec, n, int(num_classes))
+    return LoadedModel(spec, module, n, size, mean, std, file_sha256(path), names, False, path)
+
+
+# ---------------------------------------------------------------- torch.export (.pt2)
+def _fixed_mode_train(self, mode: bool = True):
+    """``train()``/``eval()`` of an ExportedProgram's module: only the ``training`` flags change. The graph
+    runs as it was exported (export captures eval behaviour: BatchNorm uses its running statistics,
+    dropout is off); torch refuses train()/eval() on such modules, which would break every caller."""
+    import torch
+
+    return torch.nn.Module.train(self, mode)
+
+
+def _exported_input_size(program, spec: ModelSpec) -> int | None:
+    """The square H = W of the program's (first) example input if static, None if dynamic; UserError if
+    the program's batch dimension is fixed (mealkd feeds batches of any size) or H != W."""
+    names = list(program.graph_signature.user_inputs)
+    node = next((n for n in program.graph.nodes if n.op == "placeholder" and names and n.name == names[0]), None)
+    val = node.meta.get("val") if node is not None else None
+    shape = getattr(val, "shape", None)
+    if shape is None or len(shape) != 4:
+        raise UserError(f"ExportedProgram {spec.weights_file} does not take one (batch, 3, H, W) image tensor "
+                        f"(its first input is {tuple(shape) if shape is not None else 'not a tensor'}); export an image classifier")
+    static = [isinstance(d, int) for d in shape]  # a dynamic dimension is a torch.SymInt
+    if static[0]:
+        raise UserError(f"ExportedProgram {spec.weights_file} was exported for a fixed batch of {int(shape[0])}: export it "
+                        "with a dynamic batch, e.g. torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},)), "
+                        "or use `mealkd export --format pt2`")
+    if not (static[2] and static[3]):
+        return None
+    h, w = int(shape[2]), int(shape[3])
+    if h != w:
+        raise UserError(f"ExportedProgram {spec.weights_file} takes {h}x{w} images but mealkd feeds square crops: export it at "
+                        "a square size (or with dynamic H/W and give :size=N)")
+    if spec.size is not None and spec.size != h:
+        raise UserError(f"{spec.text}: :size={spec.size} but the program was exported for {h}x{h} inputs only; drop :size "
+                        "or export it at that size (or with dynamic H/W)")
+    return h
+
+
+def _export_load(spec: ModelSpec):
+    """(ExportedProgram, resolved path) of a ``.pt2`` spec; the weights inside are read with torch.load
+    forced to weights_only (mealkd's policy) unless MEALKD_TRUST_CHECKPOINTS=1."""
+    import torch
+
+    from core.checkpoint_io import trusted
+
+    file = spec.weights_file or ""
+    path = os.path.expanduser(file)
+    if not os.path.isfile(path):
+        raise UserError(f"ExportedProgram file {file} does not exist: check the path")
+    key, old = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    if not trusted():
+        os.environ[key] = "1"  # torch.export.load falls back to full unpickling otherwise
+    quiet = [logging.getLogger(name) for name in ("torch.export", "torch._export.serde.serialize")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # torch logs a traceback before raising on a bad file; the UserError below says it in one line
+        q.setLevel(logging.CRITICAL)
+    try:
+        return torch.export.load(path), path
+    except Exception as e:  # noqa: BLE001
+        hint = "" if trusted() else f" (if it holds Python objects that you trust, set {TRUST_ENV}=1)"
+        raise UserError(f"{file} is not a torch.export ExportedProgram file ({_one_line(e)}); save one with "
+                        f"torch.export.save, or `mealkd export --format pt2`{hint}") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _load_exported(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedModel:
+    """The program's module as saved (init weights/pretrained), or with a checkpoint's state dict loaded
+    into it (init=<path>: a .pt2 student trained by ``distill``). Like TorchScript, it cannot be rebuilt."""
+    import types
+
+    if init == "scratch":
+        raise UserError(f"{spec.text} is an ExportedProgram file, which cannot be re-initialised (init=scratch): "
+                        "use init=pretrained to start from its weights, or an architecture spec such as torchvision:ARCH")
+    program, path = _export_load(spec)
+    recorded = _exported_input_size(program, spec)
+    try:
+        module = program.module()
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"ExportedProgram {spec.weights_file}: torch cannot turn it into a module ({_one_line(e)})") from None
+    module.train = types.MethodType(_fixed_mode_train, module)
+    module.eval = types.MethodType(lambda self: _fixed_mode_train(self, False), module)
+    names: list[str] | None = None
+    if init not in INIT_MODES:
+        sd, outer, path = _read_state_dict(init, "init file", spec.text)  # weights (and their sha) from the checkpoint
+        _check_and_load(module, sd, what="init file", path=path, spec_text=spec.text, head=None, want=None)
+    size, mean, std = _resolve_meta(spec, recorded, None, None)
+    n = _torchscript_classes(module, spec, size, kind="ExportedProgram")
     if init not in INIT_MODES:
         names = _class_names(outer, n, path)
     if num_classes is not None and int(num_classes) != n:

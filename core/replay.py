@@ -132,14 +132,31 @@ def probe_graph(decoder: str):
     return graph
 
 
-def eval_graph(norm: Normalization, decoder: str, resize_ratio: float = 0.875):
-    """Validation pipeline: resize the shorter side to size / 0.875, centre-crop size x size."""
+#: ``--interpolation`` name -> DALI filter of the validation resize (antialiased when shrinking, like PIL and
+#: torchvision's ``Resize(antialias=True)``)
+EVAL_INTERPOLATIONS = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
+def eval_resize_shorter(size: int, crop_pct: float = 0.875, resize_size: int | None = None) -> int:
+    """The validation rule: the shorter side is resized to ``resize_size`` if given, else to
+    ``round(size / crop_pct)`` (224 / 0.875 = 256; Python's round, half to even), then ``size`` x ``size``
+    is cut from the centre. timm computes floor(size / crop_pct): 1 px less where the fraction is >= .5
+    (224 / 0.95 = 235.8: timm 235, here 236); pass ``resize_size`` to match it exactly."""
+    return int(resize_size) if resize_size is not None else int(round(size / crop_pct))
+
+
+def eval_graph(norm: Normalization, decoder: str, crop_pct: float = 0.875, *, resize_size: int | None = None,
+               interpolation: str = "bilinear"):
+    """Validation pipeline: resize the shorter side to :func:`eval_resize_shorter` with ``interpolation``
+    (antialiased), centre-crop norm.size x norm.size, normalise."""
+    shorter = eval_resize_shorter(norm.size, crop_pct, resize_size)
+    interp = EVAL_INTERPOLATIONS[interpolation]
 
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
         target = fn.external_source(name="target", dtype=types.INT64, batch=True)
         image = decode_image(encoded, decoder)
-        image = fn.resize(image, resize_shorter=round(norm.size / resize_ratio), interp_type=types.INTERP_LINEAR, antialias=True)
+        image = fn.resize(image, resize_shorter=shorter, interp_type=interp, antialias=True)
         image = fn.crop_mirror_normalize(
             image,
             crop=(norm.size, norm.size),

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from core.accel import PRECISIONS
 from distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
+from distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 
 
 @click.command()
@@ -66,25 +67,38 @@ def distill(**kwargs) -> None:
 
 @click.command()
 @click.option("--data", required=True, help="Validation ImageFolder (class names as in training). Unreadable files are skipped and counted.")
-@click.option("--checkpoint", required=True, help="A mealkd checkpoint (torchvision/timm or TorchScript student), or a state dict with --student.")
-@click.option("--student", default=None, help="Student spec (only needed for a plain state dict, or a TorchScript student's moved .pt file).")
-@click.option("--image-size", default=None, type=int, help="Crop size (default: the checkpoint's training size).")
+@click.option("--checkpoint", required=True, help="A mealkd checkpoint (torchvision/timm, TorchScript .pt or ExportedProgram .pt2 student), or a state dict with --student.")
+@click.option("--student", default=None, help="Student spec (only needed for a plain state dict, or a TorchScript/ExportedProgram student's moved .pt/.pt2 file).")
+@click.option("--image-size", default=None, type=int, help="Crop size S (default: the checkpoint's training size).")
+@click.option("--resize-size", default=None, type=int, help=PROTOCOL_HELP["resize_size"])
+@click.option("--crop-pct", default=None, type=float, help=PROTOCOL_HELP["crop_pct"])
+@click.option("--interpolation", default=None, type=click.Choice(INTERPOLATIONS), help=PROTOCOL_HELP["interpolation"])
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run; 'auto' picks CUDA when available.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16), fp32 on CPU.")
 @click.option("--per-class", is_flag=True, help="Also print per-class top-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (top1, top5, images, unreadable, ...).")
-def evaluate(data, checkpoint, student, image_size, batch_size, device, precision, per_class, as_json) -> None:
-    """Top-1/top-5 of a trained model on a validation ImageFolder (resize S/0.875, centre crop S).
+def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, interpolation, batch_size, device, precision, per_class,
+             as_json) -> None:
+    """Top-1/top-5 of a trained model on a validation ImageFolder.
+
+    Each image: its shorter side is resized to --resize-size, else to round(S / --crop-pct) (default
+    0.875: 224 -> 256), with --interpolation (default bilinear, antialiased), then the centre S x S is
+    cut (S: --image-size, else the checkpoint's training size). torchvision's V2 weights: --resize-size 232
+    (S = 224); a timm model: its crop_pct and --interpolation bicubic.
     Files the decoder cannot read are left out of the accuracy, and reported."""
     from distill.inference import evaluate_checkpoint
+    from distill.protocol import EvalProtocol
 
+    protocol = EvalProtocol.from_flags(resize_size, crop_pct, interpolation)
     result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device,
-                                 precision=precision, per_class=per_class, console=Console(stderr=True))
+                                 precision=precision, per_class=per_class, console=Console(stderr=True), protocol=protocol)
     if as_json:
         click.echo(json.dumps(result))
         return
-    table = Table(title=f"evaluate {checkpoint}")
+    p = result["protocol"]
+    table = Table(title=f"evaluate {checkpoint}", caption=f"resize shorter side to {p['resize_shorter']} ({p['interpolation']}), "
+                  f"centre crop {p['crop_size']}")
     table.add_column("images", justify="right")
     table.add_column("unreadable (skipped)", justify="right")
     table.add_column("top-1", justify="right")
@@ -105,3 +119,29 @@ def plot(run_dir: str, out: str | None) -> None:
 
     path = plot_run(Path(run_dir), Path(out) if out else None)
     click.echo(str(path))
+
+
+@click.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", required=True, metavar="state-dict|safetensors|onnx|pt2", help="'state-dict': a plain state dict (torch.load(weights_only=True) + load_state_dict into the architecture); 'safetensors': the same tensors for safetensors.torch.load_file (pip install 'mealkd[export]'); 'onnx': for onnxruntime, dynamic batch, input 'input', output 'logits' (pip install 'mealkd[onnx]'); 'pt2': a torch.export ExportedProgram for torch.export.load, dynamic batch, usable as a FILE.pt2 model spec.")
+@click.option("--out", required=True, help="File to write; FILE.json is written beside it (class names, input size, mean/std, student spec, the check). An existing file is replaced.")
+@click.option("--student", default=None, help="Student spec, only for a plain state dict or a TorchScript/.pt2 student whose file moved (as for evaluate).")
+@click.option("--image-size", default=None, type=int, help="Input size H = W of the onnx/pt2 graph (default: the checkpoint's training size).")
+def export(checkpoint, fmt, out, student, image_size) -> None:
+    """Export a trained student (CHECKPOINT: RUN/checkpoint.pt) to a file that the standard tools load.
+
+    The written file is loaded back with its own tool and compared with the checkpoint's model on a
+    random batch (CPU, float32): exactly equal for state-dict/safetensors, within 1e-5 for onnx/pt2
+    (onnx: with onnxruntime when installed, else onnx.checker only). Prints the file's path."""
+    from distill.export import ExportMismatch, export_checkpoint
+
+    try:
+        record = export_checkpoint(checkpoint, fmt, out, student=student, image_size=image_size)
+    except ExportMismatch as err:
+        raise click.ClickException(str(err)) from None
+    check = record["check"]
+    diff = "not compared" if check["max_abs_diff"] is None else f"max |diff| {check['max_abs_diff']:.3g}"
+    Console(stderr=True).print(f"[green]export[/]: {record['export_format']} of {record['student_spec']} "
+                               f"({record['num_classes']} classes, {record['input_size']} px); checked with {check['checked_with']}: {diff}",
+                               soft_wrap=True, markup=True, highlight=False)
+    click.echo(out)

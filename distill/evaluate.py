@@ -1,4 +1,6 @@
-"""Top-1/top-5 on a validation ImageFolder with DALI: resize the shorter side to S/0.875, centre-crop S."""
+"""Top-1/top-5 on a validation ImageFolder with DALI, under an :class:`EvalProtocol`: resize the shorter
+side to ``--resize-size`` (else round(S / ``--crop-pct``), 0.875 by default) with ``--interpolation``,
+centre-crop S (the training size unless ``--image-size``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,6 +14,7 @@ from core.dataset import DatasetIndex
 from core.distributed import Dist
 from core.replay import Normalization, eval_graph
 from core.probe import describe_unreadable, probe_images
+from distill.protocol import EvalProtocol  # noqa: F401 - re-exported: evaluate(..., protocol=EvalProtocol())
 from storage.errors import UserError
 
 
@@ -57,12 +60,15 @@ def evaluate(
     flag: str = "--data",
     dist: Dist = Dist(),
     precision: str = "auto",
+    protocol: EvalProtocol = EvalProtocol(),
 ) -> dict:
     """Accuracy of ``model`` on ``index`` (or its images ``ids``): top1, top5 (fractions), images, optional per-class top-1.
 
     Under torchrun every rank evaluates every world_size-th image (no padding, so nothing is counted
     twice) and the counts are summed over ranks: every rank returns the same, exact result.
+    ``protocol``: resize/crop/interpolation of the images (:class:`EvalProtocol`; its default is 0.875, bilinear).
     """
+    protocol.check(norm.size)
     mapping = class_mapping(index.class_names, model_classes, flag=flag)
     ids = np.arange(len(index)) if ids is None else np.asarray(ids)
     if len(ids) == 0:
@@ -70,7 +76,8 @@ def evaluate(
     n = len(ids)
     ids = ids[dist.rank :: dist.world_size]
     targets = mapping[index.targets[ids]]
-    pipe = build_pipeline(eval_graph(norm, backend.decoder), batch_size=batch_size, backend=backend, num_threads=num_threads)
+    pipe = build_pipeline(eval_graph(norm, backend.decoder, protocol.crop_pct, resize_size=protocol.resize_size,
+                                     interpolation=protocol.interpolation), batch_size=batch_size, backend=backend, num_threads=num_threads)
     feeds = (
         {
             "encoded": [index.read_bytes(i) for i in ids[s : s + batch_size].tolist()],

@@ -7,27 +7,29 @@ from core.checkpoint_io import load_torch_file
 from core.accel import resolve_precision
 from core.dali_io import resolve_backend
 from core.dataset import scan_image_folder
-from core.models import load_model, parse_spec
+from core.models import FILE_SOURCES, load_model, parse_spec
 from core.replay import Normalization
 from distill.checkpoint import is_checkpoint
-from distill.evaluate import evaluate, readable_images
+from distill.evaluate import EvalProtocol, evaluate, readable_images
 from storage.errors import UserError
 
 
-def load_student(checkpoint: str, *, student: str | None = None, num_classes: int | None = None):
+def load_student(checkpoint: str, *, student: str | None = None, num_classes: int | None = None, flag: str = "--checkpoint"):
     """(LoadedModel, class names or None, training Normalization or None) from a checkpoint file.
 
     The architecture comes from ``student`` or the checkpoint's own student spec; for a TorchScript
-    student that is its .pt file, into which the checkpoint's state dict is loaded."""
-    raw = load_torch_file(checkpoint, "--checkpoint")
+    (.pt) or ExportedProgram (.pt2) student that is its file, into which the checkpoint's state dict is
+    loaded. ``flag`` names the checkpoint in error messages."""
+    raw = load_torch_file(checkpoint, flag)
     is_ours = is_checkpoint(raw)
     spec_text = student or (raw.get("student_spec") if is_ours else None)
     if spec_text is None:
-        raise UserError(f"--checkpoint {checkpoint}: a plain state dict needs --student ARCH spec (e.g. torchvision:resnet18)")
+        raise UserError(f"{flag} {checkpoint}: a plain state dict needs --student ARCH spec (e.g. torchvision:resnet18)")
     spec = parse_spec(spec_text)
-    if student is None and spec.source == "torchscript" and not os.path.isfile(os.path.expanduser(spec.weights_file or "")):
-        raise UserError(f"--checkpoint {checkpoint}: its student is the TorchScript file {spec.weights_file}, which is not there "
-                        "(moved, or a relative path from another directory); pass it with --student PATH.pt")
+    if student is None and spec.source in FILE_SOURCES and not os.path.isfile(os.path.expanduser(spec.weights_file or "")):
+        kind, suffix = ("TorchScript", ".pt") if spec.source == "torchscript" else ("ExportedProgram", ".pt2")
+        raise UserError(f"{flag} {checkpoint}: its student is the {kind} file {spec.weights_file}, which is not there "
+                        f"(moved, or a relative path from another directory); pass it with --student PATH{suffix}")
     loaded = load_model(spec, num_classes=raw["num_classes"] if is_ours else num_classes, init=checkpoint)  # None: read from the file
     norm = Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["norm"].items()}) if is_ours else None
     class_names = raw.get("class_names") if is_ours else None
@@ -36,9 +38,11 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
 
 def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = None, image_size: int | None = None,
                         batch_size: int = 64, device: str = "auto", per_class: bool = False, console=None,
-                        class_names: list[str] | None = None, precision: str = "auto") -> dict:
-    """Evaluate a checkpoint on ``data``. Class names come from a mealkd checkpoint, else ``class_names``
-    (the training classes, in training order), else the validation tree's own classes."""
+                        class_names: list[str] | None = None, precision: str = "auto",
+                        protocol: EvalProtocol = EvalProtocol()) -> dict:
+    """Evaluate a checkpoint on ``data`` under ``protocol`` (crop size: ``image_size``, else the checkpoint's
+    training size). Class names come from a mealkd checkpoint, else ``class_names`` (the training classes,
+    in training order), else the validation tree's own classes. The result records the protocol used."""
     index = scan_image_folder(data)
     loaded, ckpt_names, norm = load_student(checkpoint, student=student)
     class_names = ckpt_names or loaded.class_names or class_names or index.class_names
@@ -51,10 +55,13 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
     if size is None:
         raise UserError("--image-size: the checkpoint does not record its training size; pass --image-size")
     norm = Normalization(size=size, mean=tuple(loaded.mean), std=tuple(loaded.std))
+    protocol.check(size)
     backend = resolve_backend(device)
     resolve_precision(precision, backend.device)  # a bad value is a one-line error before any work
     model = loaded.module.to(backend.device)
     ids = readable_images(index, backend, console=console)
-    result = evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids, precision=precision)
+    result = evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids, precision=precision,
+                      protocol=protocol)
     result["unreadable"] = len(index) - len(ids)  # skipped files, not in the denominator
+    result["protocol"] = protocol.describe(size)
     return result
