@@ -170,6 +170,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
     size = image_size or (norm.size if norm else None) or loaded.input_size
     if size is None:
         raise UserError(f"CHECKPOINT {checkpoint}: records no input size (a plain state dict); pass --image-size")
+    mean, std = (norm.mean, norm.std) if norm else (loaded.mean, loaded.std)  # what it was trained with, as recorded
     model = loaded.module.cpu().float().eval()
     spec_text = loaded.spec.text
     if fmt == "onnx" and isinstance(model, torch.jit.ScriptModule):
@@ -187,7 +188,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
         from safetensors.torch import save_file
 
         meta = {"format": "pt", "mealkd_student_spec": spec_text, "class_names": json.dumps(class_names),
-                "input_size": str(size), "mean": json.dumps(list(loaded.mean)), "std": json.dumps(list(loaded.std))}
+                "input_size": str(size), "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
         state = _plain_state_dict(model)
         _write_atomic(out_path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     elif fmt == "pt2":
@@ -214,8 +215,8 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
         "num_classes": int(loaded.num_classes),
         "class_names": class_names,
         "input_size": int(size),
-        "mean": [float(v) for v in loaded.mean],
-        "std": [float(v) for v in loaded.std],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
         "torch_version": torch.__version__,
         "check": {**check, "batch": CHECK_BATCH, "tolerance": 0.0 if fmt in ("state-dict", "safetensors") else TOLERANCE},
     }
