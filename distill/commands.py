@@ -123,7 +123,7 @@ def plot(run_dir: str, out: str | None) -> None:
 
 @click.command()
 @click.argument("checkpoint")
-@click.option("--format", "fmt", required=True, metavar="state-dict|safetensors|onnx|pt2", help="'state-dict': a plain state dict (torch.load(weights_only=True) + load_state_dict into the architecture); 'safetensors': the same tensors for safetensors.torch.load_file (pip install 'mealkd[export]'); 'onnx': for onnxruntime, dynamic batch, input 'input', output 'logits' (pip install 'mealkd[onnx]'); 'pt2': a torch.export ExportedProgram for torch.export.load, dynamic batch, usable as a FILE.pt2 model spec.")
+@click.option("--format", "fmt", required=True, metavar="state-dict|safetensors|onnx|pt2", help="'state-dict': a plain state dict (torch.load with weights_only=True, then load_state_dict into the architecture); 'safetensors': the same tensors for safetensors.torch.load_file (pip install 'mealkd[export]'); 'onnx': for onnxruntime, dynamic batch, input 'input', output 'logits' (pip install 'mealkd[onnx]'); 'pt2': a torch.export ExportedProgram for torch.export.load, dynamic batch, usable as a FILE.pt2 model spec.")
 @click.option("--out", required=True, help="File to write; FILE.json is written beside it (class names, input size, mean/std, student spec, the check). An existing file is replaced.")
 @click.option("--student", default=None, help="Student spec, only for a plain state dict or a TorchScript/.pt2 student whose file moved (as for evaluate).")
 @click.option("--image-size", default=None, type=int, help="Input size H = W of the onnx/pt2 graph (default: the checkpoint's training size).")

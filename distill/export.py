@@ -2,7 +2,7 @@
 
 Formats (``--format``), each loaded without mealkd:
 
-- ``state-dict``: ``torch.save`` of the plain state dict (``torch.load(FILE, weights_only=True)`` and
+- ``state-dict``: ``torch.save`` of the plain state dict (``torch.load`` with ``weights_only=True`` and
   ``load_state_dict`` into the architecture, e.g. ``torchvision.models.get_model(ARCH, num_classes=N)``).
 - ``safetensors``: the same tensors in a safetensors file (``safetensors.torch.load_file``); needs the
   ``safetensors`` package (``pip install 'mealkd[export]'``).
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from core.checkpoint_io import load_torch_file
 from core.models import file_sha256
 from distill.inference import load_student
 from storage.errors import UserError
@@ -125,7 +126,7 @@ def _check(fmt: str, path: Path, model, batch: torch.Tensor) -> dict:
         want = model(batch)
         if fmt in ("state-dict", "safetensors"):
             if fmt == "state-dict":
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = load_torch_file(path, "--out")  # torch.load with weights_only=True: mealkd's one loader
                 tool = "torch.load + load_state_dict"
             else:
                 from safetensors.torch import load_file
