@@ -160,8 +160,8 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
     on an unknown format, a missing file or package, or a model the exporter cannot take."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: unknown export format; use one of {', '.join(FORMATS)}")
-    if fmt in _EXTRAS:
-        _require(fmt, _EXTRAS[fmt][1])
+    if fmt in _EXTRAS:  # before any work; onnxscript is checked once the student is known (TorchScript needs none)
+        _require(fmt, _EXTRAS[fmt][1][:1])
     out_path = Path(out).expanduser()
     if out_path.is_dir():
         raise UserError(f"--out {out}: is a directory; give a file name, e.g. {out_path / ('model' + {'state-dict': '.pth'}.get(fmt, '.' + fmt))}")
@@ -174,8 +174,8 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
     mean, std = (norm.mean, norm.std) if norm else (loaded.mean, loaded.std)  # what it was trained with, as recorded
     model = loaded.module.cpu().float().eval()
     spec_text = loaded.spec.text
-    if fmt == "onnx" and isinstance(model, torch.jit.ScriptModule):
-        _require(fmt, ("onnx",))  # the TorchScript-based exporter needs no onnxscript
+    if fmt == "onnx" and not isinstance(model, torch.jit.ScriptModule):
+        _require(fmt, _EXTRAS[fmt][1])  # the torch.export-based exporter needs onnxscript too
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, size, size, generator=generator)
     check_batch = torch.randn(CHECK_BATCH, 3, size, size, generator=generator)
