@@ -47,6 +47,7 @@ from distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 @click.option("--cutmix-alpha", default=1.0, show_default=True, type=float, help="CutMix's Beta(alpha, alpha) for the kept area.")
 @click.option("--mixup-alpha", default=0.8, show_default=True, type=float, help="Mixup's Beta(alpha, alpha) for the blend weight.")
 @click.option("--compile", is_flag=True, help="torch.compile the student (first steps are slower while it compiles).")
+@click.option("--compile-backend", default="inductor", show_default=True, help="torch.compile backend for --compile ('aot_eager' traces and checks the graph without generating kernels: fast to start, for debugging).")
 @click.option("--channels-last", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]), help="channels_last memory format for the student: 'auto' = on for CUDA, off on CPU.")
 @click.option("--log-every", default=50, show_default=True, type=int, help="When stderr is not a terminal (cluster logs), print a plain progress line every N steps; a terminal gets a live bar.")
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package: pip install mealkd[tensorboard]).")

@@ -6,7 +6,7 @@ values, and a training flag given with another value is refused (it would silent
 run: e.g. ``--epochs 200`` after a 180-epoch cosine run sends the lr back up). Paths (``--labels``,
 ``--data``) may move; the store is identified by its id and the dataset by its fingerprint.
 Operational flags (``--val``, ``--device``, ``--precision``, ``--allow-decoder-mismatch``,
-``--num-threads``, ``--compile``, ``--channels-last``, ``--log-every``, ``--tensorboard``,
+``--num-threads``, ``--compile``, ``--compile-backend``, ``--channels-last``, ``--log-every``, ``--tensorboard``,
 ``--eval-every``, ``--keep-every``) may change freely.
 """
 from __future__ import annotations
@@ -85,6 +85,7 @@ class DistillConfig:
     cutmix_alpha: float = 1.0
     mixup_alpha: float = 0.8
     compile: bool = False
+    compile_backend: str = "inductor"
     channels_last: str = "auto"
     log_every: int = 50
     tensorboard: bool = False
