@@ -245,6 +245,7 @@ class LoadedModel:
     weights_sha256: str | None
     class_names: list[str] | None
     head_reinitialized: bool = False  # init="pretrained" replaced the classifier (class count differed)
+    weights_kind: str = "raw"  # which weights of a distill checkpoint were loaded: 'raw' or 'ema'
     weights_path: str | None = None   # the file the weights came from (hub cache, @FILE, .pt, init file)
 
     @property

@@ -33,6 +33,9 @@ from distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 @click.option("--d-lr", default=DEFAULT_D_LR, show_default=True, help="Discriminator learning rate: a number (fixed, never scheduled), or 'student': D's lr follows the student's lr and schedule, which is what the official code effectively does (its per-epoch lr reset of every param group overrides its --d_lr). The former default, Adam at 1e-4, left D at log 2 (inert); see docs/benchmarks.md.")
 @click.option("--hard-label-weight", default=0.0, show_default=True, type=float, help="Weight of an extra one-hot cross-entropy on each crop's dataset class, at T = 1 (MEAL V2: 0).")
 @click.option("--val", default=None, help="Validation ImageFolder evaluated after every epoch.")
+@click.option("--resize-size", default=None, type=int, help=PROTOCOL_HELP["resize_size"])
+@click.option("--crop-pct", default=None, type=float, help=PROTOCOL_HELP["crop_pct"])
+@click.option("--interpolation", default=None, type=click.Choice(INTERPOLATIONS), help=PROTOCOL_HELP["interpolation"])
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train; 'auto' picks CUDA when available.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16 with loss scaling), fp32 on CPU.")
 @click.option("--allow-decoder-mismatch", is_flag=True, help="Train although the store was decoded by another JPEG decoder (CPU vs GPU nvJPEG): the student then sees slightly different pixels than the teachers did.")
@@ -77,10 +80,11 @@ def distill(**kwargs) -> None:
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Images per batch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run; 'auto' picks CUDA when available.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16), fp32 on CPU.")
+@click.option("--weights", default="auto", show_default=True, type=click.Choice(["auto", "raw", "ema"]), help="Which weights of a distill checkpoint: 'raw', 'ema' (a run with --ema-decay), or 'auto' = EMA when the checkpoint has it.")
 @click.option("--per-class", is_flag=True, help="Also print per-class top-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (top1, top5, images, unreadable, ...).")
-def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, interpolation, batch_size, device, precision, per_class,
-             as_json) -> None:
+def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, interpolation, batch_size, device, precision, weights,
+             per_class, as_json) -> None:
     """Top-1/top-5 of a trained model on a validation ImageFolder.
 
     Each image: its shorter side is resized to --resize-size, else to round(S / --crop-pct) (default
@@ -93,12 +97,12 @@ def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, inter
 
     protocol = EvalProtocol.from_flags(resize_size, crop_pct, interpolation)
     result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device,
-                                 precision=precision, per_class=per_class, console=Console(stderr=True), protocol=protocol)
+                                 precision=precision, per_class=per_class, console=Console(stderr=True), protocol=protocol, weights=weights)
     if as_json:
         click.echo(json.dumps(result))
         return
     p = result["protocol"]
-    table = Table(title=f"evaluate {checkpoint}", caption=f"resize shorter side to {p['resize_shorter']} ({p['interpolation']}), "
+    table = Table(title=f"evaluate {checkpoint} ({result['weights']} weights)", caption=f"resize shorter side to {p['resize_shorter']} ({p['interpolation']}), "
                   f"centre crop {p['crop_size']}")
     table.add_column("images", justify="right")
     table.add_column("unreadable (skipped)", justify="right")
@@ -128,7 +132,8 @@ def plot(run_dir: str, out: str | None) -> None:
 @click.option("--out", required=True, help="File to write; FILE.json is written beside it (class names, input size, mean/std, student spec, the check). An existing file is replaced.")
 @click.option("--student", default=None, help="Student spec, only for a plain state dict or a TorchScript/.pt2 student whose file moved (as for evaluate).")
 @click.option("--image-size", default=None, type=int, help="Input size H = W of the onnx/pt2 graph (default: the checkpoint's training size).")
-def export(checkpoint, fmt, out, student, image_size) -> None:
+@click.option("--weights", default="auto", show_default=True, type=click.Choice(["auto", "raw", "ema"]), help="Which weights of a distill checkpoint: 'raw', 'ema' (a run with --ema-decay), or 'auto' = EMA when the checkpoint has it.")
+def export(checkpoint, fmt, out, student, image_size, weights) -> None:
     """Export a trained student (CHECKPOINT: RUN/checkpoint.pt) to a file that the standard tools load.
 
     The written file is loaded back with its own tool and compared with the checkpoint's model on a
@@ -137,7 +142,7 @@ def export(checkpoint, fmt, out, student, image_size) -> None:
     from distill.export import ExportMismatch, export_checkpoint
 
     try:
-        record = export_checkpoint(checkpoint, fmt, out, student=student, image_size=image_size)
+        record = export_checkpoint(checkpoint, fmt, out, student=student, image_size=image_size, weights=weights)
     except ExportMismatch as err:
         raise click.ClickException(str(err)) from None
     check = record["check"]

@@ -7,7 +7,7 @@ run: e.g. ``--epochs 200`` after a 180-epoch cosine run sends the lr back up). P
 ``--data``) may move; the store is identified by its id and the dataset by its fingerprint.
 Operational flags (``--val``, ``--device``, ``--precision``, ``--allow-decoder-mismatch``,
 ``--num-threads``, ``--compile``, ``--compile-backend``, ``--channels-last``, ``--log-every``, ``--tensorboard``,
-``--eval-every``, ``--keep-every``) may change freely.
+``--eval-every``, ``--keep-every``, the validation protocol) may change freely.
 """
 from __future__ import annotations
 
@@ -91,6 +91,9 @@ class DistillConfig:
     tensorboard: bool = False
     eval_every: int = 1
     keep_every: int = 0
+    resize_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
 
     def validate(self) -> None:
         if self.init is None:

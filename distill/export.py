@@ -154,7 +154,7 @@ def _check(fmt: str, path: Path, model, batch: torch.Tensor) -> dict:
 
 
 def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | None = None,
-                      image_size: int | None = None) -> dict:
+                      image_size: int | None = None, weights: str = "auto") -> dict:
     """Export the student of ``checkpoint`` (a mealkd checkpoint, or a state dict with ``student``) as
     ``fmt`` to ``out`` and its sidecar ``out.json``; returns the sidecar's record. UserError (one line)
     on an unknown format, a missing file or package, or a model the exporter cannot take."""
@@ -167,7 +167,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
         raise UserError(f"--out {out}: is a directory; give a file name, e.g. {out_path / ('model' + {'state-dict': '.pth'}.get(fmt, '.' + fmt))}")
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size {image_size}: must be a positive number of pixels")
-    loaded, class_names, norm = load_student(checkpoint, student=student, flag="CHECKPOINT")
+    loaded, class_names, norm = load_student(checkpoint, student=student, flag="CHECKPOINT", weights=weights)
     size = image_size or (norm.size if norm else None) or loaded.input_size
     if size is None:
         raise UserError(f"CHECKPOINT {checkpoint}: records no input size (a plain state dict); pass --image-size")
@@ -211,6 +211,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
         "checkpoint": str(Path(checkpoint).expanduser().resolve()),
         "checkpoint_sha256": file_sha256(str(Path(checkpoint).expanduser())),
         "student_spec": spec_text,
+        "weights": loaded.weights_kind,
         "source": loaded.spec.source,
         "arch": loaded.spec.arch,
         "num_classes": int(loaded.num_classes),

@@ -14,8 +14,15 @@ from distill.evaluate import EvalProtocol, evaluate, readable_images
 from storage.errors import UserError
 
 
-def load_student(checkpoint: str, *, student: str | None = None, num_classes: int | None = None, flag: str = "--checkpoint"):
+WEIGHTS = ("auto", "raw", "ema")
+
+
+def load_student(checkpoint: str, *, student: str | None = None, num_classes: int | None = None, flag: str = "--checkpoint",
+                 weights: str = "auto"):
     """(LoadedModel, class names or None, training Normalization or None) from a checkpoint file.
+
+    ``weights``: 'raw' (the trained weights), 'ema' (the EMA of a run with --ema-decay) or 'auto' (EMA
+    when the checkpoint has it); ``LoadedModel.weights_kind`` says which were loaded.
 
     The architecture comes from ``student`` or the checkpoint's own student spec; for a TorchScript
     (.pt) or ExportedProgram (.pt2) student that is its file, into which the checkpoint's state dict is
@@ -31,6 +38,12 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
         raise UserError(f"{flag} {checkpoint}: its student is the {kind} file {spec.weights_file}, which is not there "
                         f"(moved, or a relative path from another directory); pass it with --student PATH{suffix}")
     loaded = load_model(spec, num_classes=raw["num_classes"] if is_ours else num_classes, init=checkpoint)  # None: read from the file
+    ema = raw.get("ema") if is_ours else None
+    if weights == "ema" and ema is None:
+        raise UserError(f"--weights ema: {checkpoint} holds no EMA weights (the run had no --ema-decay); use --weights raw")
+    loaded.weights_kind = "ema" if ema is not None and weights in ("auto", "ema") else "raw"
+    if loaded.weights_kind == "ema":
+        loaded.module.load_state_dict(ema)
     norm = Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["norm"].items()}) if is_ours else None
     class_names = raw.get("class_names") if is_ours else None
     return loaded, class_names, norm
@@ -39,12 +52,12 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
 def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = None, image_size: int | None = None,
                         batch_size: int = 64, device: str = "auto", per_class: bool = False, console=None,
                         class_names: list[str] | None = None, precision: str = "auto",
-                        protocol: EvalProtocol = EvalProtocol()) -> dict:
+                        protocol: EvalProtocol = EvalProtocol(), weights: str = "auto") -> dict:
     """Evaluate a checkpoint on ``data`` under ``protocol`` (crop size: ``image_size``, else the checkpoint's
     training size). Class names come from a mealkd checkpoint, else ``class_names`` (the training classes,
     in training order), else the validation tree's own classes. The result records the protocol used."""
     index = scan_image_folder(data)
-    loaded, ckpt_names, norm = load_student(checkpoint, student=student)
+    loaded, ckpt_names, norm = load_student(checkpoint, student=student, weights=weights)
     class_names = ckpt_names or loaded.class_names or class_names or index.class_names
     if len(class_names) != loaded.num_classes:
         raise UserError(
@@ -64,4 +77,5 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
                       protocol=protocol)
     result["unreadable"] = len(index) - len(ids)  # skipped files, not in the denominator
     result["protocol"] = protocol.describe(size)
+    result["weights"] = loaded.weights_kind
     return result

@@ -34,7 +34,7 @@ from core.replay import Normalization
 from distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from distill.config import DistillConfig, as_record, resumed_config
 from distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
-from distill.evaluate import evaluate, readable_images
+from distill.evaluate import EvalProtocol, evaluate, readable_images
 from distill.loader import Batch, ReplayLoader
 from distill.losses import DistillLoss, DistillLossParts, teacher_agreement
 from distill.mixing import MixPolicy, mix
@@ -125,6 +125,8 @@ class Trainer:
                                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)
         self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
         self.best = {"val_top1": None, "epoch": None}
+        self.protocol = EvalProtocol.from_flags(cfg.resize_size, cfg.crop_pct, cfg.interpolation)
+        self.protocol.check(self.norm.size)
         # validation: scanned and probed once (rank 0), then evaluated by every rank on its share
         self.val_index = self.dist.on_main(lambda: scan_image_folder(cfg.val, flag="--val")) if cfg.val else None
         self.val_ids = (
@@ -355,7 +357,8 @@ class Trainer:
         out = {}
         for prefix, model in models.items():
             result = evaluate(model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size,
-                              num_threads=cfg.num_threads, ids=self.val_ids, flag="--val", dist=self.dist, precision=self.precision)
+                              num_threads=cfg.num_threads, ids=self.val_ids, flag="--val", dist=self.dist, precision=self.precision,
+                              protocol=self.protocol)
             out.update({f"{prefix}_top1": result["top1"], f"{prefix}_top5": result["top5"]})
         return out
 
@@ -378,7 +381,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.log.trim(self.start_epoch)
             self.log.write_config({"config": as_record(cfg), "run_info": self.run_info, "labels_url": self.store.url,
-                                   "started_epoch": self.start_epoch})
+                                   "started_epoch": self.start_epoch, "val_protocol": self.protocol.describe(self.norm.size)})
         records = []
         steps = self.loader.steps_per_epoch()
         with self.log.progress(cfg.epochs, cfg.batch_size) as progress:

@@ -80,6 +80,18 @@ def test_ema_is_validated_saved_and_resumed_exactly(recipe, tmp_path):
     assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["model"] if a["model"][k].is_floating_point())
     record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"val_top1", "val_ema_top1", "val_ema_top5"} <= set(record)
+    # evaluate picks either; 'auto' is the EMA; each equals what the run measured for those weights
+    from distill.inference import evaluate_checkpoint
+
+    ckpt = str(tmp_path / "straight" / "checkpoint.pt")
+    got = {w: evaluate_checkpoint(str(recipe["val"]), ckpt, weights=w) for w in ("raw", "ema", "auto")}
+    assert (got["raw"]["weights"], got["ema"]["weights"], got["auto"]["weights"]) == ("raw", "ema", "ema")
+    assert got["raw"]["top1"] == record["val_top1"] and got["ema"]["top1"] == got["auto"]["top1"] == record["val_ema_top1"]
+    from distill.export import export_checkpoint
+
+    export_checkpoint(ckpt, "state-dict", str(tmp_path / "ema.pth"), weights="ema")
+    exported = torch.load(tmp_path / "ema.pth", weights_only=True)
+    assert all(torch.equal(exported[k], a["ema"][k]) for k in exported)
 
 
 def test_cutmix_pastes_the_partner_box_and_mixes_rows_by_its_area(recipe, tmp_path):
@@ -187,3 +199,14 @@ def test_tensorboard_scalars_or_a_one_line_hint(recipe, tmp_path, capsys):
     code, _, err = run_main(args, capsys)
     assert code == 0, err
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_val_protocol_flags_reach_distill_validation(recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(cli_args(recipe, out, "--val", str(recipe["val"]), "--resize-size", "24", "--interpolation", "bicubic",
+                                     init="scratch", epochs=1), capsys)
+    assert code == 0, err
+    protocol = json.loads((out / "config.json").read_text())["val_protocol"]
+    assert protocol["resize_shorter"] == 24 and protocol["interpolation"] == "bicubic"
+    code, _, err = run_main(cli_args(recipe, tmp_path / "bad", "--val", str(recipe["val"]), "--resize-size", "8", init="scratch"), capsys)
+    assert code == 2 and "--resize-size 8" in err
