@@ -550,12 +550,12 @@ def check_replay(ctx: Ctx) -> Row:
 # distill: resume, devices, evaluate, torchrun
 # ---------------------------------------------------------------------------------------------
 def check_resume(straight: Job, killed: Job, resumed_args: list[str], ctx: Ctx) -> Row:
-    import torch
+    from core.checkpoint_io import load_torch_file
 
     straight.require()
     killed.require(-9)
     killed_dir = Path(killed.cmd[killed.cmd.index("--out") + 1])
-    epoch = torch.load(killed_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]
+    epoch = load_torch_file(killed_dir / "checkpoint.pt", "--out")["epoch"]
     if epoch != 2:
         raise CheckError(f"the killed run's checkpoint is at epoch {epoch}, not 2")
     Job(ctx, f"distill-resume-{ctx.device}", resumed_args).require()

@@ -106,7 +106,11 @@ def _precompute_config(cfg: ExtendConfig, source: LabelStore, teachers: str) -> 
     if a.get("precision") not in (None, *PRECISIONS):
         raise UserError(f"STORE {source.url}: its teachers ran at different precisions ({a.get('precision')}, a merged store); "
                         "extend each input store, then merge the extended stores")
-    policy = CropPolicy.from_dict(a["crop"])
+    crop = a.get("crop") or {}
+    if crop.get("policy") == "imported" or crop.get("reproducible") is False:
+        raise UserError(f"STORE {source.url}: its crops were imported (e.g. from FKD), not drawn by mealkd's seeded crop generator, "
+                        "so new crops cannot be added consistently; precompute a store of your own with the teachers instead")
+    policy = CropPolicy.from_dict(crop)
     return PrecomputeConfig(
         data=cfg.data, teachers=teachers, out=cfg.out, crops_per_image=cfg.crops_per_image, image_size=policy.image_size,
         scale=policy.scale, ratio=policy.ratio, flip_prob=policy.flip_prob, seed=policy.seed, batch_size=cfg.batch_size,

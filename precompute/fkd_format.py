@@ -96,7 +96,7 @@ def label_file(root: Path, rel_path: str) -> Path:
 
 
 def _safe_numpy_globals() -> list:
-    """What ``torch.load(weights_only=True)`` must additionally allow to rebuild plain numpy arrays
+    """What torch's weights-only unpickler must additionally allow to rebuild plain numpy arrays
     (FKD saves numpy arrays): the array constructor under numpy 2's and numpy 1's module names, the
     ndarray and dtype classes and the numeric dtypes' classes. Object arrays still fail: their items
     need other globals."""
@@ -120,7 +120,7 @@ def _as_array(value, name: str) -> np.ndarray:
 
 def read_label_file(path: Path, num_classes: int) -> FkdLabels:
     """Load and check one FKD label file; BadLabelFile with the reason if it is missing, unreadable
-    or not in FKD's format. Loading goes through mealkd's one torch.load policy
+    or not in FKD's format. Loading goes through mealkd's one loading policy
     (``core.checkpoint_io``, weights_only=True) with numpy arrays allowed."""
     import torch
 

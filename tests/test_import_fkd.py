@@ -295,3 +295,12 @@ def test_kill_during_import_then_rerun_equals_uninterrupted(world, tmp_path):
     volatile = {"created", "completed", "store_id", "imported"}
     assert {k: v for k, v in a.attrs.items() if k not in volatile} == {k: v for k, v in b.attrs.items() if k not in volatile}
     assert {k: v for k, v in a.attrs["imported"].items() if k != "label_root"} == {k: v for k, v in b.attrs["imported"].items() if k != "label_root"}
+
+
+def test_extend_refuses_an_imported_store_in_one_line(world, tmp_path, capsys):
+    """Imported crops were not drawn by mealkd's generator: extend cannot add consistent ones."""
+    code, err = run_main(["extend", str(world["store"]), "--crops-per-image", str(R + 2), "--out", str(tmp_path / "x.zarr"),
+                          "--data", str(world["tree"]), "--teachers", "imported:fkd"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "imported" in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "x.zarr").exists()
