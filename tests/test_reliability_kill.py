@@ -1,5 +1,5 @@
 """Kill anywhere: SIGKILL `precompute` and `distill` at random moments, rerun until done, and get exactly
-the result of an uninterrupted run (DESIGN.md section 6).
+the result of an uninterrupted run (docs/architecture.md, section 8).
 
 Kill moments come from two sources:
 * ``MEALKD_TEST_KILL_AT=point:n`` (storage/testhooks.py): the process SIGKILLs itself the n-th time
