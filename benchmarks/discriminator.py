@@ -78,7 +78,7 @@ def write_c1000(root: Path, classes: int = 1000, per_class: int = 2, side: int =
 
 
 def _hard_label(arch: str, data: Path, out: Path, *, epochs: int, seed: int, image_size: int, scale, lr: float) -> Path:
-    from demo.hardlabel import load_tensors, train_hard_labels
+    from mealkd.demo.hardlabel import load_tensors, train_hard_labels
 
     if out.exists():
         return out
@@ -91,11 +91,10 @@ def _hard_label(arch: str, data: Path, out: Path, *, epochs: int, seed: int, ima
 
 
 def _precompute(data: Path, teacher: str, out: Path, *, encoding: str, crops: int, image_size: int, scale) -> Path:
-    from precompute.runner import PrecomputeConfig, run_precompute
+    from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 
     if (out / "zarr.json").exists():
-        import storage
-
+        from mealkd import storage
         if storage.open_store(str(out)).done.all():
             return out
     run_precompute(PrecomputeConfig(
@@ -110,7 +109,7 @@ def prepare(work: Path, problem: str) -> dict:
     root = work / problem
     root.mkdir(parents=True, exist_ok=True)
     if problem == "digits":
-        from demo.data import write_digits
+        from mealkd.demo.data import write_digits
 
         train, _ = write_digits(root / "data", side=24)
         teacher = _hard_label("resnet18", train, root / "teacher_resnet18.pth", epochs=8, seed=0, image_size=24, scale=p["scale"], lr=0.05)
@@ -155,10 +154,10 @@ DEFAULT_RUNS = [
 
 def _child(spec: dict) -> None:
     """One real distill run in this (fresh) process, with the setting's module defaults patched."""
-    import distill.discriminator as disc
+    import mealkd.distill.discriminator as disc
     from rich.console import Console
 
-    from distill.trainer import DistillConfig, run_distill
+    from mealkd.distill.trainer import DistillConfig, run_distill
 
     patch, overrides = SETTINGS[spec["setting"]]
     for name, value in patch.items():
@@ -203,8 +202,8 @@ def artefact_only(c: int, k: int, steps: int = 300, batch: int = 32, seed: int =
     steps for each (encoding, match_store)."""
     import torch.nn.functional as F
 
-    from distill.discriminator import DiscriminatorLoss, make_discriminator_optimizer
-    from storage.encoding import decode_topk, encode_topk, normalise_rows, to_f16
+    from mealkd.distill.discriminator import DiscriminatorLoss, make_discriminator_optimizer
+    from mealkd.storage.encoding import decode_topk, encode_topk, normalise_rows, to_f16
 
     out = {}
     for enc in ("dense", f"topk:{k}"):

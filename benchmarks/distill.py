@@ -103,9 +103,9 @@ def prepare(args) -> None:
     import torch
     import torchvision
 
-    import storage
-    from core.dataset import scan_image_folder
-    from precompute.runner import PrecomputeConfig, run_precompute
+    from mealkd import storage
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.precompute.runner import PrecomputeConfig, run_precompute
     from tests.datagen import make_jpeg_tree
 
     work = Path(args.work)
@@ -142,7 +142,7 @@ def prepare(args) -> None:
 def make_student(args, classes: int):
     import torch
 
-    from core.models import load_model
+    from mealkd.core.models import load_model
 
     torch.manual_seed(0)
     return load_model(f"torchvision:{args.student}", num_classes=classes, init="scratch").module
@@ -163,8 +163,8 @@ def timed_epochs(step, batches_for_epoch, epochs: int = 2) -> dict:
 def soft_step(model, classes: int, lr: float):
     import torch
 
-    from distill.discriminator import DiscriminatorLoss, make_discriminator_optimizer
-    from distill.losses import DistillLoss
+    from mealkd.distill.discriminator import DiscriminatorLoss, make_discriminator_optimizer
+    from mealkd.distill.losses import DistillLoss
 
     loss = DistillLoss(0.0)
     disc = DiscriminatorLoss(classes, mode="meal-v2")
@@ -190,7 +190,7 @@ def torchvision_loader(args, tree: Path, workers: int):
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    from core.replay import IMAGENET_MEAN, IMAGENET_STD
+    from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD
 
     tf = T.Compose([T.RandomResizedCrop(args.size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     data = ImageFolder(str(tree), transform=tf)
@@ -202,7 +202,7 @@ class FKDDataset:
     """FKD's recipe: per image, a label file with the crops' windows + soft labels; PIL does the crop."""
 
     def __init__(self, root: Path, labels: Path, size: int, crops: int):
-        from core.dataset import scan_image_folder
+        from mealkd.core.dataset import scan_image_folder
 
         self.index = scan_image_folder(root)
         self.labels = labels
@@ -218,8 +218,8 @@ class FKDDataset:
         import torch
         from PIL import Image
 
-        from core.checkpoint_io import load_torch_file
-        from core.replay import IMAGENET_MEAN, IMAGENET_STD
+        from mealkd.core.checkpoint_io import load_torch_file
+        from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD
 
         record = load_torch_file(self.labels / f"{i:06d}.pt", "label file")
         slot = self.epoch % self.crops
@@ -249,7 +249,7 @@ def _run_method(args) -> dict:
     classes = args.classes
 
     if args.method in ("a", "s", "l"):
-        from distill.trainer import DistillConfig, Trainer
+        from mealkd.distill.trainer import DistillConfig, Trainer
 
         out = work / f"run_{args.method}"
         if out.exists():
@@ -316,7 +316,7 @@ def _run_method(args) -> dict:
         return {**result, "label_mib_per_rank": 0.0}
 
     # d: online MEAL V2
-    from core.models import load_model
+    from mealkd.core.models import load_model
 
     setup = json.loads((work / "setup.json").read_text())
     teachers = [load_model(spec, num_classes=classes) for spec in setup["teachers"]]

@@ -443,8 +443,7 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
 # store comparisons
 # ---------------------------------------------------------------------------------------------
 def open_store(path: Path):
-    import storage
-
+    from mealkd import storage
     return storage.open_store(str(path))
 
 
@@ -485,7 +484,7 @@ def pixel_key(tensor) -> bytes:
 
 def stage_one_crops(store, index, norm, backend, batch: int, threads: int) -> dict[bytes, tuple[int, int]]:
     """Pixel key -> (image, slot) of every stored crop, cut by precompute's own CropStream."""
-    from precompute.crops import CropStream
+    from mealkd.precompute.crops import CropStream
 
     usable = np.flatnonzero(~np.asarray(store.excluded, bool)).tolist()
     stream = CropStream(index, [norm], backend, batch_size=batch, num_threads=threads)
@@ -518,11 +517,11 @@ def replay_mismatches(loader, epochs: list[int], keys: dict, store) -> tuple[int
 
 
 def check_replay(ctx: Ctx) -> Row:
-    import storage
-    from core.dali_io import resolve_backend
-    from core.dataset import scan_image_folder
-    from core.replay import Normalization
-    from distill.loader import ReplayLoader
+    from mealkd import storage
+    from mealkd.core.dali_io import resolve_backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.replay import Normalization
+    from mealkd.distill.loader import ReplayLoader
 
     index = scan_image_folder(ctx.paths["train"])
     store = storage.open_store(str(ctx.paths["store"]), fingerprint=index.fingerprint, class_names=index.class_names)
@@ -550,7 +549,7 @@ def check_replay(ctx: Ctx) -> Row:
 # distill: resume, devices, evaluate, torchrun
 # ---------------------------------------------------------------------------------------------
 def check_resume(straight: Job, killed: Job, resumed_args: list[str], ctx: Ctx) -> Row:
-    from core.checkpoint_io import load_torch_file
+    from mealkd.core.checkpoint_io import load_torch_file
 
     straight.require()
     killed.require(-9)
@@ -640,7 +639,7 @@ def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
     """End to end on a fresh store, then the labelling pass alone: every shard marked not done and rerun."""
     import zarr
 
-    from precompute.runner import PrecomputeConfig, run_precompute
+    from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 
     p = ctx.plan
     cfg = PrecomputeConfig(data=str(data), teachers=teachers, out=str(out), crops_per_image=p.bench_crops, image_size=p.bench_size,
@@ -659,12 +658,12 @@ def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
 
 def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int = 8) -> float:
     """Seconds for the ensemble alone over ``crops`` crops: real stored crops held on the device, cycled."""
-    import storage
-    from core.dali_io import resolve_backend
-    from core.dataset import scan_image_folder
-    from core.models import load_model, parse_spec_list
-    from precompute.crops import CropStream
-    from precompute.ensemble import TeacherEnsemble
+    from mealkd import storage
+    from mealkd.core.dali_io import resolve_backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.models import load_model, parse_spec_list
+    from mealkd.precompute.crops import CropStream
+    from mealkd.precompute.ensemble import TeacherEnsemble
 
     p = ctx.plan
     index = scan_image_folder(data)
@@ -691,8 +690,8 @@ def student_step(trainer, batch) -> None:
     """One training step exactly as Trainer.train_epoch takes it (forward, losses, D, backward, both optimisers)."""
     import torch
 
-    from core.accel import as_model_input, autocast_for
-    from distill.losses import teacher_agreement
+    from mealkd.core.accel import as_model_input, autocast_for
+    from mealkd.distill.losses import teacher_agreement
 
     images = as_model_input(batch.images)
     with autocast_for(trainer.device, trainer.precision):
@@ -714,7 +713,7 @@ def student_step(trainer, batch) -> None:
 def time_distill(ctx: Ctx, data: Path, store: Path, out: Path) -> dict:
     """Loader alone (one epoch), the student step alone (batches already on the device), then the real
     Trainer for 2 epochs (epoch 2's crops/s); one Trainer, nothing else running."""
-    from distill.trainer import DistillConfig, Trainer
+    from mealkd.distill.trainer import DistillConfig, Trainer
 
     p = ctx.plan
     cfg = DistillConfig(labels=str(store), data=str(data), student=f"torchvision:{p.bench_student}", init="scratch", out=str(out),

@@ -80,7 +80,7 @@ def peak_rss_mib() -> float:
 def child_precompute(a) -> dict:
     import torchvision  # noqa: F401 - imported lazily by core.models; an import is not precompute's work
 
-    from precompute.runner import PrecomputeConfig, run_precompute
+    from mealkd.precompute.runner import PrecomputeConfig, run_precompute
     from rich.console import Console
 
     shutil.rmtree(a.out, ignore_errors=True)
@@ -98,12 +98,12 @@ def child_teacher(a) -> dict:
     import numpy as np
     import torch
 
-    import storage
-    from core.dali_io import Backend
-    from core.dataset import scan_image_folder
-    from core.models import load_model, parse_spec_list
-    from precompute.crops import CropStream
-    from precompute.ensemble import TeacherEnsemble
+    from mealkd import storage
+    from mealkd.core.dali_io import Backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.models import load_model, parse_spec_list
+    from mealkd.precompute.crops import CropStream
+    from mealkd.precompute.ensemble import TeacherEnsemble
 
     index = scan_image_folder(a.data)
     store = storage.open_store(a.out)
@@ -133,8 +133,8 @@ def child_fkd(a) -> dict:
     from torchvision import datasets, transforms
     from torchvision.transforms import functional as F
 
-    from core.models import load_model, parse_spec_list
-    from precompute.ensemble import TeacherEnsemble
+    from mealkd.core.models import load_model, parse_spec_list
+    from mealkd.precompute.ensemble import TeacherEnsemble
 
     crops, size = a.crops, a.size
     rrc = transforms.RandomResizedCrop(size, antialias=True)

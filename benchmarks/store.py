@@ -34,8 +34,8 @@ try:  # precompute/distill have torch imported; storage then uses its faster fp1
     import torch  # noqa: F401
 except ImportError:  # pragma: no cover
     pass
-import storage  # noqa: E402
-from storage.encoding import normalise_rows  # noqa: E402
+from mealkd import storage  # noqa: E402
+from mealkd.storage.encoding import normalise_rows  # noqa: E402
 
 
 def make_probs(n: int, r: int, c: int, seed: int) -> np.ndarray:

@@ -13,8 +13,8 @@ from nvidia.dali.backend import TensorListGPU
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-from core.distributed import local_rank as distributed_local_rank
-from storage.errors import UserError
+from mealkd.core.distributed import local_rank as distributed_local_rank
+from mealkd.storage.errors import UserError
 
 Feed = dict[str, Any]  # external-source name -> batch (list of arrays, or an array with a leading batch axis)
 
@@ -62,7 +62,7 @@ def decoder_record(backend: Backend) -> dict:
     import nvidia.dali
     from nvidia.dali import backend as dali_backend
 
-    from core.replay import HW_DECODER_LOAD
+    from mealkd.core.replay import HW_DECODER_LOAD
 
     record: dict[str, Any] = {"backend": backend.decoder, "dali_version": nvidia.dali.__version__}
     if backend.is_cuda:

@@ -59,8 +59,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from core.checkpoint_io import TRUST_ENV, load_torch_file  # noqa: F401 - TRUST_ENV re-exported
-from storage.errors import UserError
+from mealkd.core.checkpoint_io import TRUST_ENV, load_torch_file  # noqa: F401 - TRUST_ENV re-exported
+from mealkd.storage.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -245,8 +245,8 @@ class LoadedModel:
     weights_sha256: str | None
     class_names: list[str] | None
     head_reinitialized: bool = False  # init="pretrained" replaced the classifier (class count differed)
-    weights_kind: str = "raw"  # which weights of a distill checkpoint were loaded: 'raw' or 'ema'
     weights_path: str | None = None   # the file the weights came from (hub cache, @FILE, .pt, init file)
+    weights_kind: str = "raw"  # which weights of a distill checkpoint were loaded: 'raw' or 'ema'
 
     @property
     def weight(self) -> float:
@@ -847,7 +847,7 @@ def _export_load(spec: ModelSpec):
     forced to weights_only (mealkd's policy) unless MEALKD_TRUST_CHECKPOINTS=1."""
     import torch
 
-    from core.checkpoint_io import trusted
+    from mealkd.core.checkpoint_io import trusted
 
     file = spec.weights_file or ""
     path = os.path.expanduser(file)

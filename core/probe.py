@@ -22,9 +22,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from core.dali_io import Backend, build_pipeline, run_batches
-from core.dataset import DatasetIndex
-from core.replay import probe_graph
+from mealkd.core.dali_io import Backend, build_pipeline, run_batches
+from mealkd.core.dataset import DatasetIndex
+from mealkd.core.replay import probe_graph
 
 ProgressFn = Callable[[int], None]
 log = logging.getLogger(__name__)

@@ -13,9 +13,9 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
-from core.checkpoint_io import load_torch_file
-from core.dataset import scan_image_folder
-from core.replay import IMAGENET_MEAN, IMAGENET_STD
+from mealkd.core.checkpoint_io import load_torch_file
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD
 
 
 def load_tensors(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

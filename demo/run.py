@@ -20,18 +20,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-import storage
-from core.dali_io import resolve_backend
-from core.dataset import scan_image_folder
-from core.models import load_model, parse_spec
-from core.replay import Normalization
-from demo.data import write_digits
-from demo.hardlabel import load_tensors, train_hard_labels
-from distill.checkpoint import load_checkpoint
-from distill.evaluate import evaluate
-from distill.inference import evaluate_checkpoint
-from distill.trainer import DistillConfig, run_distill
-from precompute.runner import PrecomputeConfig, run_precompute
+from mealkd import storage
+from mealkd.core.dali_io import resolve_backend
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.models import load_model, parse_spec
+from mealkd.core.replay import Normalization
+from mealkd.demo.data import write_digits
+from mealkd.demo.hardlabel import load_tensors, train_hard_labels
+from mealkd.distill.checkpoint import load_checkpoint
+from mealkd.distill.evaluate import evaluate
+from mealkd.distill.inference import evaluate_checkpoint
+from mealkd.distill.trainer import DistillConfig, run_distill
+from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from core.checkpoint_io import load_torch_file
-from storage.errors import UserError
+from mealkd.core.checkpoint_io import load_torch_file
+from mealkd.storage.errors import UserError
 
 CHECKPOINT_FORMAT = "mealkd-checkpoint"
 

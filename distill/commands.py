@@ -9,9 +9,9 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
-from core.accel import PRECISIONS
-from distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
-from distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
+from mealkd.core.accel import PRECISIONS
+from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
+from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 
 
 @click.command()
@@ -59,8 +59,8 @@ from distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint exactly as recorded: training flags left out take their recorded values; a changed one is refused (start a new run with --init RUN/checkpoint.pt instead). --val, --device and --num-threads may change.")
 def distill(**kwargs) -> None:
     """Stage two: train a student from a label store (MEAL V2 recipe, DALI crop replay)."""
-    from distill.config import TRAINING_FLAGS
-    from distill.trainer import DistillConfig, run_distill
+    from mealkd.distill.config import TRAINING_FLAGS
+    from mealkd.distill.trainer import DistillConfig, run_distill
 
     ctx = click.get_current_context()
     explicit = {name for name in TRAINING_FLAGS if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
@@ -92,8 +92,8 @@ def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, inter
     cut (S: --image-size, else the checkpoint's training size). torchvision's V2 weights: --resize-size 232
     (S = 224); a timm model: its crop_pct and --interpolation bicubic.
     Files the decoder cannot read are left out of the accuracy, and reported."""
-    from distill.inference import evaluate_checkpoint
-    from distill.protocol import EvalProtocol
+    from mealkd.distill.inference import evaluate_checkpoint
+    from mealkd.distill.protocol import EvalProtocol
 
     protocol = EvalProtocol.from_flags(resize_size, crop_pct, interpolation)
     result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device,
@@ -120,7 +120,7 @@ def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, inter
 @click.option("--out", default=None, help="PNG path (default: RUN_DIR/curves.png).")
 def plot(run_dir: str, out: str | None) -> None:
     """Plot loss / teacher agreement / val accuracy curves of a distill run to a PNG."""
-    from distill.plotting import plot_run
+    from mealkd.distill.plotting import plot_run
 
     path = plot_run(Path(run_dir), Path(out) if out else None)
     click.echo(str(path))
@@ -139,7 +139,7 @@ def export(checkpoint, fmt, out, student, image_size, weights) -> None:
     The written file is loaded back with its own tool and compared with the checkpoint's model on a
     random batch (CPU, float32): exactly equal for state-dict/safetensors, within 1e-5 for onnx/pt2
     (onnx: with onnxruntime when installed, else onnx.checker only). Prints the file's path."""
-    from distill.export import ExportMismatch, export_checkpoint
+    from mealkd.distill.export import ExportMismatch, export_checkpoint
 
     try:
         record = export_checkpoint(checkpoint, fmt, out, student=student, image_size=image_size, weights=weights)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
-from distill.optimization import OPTIMIZERS, parse_milestones
-from storage.errors import UserError
+from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
+from mealkd.distill.optimization import OPTIMIZERS, parse_milestones
+from mealkd.storage.errors import UserError
 
 D_LR_STUDENT = "student"
 

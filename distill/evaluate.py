@@ -8,14 +8,14 @@ import torch
 import torch.distributed as torch_dist
 from rich.markup import escape
 
-from core.accel import as_model_input, autocast_for
-from core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
-from core.dataset import DatasetIndex
-from core.distributed import Dist
-from core.replay import Normalization, eval_graph
-from core.probe import describe_unreadable, probe_images
-from distill.protocol import EvalProtocol  # noqa: F401 - re-exported: evaluate(..., protocol=EvalProtocol())
-from storage.errors import UserError
+from mealkd.core.accel import as_model_input, autocast_for
+from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
+from mealkd.core.dataset import DatasetIndex
+from mealkd.core.distributed import Dist
+from mealkd.core.replay import Normalization, eval_graph
+from mealkd.core.probe import describe_unreadable, probe_images
+from mealkd.distill.protocol import EvalProtocol  # noqa: F401 - re-exported: evaluate(..., protocol=EvalProtocol())
+from mealkd.storage.errors import UserError
 
 
 def class_mapping(val_classes: list[str], model_classes: list[str], *, flag: str = "--data") -> np.ndarray:

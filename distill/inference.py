@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import os
 
-from core.checkpoint_io import load_torch_file
-from core.accel import resolve_precision
-from core.dali_io import resolve_backend
-from core.dataset import scan_image_folder
-from core.models import FILE_SOURCES, load_model, parse_spec
-from core.replay import Normalization
-from distill.checkpoint import is_checkpoint
-from distill.evaluate import EvalProtocol, evaluate, readable_images
-from storage.errors import UserError
+from mealkd.core.checkpoint_io import load_torch_file
+from mealkd.core.accel import resolve_precision
+from mealkd.core.dali_io import resolve_backend
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.models import FILE_SOURCES, load_model, parse_spec
+from mealkd.core.replay import Normalization
+from mealkd.distill.checkpoint import is_checkpoint
+from mealkd.distill.evaluate import EvalProtocol, evaluate, readable_images
+from mealkd.storage.errors import UserError
 
 
 WEIGHTS = ("auto", "raw", "ema")

@@ -25,12 +25,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
-from core.dataset import DatasetIndex
-from core.distributed import Dist
-from core.replay import Normalization, replay_graph
-from storage import LabelStore
-from storage.errors import UserError
+from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
+from mealkd.core.dataset import DatasetIndex
+from mealkd.core.distributed import Dist
+from mealkd.core.replay import Normalization, replay_graph
+from mealkd.storage import LabelStore
+from mealkd.storage.errors import UserError
 
 
 class Batch(NamedTuple):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.loader import Batch
+from mealkd.distill.loader import Batch
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from storage.errors import UserError
+from mealkd.storage.errors import UserError
 
 DEFAULT_CROP_PCT = 0.875
 DEFAULT_INTERPOLATION = "bilinear"
@@ -63,7 +63,7 @@ class EvalProtocol:
 
     def resize_for(self, size: int) -> int:
         """The resized shorter side for crop size ``size`` (the rule's one home: core.replay.eval_resize_shorter)."""
-        from core.replay import eval_resize_shorter
+        from mealkd.core.replay import eval_resize_shorter
 
         return eval_resize_shorter(size, self.crop_pct, self.resize_size)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import TextColumn
 
-from core.progress import RateColumn, make_progress
-from storage.errors import UserError
+from mealkd.core.progress import RateColumn, make_progress
+from mealkd.storage.errors import UserError
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"

@@ -24,24 +24,24 @@ import torch.distributed as torch_dist
 from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-import storage
-from core.accel import autocast_for, needs_grad_scaler, resolve_precision
-from core.dali_io import decoder_differences, decoder_record, resolve_backend
-from core.dataset import scan_image_folder
-from core.distributed import Dist, init_distributed, seed_for, shutdown
-from core.models import load_model, parse_spec
-from core.replay import Normalization
-from distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
-from distill.config import DistillConfig, as_record, resumed_config
-from distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
-from distill.evaluate import EvalProtocol, evaluate, readable_images
-from distill.loader import Batch, ReplayLoader
-from distill.losses import DistillLoss, DistillLossParts, teacher_agreement
-from distill.mixing import MixPolicy, mix
-from distill.optimization import make_optimizer, make_scheduler
-from distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog
-from storage.errors import UserError
-from storage.testhooks import kill_point
+from mealkd import storage
+from mealkd.core.accel import autocast_for, needs_grad_scaler, resolve_precision
+from mealkd.core.dali_io import decoder_differences, decoder_record, resolve_backend
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
+from mealkd.core.models import load_model, parse_spec
+from mealkd.core.replay import Normalization
+from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
+from mealkd.distill.config import DistillConfig, as_record, resumed_config
+from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
+from mealkd.distill.evaluate import EvalProtocol, evaluate, readable_images
+from mealkd.distill.loader import Batch, ReplayLoader
+from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreement
+from mealkd.distill.mixing import MixPolicy, mix
+from mealkd.distill.optimization import make_optimizer, make_scheduler
+from mealkd.distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog
+from mealkd.storage.errors import UserError
+from mealkd.storage.testhooks import kill_point
 
 __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "DistillConfig", "Trainer", "run_distill"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 from rich.console import Console
 
-from core.accel import PRECISIONS
+from mealkd.core.accel import PRECISIONS
 
 
 @click.command()
@@ -24,7 +24,7 @@ from core.accel import PRECISIONS
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Crops per teacher batch.")
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="Softmax temperature T of the teachers.")
 @click.option("--encoding", default="dense", show_default=True, help="Label encoding: dense (fp16 vectors) or topk:K.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where decoding (nvJPEG on GPU) and the teachers run; 'auto' picks CUDA when available. The store records the decoder.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Teachers' autocast dtype: 'auto' = bf16 "
               "on GPUs that support it (else fp16), fp32 on CPU. Recorded in the store; a batch that overflows in fp16/bf16 is rerun in fp32.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as excluded instead of aborting.")
@@ -32,7 +32,7 @@ from core.accel import PRECISIONS
 @click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
 def precompute(**kwargs) -> None:
     """Stage one: run the teacher ensemble once over seeded crops and store the averaged softmax."""
-    from precompute.runner import PrecomputeConfig, run_precompute
+    from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 
     console = Console(stderr=True)
     summary = run_precompute(PrecomputeConfig(**kwargs), console)
@@ -49,13 +49,13 @@ def precompute(**kwargs) -> None:
 @click.option("--teachers", default=None, help="The precompute --teachers specs (with --data).")
 @click.option("--sample", default=64, show_default=True, type=int, help="Stored crops recomputed through the teachers.")
 @click.option("--tolerance", default=2e-3, show_default=True, type=float, help="Max allowed |p - p_stored| of a recomputed crop.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where the recomputation runs; 'auto' recomputes on the device kind the store was decoded on.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the crop sample.")
 @click.option("--repair", is_flag=True, help="Mark damaged shards not done, so rerunning precompute rewrites them.")
 def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> int:
     """Check a label store: chunk files, probability rows, windows, completeness; with --data and
     --teachers also recompute sampled crops. Exit 0 pass, 1 a check failed, 2 user error."""
-    from precompute.verify import run_verify
+    from mealkd.precompute.verify import run_verify
 
     return run_verify(store, data=data, teachers=teachers, sample=sample, tolerance=tolerance, device=device,
                       seed=seed, do_repair=repair, console=Console())
@@ -79,7 +79,7 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
 def extend(**kwargs) -> None:
     """Grow a finished label store from R to R2 crops per image: the teachers label only the new
     crops; the result equals a store made with R2 from the start and gets a new store id."""
-    from precompute.extend import ExtendConfig, run_extend
+    from mealkd.precompute.extend import ExtendConfig, run_extend
 
     console = Console(stderr=True)
     summary = run_extend(ExtendConfig(**kwargs), console)
@@ -101,7 +101,7 @@ def extend(**kwargs) -> None:
 def merge(stores, out, weights, encoding, images_per_shard) -> None:
     """Merge label stores of the same dataset and crops, made by different teachers, into one
     weighted-ensemble store that records every teacher (a new store; the inputs are only read)."""
-    from precompute.merge import MergeConfig, run_merge
+    from mealkd.precompute.merge import MergeConfig, run_merge
 
     console = Console(stderr=True)
     summary = run_merge(MergeConfig(tuple(stores), out, weights, encoding, images_per_shard), console)
@@ -126,7 +126,7 @@ def merge(stores, out, weights, encoding, images_per_shard) -> None:
 def import_fkd(**kwargs) -> None:
     """Import FKD's released soft labels (one torch.save file per image: crop fractions, flips, top-k
     indices and values) from LABEL_DIR into a mealkd label store that `mealkd distill` replays."""
-    from precompute.import_fkd import ImportConfig, run_import
+    from mealkd.precompute.import_fkd import ImportConfig, run_import
 
     console = Console(stderr=True)
     summary = run_import(ImportConfig(**kwargs), console)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from core.dali_io import Backend, build_pipeline, run_batches, to_samples, to_torch
-from core.dataset import DatasetIndex
-from core.replay import Normalization, cut_graph, decode_graph
+from mealkd.core.dali_io import Backend, build_pipeline, run_batches, to_samples, to_torch
+from mealkd.core.dataset import DatasetIndex
+from mealkd.core.replay import Normalization, cut_graph, decode_graph
 
 
 @dataclass

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from core.accel import as_model_input, autocast_for, resolve_precision
-from core.models import LoadedModel, describe
-from core.replay import Normalization
-from storage.errors import UserError
+from mealkd.core.accel import as_model_input, autocast_for, resolve_precision
+from mealkd.core.models import LoadedModel, describe
+from mealkd.core.replay import Normalization
+from mealkd.storage.errors import UserError
 
 
 def check_class_order(teachers: list[LoadedModel], class_names: list[str], *, flag: str = "--data") -> None:

@@ -28,23 +28,23 @@ from dataclasses import dataclass
 import numpy as np
 from rich.console import Console
 
-import storage
-from core.accel import PRECISIONS
-from core.dali_io import Backend, resolve_backend
-from core.dataset import DatasetIndex, scan_image_folder
-from core.distributed import Dist, init_distributed, shutdown
-from core.models import load_model, parse_spec_list
-from core.progress import RateColumn, make_progress
-from core.windows import CropPolicy, draw_all_windows
-from precompute.crops import CropStream
-from precompute.ensemble import TeacherEnsemble
-from precompute.lock import StoreLock
-from precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, _writing, pending_for_rank
-from storage.encoding import encode_topk, to_f16, topk_tv
-from storage.errors import UserError
-from storage.lineage import inherited_attributes, same_location, source_record
-from storage.reader import LabelStore
-from storage.schema import DENSE, default_images_per_shard
+from mealkd import storage
+from mealkd.core.accel import PRECISIONS
+from mealkd.core.dali_io import Backend, resolve_backend
+from mealkd.core.dataset import DatasetIndex, scan_image_folder
+from mealkd.core.distributed import Dist, init_distributed, shutdown
+from mealkd.core.models import load_model, parse_spec_list
+from mealkd.core.progress import RateColumn, make_progress
+from mealkd.core.windows import CropPolicy, draw_all_windows
+from mealkd.precompute.crops import CropStream
+from mealkd.precompute.ensemble import TeacherEnsemble
+from mealkd.precompute.lock import StoreLock
+from mealkd.precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, _writing, pending_for_rank
+from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
+from mealkd.storage.errors import UserError
+from mealkd.storage.lineage import inherited_attributes, same_location, source_record
+from mealkd.storage.reader import LabelStore
+from mealkd.storage.schema import DENSE, default_images_per_shard
 
 #: dense float32 rows of new crops held at once (a shard is labelled in image blocks of this size)
 BLOCK_BYTES = 256 * 2**20

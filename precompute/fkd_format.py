@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.errors import UserError
+from mealkd.storage.errors import UserError
 
 SUFFIX = ".tar"
 #: Largest sum of the k stored probabilities accepted: fp16 rounding of values summing to <= 1 (the
@@ -124,7 +124,7 @@ def read_label_file(path: Path, num_classes: int) -> FkdLabels:
     (``core.checkpoint_io``, weights_only=True) with numpy arrays allowed."""
     import torch
 
-    from core.checkpoint_io import load_torch_file
+    from mealkd.core.checkpoint_io import load_torch_file
 
     if not path.is_file():
         raise BadLabelFile("missing")

@@ -27,16 +27,16 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-import storage
-from core.dali_io import decoder_record, resolve_backend
-from core.dataset import DatasetIndex, scan_image_folder
-from core.probe import describe_unreadable, probe_images
-from core.progress import RateColumn, make_progress
-from precompute.fkd_format import BadLabelFile, convert, label_file, label_root, read_label_file
-from precompute.lock import StoreLock
-from storage.encoding import to_f16
-from storage.errors import UserError
-from storage.schema import topk_index_dtype
+from mealkd import storage
+from mealkd.core.dali_io import decoder_record, resolve_backend
+from mealkd.core.dataset import DatasetIndex, scan_image_folder
+from mealkd.core.probe import describe_unreadable, probe_images
+from mealkd.core.progress import RateColumn, make_progress
+from mealkd.precompute.fkd_format import BadLabelFile, convert, label_file, label_root, read_label_file
+from mealkd.precompute.lock import StoreLock
+from mealkd.storage.encoding import to_f16
+from mealkd.storage.errors import UserError
+from mealkd.storage.schema import topk_index_dtype
 
 SOURCE = "fkd"
 ROUNDING = ("FKD's RandomResizedCrop_FKD -> torchvision resized_crop -> PIL.Image.crop box (j*W, i*H, j*W + w*W, i*H + h*H) "

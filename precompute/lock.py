@@ -5,8 +5,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from storage.errors import UserError
-from storage.schema import is_local, local_path
+from mealkd.storage.errors import UserError
+from mealkd.storage.schema import is_local, local_path
 
 
 class StoreLock:

@@ -28,13 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 from rich.console import Console
 
-import storage
-from core.progress import RateColumn, make_progress
-from precompute.lock import StoreLock
-from storage.errors import UserError
-from storage.lineage import inherited_attributes, same_location, source_record
-from storage.reader import LabelStore
-from storage.schema import DENSE, TOPK, encoding_attr, parse_encoding
+from mealkd import storage
+from mealkd.core.progress import RateColumn, make_progress
+from mealkd.precompute.lock import StoreLock
+from mealkd.storage.errors import UserError
+from mealkd.storage.lineage import inherited_attributes, same_location, source_record
+from mealkd.storage.reader import LabelStore
+from mealkd.storage.schema import DENSE, TOPK, encoding_attr, parse_encoding
 
 #: images compared at once when checking that the inputs' windows and flips agree
 CHECK_BLOCK = 4096

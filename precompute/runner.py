@@ -17,18 +17,18 @@ import numpy as np
 from rich.console import Console
 from rich.markup import escape
 
-import storage
-from core.dali_io import Backend, decoder_record, resolve_backend
-from core.dataset import DatasetIndex, scan_image_folder
-from core.distributed import Dist, init_distributed, shutdown
-from core.models import load_model, parse_spec_list
-from core.probe import describe_unreadable, probe_images
-from core.progress import RateColumn, make_progress
-from core.windows import CropPolicy, draw_all_windows
-from precompute.crops import CropStream
-from precompute.ensemble import TeacherEnsemble
-from precompute.lock import StoreLock
-from storage.errors import UserError
+from mealkd import storage
+from mealkd.core.dali_io import Backend, decoder_record, resolve_backend
+from mealkd.core.dataset import DatasetIndex, scan_image_folder
+from mealkd.core.distributed import Dist, init_distributed, shutdown
+from mealkd.core.models import load_model, parse_spec_list
+from mealkd.core.probe import describe_unreadable, probe_images
+from mealkd.core.progress import RateColumn, make_progress
+from mealkd.core.windows import CropPolicy, draw_all_windows
+from mealkd.precompute.crops import CropStream
+from mealkd.precompute.ensemble import TeacherEnsemble
+from mealkd.precompute.lock import StoreLock
+from mealkd.storage.errors import UserError
 
 # Attributes that must match for a rerun to continue an existing store.
 SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "precision", "dataset", "decoder", "encoding_request")

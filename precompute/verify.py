@@ -34,10 +34,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-import storage
-from storage.encoding import decode_topk, encode_topk, to_f32
-from storage.errors import UserError
-from storage.schema import DENSE
+from mealkd import storage
+from mealkd.storage.encoding import decode_topk, encode_topk, to_f32
+from mealkd.storage.errors import UserError
+from mealkd.storage.schema import DENSE
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "skip"
 
@@ -195,11 +195,11 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     drift is expected, so the check passes on aggregates (mean TV <= DRIFT_MEAN_TV, top-1 agreement
     >= DRIFT_MIN_AGREEMENT on untied crops) and only crops off by TV > DAMAGE_TV mark shards damaged.
     """
-    from core.dali_io import resolve_backend
-    from core.dataset import scan_image_folder
-    from core.models import load_model, parse_spec_list
-    from precompute.crops import CropStream
-    from precompute.ensemble import TeacherEnsemble
+    from mealkd.core.dali_io import resolve_backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.models import load_model, parse_spec_list
+    from mealkd.precompute.crops import CropStream
+    from mealkd.precompute.ensemble import TeacherEnsemble
 
     index = scan_image_folder(data)
     have = (store.attrs.get("dataset") or {}).get("fingerprint")
@@ -276,8 +276,8 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
 
 def repair(url: str, shards: set[int]) -> None:
     """Mark ``shards`` not done (under the precompute lock) so a precompute rerun rewrites them."""
-    from precompute.lock import StoreLock
-    from storage.writer import StoreWriter
+    from mealkd.precompute.lock import StoreLock
+    from mealkd.storage.writer import StoreWriter
 
     with StoreLock(url):
         writer = StoreWriter(url)

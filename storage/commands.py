@@ -5,8 +5,8 @@ import json
 
 import click
 
-from storage.lineage import describe_lineage, teacher_tv_bound
-from storage.reader import open_store
+from mealkd.storage.lineage import describe_lineage, teacher_tv_bound
+from mealkd.storage.reader import open_store
 
 
 def _human(n: float) -> str:
@@ -86,6 +86,7 @@ def summary(store: str, sample: int) -> dict:
         "mealkd_version": a.get("mealkd_version"),
         "extended_from": a.get("extended_from"),
         "merged_from": a.get("merged_from"),
+        "imported": a.get("imported"),
         "fidelity_reference": a.get("fidelity_reference"),
         "teacher_tv_bound": teacher_tv_bound(a) if a.get("merged_from") else None,
     }
@@ -104,13 +105,17 @@ def _table(info: dict):
     head = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     table.add_row("classes", f"{info['num_classes']} ({head})")
     excl = info["excluded"]
-    table.add_row("images", f"{info['num_images']}" + (f" ({excl} excluded as unreadable)" if excl else ""))
+    why = "unreadable image or label file" if info.get("imported") else "unreadable"
+    table.add_row("images", f"{info['num_images']}" + (f" ({excl} excluded: {why})" if excl else ""))
     table.add_row("crops per image", str(info["crops_per_image"]))
     enc_info, fid = info["encoding"], info["fidelity"]
     enc = "dense fp16 rows" if enc_info["k"] is None else f"top-{enc_info['k']} ({enc_info['index_dtype']} index + fp16 value)"
     if enc_info["k"] is not None:
-        enc += (f"\nfidelity: mean TV {fid['mean_tv']:.4f}, max TV {fid['max_tv']:.4f} over {fid['rows']} rows"
-                if fid else "\nfidelity: computed at finalize (store not complete)")
+        if fid and not fid["rows"]:
+            enc += "\nfidelity: not measured (the rows were stored as top-k by their source)"
+        else:
+            enc += (f"\nfidelity: mean TV {fid['mean_tv']:.4f}, max TV {fid['max_tv']:.4f} over {fid['rows']} rows"
+                    if fid else "\nfidelity: computed at finalize (store not complete)")
         if fid and info["fidelity_reference"]:
             enc += f" (vs {info['fidelity_reference']})"
     table.add_row("encoding", enc)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage.schema import RESERVED_ATTRS, is_local, local_path
+from mealkd.storage.schema import RESERVED_ATTRS, is_local, local_path
 
 LINEAGE_KEYS = ("extended_from", "merged_from")
 
@@ -56,6 +56,14 @@ def describe_lineage(attrs: dict) -> list[str]:
 
     def walk(node: dict, depth: int) -> None:
         pad = "  " * depth
+        imp = node.get("imported")
+        if imp:
+            skipped = imp.get("excluded") or {}
+            lines.append(f"{pad}imported from {imp.get('format', '?').upper()} labels at {imp.get('label_dir')}: "
+                         f"{imp.get('crops_per_image')} crops/image, top-{imp.get('topk')} ({imp.get('label_dtype')}), "
+                         f"{imp.get('clamped_windows', 0)} window(s) clamped at the border, "
+                         f"{len(skipped.get('bad_label_files') or [])} bad label file(s) and "
+                         f"{len(skipped.get('unreadable_images') or [])} unreadable image(s) excluded; crops not reproducible")
         ext = node.get("extended_from")
         if ext:
             lines.append(f"{pad}extended from {str(ext.get('store_id'))[:12]} ({ext.get('crops_per_image')} crops/image) at {ext.get('path')}")

@@ -23,10 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
-from storage.encoding import decode_topk, normalise_rows
-from storage.errors import UserError
-from storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, zarr_store
-from storage.writer import _open_group
+from mealkd.storage.encoding import decode_topk, normalise_rows
+from mealkd.storage.errors import UserError
+from mealkd.storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, zarr_store
+from mealkd.storage.writer import _open_group
 
 
 def store_exists(url: str) -> bool:
@@ -267,7 +267,7 @@ class LabelStore:
         """Direct shard readers for the label arrays, or None (not local / not complete / other codecs)."""
         if not is_local(self.url) or not self.done.all():
             return None
-        from storage.rawshard import RawShardArray
+        from mealkd.storage.rawshard import RawShardArray
 
         try:
             return [RawShardArray(local_path(self.url), a) for a in self._label_arrays]

@@ -54,7 +54,7 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from storage.errors import UserError
+from mealkd.storage.errors import UserError
 
 FORMAT = "mealkd-labels"
 VERSION = 1
@@ -166,7 +166,7 @@ def zarr_store(url: str | os.PathLike, *, read_only: bool):
 
     if is_local(url):
         return LocalStore(local_path(url), read_only=read_only)
-    from storage.remote import check_remote
+    from mealkd.storage.remote import check_remote
 
     check_remote(str(url))
     try:

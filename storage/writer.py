@@ -30,10 +30,10 @@ from typing import Sequence
 
 import numpy as np
 
-from storage.encoding import encode_topk, to_f16, topk_tv
-from storage.errors import UserError
-from storage.testhooks import kill_point
-from storage.schema import (
+from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
+from mealkd.storage.errors import UserError
+from mealkd.storage.testhooks import kill_point
+from mealkd.storage.schema import (
     DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for,
     default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,
     topk_index_dtype, zarr_store,

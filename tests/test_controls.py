@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill.mixing import MixPolicy, mix
-from distill.optimization import lr_factor
-from distill.trainer import Trainer
+from mealkd.distill.mixing import MixPolicy, mix
+from mealkd.distill.optimization import lr_factor
+from mealkd.distill.trainer import Trainer
 from tests.test_recipe import cli_args, config, recipe, run_main  # noqa: F401 - `recipe` is a fixture
-from storage.errors import UserError
+from mealkd.storage.errors import UserError
 from tests.test_reliability_common import cli
 
 STUDENT = "torchvision:mobilenet_v3_small"
@@ -81,13 +81,13 @@ def test_ema_is_validated_saved_and_resumed_exactly(recipe, tmp_path):
     record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"val_top1", "val_ema_top1", "val_ema_top5"} <= set(record)
     # evaluate picks either; 'auto' is the EMA; each equals what the run measured for those weights
-    from distill.inference import evaluate_checkpoint
+    from mealkd.distill.inference import evaluate_checkpoint
 
     ckpt = str(tmp_path / "straight" / "checkpoint.pt")
     got = {w: evaluate_checkpoint(str(recipe["val"]), ckpt, weights=w) for w in ("raw", "ema", "auto")}
     assert (got["raw"]["weights"], got["ema"]["weights"], got["auto"]["weights"]) == ("raw", "ema", "ema")
     assert got["raw"]["top1"] == record["val_top1"] and got["ema"]["top1"] == got["auto"]["top1"] == record["val_ema_top1"]
-    from distill.export import export_checkpoint
+    from mealkd.distill.export import export_checkpoint
 
     export_checkpoint(ckpt, "state-dict", str(tmp_path / "ema.pth"), weights="ema")
     exported = torch.load(tmp_path / "ema.pth", weights_only=True)

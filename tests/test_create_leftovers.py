@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import storage
-
-
+from mealkd import storage
 def create(url: Path) -> None:
     storage.create_store(str(url), attributes={"class_names": ["a", "b"]}, paths=["a/0.jpg", "b/1.jpg"], targets=np.array([0, 1]),
                          sizes=np.full((2, 2), 8), crops_per_image=2, num_classes=2, encoding="dense")

@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import storage
-
+from mealkd import storage
 REPO = Path(__file__).resolve().parents[1]
 
 

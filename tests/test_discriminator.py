@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import distill.discriminator as disc_module
-from distill.discriminator import (
+import mealkd.distill.discriminator as disc_module
+from mealkd.distill.discriminator import (
     DEFAULT_D_LR,
     DEFAULT_D_OPTIMIZER,
     Discriminator,
@@ -20,8 +20,8 @@ from distill.discriminator import (
     make_discriminator_optimizer,
     topk_rows,
 )
-from distill.losses import soft_cross_entropy
-from storage.encoding import decode_topk, encode_topk, normalise_rows, to_f16
+from mealkd.distill.losses import soft_cross_entropy
+from mealkd.storage.encoding import decode_topk, encode_topk, normalise_rows, to_f16
 
 
 # ---------------------------------------------------------------- architecture, modes, gradients

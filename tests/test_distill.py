@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import storage
-from core.dali_io import resolve_backend
-from core.dataset import scan_image_folder
-from core.distributed import Dist
-from core.replay import Normalization
-from distill.loader import ReplayLoader
-from precompute.crops import CropStream
-from precompute.runner import PrecomputeConfig, run_precompute
+from mealkd import storage
+from mealkd.core.dali_io import resolve_backend
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.distributed import Dist
+from mealkd.core.replay import Normalization
+from mealkd.distill.loader import ReplayLoader
+from mealkd.precompute.crops import CropStream
+from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from tests.datagen import make_jpeg_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def soft_ce(model: torch.nn.Module, loader: ReplayLoader, epoch: int) -> float:
 
 
 def test_trainer_steps_decrease_soft_ce(world, tmp_path):
-    from distill.trainer import DistillConfig, Trainer
+    from mealkd.distill.trainer import DistillConfig, Trainer
 
     cfg = DistillConfig(
         labels=str(world["store"]), data=str(world["tree"]), student=str(world["tiny"]), init="pretrained",
@@ -356,7 +356,7 @@ WORKER = textwrap.dedent(
     """
     import os, sys
     import torch
-    import distill.trainer as trainer
+    import mealkd.distill.trainer as trainer
 
     original_close = trainer.Trainer.close
 
@@ -366,7 +366,7 @@ WORKER = textwrap.dedent(
         original_close(self)
 
     trainer.Trainer.close = close
-    import cli
+    from mealkd import cli
     cli.main(sys.argv[1:])
     """
 )
@@ -419,8 +419,7 @@ def test_ddp_two_ranks_match_one_process(world, tmp_path):
 # ---------------------------------------------------------------------------------------------
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
     """The real entry point (cli.main, as the console script runs it), in-process."""
-    import cli
-
+    from mealkd import cli
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     err = capsys.readouterr().err
@@ -500,8 +499,7 @@ def test_user_error_exit_path_in_a_subprocess(world, broken):
 # 8: plot
 # ---------------------------------------------------------------------------------------------
 def test_plot_writes_png(straight_run, tmp_path, capsys):
-    import cli
-
+    from mealkd import cli
     run = straight_run.result()
     with pytest.raises(SystemExit) as exit_:
         cli.main(["plot", str(run), "--out", str(tmp_path / "curves.png")])

@@ -30,12 +30,12 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
-from core.dataset import scan_image_folder
-from core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
-from distill.checkpoint import CHECKPOINT_FORMAT
-from distill.evaluate import EvalProtocol, evaluate
-from distill.inference import evaluate_checkpoint
+from mealkd.core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
+from mealkd.distill.checkpoint import CHECKPOINT_FORMAT
+from mealkd.distill.evaluate import EvalProtocol, evaluate
+from mealkd.distill.inference import evaluate_checkpoint
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import assert_user_error, run
 

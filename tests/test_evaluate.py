@@ -18,12 +18,12 @@ import torch
 import torchvision
 from PIL import Image
 
-from core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
-from core.dataset import scan_image_folder
-from core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
-from distill.checkpoint import CHECKPOINT_FORMAT
-from distill.evaluate import evaluate
-from distill.inference import evaluate_checkpoint
+from mealkd.core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
+from mealkd.distill.checkpoint import CHECKPOINT_FORMAT
+from mealkd.distill.evaluate import evaluate
+from mealkd.distill.inference import evaluate_checkpoint
 from tests.datagen import make_jpeg_tree
 
 S = 32
@@ -118,8 +118,7 @@ def test_evaluate_equals_by_hand(setup):
 
 
 def test_evaluate_cli_json(setup, capsys):
-    import cli
-
+    from mealkd import cli
     with pytest.raises(SystemExit) as exit_:
         cli.main(["evaluate", "--data", str(setup["val"]), "--checkpoint", str(setup["ckpt"]), "--device", "cpu", "--json", "--batch-size", "8"])
     assert exit_.value.code == 0

@@ -26,8 +26,7 @@ SIZE, CLASSES = 16, 3
 
 
 def cli_in_process(*argv: str) -> None:
-    import cli
-
+    from mealkd import cli
     with pytest.raises(SystemExit) as exit_:
         cli.main(list(argv))
     assert exit_.value.code == 0, argv
@@ -102,7 +101,7 @@ def test_pt2_loads_with_torch_export_and_is_a_model_spec(trained):
             assert float((module(trained["batch"][:n]) - trained["want"][:n]).abs().max()) <= 1e-5
     assert sidecar["check"]["max_abs_diff"] <= 1e-5
 
-    from core.models import describe, load_model
+    from mealkd.core.models import describe, load_model
 
     loaded = load_model(str(out))  # the .pt2 spec: class count from a probe, size from the recorded example input
     assert (loaded.spec.source, loaded.num_classes, loaded.input_size) == ("export", CLASSES, SIZE)
@@ -180,7 +179,7 @@ def test_pt2_student_distils_and_evaluates(trained, tmp_path, capsys):
     assert any(not torch.equal(start[k], v) for k, v in ckpt["model"].items()), "training changed no weight"
     module = torch.export.load(str(pt2)).module()
     module.load_state_dict(ckpt["model"])
-    from distill.inference import evaluate_checkpoint
+    from mealkd.distill.inference import evaluate_checkpoint
 
     result = evaluate_checkpoint(str(trained["data"]), str(tmp_path / "run" / "checkpoint.pt"), device="cpu")
     assert result["images"] == CLASSES * 4 and 0 <= result["top1"] <= result["top5"] <= 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.encoding import decode_topk, normalise_rows
+from mealkd.storage.encoding import decode_topk, normalise_rows
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import (
     assert_user_error, cli, run, store_arrays, store_attrs, tiny_teacher,

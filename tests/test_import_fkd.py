@@ -21,10 +21,10 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-import storage
-from core.dataset import scan_image_folder
-from precompute.fkd_format import fractions_to_windows, label_file
-from precompute.import_fkd import ImportConfig, run_import
+from mealkd import storage
+from mealkd.core.dataset import scan_image_folder
+from mealkd.precompute.fkd_format import fractions_to_windows, label_file
+from mealkd.precompute.import_fkd import ImportConfig, run_import
 from tests.datagen import make_jpeg_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,8 +113,7 @@ def world(tmp_path_factory):
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    import cli
-
+    from mealkd import cli
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     return exit_.value.code, capsys.readouterr().err
@@ -304,3 +303,17 @@ def test_extend_refuses_an_imported_store_in_one_line(world, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "imported" in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_inspect_shows_what_the_import_recorded(world, capsys):
+    import json as _json
+
+    from mealkd.cli import main
+    from mealkd.storage.lineage import describe_lineage
+
+    with pytest.raises(SystemExit):
+        main(["inspect", str(world["store"]), "--json"])
+    info = _json.loads(capsys.readouterr().out)
+    assert info["imported"]["format"] == "fkd" and info["imported"]["crops_per_image"] == R
+    (line,) = [text for text in describe_lineage(info) if text.startswith("imported from FKD labels")]
+    assert f"{R} crops/image, top-{K}" in line and "not reproducible" in line

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import storage
-from core.dali_io import resolve_backend
-from core.dataset import scan_image_folder
-from core.replay import Normalization
-from distill.loader import ReplayLoader
-from precompute.runner import PrecomputeConfig, run_precompute
+from mealkd import storage
+from mealkd.core.dali_io import resolve_backend
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.replay import Normalization
+from mealkd.distill.loader import ReplayLoader
+from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from tests.datagen import make_jpeg_tree
 
 
@@ -73,7 +73,7 @@ def test_background_feeds_keep_order_raise_producer_errors_and_stop_early() -> N
     consumer that stops early ends the producer (it never runs more than `depth` items ahead)."""
     import threading
 
-    from core.dali_io import background
+    from mealkd.core.dali_io import background
 
     assert list(background(iter(range(50)), depth=2)) == list(range(50))
 

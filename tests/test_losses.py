@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.discriminator import DiscriminatorLoss
-from distill.losses import (
+from mealkd.distill.discriminator import DiscriminatorLoss
+from mealkd.distill.losses import (
     DistillLoss,
     kl_to_targets,
     soft_cross_entropy,

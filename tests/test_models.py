@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from core.models import (
+from mealkd.core.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelSpec,
@@ -19,7 +19,7 @@ from core.models import (
     parse_spec,
     parse_spec_list,
 )
-from storage.errors import UserError
+from mealkd.storage.errors import UserError
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

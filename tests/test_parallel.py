@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from core.distributed import default_group_backend, seed_for
-from precompute.runner import pending_for_rank
+from mealkd.core.distributed import default_group_backend, seed_for
+from mealkd.precompute.runner import pending_for_rank
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import ENV, REPO, assert_same_store, precompute_args, tiny_teacher
 
@@ -65,7 +65,7 @@ def test_one_process_torchrun_forms_a_group_and_runs_the_collectives(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
-        "from core.distributed import init_distributed, shutdown\n"
+        "from mealkd.core.distributed import init_distributed, shutdown\n"
         "d = init_distributed(torch.device('cpu'))\n"
         "assert d.active and dist.get_world_size() == 1 and dist.get_backend() == 'gloo'\n"
         "t = torch.ones(3); dist.all_reduce(t); assert t.tolist() == [1.0, 1.0, 1.0]\n"
@@ -79,3 +79,51 @@ def test_one_process_torchrun_forms_a_group_and_runs_the_collectives(tmp_path):
                             "assert not init_distributed(torch.device('cpu')).active; print('alone')"],
                            env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60, cwd=REPO)
     assert alone.returncode == 0 and "alone" in alone.stdout, alone.stderr[-2000:]
+
+
+def test_sharded_evaluation_counts_every_image_exactly_once(tmp_path):
+    """Each rank evaluates every world_size-th image; summed over ranks (what the all-reduce does) the
+    counts equal one process's, at world sizes 1-3, including per class (9 images: uneven shards)."""
+    import numpy as np
+
+    from mealkd.core.dali_io import resolve_backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.distributed import Dist
+    from mealkd.core.replay import Normalization
+    from mealkd.distill.evaluate import evaluate
+
+    tree = make_jpeg_tree(tmp_path / "val", classes=3, per_class=3, seed=4)
+    index = scan_image_folder(tree)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    names = index.class_names
+    whole = evaluate(model, index, names, Normalization(16), resolve_backend("cpu"), batch_size=4, per_class=True, num_threads=1)
+    n = len(index)
+    for world in (1, 2, 3):
+        parts = [evaluate(model, index, names, Normalization(16), resolve_backend("cpu"), batch_size=4, per_class=True, num_threads=1,
+                          dist=Dist(rank=r, world_size=world)) for r in range(world)]  # no group: each returns its own share
+        assert all(p["images"] == n for p in parts)
+        assert round(sum(p["top1"] for p in parts) * n) == round(whole["top1"] * n)
+        assert round(sum(p["top5"] for p in parts) * n) == round(whole["top5"] * n)
+        shard_ids = [np.arange(n)[r::world] for r in range(world)]
+        assert sorted(np.concatenate(shard_ids).tolist()) == list(range(n))  # exactly once
+
+
+def test_the_index_rank_0_shares_equals_a_local_scan(tmp_path):
+    """Dist.on_main: rank 0 scans and broadcasts; rank 1 compares what it received with its own scan."""
+    tree = make_jpeg_tree(tmp_path / "train", classes=2, per_class=3, seed=5)
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys, numpy as np, torch\n"
+        "from mealkd.core.dataset import scan_image_folder\n"
+        "from mealkd.core.distributed import init_distributed, shutdown\n"
+        "d = init_distributed(torch.device('cpu'))\n"
+        "shared = d.on_main(lambda: scan_image_folder(sys.argv[1]))\n"
+        "local = scan_image_folder(sys.argv[1])\n"
+        "assert shared.fingerprint == local.fingerprint and shared.paths == local.paths and shared.root == local.root\n"
+        "assert np.array_equal(shared.targets, local.targets) and np.array_equal(shared.byte_sizes, local.byte_sizes)\n"
+        "print('rank', d.rank, 'ok'); shutdown(d)\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tree)],
+                          env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.count("ok") == 2, done.stderr[-2000:]

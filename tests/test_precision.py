@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-import storage
+from mealkd import storage
 from tests.test_reliability_common import assert_user_error, precompute_args, run, tiny_world
 
 torch.set_num_threads(1)

@@ -20,12 +20,12 @@ import torch
 import torchvision
 from PIL import Image
 
-import storage
-from core.dali_io import Backend, build_pipeline, run_batches, to_torch
-from core.dataset import scan_image_folder
-from core.replay import Normalization, replay_graph
-from core.windows import CropPolicy, draw_all_windows
-from precompute.runner import PrecomputeConfig, run_precompute
+from mealkd import storage
+from mealkd.core.dali_io import Backend, build_pipeline, run_batches, to_torch
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.replay import Normalization, replay_graph
+from mealkd.core.windows import CropPolicy, draw_all_windows
+from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from tests.datagen import make_jpeg_tree
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import storage
-from cli import main as cli_main
-from precompute.lock import StoreLock
+from mealkd import storage
+from mealkd.cli import main as cli_main
+from mealkd.precompute.lock import StoreLock
 from tests.datagen import make_jpeg_tree
 from tests.test_precompute import make_teachers
 
@@ -216,9 +216,9 @@ def test_probe_names_the_corrupt_file_and_measures_the_rest(files):
     import torch
     from PIL import Image
 
-    from core.dali_io import Backend
-    from core.dataset import scan_image_folder
-    from core.probe import probe_images
+    from mealkd.core.dali_io import Backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.probe import probe_images
 
     index = scan_image_folder(files["corrupt"])
     bad_id = index.paths.index("class_1/img_001.jpg")

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
-from core.dataset import scan_image_folder
-from core.replay import Normalization, eval_graph
-from distill.trainer import DistillConfig, Trainer
-from precompute.runner import PrecomputeConfig, run_precompute
+from mealkd.core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.replay import Normalization, eval_graph
+from mealkd.distill.trainer import DistillConfig, Trainer
+from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import cli
 
@@ -151,8 +151,7 @@ def test_loss_at_temperature_and_hard_label_term_match_a_by_hand_computation(rec
 # 3: resume means one thing; 7: K bound; 12: re-initialised head (through the real entry point)
 # ---------------------------------------------------------------------------------------------
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
-    import cli
-
+    from mealkd import cli
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     captured = capsys.readouterr()
@@ -270,7 +269,7 @@ def test_precision_flag_runs_bf16_autocast_on_cpu_and_is_recorded(recipe, tmp_pa
         trainer = Trainer(config(recipe, tmp_path / precision, epochs=1, precision=precision))
         try:
             batch = next(iter(trainer.loader.epoch(0)))
-            from core.accel import autocast_for
+            from mealkd.core.accel import autocast_for
 
             with autocast_for(trainer.device, trainer.precision):
                 logits = trainer.model(batch.images)
@@ -285,8 +284,8 @@ def test_precision_flag_runs_bf16_autocast_on_cpu_and_is_recorded(recipe, tmp_pa
 def test_bad_precision_is_one_line(recipe, tmp_path, capsys):
     code, _, err = run_main(cli_args(recipe, tmp_path / "run", "--precision", "fp64", init="scratch"), capsys)
     assert code == 2 and "--precision" in err and "Traceback" not in err
-    from core.accel import resolve_precision
-    from storage.errors import UserError
+    from mealkd.core.accel import resolve_precision
+    from mealkd.storage.errors import UserError
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(UserError, match="--precision fp8"):
@@ -321,7 +320,7 @@ def test_store_from_another_decoder_is_refused_unless_accepted(recipe, gpu_made_
 
 
 def test_gpu_replay_uses_the_stage_one_chain_for_every_k():
-    from core.replay import decodes_window_only
+    from mealkd.core.replay import decodes_window_only
 
     assert decodes_window_only("cpu", 1)
     assert not any(decodes_window_only("cpu", k) for k in (2, 3))

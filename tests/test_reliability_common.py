@@ -107,8 +107,7 @@ def assert_same_store(got: Path, want: Path) -> None:
 
 def run(capsys, *argv: str) -> subprocess.CompletedProcess:
     """``cli.main`` in-process, its exit code and captured output as a CompletedProcess."""
-    import cli
-
+    from mealkd import cli
     capsys.readouterr()
     try:
         cli.main(list(argv))

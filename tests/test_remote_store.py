@@ -29,9 +29,9 @@ import torch
 pytest.importorskip("moto.server", reason="the test extra (moto[server]) is not installed")
 s3fs = pytest.importorskip("s3fs", reason="the test extra (s3fs) is not installed")
 
-import storage  # noqa: E402
-from core.dataset import scan_image_folder  # noqa: E402
-from precompute.runner import PrecomputeConfig, run_precompute  # noqa: E402
+from mealkd import storage  # noqa: E402
+from mealkd.core.dataset import scan_image_folder  # noqa: E402
+from mealkd.precompute.runner import PrecomputeConfig, run_precompute  # noqa: E402
 from tests.datagen import make_jpeg_tree  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_uploaded_store_reads_like_the_local_copy(world):
 
 
 def test_inspect_and_verify_read_the_remote_store(world, capsys):
-    import cli as entry
+    from mealkd import cli as entry
 
     for argv in (["inspect", world["url"]], ["verify", world["url"]]):
         with pytest.raises(SystemExit) as exit_:

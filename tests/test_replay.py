@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from core.dali_io import Backend, build_pipeline, run_batches, to_torch
-from core.dataset import scan_image_folder
-from core.probe import probe_images
-from core.replay import Normalization, replay_graph
-from core.windows import ATTEMPTS, DRAWS_PER_CROP, CropPolicy, _draws, draw_all_windows, draw_windows
-from precompute.crops import CropStream
+from mealkd.core.dali_io import Backend, build_pipeline, run_batches, to_torch
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.probe import probe_images
+from mealkd.core.replay import Normalization, replay_graph
+from mealkd.core.windows import ATTEMPTS, DRAWS_PER_CROP, CropPolicy, _draws, draw_all_windows, draw_windows
+from mealkd.precompute.crops import CropStream
 from tests.datagen import make_jpeg_tree, smooth_image
 
 CPU = Backend(torch.device("cpu"))
@@ -93,7 +93,7 @@ def test_windows_in_bounds_and_within_scale_and_ratio(policy):
     H, W = sizes[:, None, 0].astype(np.int64), sizes[:, None, 1].astype(np.int64)
     assert (y >= 0).all() and (x >= 0).all() and (h >= 1).all() and (w >= 1).all()
     assert (y + h <= H).all() and (x + w <= W).all()
-    from core.windows import _centre_fallback
+    from mealkd.core.windows import _centre_fallback
 
     centre = np.array([_centre_fallback(hh, ww, policy.ratio) for hh, ww in sizes.tolist()])[:, None, :]
     fallback = (windows == centre).all(axis=-1)  # (a sampled window that happens to equal it is skipped too)

@@ -19,19 +19,19 @@ import pytest
 import torch
 import torchvision
 
-from core.checkpoint_io import TRUST_ENV, load_torch_file
-from core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
-from core.dataset import scan_image_folder
-from core.models import load_model
-from core.probe import decoder_log
-from core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
-from distill.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from distill.inference import evaluate_checkpoint
-from precompute.ensemble import TeacherEnsemble
-from precompute.lock import StoreLock
-from precompute.runner import PrecomputeConfig, run_precompute
-from precompute.verify import run_verify
-from storage.errors import UserError
+from mealkd.core.checkpoint_io import TRUST_ENV, load_torch_file
+from mealkd.core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.models import load_model
+from mealkd.core.probe import decoder_log
+from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
+from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from mealkd.distill.inference import evaluate_checkpoint
+from mealkd.precompute.ensemble import TeacherEnsemble
+from mealkd.precompute.lock import StoreLock
+from mealkd.precompute.runner import PrecomputeConfig, run_precompute
+from mealkd.precompute.verify import run_verify
+from mealkd.storage.errors import UserError
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import REPO, assert_user_error, cli, run, tiny_world
 
@@ -65,7 +65,7 @@ def script(module: torch.nn.Module, path: Path) -> Path:
 
 
 def main_ok(*argv: str) -> None:
-    import cli as mealkd_cli
+    from mealkd import cli as mealkd_cli
 
     with pytest.raises(SystemExit) as exit_:
         mealkd_cli.main(list(argv))
@@ -299,7 +299,7 @@ def test_teacher_with_permuted_class_names_is_refused(world, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 def test_hub_and_file_teachers_get_the_same_input_size(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    from core.models import hub_weights_path
+    from mealkd.core.models import hub_weights_path
 
     torch.manual_seed(6)
     net = torchvision.models.efficientnet_b0()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zarr
 
-import storage
-from storage import UserError
-from storage.encoding import normalise_rows, to_f16
+from mealkd import storage
+from mealkd.storage import UserError
+from mealkd.storage.encoding import normalise_rows, to_f16
 
 REPO = Path(__file__).resolve().parents[1]
 

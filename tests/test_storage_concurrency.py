@@ -28,8 +28,7 @@ def shard_data(shard: int):
 
 
 def create(url: str, encoding: str) -> None:
-    import storage
-
+    from mealkd import storage
     storage.create_store(url, attributes={"class_names": [f"c{i}" for i in range(C)], "dataset": {"num_images": N, "fingerprint": "f"}},
                          paths=[f"{i}.jpg" for i in range(N)], targets=np.arange(N) % C, sizes=np.full((N, 2), 64),
                          crops_per_image=R, num_classes=C, encoding=encoding, images_per_shard=IPS)
@@ -37,8 +36,7 @@ def create(url: str, encoding: str) -> None:
 
 def child(url: str, rank: int, world: int, repeat: int) -> None:
     """Write this rank's shards (``repeat`` passes), reporting each one on stdout."""
-    import storage
-
+    from mealkd import storage
     w = storage.StoreWriter(url)
     shards = [s for s in range(w.num_shards) if s % world == rank]
     data = {s: shard_data(s) for s in shards}
@@ -56,8 +54,7 @@ def spawn(url: str, rank: int, world: int, repeat: int = 1) -> subprocess.Popen:
 
 
 def fill_all(url: str) -> None:
-    import storage
-
+    from mealkd import storage
     w = storage.StoreWriter(url)
     for s in w.pending_shards():
         w.write_shard(s, *shard_data(s))
@@ -83,8 +80,8 @@ def expected_rows(store_url: str):
 
 
 def test_two_processes_write_disjoint_shards(tmp_path):
-    import storage
-    from storage.encoding import normalise_rows
+    from mealkd import storage
+    from mealkd.storage.encoding import normalise_rows
 
     url = str(tmp_path / "two.zarr")
     create(url, "dense")
@@ -137,7 +134,7 @@ def _check_done_means_written(url: str) -> np.ndarray:
     if "probs" in arrays:
         np.testing.assert_array_equal(arrays["probs"][done], probs[done].astype(np.float16))
     else:
-        from storage.encoding import encode_topk
+        from mealkd.storage.encoding import encode_topk
 
         idx, val = encode_topk(probs[done], arrays["topk_idx"].shape[-1], np.uint16)
         np.testing.assert_array_equal(arrays["topk_idx"][done], idx)
@@ -153,8 +150,7 @@ def _interrupted_shard_files(url: str, shard: int) -> list[str]:
 
 
 def _sigkill_then_resume(tmp_path, encoding: str) -> None:
-    import storage
-
+    from mealkd import storage
     url = str(tmp_path / "killed.zarr")
     create(url, encoding)
     seen = _kill_mid_write(url, after=5)
@@ -192,8 +188,7 @@ def test_sigkill_mid_write_then_resume_topk(tmp_path):
 def test_sigkill_at_many_points_never_marks_unwritten_done(tmp_path):
     """Kill fresh writers at several points of a write; done always implies written, and at least
     one kill demonstrably landed while a shard was half on disk (its files there, done False)."""
-    import storage
-
+    from mealkd import storage
     landed = []
     for attempt, (after, fraction) in enumerate([(0, 0.3), (2, 0.5), (4, 0.7), (3, 0.2), (5, 0.9)]):
         url = str(tmp_path / f"k{attempt}.zarr")

@@ -19,8 +19,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    import cli
-
+    from mealkd import cli
     root = tmp_path_factory.mktemp("verify")
     data, teachers = tiny_world(root, seed=11)
     for name, extra in (("dense.zarr", ()), ("topk.zarr", ("--encoding", "topk:2"))):

@@ -1,0 +1,73 @@
+"""mealkd command line: a thin click group; each command lives in its stage's package.
+
+Commands are imported lazily so ``mealkd --help`` stays fast and a broken optional dependency
+only affects the command that needs it.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from mealkd.storage.errors import UserError
+
+# name -> "module:attribute" of a click.Command
+COMMANDS: dict[str, str] = {
+    "precompute": "mealkd.precompute.commands:precompute",
+    "distill": "mealkd.distill.commands:distill",
+    "evaluate": "mealkd.distill.commands:evaluate",
+    "inspect": "mealkd.storage.commands:inspect",
+    "verify": "mealkd.precompute.commands:verify",
+    "extend": "mealkd.precompute.commands:extend",
+    "merge": "mealkd.precompute.commands:merge",
+    "import-fkd": "mealkd.precompute.commands:import_fkd",
+    "plot": "mealkd.distill.commands:plot",
+    "export": "mealkd.distill.commands:export",
+    "demo": "mealkd.demo:demo",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mealkd", message="mealkd %(version)s")
+def cli() -> None:
+    """Offline MEAL V2 distillation: teacher-ensemble soft labels in a Zarr store, students trained with DALI."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        rv = cli.main(args=argv, prog_name="mealkd", standalone_mode=False)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
