@@ -1,4 +1,4 @@
-"""Crop windows and crop replay (DESIGN.md section 3).
+"""Crop windows and crop replay (docs/architecture.md, section 5).
 
 * ``core.windows.draw_windows`` reproduces torchvision ``RandomResizedCrop`` semantics and is a pure
   function of (seed, image, crop): independent of how many crops are drawn or how images are batched.
