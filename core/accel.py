@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

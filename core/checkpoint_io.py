@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 TRUST_ENV = "MEALKD_TRUST_CHECKPOINTS"  # =1: allow full unpickling of files weights_only refuses
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
 from mealkd.core.distributed import local_rank as distributed_local_rank
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 Feed = dict[str, Any]  # external-source name -> batch (list of arrays, or an array with a leading batch axis)
 

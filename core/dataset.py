@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 

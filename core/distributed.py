@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 #: a collective on tensors that takes longer than this is a hang (a training step, an all-reduce)
 STEP_TIMEOUT = timedelta(minutes=30)

@@ -60,7 +60,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from mealkd.core.checkpoint_io import TRUST_ENV, load_torch_file  # noqa: F401 - TRUST_ENV re-exported
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from nvidia.dali import fn, types
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +52,17 @@ def cut_window(image, anchor, shape):
 def decodes_window_only(decoder: str, crops_per_sample: int) -> bool:
     """Whether stage two may decode just the window (CPU, K = 1): bit-identical there, not proven on GPU."""
     return decoder == "cpu" and crops_per_sample == 1
+
+
+def window_feed(windows: np.ndarray, flips: np.ndarray, suffix: str = "") -> dict[str, list]:
+    """A batch of crops as the external-source feed :func:`cut_graph` and :func:`replay_graph` read:
+    per crop its (y, x) anchor, (h, w) shape and flip bit, named ``anchor{suffix}`` etc."""
+    windows = np.asarray(windows, dtype=np.int32)
+    return {
+        f"anchor{suffix}": list(np.ascontiguousarray(windows[:, :2])),
+        f"shape{suffix}": list(np.ascontiguousarray(windows[:, 2:])),
+        f"flip{suffix}": list(np.asarray(flips, dtype=np.int32)),
+    }
 
 
 def crop_to_tensor(crop, flip, norm: Normalization):

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 times before falling back to a centre crop
 DRAWS_PER_CROP = 4 * ATTEMPTS + 1  # (scale, log-ratio, top, left) per attempt + the flip draw

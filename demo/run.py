@@ -29,7 +29,7 @@ from mealkd.demo.data import write_digits
 from mealkd.demo.hardlabel import load_tensors, train_hard_labels
 from mealkd.distill.checkpoint import load_checkpoint
 from mealkd.distill.evaluate import evaluate
-from mealkd.distill.inference import evaluate_checkpoint
+from mealkd.distill.checkpoint_eval import evaluate_checkpoint
 from mealkd.distill.trainer import DistillConfig, run_distill
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from mealkd.core.checkpoint_io import load_torch_file
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 CHECKPOINT_FORMAT = "mealkd-checkpoint"
 

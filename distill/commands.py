@@ -92,7 +92,7 @@ def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, inter
     cut (S: --image-size, else the checkpoint's training size). torchvision's V2 weights: --resize-size 232
     (S = 224); a timm model: its crop_pct and --interpolation bicubic.
     Files the decoder cannot read are left out of the accuracy, and reported."""
-    from mealkd.distill.inference import evaluate_checkpoint
+    from mealkd.distill.checkpoint_eval import evaluate_checkpoint
     from mealkd.distill.protocol import EvalProtocol
 
     protocol = EvalProtocol.from_flags(resize_size, crop_pct, interpolation)

@@ -18,7 +18,7 @@ from typing import Any
 
 from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 from mealkd.distill.optimization import OPTIMIZERS, parse_milestones
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 D_LR_STUDENT = "student"
 

@@ -15,7 +15,7 @@ from mealkd.core.distributed import Dist
 from mealkd.core.replay import Normalization, eval_graph
 from mealkd.core.probe import describe_unreadable, probe_images
 from mealkd.distill.protocol import EvalProtocol  # noqa: F401 - re-exported: evaluate(..., protocol=EvalProtocol())
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 
 def class_mapping(val_classes: list[str], model_classes: list[str], *, flag: str = "--data") -> np.ndarray:

@@ -35,8 +35,8 @@ import torch
 
 from mealkd.core.checkpoint_io import load_torch_file
 from mealkd.core.models import file_sha256
-from mealkd.distill.inference import load_student
-from mealkd.storage.errors import UserError
+from mealkd.distill.checkpoint_eval import load_student
+from mealkd.errors import UserError
 
 FORMATS = ("state-dict", "safetensors", "onnx", "pt2")
 TOLERANCE = 1e-5  # max |difference| of the logits of an onnx/pt2 export on the check batch (float32, CPU)

@@ -28,9 +28,9 @@ import torch
 from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.distributed import Dist
-from mealkd.core.replay import Normalization, replay_graph
+from mealkd.core.replay import Normalization, replay_graph, window_feed
 from mealkd.storage import LabelStore
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 
 class Batch(NamedTuple):
@@ -159,11 +159,8 @@ class ReplayLoader:
                 "labels": list(labels),
                 "classes": list(np.repeat(self.classes[batch, None], k, axis=1)),  # (b, K)
             }
-            windows, flips = data.windows[start:stop], data.flips[start:stop].astype(np.int32)
             for j in range(k):
-                feed[f"anchor{j}"] = list(np.ascontiguousarray(windows[:, j, :2]))
-                feed[f"shape{j}"] = list(np.ascontiguousarray(windows[:, j, 2:]))
-                feed[f"flip{j}"] = list(flips[:, j])
+                feed.update(window_feed(data.windows[start:stop, j], data.flips[start:stop, j], suffix=str(j)))
             yield feed
 
     def _convert(self, outputs: tuple) -> Batch:

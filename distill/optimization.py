@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 OPTIMIZERS = ("sgd", "adamw")
 WARMUP_START = 0.01  # warm-up starts at lr x this

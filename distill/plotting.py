@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

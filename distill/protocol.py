@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 DEFAULT_CROP_PCT = 0.875
 DEFAULT_INTERPOLATION = "bilinear"

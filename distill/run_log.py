@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import TextColumn
 
 from mealkd.core.progress import RateColumn, make_progress
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"

@@ -40,8 +40,8 @@ from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreeme
 from mealkd.distill.mixing import MixPolicy, mix
 from mealkd.distill.optimization import make_optimizer, make_scheduler
 from mealkd.distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog
-from mealkd.storage.errors import UserError
-from mealkd.storage.testhooks import kill_point
+from mealkd.errors import UserError
+from mealkd.faults import kill_point
 
 __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "DistillConfig", "Trainer", "run_distill"]
 

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {

@@ -14,7 +14,7 @@ import torch
 
 from mealkd.core.dali_io import Backend, build_pipeline, run_batches, to_samples, to_torch
 from mealkd.core.dataset import DatasetIndex
-from mealkd.core.replay import Normalization, cut_graph, decode_graph
+from mealkd.core.replay import Normalization, cut_graph, decode_graph, window_feed
 
 
 @dataclass
@@ -60,13 +60,7 @@ class CropStream:
         rows = np.array([r for _, r, _ in items])
         crops = np.array([c for _, _, c in items])
         meta.append((rows, crops))
-        win = windows[rows, crops]
-        return {
-            "image": [img for img, _, _ in items],
-            "anchor": [np.ascontiguousarray(w[:2]) for w in win],
-            "shape": [np.ascontiguousarray(w[2:]) for w in win],
-            "flip": [np.array(f, dtype=np.int32) for f in flips[rows, crops]],
-        }
+        return {"image": [img for img, _, _ in items], **window_feed(windows[rows, crops], flips[rows, crops])}
 
     def batches(self, image_ids: list[int], rows: list[int], windows: np.ndarray, flips: np.ndarray) -> Iterator[CropBatch]:
         """Crops for images ``image_ids`` (dataset ids) whose windows/flips are at ``rows`` of the arrays."""

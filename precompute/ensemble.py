@@ -6,7 +6,7 @@ import torch
 from mealkd.core.accel import as_model_input, autocast_for, resolve_precision
 from mealkd.core.models import LoadedModel, describe
 from mealkd.core.replay import Normalization
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 
 def check_class_order(teachers: list[LoadedModel], class_names: list[str], *, flag: str = "--data") -> None:

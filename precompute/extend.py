@@ -41,7 +41,7 @@ from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock
 from mealkd.precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, _writing, pending_for_rank
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
 from mealkd.storage.reader import LabelStore
 from mealkd.storage.schema import DENSE, default_images_per_shard

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 SUFFIX = ".tar"
 #: Largest sum of the k stored probabilities accepted: fp16 rounding of values summing to <= 1 (the

@@ -35,7 +35,7 @@ from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.fkd_format import BadLabelFile, convert, label_file, label_root, read_label_file
 from mealkd.precompute.lock import StoreLock
 from mealkd.storage.encoding import to_f16
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 from mealkd.storage.schema import topk_index_dtype
 
 SOURCE = "fkd"

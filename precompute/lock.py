@@ -5,7 +5,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 from mealkd.storage.schema import is_local, local_path
 
 

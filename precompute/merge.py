@@ -31,7 +31,7 @@ from rich.console import Console
 from mealkd import storage
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.lock import StoreLock
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
 from mealkd.storage.reader import LabelStore
 from mealkd.storage.schema import DENSE, TOPK, encoding_attr, parse_encoding

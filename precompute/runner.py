@@ -28,7 +28,7 @@ from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 # Attributes that must match for a rerun to continue an existing store.
 SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "precision", "dataset", "decoder", "encoding_request")

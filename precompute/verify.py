@@ -36,7 +36,7 @@ from rich.table import Table
 
 from mealkd import storage
 from mealkd.storage.encoding import decode_topk, encode_topk, to_f32
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 from mealkd.storage.schema import DENSE
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "skip"

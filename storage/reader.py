@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from mealkd.storage.encoding import decode_topk, normalise_rows
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 from mealkd.storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, zarr_store
 from mealkd.storage.writer import _open_group
 

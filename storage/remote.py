@@ -15,7 +15,7 @@ remote store the same way without extra flags:
 """
 from __future__ import annotations
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 _checked: set[str] = set()
 

@@ -54,7 +54,7 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 FORMAT = "mealkd-labels"
 VERSION = 1

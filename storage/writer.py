@@ -31,8 +31,8 @@ from typing import Sequence
 import numpy as np
 
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
-from mealkd.storage.errors import UserError
-from mealkd.storage.testhooks import kill_point
+from mealkd.errors import UserError
+from mealkd.faults import kill_point
 from mealkd.storage.schema import (
     DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for,
     default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,

@@ -15,7 +15,7 @@ from mealkd.distill.mixing import MixPolicy, mix
 from mealkd.distill.optimization import lr_factor
 from mealkd.distill.trainer import Trainer
 from tests.test_recipe import cli_args, config, recipe, run_main  # noqa: F401 - `recipe` is a fixture
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 from tests.test_reliability_common import cli
 
 STUDENT = "torchvision:mobilenet_v3_small"
@@ -81,7 +81,7 @@ def test_ema_is_validated_saved_and_resumed_exactly(recipe, tmp_path):
     record = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"val_top1", "val_ema_top1", "val_ema_top5"} <= set(record)
     # evaluate picks either; 'auto' is the EMA; each equals what the run measured for those weights
-    from mealkd.distill.inference import evaluate_checkpoint
+    from mealkd.distill.checkpoint_eval import evaluate_checkpoint
 
     ckpt = str(tmp_path / "straight" / "checkpoint.pt")
     got = {w: evaluate_checkpoint(str(recipe["val"]), ckpt, weights=w) for w in ("raw", "ema", "auto")}

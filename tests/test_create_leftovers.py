@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mealkd import storage
+from mealkd.errors import UserError
 def create(url: Path) -> None:
     storage.create_store(str(url), attributes={"class_names": ["a", "b"]}, paths=["a/0.jpg", "b/1.jpg"], targets=np.array([0, 1]),
                          sizes=np.full((2, 2), 8), crops_per_image=2, num_classes=2, encoding="dense")
@@ -33,6 +34,6 @@ def test_anything_else_is_still_refused(tmp_path: Path) -> None:
     url = tmp_path / "s.zarr"
     url.mkdir()
     (url / "notes.txt").write_text("mine")
-    with pytest.raises(storage.UserError, match="already exists"):
+    with pytest.raises(UserError, match="already exists"):
         create(url)
     assert (url / "notes.txt").read_text() == "mine"

@@ -35,7 +35,7 @@ from mealkd.core.dataset import scan_image_folder
 from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT
 from mealkd.distill.evaluate import EvalProtocol, evaluate
-from mealkd.distill.inference import evaluate_checkpoint
+from mealkd.distill.checkpoint_eval import evaluate_checkpoint
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import assert_user_error, run
 

@@ -179,7 +179,7 @@ def test_pt2_student_distils_and_evaluates(trained, tmp_path, capsys):
     assert any(not torch.equal(start[k], v) for k, v in ckpt["model"].items()), "training changed no weight"
     module = torch.export.load(str(pt2)).module()
     module.load_state_dict(ckpt["model"])
-    from mealkd.distill.inference import evaluate_checkpoint
+    from mealkd.distill.checkpoint_eval import evaluate_checkpoint
 
     result = evaluate_checkpoint(str(trained["data"]), str(tmp_path / "run" / "checkpoint.pt"), device="cpu")
     assert result["images"] == CLASSES * 4 and 0 <= result["top1"] <= result["top5"] <= 1

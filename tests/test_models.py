@@ -19,7 +19,7 @@ from mealkd.core.models import (
     parse_spec,
     parse_spec_list,
 )
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -285,7 +285,7 @@ def test_bad_precision_is_one_line(recipe, tmp_path, capsys):
     code, _, err = run_main(cli_args(recipe, tmp_path / "run", "--precision", "fp64", init="scratch"), capsys)
     assert code == 2 and "--precision" in err and "Traceback" not in err
     from mealkd.core.accel import resolve_precision
-    from mealkd.storage.errors import UserError
+    from mealkd.errors import UserError
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     with pytest.raises(UserError, match="--precision fp8"):

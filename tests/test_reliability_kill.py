@@ -2,7 +2,7 @@
 the result of an uninterrupted run (docs/architecture.md, section 8).
 
 Kill moments come from two sources:
-* ``MEALKD_TEST_KILL_AT=point:n`` (storage/testhooks.py): the process SIGKILLs itself the n-th time
+* ``MEALKD_TEST_KILL_AT=point:n`` (mealkd/faults.py): the process SIGKILLs itself the n-th time
   it reaches a named point, n drawn at random: while creating the store (before its attributes),
   mid-shard (windows written, labels not), after a shard's data but before its ``done``, right
   after ``done``, during finalisation (before the ``completed`` attribute); in distill at a random

@@ -26,12 +26,12 @@ from mealkd.core.models import load_model
 from mealkd.core.probe import decoder_log
 from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from mealkd.distill.inference import evaluate_checkpoint
+from mealkd.distill.checkpoint_eval import evaluate_checkpoint
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from mealkd.precompute.verify import run_verify
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import REPO, assert_user_error, cli, run, tiny_world
 

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from mealkd import storage
-from mealkd.storage import UserError
+from mealkd.errors import UserError
 from mealkd.storage.encoding import normalise_rows, to_f16
 
 REPO = Path(__file__).resolve().parents[1]

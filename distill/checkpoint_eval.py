@@ -11,7 +11,7 @@ from mealkd.core.models import FILE_SOURCES, load_model, parse_spec
 from mealkd.core.replay import Normalization
 from mealkd.distill.checkpoint import is_checkpoint
 from mealkd.distill.evaluate import EvalProtocol, evaluate, readable_images
-from mealkd.storage.errors import UserError
+from mealkd.errors import UserError
 
 
 WEIGHTS = ("auto", "raw", "ema")
