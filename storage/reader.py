@@ -1,6 +1,6 @@
 """Opening a label store for reading: validation against the dataset and label lookups.
 
-Read paths (see DESIGN.md section 4: zarr random single-row reads are slow, contiguous reads fast):
+Read paths (see docs/architecture.md, section 6.7: zarr random single-row reads are slow, contiguous reads fast):
 
 * ``LabelStore.slot_labels(slot, image_ids)`` - the training fast path: crop slot ``slot`` for many
   images; every touched inner chunk ``(chunk_images, 1, C)`` is read and decoded once, in image

@@ -1,7 +1,7 @@
 """Label-store schema: constants, the encoding string, the on-disk layout, and URL -> zarr store.
 
 Layout (Zarr v3 group, first axis of every per-image array = image index in the dataset's sorted
-order; see DESIGN.md section 4)::
+order; see docs/architecture.md, section 6)::
 
     zarr.json            group attributes (format, version, num_classes, class_names, ...)
     paths     (N,)       string   written once by create_store
