@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from nvidia.dali import fn, types
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mealkd.core.models.spec import IMAGENET_MEAN, IMAGENET_STD
+
 
 
 @dataclass(frozen=True)
