@@ -4,6 +4,7 @@ the installed package works from outside the checkout. Real wheel build and inst
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -14,15 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_installs_one_mealkd_package_that_works_outside_the_checkout(tmp_path):
+    # build from a copy of the sources: a build/ folder left in the checkout could carry stale modules into the wheel
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__",
+                                                              ".pytest_cache", "demo_out", "runs", ".gpu*"))
     wheels = tmp_path / "wheels"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = wheels.glob("mealkd-*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist() if not name.split("/")[0].endswith(".dist-info")}
     assert tops == {"mealkd"}, tops
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"mealkd/cli.py", "mealkd/core/models.py", "mealkd/storage/reader.py", "mealkd/distill/trainer.py",
+    sources = {f"mealkd/{path.relative_to(REPO).as_posix()}" for folder in ("core", "storage", "precompute", "distill", "demo")
+               for path in (REPO / folder).rglob("*.py")}
+    assert sources <= set(names), sorted(sources - set(names))  # every module of the checkout is in the wheel
+    assert {"mealkd/cli.py", "mealkd/errors.py", "mealkd/faults.py", "mealkd/core/models/__init__.py", "mealkd/storage/reader.py", "mealkd/distill/trainer.py",
             "mealkd/precompute/runner.py", "mealkd/demo/run.py"} <= set(names)
 
     site = tmp_path / "site"
