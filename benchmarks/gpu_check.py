@@ -687,27 +687,8 @@ def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: 
 
 
 def student_step(trainer, batch) -> None:
-    """One training step exactly as Trainer.train_epoch takes it (forward, losses, D, backward, both optimisers)."""
-    import torch
-
-    from mealkd.core.accel import as_model_input, autocast_for
-    from mealkd.distill.losses import teacher_agreement
-
-    images = as_model_input(batch.images)
-    with autocast_for(trainer.device, trainer.precision):
-        logits = trainer.ddp_model(images)
-    parts, terms = trainer.losses(logits, batch)
-    total = parts.total + terms.d_term
-    trainer.optimizer.zero_grad(set_to_none=True)
-    if trainer.d_optimizer is not None:
-        trainer.d_optimizer.zero_grad(set_to_none=True)
-    trainer.scaler.scale(total).backward()
-    trainer.scaler.step(trainer.optimizer)
-    if trainer.d_optimizer is not None:
-        trainer.scaler.step(trainer.d_optimizer)
-    trainer.scaler.update()
-    with torch.no_grad():
-        torch.stack([parts.soft.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
+    """One training step exactly as Trainer.train_epoch takes it (its own train_step)."""
+    trainer.train_step(batch)
 
 
 def time_distill(ctx: Ctx, data: Path, store: Path, out: Path) -> dict:

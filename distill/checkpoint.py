@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -14,15 +17,16 @@ from mealkd.errors import UserError
 CHECKPOINT_FORMAT = "mealkd-checkpoint"
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle whose bytes replace ``path`` only when the block completes: a temp file in the same
+    folder, fsync, rename over ``path``, fsync of the folder. On any error the temp file is removed and
+    ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            try:
-                torch.save(obj, handle)
-            except RuntimeError as err:  # torch's zip writer reports a short write (e.g. disk full) this way
-                raise OSError(f"could not write {path}: {err}") from None
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -35,6 +39,15 @@ def save_atomic(obj: Any, path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save ``obj`` to ``path`` all or nothing."""
+    with _atomic_file(path) as handle:
+        try:
+            torch.save(obj, handle)
+        except RuntimeError as err:  # torch's zip writer reports a short write (e.g. disk full) this way
+            raise OSError(f"could not write {path}: {err}") from None
 
 
 def is_checkpoint(obj: Any) -> bool:
@@ -52,17 +65,6 @@ def load_checkpoint(path: str | Path, *, flag: str = "--checkpoint") -> dict:
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy a finished file to ``dst`` (best.pt, epoch snapshots) all or nothing: temp file, fsync, rename."""
-    import shutil
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as source:
-            shutil.copyfileobj(source, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Copy a finished file to ``dst`` (best.pt, epoch snapshots) all or nothing."""
+    with _atomic_file(dst) as out, open(src, "rb") as source:
+        shutil.copyfileobj(source, out, 1 << 20)

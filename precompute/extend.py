@@ -38,8 +38,8 @@ from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
-from mealkd.precompute.lock import StoreLock
-from mealkd.precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, _writing, pending_for_rank
+from mealkd.precompute.lock import StoreLock, writing_store
+from mealkd.precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, pending_for_rank
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
@@ -152,7 +152,7 @@ def _existing_output(cfg: ExtendConfig, source: LabelStore, ips: int) -> bool:
 def _create_output(cfg: ExtendConfig, source: LabelStore, ips: int) -> None:
     attributes = inherited_attributes(source.attrs)
     attributes["extended_from"] = source_record(source.attrs, cfg.store)
-    with _writing(cfg.out):
+    with writing_store(cfg.out):
         storage.create_store(
             cfg.out, attributes=attributes, paths=source.paths, targets=source.targets, sizes=source.sizes,
             crops_per_image=cfg.crops_per_image, num_classes=source.num_classes,
@@ -257,7 +257,7 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
             summary = _extend_pending(cfg, source, index, ensemble, backend, pcfg.policy, d, console)
             d.barrier()
             if d.is_main:
-                with _writing(cfg.out):
+                with writing_store(cfg.out):
                     summary["complete"] = storage.StoreWriter(cfg.out).finalize()
         return summary
     finally:
@@ -283,7 +283,7 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
             progress.advance(task, n / new_per_image)
 
         for shard in mine:
-            with _writing(cfg.out):
+            with writing_store(cfg.out):
                 extender.build(shard, on_crops)
             start, stop = writer.shard_range(shard)
             images_done += stop - start

@@ -19,7 +19,6 @@ extend`` must refuse it) and ``verify --teachers`` can only recompute the stored
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.probe import describe_unreadable, probe_images
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.fkd_format import BadLabelFile, convert, label_file, label_root, read_label_file
-from mealkd.precompute.lock import StoreLock
+from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.storage.encoding import to_f16
 from mealkd.errors import UserError
 from mealkd.storage.schema import topk_index_dtype
@@ -76,15 +75,6 @@ class ScanResult:
     clamped: int
     unreadable_images: int
     bad_label_files: int
-
-
-@contextmanager
-def _writing(out: str):
-    try:
-        yield
-    except OSError as err:
-        raise UserError(f"--out {out}: writing the label store failed ({err.strerror or err}); free space or choose another "
-                        "location, then rerun the same command to continue (finished shards are kept)") from None
 
 
 def _exif_problem(path: Path, height: int, width: int) -> str | None:
@@ -252,7 +242,7 @@ def run_import(cfg: ImportConfig, console: Console | None = None) -> dict:
             _check_existing(cfg, index)
         else:
             scan = _scan(cfg, index, root, console)
-            with _writing(cfg.out):
+            with writing_store(cfg.out, "the imported store"):
                 storage.create_store(cfg.out, attributes=_attributes(cfg, index, root, scan), paths=index.paths,
                                      targets=index.targets, sizes=scan.sizes, crops_per_image=scan.crops,
                                      num_classes=num_classes, encoding=f"topk:{scan.k}", excluded=scan.excluded,
@@ -266,10 +256,10 @@ def run_import(cfg: ImportConfig, console: Console | None = None) -> dict:
             for shard in pending:
                 start, stop = writer.shard_range(shard)
                 windows, flips, labels = _shard_labels(cfg, index, root, store, start, stop, num_classes)
-                with _writing(cfg.out):
+                with writing_store(cfg.out, "the imported store"):
                     writer.write_shard_encoded(shard, windows, flips, labels, fidelity=(0.0, 0.0, 0))
                 progress.advance(task, stop - start)
-        with _writing(cfg.out):
+        with writing_store(cfg.out, "the imported store"):
             complete = writer.finalize()
     return {"images": images, "shards_written": len(pending), "complete": complete,
             "crops_per_image": store.crops_per_image, "topk": store.topk,

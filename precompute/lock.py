@@ -1,8 +1,10 @@
-"""An advisory lock so two uncoordinated precompute runs never write one store."""
+"""Writing a store safely: an advisory lock so two uncoordinated runs never write one store, and
+one-line errors for a failed write (``writing_store``)."""
 from __future__ import annotations
 
 import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from mealkd.errors import UserError
@@ -44,3 +46,16 @@ class StoreLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+@contextmanager
+def writing_store(out: str, what: str = "the label store"):
+    """A failed store write (disk full, quota, read-only, I/O error) is a one-line user error; what
+    was written before stays valid because ``done`` is only set after a shard's data is on disk."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(
+            f"--out {out}: writing {what} failed ({err.strerror or err}); free space or choose "
+            "another location, then rerun the same command to continue (finished shards are kept)"
+        ) from None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,7 @@ from rich.console import Console
 
 from mealkd import storage
 from mealkd.core.progress import RateColumn, make_progress
-from mealkd.precompute.lock import StoreLock
+from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
 from mealkd.storage.reader import LabelStore
@@ -47,15 +46,6 @@ class MergeConfig:
     weights: str | None = None
     encoding: str | None = None
     images_per_shard: int | None = None
-
-
-@contextmanager
-def _writing(out: str):
-    try:
-        yield
-    except OSError as err:
-        raise UserError(f"--out {out}: writing the merged store failed ({err.strerror or err}); free space or choose another "
-                        "location, then rerun the same command to continue (finished shards are kept)") from None
 
 
 def _open_inputs(cfg: MergeConfig) -> list[LabelStore]:
@@ -232,12 +222,12 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict:
             _check_compatible(stores, console)
             _warn_shared_teachers(stores, console)
             attributes = plan_attributes(cfg, stores, weights, encoding)
-            with _writing(cfg.out):
+            with writing_store(cfg.out, "the merged store"):
                 storage.create_store(cfg.out, attributes=attributes, paths=first.paths, targets=first.targets, sizes=first.sizes,
                                      crops_per_image=first.crops_per_image, num_classes=first.num_classes, encoding=encoding,
                                      excluded=first.excluded, images_per_shard=cfg.images_per_shard)
         summary = _merge_pending(cfg, stores, weights, console)
-        with _writing(cfg.out):
+        with writing_store(cfg.out, "the merged store"):
             summary["complete"] = storage.StoreWriter(cfg.out).finalize()
     return summary
 
@@ -254,7 +244,7 @@ def _merge_pending(cfg: MergeConfig, stores: list[LabelStore], weights: list[flo
             start, stop = writer.shard_range(shard)
             windows, flips = stores[0].block_crops(start, stop)
             probs = _mixture(stores, shares, start, stop)
-            with _writing(cfg.out):
+            with writing_store(cfg.out, "the merged store"):
                 writer.write_shard(shard, windows, flips, probs)
             done += stop - start
             progress.update(task, completed=done)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
-from mealkd.precompute.lock import StoreLock
+from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
 
 # Attributes that must match for a rerun to continue an existing store.
@@ -67,19 +67,6 @@ class PrecomputeConfig:
             raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
         self.policy.validate()
         storage.parse_encoding(self.encoding)
-
-
-@contextmanager
-def _writing(out: str):
-    """A failed store write (disk full, quota, read-only, I/O error) is a one-line user error; what
-    was written before stays valid because ``done`` is only set after a shard's data is on disk."""
-    try:
-        yield
-    except OSError as err:
-        raise UserError(
-            f"--out {out}: writing the label store failed ({err.strerror or err}); free space or choose "
-            "another location, then rerun the same command to continue (finished shards are kept)"
-        ) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -150,7 +137,7 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
         return
     sizes, excluded = _probe_all(cfg, index, backend, d, console)
     if d.is_main:
-        with _writing(cfg.out):
+        with writing_store(cfg.out):
             storage.create_store(
                 cfg.out,
                 attributes=settings,
@@ -198,7 +185,7 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
             summary = _label_pending(cfg, index, ensemble, backend, d, console)
             d.barrier()
             if d.is_main:
-                with _writing(cfg.out):
+                with writing_store(cfg.out):
                     summary["complete"] = storage.StoreWriter(cfg.out).finalize()
         return summary
     finally:
@@ -237,13 +224,13 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
                 start, stop = writer.shard_range(shard)
                 windows, flips, probs = _label_shard(stream, ensemble, cfg, start, stop, sizes, excluded, on_crops)
                 if in_flight is not None:
-                    with _writing(cfg.out):
+                    with writing_store(cfg.out):
                         in_flight.result()
                 in_flight = pool.submit(writer.write_shard, shard, windows, flips, probs)
                 images_done += stop - start
                 progress.update(task, completed=images_done)
             if in_flight is not None:
-                with _writing(cfg.out):
+                with writing_store(cfg.out):
                     in_flight.result()
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
             "fp32_fallbacks": ensemble.fp32_fallbacks}
