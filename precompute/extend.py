@@ -22,7 +22,6 @@ every shard is done.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +37,8 @@ from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
-from mealkd.precompute.lock import StoreLock, writing_store
-from mealkd.precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, pending_for_rank
+from mealkd.precompute.lock import writing_store
+from mealkd.precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, pending_for_rank, run_locked
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
@@ -250,16 +249,11 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
         ensemble = TeacherEnsemble(models, default_size=pcfg.image_size, temperature=pcfg.temperature, device=backend.device,
                                    precision=pcfg.precision, class_names=index.class_names)
         _check_settings(source, _settings(pcfg, index, ensemble, backend))
-        with StoreLock(cfg.out) if d.is_main else nullcontext():
+        def prepare() -> None:
             if d.is_main and not _existing_output(cfg, source, ips):
                 _create_output(cfg, source, ips)
-            d.barrier()
-            summary = _extend_pending(cfg, source, index, ensemble, backend, pcfg.policy, d, console)
-            d.barrier()
-            if d.is_main:
-                with writing_store(cfg.out):
-                    summary["complete"] = storage.StoreWriter(cfg.out).finalize()
-        return summary
+
+        return run_locked(cfg.out, d, prepare, lambda: _extend_pending(cfg, source, index, ensemble, backend, pcfg.policy, d, console))
     finally:
         shutdown(d)
 

@@ -8,6 +8,7 @@ partial run left them); rank 0 creates the store and finalises it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -179,17 +180,25 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
         teachers = [load_model(spec, num_classes=len(index.class_names)) for spec in specs]
         ensemble = TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device, precision=cfg.precision,
                                    class_names=index.class_names)
-        with StoreLock(cfg.out) if d.is_main else nullcontext():  # rank 0 holds the lock for the whole run
-            _prepare_store(cfg, index, ensemble, backend, d, console)
-            d.barrier()
-            summary = _label_pending(cfg, index, ensemble, backend, d, console)
-            d.barrier()
-            if d.is_main:
-                with writing_store(cfg.out):
-                    summary["complete"] = storage.StoreWriter(cfg.out).finalize()
-        return summary
+        return run_locked(cfg.out, d, lambda: _prepare_store(cfg, index, ensemble, backend, d, console),
+                          lambda: _label_pending(cfg, index, ensemble, backend, d, console))
     finally:
         shutdown(d)
+
+
+def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[], dict]) -> dict:
+    """The collective skeleton of a store-writing command: rank 0 holds the store lock for the whole run;
+    ``prepare`` (create or check the store), every rank labels its pending shards (``label``), rank 0
+    finalises; returns this rank's summary with ``complete``."""
+    with StoreLock(out) if d.is_main else nullcontext():
+        prepare()
+        d.barrier()
+        summary = label()
+        d.barrier()
+        if d.is_main:
+            with writing_store(out):
+                summary["complete"] = storage.StoreWriter(out).finalize()
+    return summary
 
 
 def pending_for_rank(pending: list[int], rank: int, world_size: int) -> list[int]:
