@@ -266,8 +266,8 @@ def test_torchrun_two_processes_identical_to_one(env, tmp_path):
 # ----------------------------------------------------------------------------------------------
 def done_chunks(url: Path) -> int:
     """Cheap progress poll: chunk files of the ``done`` array (one per shard once it is marked)."""
-    folder = url / "done" / "c"
-    return len(list(folder.iterdir())) if folder.is_dir() else 0
+    folder = url / "done" / "c"  # zarr writes '<key>.<uuid>.partial' first and renames it: count only finished files
+    return len([p for p in folder.iterdir() if not p.name.endswith(".partial")]) if folder.is_dir() else 0
 
 
 def check_done_rows_final(url: Path, ref: dict[str, np.ndarray]) -> int:
