@@ -139,6 +139,30 @@ def prepare(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # shared training step for b/c/d
 # ---------------------------------------------------------------------------------------------
+class TinyStudent:
+    """`--student tiny`: a 2-conv TorchScript net whose step is far cheaper than decoding its crops,
+    to measure how close training gets to the loader's own rate."""
+
+    @staticmethod
+    def spec(work: Path, classes: int) -> tuple[str, str]:
+        import torch
+
+        path = work / f"tiny_student_{classes}.pt"
+        if not path.exists():
+            torch.manual_seed(0)
+            net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=4),
+                                      torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, classes))
+            torch.jit.script(net).save(str(path))
+        return str(path), "pretrained"
+
+
+def student_spec(args, work: Path) -> tuple[str, str]:
+    """(spec, init) of the student: a torchvision architecture from scratch, or `tiny`."""
+    if args.student == "tiny":
+        return TinyStudent.spec(work, args.classes)
+    return f"torchvision:{args.student}", "scratch"
+
+
 def make_student(args, classes: int):
     import torch
 
@@ -148,14 +172,20 @@ def make_student(args, classes: int):
     return load_model(f"torchvision:{args.student}", num_classes=classes, init="scratch").module
 
 
+def cores_busy(cpu_before, wall_before: float) -> float:
+    """CPU seconds (user + system, all threads of this process) per wall second since the two readings."""
+    now = os.times()
+    return (now.user - cpu_before.user + now.system - cpu_before.system) / max(time.perf_counter() - wall_before, 1e-9)
+
+
 def timed_epochs(step, batches_for_epoch, epochs: int = 2) -> dict:
     """Run ``epochs`` epochs; time the last one (crops/s over all its crops)."""
     result = {}
     for epoch in range(epochs):
-        crops, started = 0, time.perf_counter()
+        crops, started, cpu = 0, time.perf_counter(), os.times()
         for batch in batches_for_epoch(epoch):
             crops += step(*batch)
-        result = {"crops": crops, "seconds": time.perf_counter() - started}
+        result = {"crops": crops, "seconds": time.perf_counter() - started, "cores_busy": cores_busy(cpu, started)}
     result["crops_per_s"] = result["crops"] / result["seconds"]
     return result
 
@@ -256,15 +286,18 @@ def _run_method(args) -> dict:
             import shutil
 
             shutil.rmtree(out)
-        trainer = Trainer(DistillConfig(labels=str(store), data=str(tree), student=f"torchvision:{args.student}", init="scratch", out=str(out),
+        spec, init = student_spec(args, work)
+        trainer = Trainer(DistillConfig(labels=str(store), data=str(tree), student=spec, init=init, out=str(out),
                                         epochs=2, batch_size=args.batch_size, image_size=args.size, num_threads=args.workers, device=args.device))
         try:
             if args.method == "a":
+                started, cpu = time.perf_counter(), os.times()
                 records = trainer.run()
+                busy = cores_busy(cpu, started)  # both epochs: the cost of the run as a whole
                 label_bytes = len(trainer.loader.images(0)) * trainer.loader.crops_per_step * classes * 4
                 last = records[-1]
                 return {"crops_per_s": last["crops_per_s"], "seconds": last["seconds"], "label_mib_per_rank": 2 * label_bytes / 2**20,
-                        "loader_wait_s": last["loader_wait_s"], "steps": trainer.loader.steps_per_epoch()}
+                        "loader_wait_s": last["loader_wait_s"], "steps": trainer.loader.steps_per_epoch(), "cores_busy": busy}
             if args.method == "l":  # the replay loader alone: no training
                 return {**timed_epochs(lambda images, labels, classes_: images.shape[0], trainer.loader.epoch), "label_mib_per_rank": 0.0}
             # s: the very same training step on one batch already in memory, as many steps as an epoch
@@ -345,13 +378,14 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--crops", type=int, default=4)
-    parser.add_argument("--student", default="mobilenet_v3_small")
+    parser.add_argument("--student", default="mobilenet_v3_small", help="torchvision architecture, or 'tiny' (methods s, l, a)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2, help="DALI threads (a) / DataLoader workers (b, c, d)")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--methods", default="slabcd", help="s: student step only, l: loader only, a-d: see above")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of methods a, s, l")
     parser.add_argument("--work", default="/tmp/mealkd-bench-distill")
+    parser.add_argument("--repeat", type=int, default=1, help="run the methods this many times, interleaved; report medians")
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
@@ -359,24 +393,28 @@ def main() -> None:
         return
     Path(args.work).mkdir(parents=True, exist_ok=True)
     prepare(args)
-    base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("method", "methods")]
+    base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("method", "methods", "repeat")]
     results = {}
-    for method in args.methods:
-        done = subprocess.run([sys.executable, __file__, *base, "--method", method], capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS=str(args.torch_threads)))
-        if done.returncode != 0:
-            sys.exit(f"method {method} failed:\n{done.stderr[-3000:]}")
-        results[method] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(method, results[method], flush=True)
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for _ in range(args.repeat):  # interleaved, so slow phases of a shared machine hit every method alike
+        for method in args.methods:
+            done = subprocess.run([sys.executable, __file__, *base, "--method", method], capture_output=True, text=True,
+                                  env=dict(os.environ, OMP_NUM_THREADS=str(args.torch_threads)))
+            if done.returncode != 0:
+                sys.exit(f"method {method} failed:\n{done.stderr[-3000:]}")
+            runs[method].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(method, runs[method][-1], flush=True)
+    for method, got in runs.items():  # the run with the median throughput stands for the method
+        results[method] = sorted(got, key=lambda r: r["crops_per_s"])[len(got) // 2]
     names = {"s": "limit: the same student step on a batch in memory", "l": "limit: the replay loader alone",
              "a": "mealkd distill (DALI replay + store)", "b": "hard labels, torchvision DataLoader (floor)",
              "c": "FKD-style (PIL + per-image label files)", "d": "online MEAL V2 (teachers per batch)"}
-    print("\n| method | crops/s | vs (a) | peak RSS main / PSS main + workers (MiB) | labels in RAM per rank |")
-    print("|---|---|---|---|---|")
+    print("\n| method | crops/s | vs (a) | cores busy | peak RSS main / PSS main + workers (MiB) | labels in RAM per rank |")
+    print("|---|---|---|---|---|---|")
     a = results.get("a", {}).get("crops_per_s")
     for method, r in results.items():
         ratio = f"{a / r['crops_per_s']:.2f}x" if a and method != "a" else "-"
-        print(f"| ({method}) {names[method]} | {r['crops_per_s']:.1f} | {ratio} | {r['rss_mib']} / {r['total_pss_mib']} | {r['label_mib_per_rank']:.2f} MiB |")
+        print(f"| ({method}) {names[method]} | {r['crops_per_s']:.1f} | {ratio} | {r.get('cores_busy', float('nan')):.2f} | {r['rss_mib']} / {r['total_pss_mib']} | {r['label_mib_per_rank']:.2f} MiB |")
     if "a" in results:
         ra = results["a"]
         print(f"\n(a) waited for the loader {ra['loader_wait_s']:.2f} s of its {ra['seconds']:.2f} s timed epoch "
