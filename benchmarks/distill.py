@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_common import child_pids, tiny_student_file  # noqa: E402 - benchmarks/ is sys.path[0]
+
 TEACHERS = ("resnet18", "mobilenet_v3_small")
 
 
@@ -66,17 +68,6 @@ class RssSampler:
             pass
         return 0
 
-    @staticmethod
-    def _children(pid: int) -> list[int]:
-        out = []
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{task}/children") as handle:
-                    out += [int(c) for c in handle.read().split()]
-        except OSError:
-            pass
-        return out
-
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.wait(0.05):
@@ -84,7 +75,7 @@ class RssSampler:
             while todo:
                 pid = todo.pop()
                 pids.append(pid)
-                todo += self._children(pid)
+                todo += child_pids(pid)
             main = self._rss(me)
             self.peak_main = max(self.peak_main, main)
             self.peak = max(self.peak, sum(self._pss(p) for p in pids))
@@ -139,27 +130,10 @@ def prepare(args) -> None:
 # ---------------------------------------------------------------------------------------------
 # shared training step for b/c/d
 # ---------------------------------------------------------------------------------------------
-class TinyStudent:
-    """`--student tiny`: a 2-conv TorchScript net whose step is far cheaper than decoding its crops,
-    to measure how close training gets to the loader's own rate."""
-
-    @staticmethod
-    def spec(work: Path, classes: int) -> tuple[str, str]:
-        import torch
-
-        path = work / f"tiny_student_{classes}.pt"
-        if not path.exists():
-            torch.manual_seed(0)
-            net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=4),
-                                      torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, classes))
-            torch.jit.script(net).save(str(path))
-        return str(path), "pretrained"
-
-
 def student_spec(args, work: Path) -> tuple[str, str]:
     """(spec, init) of the student: a torchvision architecture from scratch, or `tiny`."""
     if args.student == "tiny":
-        return TinyStudent.spec(work, args.classes)
+        return str(tiny_student_file(work, args.classes)), "pretrained"
     return f"torchvision:{args.student}", "scratch"
 
 

@@ -48,6 +48,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_common import child_pids, tiny_student_file  # noqa: E402 - benchmarks/ is sys.path[0]
 PY = sys.executable
 BANK = 4096
 
@@ -194,29 +196,6 @@ def write_stores(specs: list[tuple[Path, int]], tree: Path, src_sizes: np.ndarra
 
 
 # ------------------------------------------------------------------------------------------------ distill start
-def tiny_student(work: Path, classes: int) -> str:
-    import torch
-
-    path = work / f"tiny_student_{classes}.pt"
-    if not path.exists():
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, stride=4),
-                                  torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, classes))
-        torch.jit.script(net).save(str(path))
-    return str(path)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as fh:
-                out.extend(int(x) for x in fh.read().split())
-    except OSError:
-        pass
-    return out
-
-
 def status_kb(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as fh:
@@ -254,7 +233,7 @@ def distill_start(work: Path, tree: Path, store: Path, world: int, student: str,
     def sample():
         while not done.is_set():
             # the ranks: the process itself (world 1) or torchrun's direct children (not their forks)
-            for pid in [proc.pid] if world == 1 else children(proc.pid):
+            for pid in [proc.pid] if world == 1 else child_pids(proc.pid):
                 if is_rank(pid):
                     hwm = status_kb(pid, "VmHWM")
                     if hwm:
@@ -371,7 +350,7 @@ def main() -> None:
     del index
     log(f"scan {res['scan_fingerprint_s']:.1f} s, open {res['open_store_s']:.2f} s")
 
-    student = tiny_student(work, args.classes)
+    student = str(tiny_student_file(work, args.classes))
     if "start" not in skip:
         res["start"] = []
         small_store = work / f"small_r{args.crops}.zarr"
