@@ -94,12 +94,17 @@ def test_ema_is_validated_saved_and_resumed_exactly(recipe, tmp_path):
     assert all(torch.equal(exported[k], a["ema"][k]) for k in exported)
 
 
-def test_cutmix_pastes_the_partner_box_and_mixes_rows_by_its_area(recipe, tmp_path):
+def first_batch(recipe, tmp_path):
+    """The first training batch (6 images) the real loader yields for the recipe store."""
     trainer = Trainer(config(recipe, tmp_path / "run", batch_size=6))
     try:
-        batch = next(iter(trainer.loader.epoch(0)))
+        return next(iter(trainer.loader.epoch(0)))
     finally:
         trainer.close()
+
+
+def test_cutmix_pastes_the_partner_box_and_mixes_rows_by_its_area(recipe, tmp_path):
+    batch = first_batch(recipe, tmp_path)
     torch.manual_seed(3)
     mixed, kind, lam = mix(batch, MixPolicy(cutmix=1.0), num_classes=3)
     assert kind == "cutmix" and 0 < lam < 1
@@ -116,11 +121,7 @@ def test_cutmix_pastes_the_partner_box_and_mixes_rows_by_its_area(recipe, tmp_pa
 
 
 def test_mixup_blends_pixels_and_rows_with_one_weight(recipe, tmp_path):
-    trainer = Trainer(config(recipe, tmp_path / "run", batch_size=6))
-    try:
-        batch = next(iter(trainer.loader.epoch(0)))
-    finally:
-        trainer.close()
+    batch = first_batch(recipe, tmp_path)
     torch.manual_seed(0)
     mixed, kind, lam = mix(batch, MixPolicy(mixup=1.0), num_classes=3)
     assert kind == "mixup" and 0 < lam < 1
