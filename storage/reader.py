@@ -214,12 +214,18 @@ class LabelStore:
         return self._reading(lambda: np.asarray(self._group["excluded"][:], bool))
 
     @cached_property
+    def _crop_arrays(self):
+        """The zarr arrays ``windows`` and ``flips``, opened once (each open reads their metadata, a
+        request per open on a remote store)."""
+        return self._group["windows"], self._group["flips"]
+
+    @cached_property
     def windows(self) -> np.ndarray:
-        return self._reading(lambda: np.asarray(self._group["windows"][:], np.int32))
+        return self._reading(lambda: np.asarray(self._crop_arrays[0][:], np.int32))
 
     @cached_property
     def flips(self) -> np.ndarray:
-        return self._reading(lambda: np.asarray(self._group["flips"][:], bool))
+        return self._reading(lambda: np.asarray(self._crop_arrays[1][:], bool))
 
     @cached_property
     def done(self) -> np.ndarray:
@@ -234,8 +240,8 @@ class LabelStore:
         if ids.size == 0:
             return np.empty((0, 4), np.int32), np.empty(0, bool)
         uniq, inv = np.unique(ids, return_inverse=True)
-        windows = self._reading(lambda: np.asarray(self._group["windows"].get_orthogonal_selection((uniq, int(slot), slice(None))), np.int32))
-        flips = self._reading(lambda: np.asarray(self._group["flips"].get_orthogonal_selection((uniq, int(slot))), bool))
+        windows = self._reading(lambda: np.asarray(self._crop_arrays[0].get_orthogonal_selection((uniq, int(slot), slice(None))), np.int32))
+        flips = self._reading(lambda: np.asarray(self._crop_arrays[1].get_orthogonal_selection((uniq, int(slot))), bool))
         return windows[inv.reshape(-1)], flips[inv.reshape(-1)]
 
     # ------------------------------------------------------------------ labels
@@ -386,8 +392,8 @@ class LabelStore:
     # ------------------------------------------------------------------ whole-image blocks
     def block_crops(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(windows (n, R, 4) int32, flips (n, R) bool) of images [start, stop): all their crops."""
-        return (self._reading(lambda: np.asarray(self._group["windows"][start:stop], np.int32)),
-                self._reading(lambda: np.asarray(self._group["flips"][start:stop], bool)))
+        return (self._reading(lambda: np.asarray(self._crop_arrays[0][start:stop], np.int32)),
+                self._reading(lambda: np.asarray(self._crop_arrays[1][start:stop], bool)))
 
     def block_encoded(self, start: int, stop: int) -> list[np.ndarray]:
         """Stored label arrays of images [start, stop), all crops, as stored (dense: [fp16 (n, R, C)];
