@@ -101,9 +101,13 @@ class ReplayLoader:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
         world = self.dist.world_size
-        per_rank = -(-len(order) // world)
-        padded = np.resize(order, per_rank * world)  # wraps around like DistributedSampler
+        padded = np.resize(order, self.images_per_rank * world)  # wraps around like DistributedSampler
         return padded[self.dist.rank :: world]
+
+    @property
+    def images_per_rank(self) -> int:
+        """Images every rank visits per epoch: the usable images over the ranks, rounded up."""
+        return -(-len(self.usable) // self.dist.world_size)
 
     def _bounds(self, n: int) -> list[tuple[int, int]]:
         """Batch [start, stop) ranges covering all n images. When the remainder would be a batch of ONE
@@ -116,7 +120,7 @@ class ReplayLoader:
         return bounds
 
     def steps_per_epoch(self) -> int:
-        return len(self._bounds(len(self.images(0))))
+        return len(self._bounds(self.images_per_rank))  # no need to draw an epoch's permutation for a count
 
     # -- the epoch's stored data -------------------------------------------------------------
     def _read_epoch(self, epoch: int) -> EpochData:
