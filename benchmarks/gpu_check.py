@@ -61,6 +61,7 @@ STATUSES = ("PASS", "FAIL", "WARN", "SKIP", "INFO")
 TOP1_AGREEMENT, MEAN_TV = 0.98, 0.02
 RESUME_TOL, DEVICE_LOSS_TOL = 0.02, 0.05
 PRECOMPUTE_RATIO, DISTILL_RATIO, LOADER_RATIO = 0.85, 0.80, 1.25
+THROUGHPUT_RESERVE_S = 60  # the throughput phase is skipped when less of --budget-s is left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,10 +126,28 @@ class Ctx:
     logs: Path = field(init=False)
     paths: dict[str, Path] = field(default_factory=dict)
     jobs: list["Job"] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+    json_path: Path | None = None
+    deadline: float | None = None   # time.perf_counter() by which the script must have written its table
+    env_info: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.logs = self.work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+
+    def remaining(self) -> float:
+        """Seconds left before --budget-s runs out (infinite without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
+
+    def record(self, rows: list[Row]) -> list[Row]:
+        """Keep ``rows``, print them now and rewrite the JSON file: a run cut off by its caller's
+        timeout still leaves every finished row behind."""
+        self.rows += rows
+        for r in rows:
+            print(f"[{time.perf_counter() - self.started:5.0f} s] {r.status:<4} {r.check}: {r.value} {r.detail}"[:400], flush=True)
+        write_json(self, partial=True)
+        return rows
 
     @property
     def cuda(self) -> bool:
@@ -371,7 +390,7 @@ class Job:
     def __init__(self, ctx: Ctx, name: str, args: list[str], *, torchrun: bool = False, env: dict | None = None):
         self.name = name
         self.log = ctx.logs / f"{name}.log"
-        self.timeout = ctx.plan.timeout_s
+        self.timeout = max(1.0, min(ctx.plan.timeout_s, ctx.remaining() - 15))
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"] if torchrun else [sys.executable]
         self.cmd = [*launcher, "cli.py", *args]
         self.started = time.perf_counter()
@@ -615,8 +634,8 @@ def check_torchrun_distill(job: Job, straight: Job, ctx: Ctx) -> Row:
                f"cosine lr does not depend on --epochs); losses {'identical' if a[0]['loss'] == b[0]['loss'] else 'differ'}. {WORLD_ONE}")
 
 
-WORLD_ONE = ("Note: with WORLD_SIZE=1 core.distributed.init_distributed forms no process group, so this proves the "
-             "launcher path, not NCCL/gloo collectives")
+WORLD_ONE = ("torchrun sets the rendezvous environment, so even one process forms the process group "
+             "(default group cpu:gloo,cuda:nccl + a gloo group for objects): the collectives of an 8-rank job run")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,8 +777,9 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
 # ---------------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------------
-def guarded(check: str, fn: Callable[[], Row | list[Row]]) -> list[Row]:
-    """Run one check; any exception becomes a FAIL row with a one-line reason."""
+def guarded(ctx: Ctx, check: str, fn: Callable[[], Row | list[Row]]) -> list[Row]:
+    """Run one check; any exception becomes a FAIL row with a one-line reason. The rows are recorded
+    (printed, written to the JSON file) as soon as the check ends."""
     t0 = time.perf_counter()
     try:
         out = fn()
@@ -769,7 +789,7 @@ def guarded(check: str, fn: Callable[[], Row | list[Row]]) -> list[Row]:
         rows = [Row(check, "FAIL", "", "", f"{type(err).__name__}: {reason}"[:600])]
     for r in rows:
         r.seconds = round(time.perf_counter() - t0, 1)
-    return rows
+    return ctx.record(rows)
 
 
 def skip(check: str, reason: str) -> Row:
@@ -809,9 +829,9 @@ def _run_checks(ctx: Ctx) -> list[Row]:
     main_store = Job(ctx, f"precompute-{dev}", pre(ctx.paths["store"], dev))
     torchrun_pre = Job(ctx, "torchrun-precompute", pre(work / "store_torchrun.zarr", dev), torchrun=True)
     cpu_store = Job(ctx, "precompute-cpu", pre(work / "store_cpu.zarr", "cpu")) if ctx.cuda else None
-    rows += guarded("precompute " + dev, lambda: (main_store.require(), Row(f"precompute {dev}", "PASS", f"{main_store.seconds:.0f} s", "exit 0", "store complete"))[1])
+    rows += guarded(ctx, "precompute " + dev, lambda: (main_store.require(), Row(f"precompute {dev}", "PASS", f"{main_store.seconds:.0f} s", "exit 0", "store complete"))[1])
     if not ctx.paths["store"].exists() or main_store.returncode != 0:
-        return rows + [Row("remaining checks", "FAIL", "", "", "no device store: see the precompute log")]
+        return rows + ctx.record([Row("remaining checks", "FAIL", "", "", "no device store: see the precompute log")])
 
     # phase 2: distill runs in the background, replay identity in this process
     runs = work / "runs"
@@ -823,24 +843,26 @@ def _run_checks(ctx: Ctx) -> list[Row]:
     if ctx.cuda:
         if cpu_store.wait().returncode == 0:
             cpu_distill = Job(ctx, "distill-cpu", distill_args(ctx, work / "store_cpu.zarr", runs / "straight_cpu", "cpu"))
-        rows += guarded("store cpu == cuda", lambda: check_cpu_store(cpu_store, ctx.paths["store"]))
+        rows += guarded(ctx, "store cpu == cuda", lambda: check_cpu_store(cpu_store, ctx.paths["store"]))
     else:
-        rows.append(skip("store cpu == cuda", "needs CUDA (--device cpu)"))
-    rows += guarded("replay identity (stage 1 == stage 2)", lambda: check_replay(ctx))
-    rows += guarded("torchrun 1-process precompute", lambda: check_torchrun_precompute(torchrun_pre, ctx.paths["store"], ctx))
-    rows += guarded("distill resume == straight", lambda: check_resume(straight, killed, killed_args + ["--resume"], ctx))
-    rows += guarded("torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))
+        rows += ctx.record([skip("store cpu == cuda", "needs CUDA (--device cpu)")])
+    rows += guarded(ctx, "replay identity (stage 1 == stage 2)", lambda: check_replay(ctx))
+    rows += guarded(ctx, "torchrun 1-process precompute", lambda: check_torchrun_precompute(torchrun_pre, ctx.paths["store"], ctx))
+    rows += guarded(ctx, "distill resume == straight", lambda: check_resume(straight, killed, killed_args + ["--resume"], ctx))
+    rows += guarded(ctx, "torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))
     if ctx.cuda:
-        rows += guarded("distill loss cuda ~ cpu", lambda: check_device_losses(straight, cpu_distill))
+        rows += guarded(ctx, "distill loss cuda ~ cpu", lambda: check_device_losses(straight, cpu_distill))
         ckpt = str(runs / f"straight_{dev}" / "checkpoint.pt")
         evals = {d: Job(ctx, f"evaluate-{d}", ["evaluate", "--data", str(ctx.paths["val"]), "--checkpoint", ckpt, "--device", d, "--json"]) for d in ("cuda", "cpu")}
-        rows += guarded("evaluate cuda ~ cpu", lambda: check_evaluate(evals))
+        rows += guarded(ctx, "evaluate cuda ~ cpu", lambda: check_evaluate(evals))
     else:
-        rows += [skip("distill loss cuda ~ cpu", "needs CUDA (--device cpu)"), skip("evaluate cuda ~ cpu", "needs CUDA (--device cpu)")]
+        rows += ctx.record([skip("distill loss cuda ~ cpu", "needs CUDA (--device cpu)"), skip("evaluate cuda ~ cpu", "needs CUDA (--device cpu)")])
     for job in ctx.jobs:
         job.wait()
     # phase 3: throughput, alone
-    rows += guarded("throughput", lambda: throughput_rows(ctx))
+    if ctx.remaining() < THROUGHPUT_RESERVE_S:
+        return rows + ctx.record([skip("throughput", f"{ctx.remaining():.0f} s of --budget-s left, under the {THROUGHPUT_RESERVE_S} s this phase needs")])
+    rows += guarded(ctx, "throughput", lambda: throughput_rows(ctx))
     return rows
 
 
@@ -887,7 +909,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mealkd-gpu-check"), help="work directory (emptied if made by this script)")
     p.add_argument("--json", default=None, help="JSON result file (default: WORK/gpu_check.json)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process (torch and DALI; default 1 with --quick, else min(8, cores/2))")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="finish within this many seconds: subprocess timeouts are capped by what is left and the throughput "
+                        f"phase is skipped (SKIP row) when under {THROUGHPUT_RESERVE_S} s remain; rows are written to the JSON file as they finish")
     return p.parse_args(argv)
+
+
+def write_json(ctx: Ctx, *, partial: bool) -> Path:
+    """The result file: environment, plan, every row so far and every subprocess (``partial`` until the end)."""
+    out = ctx.json_path or ctx.work / "gpu_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    failed = [r.check for r in ctx.rows if r.status == "FAIL"]
+    body = {"environment": ctx.env_info, "device": ctx.device, "quick": ctx.quick, "threads": ctx.threads, "plan": asdict(ctx.plan),
+            "seconds": round(time.perf_counter() - ctx.started, 1), "partial": partial, "passed": not failed and not partial,
+            "rows": [asdict(r) for r in ctx.rows],
+            "subprocesses": [{"name": j.name, "exit": j.returncode, "seconds": round(j.seconds, 1), "log": str(j.log)} for j in ctx.jobs]}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2) + "\n")
+    tmp.replace(out)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -896,25 +936,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: torch sees no CUDA device; use --device cpu")
-    started = time.perf_counter()
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise SystemExit("error: --budget-s must be a positive number of seconds")
     threads = args.threads or (1 if args.quick else max(1, min(8, (os.cpu_count() or 2) // 2)))
     torch.set_num_threads(threads)
-    ctx = Ctx(work=prepare_work(Path(args.work)), device=args.device, quick=args.quick, plan=QUICK if args.quick else FULL, threads=threads)
-    env = environment()
-    print_env(env, ctx)
-    rows = guarded("data + teachers", lambda: (prepare(ctx), Row("data + teachers", "INFO", "", "", describe_data(ctx)))[1])
+    ctx = Ctx(work=prepare_work(Path(args.work)), device=args.device, quick=args.quick, plan=QUICK if args.quick else FULL, threads=threads,
+              json_path=Path(args.json) if args.json else None)
+    if args.budget_s is not None:
+        ctx.deadline = ctx.started + args.budget_s
+    ctx.env_info = environment()
+    print_env(ctx.env_info, ctx)
+    rows = guarded(ctx, "data + teachers", lambda: (prepare(ctx), Row("data + teachers", "INFO", "", "", describe_data(ctx)))[1])
     if rows[0].status != "FAIL":
-        rows += run_checks(ctx)
-    total = time.perf_counter() - started
-    print(table(rows))
-    failed = [r.check for r in rows if r.status == "FAIL"]
-    print(f"\n{'FAIL' if failed else 'PASS'}: {len(rows)} rows, {len(failed)} failed; {total:.0f} s; logs in {ctx.logs}")
-    out = Path(args.json) if args.json else ctx.work / "gpu_check.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "device": ctx.device, "quick": ctx.quick, "threads": threads, "plan": asdict(ctx.plan),
-                               "seconds": round(total, 1), "passed": not failed, "rows": [asdict(r) for r in rows],
-                               "subprocesses": [{"name": j.name, "exit": j.returncode, "seconds": round(j.seconds, 1), "log": str(j.log)} for j in ctx.jobs]}, indent=2) + "\n")
-    print(f"JSON: {out}")
+        run_checks(ctx)
+    total = time.perf_counter() - ctx.started
+    print()
+    print(table(ctx.rows))
+    failed = [r.check for r in ctx.rows if r.status == "FAIL"]
+    print(f"\n{'FAIL' if failed else 'PASS'}: {len(ctx.rows)} rows, {len(failed)} failed; {total:.0f} s; logs in {ctx.logs}")
+    print(f"JSON: {write_json(ctx, partial=False)}")
     return 1 if failed else 0
 
 
