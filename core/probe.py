@@ -106,11 +106,15 @@ def _probe_batch(index: DatasetIndex, ids: list[int], pipe) -> np.ndarray:
     return decoded.astype(np.int32)
 
 
-def _probe_one(index: DatasetIndex, i: int, backend: Backend) -> tuple[np.ndarray | None, str]:
-    """(H, W) of one file, or (None, why the decoder refused it)."""
+def _probe_one(index: DatasetIndex, i: int, pipe) -> tuple[np.ndarray | None, str]:
+    """(H, W) of one file through a batch-1 pipeline, or (None, why the decoder refused it).
+
+    The caller reuses the pipeline for the good files of a failed batch: one new GPU pipeline per
+    file (a decoder and CUDA streams each) made validating a 193-file tree with one corrupt file
+    take 2 minutes on an H100 (benchmarks/gpu_check.py, 2026-11-26)."""
     with decoder_log() as lines:
         try:
-            return _probe_batch(index, [i], _probe_pipeline(backend, 1, 1))[0], ""
+            return _probe_batch(index, [i], pipe)[0], ""
         except RuntimeError as err:
             error = err
     return None, decoder_reason(lines, error)
@@ -155,11 +159,15 @@ def probe_images(
                 sizes[position[i]] = hw
         except RuntimeError:
             pipe = None  # a failed run may leave the pipeline unusable: the next clean batch gets a new one
+            single = None  # one batch-1 pipeline for the file-by-file retry, rebuilt only after a file fails
             for i in good:
-                hw, reason = _probe_one(index, i, backend)
+                if single is None:
+                    single = _probe_pipeline(backend, 1, 1)
+                hw, reason = _probe_one(index, i, single)
                 if hw is None:
                     bad.append(i)
                     why[i] = reason
+                    single = None
                 else:
                     sizes[position[i]] = hw
         if progress is not None:

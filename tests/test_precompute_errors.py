@@ -228,3 +228,35 @@ def test_probe_names_the_corrupt_file_and_measures_the_rest(files):
         for i, path in enumerate(index.paths):
             expected = [0, 0] if i == bad_id else list(Image.open(index.root / path).size[::-1])
             assert sizes[i].tolist() == expected, (batch_size, path)
+
+
+def test_probe_retry_reuses_one_pipeline_between_corrupt_files(tmp_path, monkeypatch):
+    """A failed batch is retried file by file through one batch-1 pipeline, rebuilt only after a file
+    fails (a new pipeline per file took minutes on a GPU); sizes and culprits are as before."""
+    import torch
+    from PIL import Image
+
+    from mealkd.core import probe
+    from mealkd.core.dali_io import Backend
+    from mealkd.core.dataset import scan_image_folder
+
+    folder = tmp_path / "data" / "c0"
+    folder.mkdir(parents=True)
+    corrupt = {"img_01.jpg", "img_05.jpg"}
+    for k in range(9):
+        name = f"img_{k:02d}.jpg"
+        if name in corrupt:
+            (folder / name).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 8)
+        else:
+            Image.new("RGB", (20 + 3 * k, 30 + k), (10 * k, 80, 160)).save(folder / name)
+    built = []
+    real = probe._probe_pipeline
+    monkeypatch.setattr(probe, "_probe_pipeline", lambda *a, **kw: built.append(a[1]) or real(*a, **kw))
+    index = scan_image_folder(tmp_path / "data")
+    sizes, bad = probe.probe_images(index, np.arange(len(index)), Backend(torch.device("cpu")), batch_size=16)
+    assert [index.paths[i] for i in bad] == ["c0/img_01.jpg", "c0/img_05.jpg"]
+    for i, path in enumerate(index.paths):
+        expected = [0, 0] if i in bad else list(Image.open(index.root / path).size[::-1])
+        assert sizes[i].tolist() == expected, path
+    # the batch of 16, then batch-1 pipelines: the first, and one after each corrupt file
+    assert built == [16, 1, 1, 1], built
