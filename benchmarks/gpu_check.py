@@ -123,6 +123,7 @@ class Ctx:
     quick: bool
     plan: Plan
     threads: int
+    bench_threads: int = 0    # DALI/torch threads of the throughput phase, which runs alone (0: threads)
     logs: Path = field(init=False)
     paths: dict[str, Path] = field(default_factory=dict)
     jobs: list["Job"] = field(default_factory=list)
@@ -133,6 +134,7 @@ class Ctx:
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
+        self.bench_threads = self.bench_threads or self.threads
         self.logs = self.work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -436,11 +438,15 @@ def precompute_args(ctx: Ctx, data: Path, teachers: str, out: Path, device: str,
             "--image-size", str(size), "--batch-size", str(batch), "--device", device, "--skip-bad", "--num-threads", str(ctx.threads)]
 
 
-def distill_args(ctx: Ctx, store: Path, out: Path, device: str, *, epochs: int | None = None, val: bool = True) -> list[str]:
+def distill_args(ctx: Ctx, store: Path, out: Path, device: str, *, epochs: int | None = None, val: bool = True, precision: str = "auto") -> list[str]:
+    """A --deterministic distill run: GPU kernels otherwise differ in the last bits from run to run, and
+    this small from-scratch run amplifies that (two default runs on the H100 were 1% apart after one
+    epoch and a resumed run 15% apart after three), which would hide a real resume bug."""
     p = ctx.plan
     return ["distill", "--labels", str(store), "--data", str(ctx.paths["train"]), "--student", f"torchvision:{p.student}",
             "--init", "scratch", "--out", str(out), "--epochs", str(epochs or p.epochs), "--batch-size", str(p.batch), "--lr", str(p.lr),
-            "--device", device, "--num-threads", str(ctx.threads)] + (["--val", str(ctx.paths["val"])] if val else [])
+            "--device", device, "--num-threads", str(ctx.threads), "--deterministic", "--precision", precision] + \
+        (["--val", str(ctx.paths["val"])] if val else [])
 
 
 def kill_in_epoch_3(store: Path, batch: int) -> str:
@@ -583,7 +589,7 @@ def check_resume(straight: Job, killed: Job, resumed_args: list[str], ctx: Ctx) 
     diff = max_rel_diff([r["loss"] for r in b], [r["loss"] for r in a])
     exact = [r["loss"] for r in a] == [r["loss"] for r in b]
     return Row("distill resume == straight", "PASS" if diff <= RESUME_TOL else "FAIL", f"max loss diff {diff:.2%}", f"<={RESUME_TOL:.0%}",
-               f"{ctx.device}, --val: SIGKILLed at the first step of epoch 3, --resume to 3; losses "
+               f"{ctx.device}, --deterministic --val: SIGKILLed at the first step of epoch 3, --resume to 3; losses "
                f"{'identical' if exact else 'differ'}; val top-1 {b[-1]['val_top1']:.2%} vs {a[-1]['val_top1']:.2%}")
 
 
@@ -601,7 +607,7 @@ def check_device_losses(gpu: Job, cpu: Job | None) -> Row:
     b = metrics(Path(cpu.cmd[cpu.cmd.index("--out") + 1]))
     diff = max_rel_diff([r["loss"] for r in a], [r["loss"] for r in b])
     return Row("distill loss cuda ~ cpu", "PASS" if diff <= DEVICE_LOSS_TOL else "FAIL", f"max loss diff {diff:.2%}", f"<={DEVICE_LOSS_TOL:.0%}",
-               f"each on its own device's store; final loss {a[-1]['loss']:.4f} (cuda) vs {b[-1]['loss']:.4f} (cpu)")
+               f"--precision fp32 --deterministic, each on its own device's store; final loss {a[-1]['loss']:.4f} (cuda) vs {b[-1]['loss']:.4f} (cpu)")
 
 
 def check_evaluate(jobs: dict[str, Job]) -> Row:
@@ -662,7 +668,7 @@ def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
 
     p = ctx.plan
     cfg = PrecomputeConfig(data=str(data), teachers=teachers, out=str(out), crops_per_image=p.bench_crops, image_size=p.bench_size,
-                           batch_size=p.bench_batch, device=ctx.device, skip_bad=True, num_threads=ctx.threads)
+                           batch_size=p.bench_batch, device=ctx.device, skip_bad=True, num_threads=ctx.bench_threads)
     t0 = time.perf_counter()
     run_precompute(cfg, quiet_console())
     fresh = time.perf_counter() - t0
@@ -691,7 +697,7 @@ def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: 
     models = [load_model(s, num_classes=len(index.class_names)) for s in parse_spec_list(teachers)]
     ensemble = TeacherEnsemble(models, default_size=p.bench_size, temperature=1.0, device=backend.device)
     usable = np.flatnonzero(~np.asarray(store.excluded, bool))[: math.ceil(pool_batches * p.bench_batch / p.bench_crops)].tolist()
-    stream = CropStream(index, ensemble.norms, backend, batch_size=p.bench_batch, num_threads=ctx.threads)
+    stream = CropStream(index, ensemble.norms, backend, batch_size=p.bench_batch, num_threads=ctx.bench_threads)
     pool = [b.inputs for b in stream.batches(usable, usable, store.windows, store.flips)]
     pool = [x for x in pool if x[0].shape[0] == p.bench_batch] or pool
     ensemble(pool[0])
@@ -717,7 +723,7 @@ def time_distill(ctx: Ctx, data: Path, store: Path, out: Path) -> dict:
 
     p = ctx.plan
     cfg = DistillConfig(labels=str(store), data=str(data), student=f"torchvision:{p.bench_student}", init="scratch", out=str(out),
-                        epochs=2, batch_size=p.bench_batch, lr=p.lr, device=ctx.device, num_threads=ctx.threads)
+                        epochs=2, batch_size=p.bench_batch, lr=p.lr, device=ctx.device, num_threads=ctx.bench_threads)
     trainer = Trainer(cfg, quiet_console())
     try:
         steps = trainer.loader.steps_per_epoch()
@@ -839,10 +845,12 @@ def _run_checks(ctx: Ctx) -> list[Row]:
     killed_args = distill_args(ctx, ctx.paths["store"], runs / f"killed_{dev}", dev)
     killed = Job(ctx, f"distill-killed-{dev}", killed_args, env=ctx.env(MEALKD_TEST_KILL_AT=kill_in_epoch_3(ctx.paths["store"], p.batch)))
     torchrun_distill = Job(ctx, "torchrun-distill", distill_args(ctx, ctx.paths["store"], runs / "torchrun", dev, epochs=1, val=False), torchrun=True)
-    cpu_distill = None
+    cpu_distill = fp32_distill = None
     if ctx.cuda:
+        # the cross-device pair runs in fp32 on both (no bf16, no TF32): otherwise it compares precisions
+        fp32_distill = Job(ctx, f"distill-fp32-{dev}", distill_args(ctx, ctx.paths["store"], runs / f"fp32_{dev}", dev, precision="fp32"))
         if cpu_store.wait().returncode == 0:
-            cpu_distill = Job(ctx, "distill-cpu", distill_args(ctx, work / "store_cpu.zarr", runs / "straight_cpu", "cpu"))
+            cpu_distill = Job(ctx, "distill-cpu", distill_args(ctx, work / "store_cpu.zarr", runs / "straight_cpu", "cpu", precision="fp32"))
         rows += guarded(ctx, "store cpu == cuda", lambda: check_cpu_store(cpu_store, ctx.paths["store"]))
     else:
         rows += ctx.record([skip("store cpu == cuda", "needs CUDA (--device cpu)")])
@@ -851,7 +859,7 @@ def _run_checks(ctx: Ctx) -> list[Row]:
     rows += guarded(ctx, "distill resume == straight", lambda: check_resume(straight, killed, killed_args + ["--resume"], ctx))
     rows += guarded(ctx, "torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))
     if ctx.cuda:
-        rows += guarded(ctx, "distill loss cuda ~ cpu", lambda: check_device_losses(straight, cpu_distill))
+        rows += guarded(ctx, "distill loss cuda ~ cpu", lambda: check_device_losses(fp32_distill, cpu_distill))
         ckpt = str(runs / f"straight_{dev}" / "checkpoint.pt")
         evals = {d: Job(ctx, f"evaluate-{d}", ["evaluate", "--data", str(ctx.paths["val"]), "--checkpoint", ckpt, "--device", d, "--json"]) for d in ("cuda", "cpu")}
         rows += guarded(ctx, "evaluate cuda ~ cpu", lambda: check_evaluate(evals))
@@ -873,7 +881,7 @@ def print_env(env: dict, ctx: Ctx) -> None:
     print("mealkd GPU check")
     for key, value in env.items():
         print(f"  {key:<13} {value}")
-    print(f"  {'run':<13} --device {ctx.device}{' --quick' if ctx.quick else ''}, work {ctx.work}, {ctx.threads} CPU thread(s) per process")
+    print(f"  {'run':<13} --device {ctx.device}{' --quick' if ctx.quick else ''}, work {ctx.work}, {ctx.threads} CPU thread(s) per process, {ctx.bench_threads} in the throughput phase (alone)")
     print(flush=True)
 
 
@@ -920,7 +928,7 @@ def write_json(ctx: Ctx, *, partial: bool) -> Path:
     out = ctx.json_path or ctx.work / "gpu_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     failed = [r.check for r in ctx.rows if r.status == "FAIL"]
-    body = {"environment": ctx.env_info, "device": ctx.device, "quick": ctx.quick, "threads": ctx.threads, "plan": asdict(ctx.plan),
+    body = {"environment": ctx.env_info, "device": ctx.device, "quick": ctx.quick, "threads": ctx.threads, "bench_threads": ctx.bench_threads, "plan": asdict(ctx.plan),
             "seconds": round(time.perf_counter() - ctx.started, 1), "partial": partial, "passed": not failed and not partial,
             "rows": [asdict(r) for r in ctx.rows],
             "subprocesses": [{"name": j.name, "exit": j.returncode, "seconds": round(j.seconds, 1), "log": str(j.log)} for j in ctx.jobs]}
@@ -941,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or (1 if args.quick else max(1, min(8, (os.cpu_count() or 2) // 2)))
     torch.set_num_threads(threads)
     ctx = Ctx(work=prepare_work(Path(args.work)), device=args.device, quick=args.quick, plan=QUICK if args.quick else FULL, threads=threads,
-              json_path=Path(args.json) if args.json else None)
+              bench_threads=threads if args.quick else max(1, min(16, os.cpu_count() or 1)), json_path=Path(args.json) if args.json else None)
     if args.budget_s is not None:
         ctx.deadline = ctx.started + args.budget_s
     ctx.env_info = environment()

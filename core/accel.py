@@ -4,7 +4,8 @@
 
 * ``auto``: on CUDA, bf16 autocast where the GPU supports it (Ampere and newer: no loss scaling
   needed, no fp16 overflow), else fp16 autocast with a GradScaler; on CPU, plain fp32.
-* ``fp32``: no autocast anywhere.
+* ``fp32``: no autocast anywhere, and on CUDA no TF32 either (torch lets cuDNN convolutions use
+  TF32 by default, a 10-bit mantissa): fp32 means fp32, e.g. to compare a GPU run with a CPU run.
 * ``fp16`` / ``bf16``: autocast to that dtype on the chosen device (on CPU too, where torch
   supports it; slower than fp32 on most CPUs, useful to check a recipe).
 
@@ -12,6 +13,7 @@ Losses, the discriminator and the ensemble average are always computed in float3
 """
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -42,6 +44,32 @@ def autocast_for(device: torch.device, precision: str = "auto") -> AbstractConte
     """The autocast context for ``precision`` ('auto' resolved here) on ``device``."""
     dtype = autocast_dtype(resolve_precision(precision, device))
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def apply_numerics(device: torch.device, precision: str, *, deterministic: bool = False, fixed_shapes: bool = False) -> None:
+    """Process-wide kernel policy for a run on ``device`` at a concrete ``precision``.
+
+    * fp32 on CUDA: TF32 off for matmuls and cuDNN convolutions.
+    * ``deterministic``: deterministic algorithms (a warning, not an error, for an op that has no
+      deterministic kernel), cuDNN autotuning off, and cuBLAS's fixed workspace (set before its
+      first use). Two runs with the same flags on the same GPU and software then compute the same
+      numbers, which is what makes a resumed run equal an uninterrupted one on a GPU.
+    * otherwise ``fixed_shapes`` turns on cuDNN autotuning (every training batch has one size).
+    """
+    if device.type != "cuda":
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        return
+    if precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    elif fixed_shapes:
+        torch.backends.cudnn.benchmark = True
 
 
 def needs_grad_scaler(device: torch.device, precision: str) -> bool:

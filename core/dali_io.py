@@ -68,7 +68,8 @@ def decoder_record(backend: Backend) -> dict:
     if backend.is_cuda:
         record["hw_decoder_load"] = HW_DECODER_LOAD
         record["gpu"] = torch.cuda.get_device_name(backend.device)
-        for key, getter in (("nvimgcodec", "GetNvimgcodecVersion"), ("nvjpeg", "GetNvjpegVersion"), ("cuda", "GetCudaVersion")):
+        # (DALI 2 decodes through nvImageCodec and no longer links nvJPEG: asking for its version only logs that)
+        for key, getter in (("nvimgcodec", "GetNvimgcodecVersion"), ("cuda", "GetCudaVersion")):
             try:
                 record[key] = getattr(dali_backend, getter)()
             except Exception:  # noqa: BLE001 - a library DALI cannot report is recorded as unknown
@@ -101,13 +102,45 @@ def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backen
     return pipe
 
 
+_COPY_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """A side stream per GPU for copies out of DALI's buffers (see :func:`_from_dali`)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _COPY_STREAMS:
+        _COPY_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _COPY_STREAMS[index]
+
+
+def _from_dali(tensors: list[Any], device: torch.device) -> list[torch.Tensor]:
+    """Copy DALI GPU tensors into new torch tensors, finished when this returns.
+
+    The copies run on a side stream that is then synchronised: DALI may overwrite its buffer as soon
+    as the caller releases it, so the copy must be done by then, and the side stream holds nothing
+    else, so this waits for the copies alone, not for the model work queued on torch's stream (a
+    synchronise of torch's stream here stalled stage one's teachers once per batch). Each tensor is
+    marked as used by torch's current stream, so the caching allocator does not hand its memory back
+    to the side stream while kernels queued there still read it."""
+    stream = _copy_stream(device)
+    current = torch.cuda.current_stream(device)
+    outs = []
+    with torch.cuda.stream(stream):
+        for t in tensors:
+            out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+            feed_ndarray(t, out, cuda_stream=stream)
+            outs.append(out)
+    stream.synchronize()
+    for out in outs:
+        out.record_stream(current)
+    return outs
+
+
 def to_torch(tensor_list: Any, device: torch.device) -> torch.Tensor:
     """Copy a uniform-shaped DALI TensorList into a new torch tensor on ``device``."""
     dense = tensor_list.as_tensor()
     if isinstance(tensor_list, TensorListGPU):
-        out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
-        return out
+        return _from_dali([dense], device)[0]
     host = torch.from_numpy(np.array(dense))
     if device.type == "cuda":  # pinned memory: the copy runs asynchronously on the current stream
         return host.pin_memory().to(device, non_blocking=True)
@@ -194,13 +227,6 @@ def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple]
 def to_samples(tensor_list: Any, device: torch.device) -> list[Any]:
     """Per-sample copies of a (possibly ragged) TensorList: numpy arrays on CPU, torch CUDA tensors on GPU."""
     if isinstance(tensor_list, TensorListGPU):
-        samples = []
-        for i in range(len(tensor_list)):
-            sample = tensor_list[i]
-            out = torch.empty(sample.shape(), dtype=to_torch_type[sample.dtype], device=device)
-            feed_ndarray(sample, out, cuda_stream=torch.cuda.current_stream(device))
-            samples.append(out)
-        # These tensors are fed back into another DALI pipeline, which does not know torch's stream.
-        torch.cuda.current_stream(device).synchronize()
-        return samples
+        # finished copies (see _from_dali): they are fed to another DALI pipeline, which does not know torch's streams
+        return _from_dali([tensor_list[i] for i in range(len(tensor_list))], device)
     return [np.array(tensor_list[i]) for i in range(len(tensor_list))]

@@ -5,7 +5,7 @@ seed, ...). ``--resume`` continues the recorded run exactly: flags left out take
 values, and a training flag given with another value is refused (it would silently change the
 run: e.g. ``--epochs 200`` after a 180-epoch cosine run sends the lr back up). Paths (``--labels``,
 ``--data``) may move; the store is identified by its id and the dataset by its fingerprint.
-Operational flags (``--val``, ``--device``, ``--precision``, ``--allow-decoder-mismatch``,
+Operational flags (``--val``, ``--device``, ``--precision``, ``--deterministic``, ``--allow-decoder-mismatch``,
 ``--num-threads``, ``--compile``, ``--compile-backend``, ``--channels-last``, ``--log-every``, ``--tensorboard``,
 ``--eval-every``, ``--keep-every``, the validation protocol) may change freely.
 """
@@ -72,6 +72,7 @@ class DistillConfig:
     val: str | None = None
     device: str = "auto"
     precision: str = "auto"
+    deterministic: bool = False
     allow_decoder_mismatch: bool = False
     seed: int = 0
     num_threads: int = 2

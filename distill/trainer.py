@@ -25,7 +25,7 @@ from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mealkd import storage
-from mealkd.core.accel import autocast_for, needs_grad_scaler, resolve_precision
+from mealkd.core.accel import apply_numerics, autocast_for, needs_grad_scaler, resolve_precision
 from mealkd.core.dali_io import decoder_differences, decoder_record, resolve_backend
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
@@ -65,6 +65,7 @@ class Trainer:
         self.dist: Dist = init_distributed(self.backend.device)
         self.device = self.backend.device
         self.precision = resolve_precision(cfg.precision, self.device)
+        apply_numerics(self.device, self.precision, deterministic=cfg.deterministic, fixed_shapes=True)
         torch.manual_seed(cfg.seed)  # the same on every rank: D (not DDP-wrapped) must start identical everywhere
 
         self.index = self.dist.on_main(lambda: scan_image_folder(cfg.data))  # one scan per job, not per rank
@@ -90,8 +91,6 @@ class Trainer:
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and self.backend.is_cuda)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if self.backend.is_cuda:
-            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
         self.model = model
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(model) if self.dist.active else model
         # --compile: the forward (and its backward) of the student through torch.compile; weights are shared

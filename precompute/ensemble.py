@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mealkd.core.accel import as_model_input, autocast_for, resolve_precision
+from mealkd.core.accel import apply_numerics, as_model_input, autocast_for, resolve_precision
 from mealkd.core.models import LoadedModel, describe
 from mealkd.core.replay import Normalization
 from mealkd.errors import UserError
@@ -49,6 +49,7 @@ class TeacherEnsemble:
         self.temperature = temperature
         self.device = device
         self.precision = resolve_precision(precision, device)  # the teachers' autocast dtype, recorded in the store
+        apply_numerics(device, self.precision)  # fp32 on a GPU: no TF32 either
         self.fp32_fallbacks = 0  # batches a teacher overflowed in reduced precision and was rerun in fp32
         self.norms: list[Normalization] = []
         self.norm_of: list[int] = []
@@ -66,6 +67,20 @@ class TeacherEnsemble:
 
     def describe(self) -> list[dict]:
         return [describe(t) for t in self.teachers]
+
+    @torch.inference_mode()
+    def launch(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Averaged probabilities (B, C) float32 and each teacher's "all finite" flag (T,) bool, both
+        left on the device: nothing here waits for the GPU, so the next batch is prepared while the
+        teachers run. A batch whose flags are not all true must be recomputed with ``__call__``."""
+        average, finite = None, []
+        for teacher, weight, norm_index in zip(self.teachers, self.weights, self.norm_of):
+            with autocast_for(self.device, self.precision):
+                logits = teacher.module(as_model_input(inputs[norm_index]))
+            probs = torch.softmax(logits.float() / self.temperature, dim=1)
+            finite.append(torch.isfinite(probs).all())
+            average = probs * weight if average is None else average + probs * weight
+        return average, torch.stack(finite)
 
     @torch.inference_mode()
     def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:

@@ -7,14 +7,16 @@ partial run left them); rank 0 creates the store and finalises it.
 """
 from __future__ import annotations
 
+import collections
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -26,7 +28,7 @@ from mealkd.core.models import load_model, parse_spec_list
 from mealkd.core.probe import describe_unreadable, probe_images
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.windows import CropPolicy, draw_all_windows
-from mealkd.precompute.crops import CropStream
+from mealkd.precompute.crops import CropBatch, CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
@@ -162,10 +164,47 @@ def _label_shard(
     flips = np.zeros((len(ids), cfg.crops_per_image), dtype=bool)
     windows[rows], flips[rows] = draw_all_windows(cfg.policy, ids[rows], sizes[start:stop][rows], cfg.crops_per_image)
     probs = np.full((len(ids), cfg.crops_per_image, ensemble.num_classes), 1.0 / ensemble.num_classes, dtype=np.float32)
-    for batch in stream.batches((ids[rows]).tolist(), rows.tolist(), windows, flips):
-        probs[batch.rows, batch.crops] = ensemble(batch.inputs).cpu().numpy()
+    for batch, rows_probs in labelled_batches(stream.batches((ids[rows]).tolist(), rows.tolist(), windows, flips), ensemble):
+        probs[batch.rows, batch.crops] = rows_probs
         on_crops(len(batch.rows))
     return windows, flips, probs
+
+
+def labelled_batches(batches: Iterable[CropBatch], ensemble: TeacherEnsemble, lag: int = 2) -> Iterator[tuple[CropBatch, np.ndarray]]:
+    """(batch, its averaged probabilities) for each crop batch, in order.
+
+    On a GPU the teachers of batch t are launched and their result copied to pinned host memory
+    without waiting; batch t is collected ``lag`` batches later, so decoding, cutting and feeding the
+    next batches overlap the teachers (with a wait per batch the labelling pass ran at 0.57x the
+    teachers alone on an H100). A batch with a non-finite teacher output is recomputed by the ensemble's
+    checked path (fp32 fallback, or the bad-weights error). On CPU every batch is computed in turn.
+    """
+    if ensemble.device.type != "cuda":
+        for batch in batches:
+            yield batch, ensemble(batch.inputs).numpy()
+        return
+    in_flight: collections.deque = collections.deque()
+
+    def settle(item: tuple) -> tuple[CropBatch, np.ndarray]:
+        batch, host, finite, done = item
+        done.synchronize()
+        if not bool(finite.all()):
+            return batch, ensemble(batch.inputs).cpu().numpy()
+        return batch, host.numpy()
+
+    for batch in batches:
+        average, finite = ensemble.launch(batch.inputs)
+        host = torch.empty(average.shape, dtype=average.dtype, pin_memory=True)
+        host.copy_(average, non_blocking=True)
+        finite_host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+        finite_host.copy_(finite, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        in_flight.append((batch, host, finite_host, done))
+        if len(in_flight) > lag:
+            yield settle(in_flight.popleft())
+    while in_flight:
+        yield settle(in_flight.popleft())
 
 
 def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dict:

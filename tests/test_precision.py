@@ -91,3 +91,52 @@ def test_verify_judges_a_reduced_precision_store_by_drift_not_damage(world, tmp_
     probs[:] = onehot
     proc = run(capsys, "verify", str(bad), "--data", str(data), "--teachers", teachers, "--sample", "27", "--device", "cpu")
     assert proc.returncode == 1 and "damaged shards" in proc.stdout
+
+
+@pytest.fixture
+def restore_numerics(monkeypatch):
+    """apply_numerics sets process-wide torch flags: put them back after the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    yield
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = saved[:4]
+    torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
+def test_numerics_policy_for_cuda_runs(restore_numerics):
+    """The kernel policy a CUDA run gets (the flags are torch's, settable without a GPU): --deterministic
+    = deterministic algorithms (warn only), no autotuning, cuBLAS's fixed workspace; fp32 = no TF32;
+    a default bf16 run autotunes its fixed-size batches and keeps TF32 as torch has it."""
+    import os
+
+    from mealkd.core.accel import apply_numerics
+
+    cuda = torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = True
+    apply_numerics(cuda, "bf16", fixed_shapes=True)
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32 and not torch.are_deterministic_algorithms_enabled()
+    apply_numerics(cuda, "fp32", deterministic=True, fixed_shapes=True)
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_distill_deterministic_is_an_operational_flag(world, tmp_path, capsys, restore_numerics):
+    """--deterministic is recorded in config.json and may change on --resume (it changes kernels, not the run)."""
+    import json
+
+    from mealkd.distill.config import TRAINING_FLAGS
+    from tests.test_reliability_common import distill_args
+
+    assert "deterministic" not in TRAINING_FLAGS
+    root, data, teachers = world
+    store, out = tmp_path / "s.zarr", tmp_path / "run"
+    assert run(capsys, *precompute_args(data, teachers, store)).returncode == 0
+    first = run(capsys, *distill_args(store, data, out, "--epochs", "2", "--deterministic"))
+    assert first.returncode == 0, first.stderr
+    assert json.loads((out / "config.json").read_text())["config"]["deterministic"] is True
+    assert torch.are_deterministic_algorithms_enabled()
