@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mealkd.core.dali_io import Backend, build_pipeline, run_batches, to_samples, to_torch
+from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_samples, to_torch
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.replay import Normalization, cut_graph, decode_graph, window_feed
 
@@ -27,7 +27,13 @@ class CropBatch:
 class CropStream:
     """Builds the two DALI pipelines once and streams crop batches for any list of images."""
 
-    def __init__(self, index: DatasetIndex, norms: list[Normalization], backend: Backend, *, batch_size: int, num_threads: int = 2):
+    def __init__(self, index: DatasetIndex, norms: list[Normalization], backend: Backend, *, batch_size: int, num_threads: int = 2,
+                 prefetch: bool | None = None):
+        """``prefetch`` (default: on a GPU): file reads, decoding and the cut feeds are produced by a
+        background thread, two batches ahead, while this thread launches the teachers. On an H100
+        the teachers' kernel launches and this feed work shared one Python thread and the labelling
+        pass ran at 0.64x the teachers alone. On CPU the cores are the teachers'."""
+        self.prefetch = backend.is_cuda if prefetch is None else prefetch
         self.index = index
         self.norms = norms
         self.backend = backend
@@ -66,6 +72,8 @@ class CropStream:
         """Crops for images ``image_ids`` (dataset ids) whose windows/flips are at ``rows`` of the arrays."""
         meta: list[tuple[np.ndarray, np.ndarray]] = []
         feeds = self._cut_feeds(image_ids, rows, windows, flips, meta)
+        if self.prefetch:
+            feeds = background(feeds, depth=2)  # meta grows ahead, in feed order; it is read in the same order below
         device = self.backend.device
         # On CPU the teachers use every core; overlapping DALI with them costs more than it saves.
         ahead = self.backend.is_cuda

@@ -225,6 +225,22 @@ def stage_one(mixed_tree):
     return index, sizes, windows, flips, crops
 
 
+def test_prefetched_crop_stream_yields_the_same_batches(stage_one):
+    """With its feeds built in a background thread (the GPU default), the crop stream yields the same
+    batches in the same order as without, twice in a row on the same pipelines (nothing left in flight)."""
+    index, _, windows, flips, crops = stage_one
+    ids = list(range(len(index)))
+    for prefetch in (True, False):
+        stream = CropStream(index, NORMS, CPU, batch_size=7, prefetch=prefetch)
+        for _ in range(2):
+            got = {}
+            for batch in stream.batches(ids, ids, windows, flips):
+                for j, (row, crop) in enumerate(zip(batch.rows.tolist(), batch.crops.tolist())):
+                    got[(row, crop)] = [t[j] for t in batch.inputs]
+            assert got.keys() == crops.keys()
+            assert all(torch.equal(a, b) for key in crops for a, b in zip(got[key], crops[key])), prefetch
+
+
 def replay(index, windows, flips, norm, slots: list[int], batch_size: int = 4) -> list[torch.Tensor]:
     """Stage two's pipeline, fed as distill.loader feeds it; returns one (N, 3, S, S) tensor per slot."""
     k = len(slots)
