@@ -278,6 +278,7 @@ def make_tree(root: Path, classes: int, per_class: int, plan: Plan, *, seed: int
             write_jpeg(job)
     if corrupt:
         (root / "class_01" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg, truncated " * 8)
+    (root.parent / f"{root.name}.variants.json").write_text(json.dumps({str(Path(j[0]).relative_to(root)): j[3] for j in jobs}))
     return root
 
 
@@ -581,6 +582,46 @@ def check_replay(ctx: Ctx) -> Row:
                "all bit-equal", f"{ctx.device}: " + "; ".join(parts))
 
 
+def decoded_images(index, ids: list[int], backend, threads: int) -> list[np.ndarray]:
+    """Whole images (HWC uint8) as stage one decodes them on ``backend``."""
+    from mealkd.core.dali_io import build_pipeline, run_batches, to_samples
+    from mealkd.core.replay import decode_graph
+
+    pipe = build_pipeline(decode_graph(backend.decoder), batch_size=16, backend=backend, num_threads=threads)
+    feeds = ({"encoded": [index.read_bytes(i) for i in ids[s : s + 16]]} for s in range(0, len(ids), 16))
+    out: list[np.ndarray] = []
+    for batch in run_batches(pipe, feeds, lambda outs: to_samples(outs[0], backend.device)):
+        out += [t.cpu().numpy() if hasattr(t, "cpu") else t for t in batch]
+    return out
+
+
+def check_decoder_pixels(ctx: Ctx) -> Row:
+    """How far CPU (libjpeg-turbo through nvImageCodec) and GPU (nvJPEG) decoding are apart, per JPEG
+    variant: each backend's store replays its own pixels, so this is what separates a CPU run from a
+    CUDA run besides arithmetic. INFO; WARN if a shape differs (EXIF handled differently)."""
+    from mealkd.core.dali_io import Backend, resolve_backend
+    from mealkd.core.dataset import scan_image_folder
+
+    tree = ctx.paths["train"]
+    variants = json.loads((tree.parent / f"{tree.name}.variants.json").read_text())
+    index = scan_image_folder(tree)
+    ids = [i for i, p in enumerate(index.paths) if p in variants]
+    cpu = decoded_images(index, ids, Backend(__import__("torch").device("cpu")), ctx.threads)
+    gpu = decoded_images(index, ids, resolve_backend("cuda"), ctx.threads)
+    per: dict[str, list[tuple[float, int]]] = {}
+    shapes = 0
+    for i, a, b in zip(ids, cpu, gpu):
+        if a.shape != b.shape:
+            shapes += 1
+            continue
+        d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        per.setdefault(variants[index.paths[i]], []).append((float(d.mean()), int(d.max())))
+    parts = [f"{v} mean {np.mean([m for m, _ in per[v]]):.2f} max {max(x for _, x in per[v])}" for v in VARIANTS if v in per]
+    worst = max((np.mean([m for m, _ in vals]) for vals in per.values()), default=0.0)
+    return Row("decoder pixels cpu vs cuda", "WARN" if shapes else "INFO", f"worst mean |diff| {worst:.2f}/255", "-",
+               f"{len(ids)} images, {shapes} with another shape; per variant (0-255 levels): " + "; ".join(parts))
+
+
 # ---------------------------------------------------------------------------------------------
 # distill: resume, devices, evaluate, torchrun
 # ---------------------------------------------------------------------------------------------
@@ -870,6 +911,10 @@ def _run_checks(ctx: Ctx) -> list[Row]:
     else:
         rows += ctx.record([skip("store cpu == cuda", "needs CUDA (--device cpu)")])
     rows += guarded(ctx, "replay identity (stage 1 == stage 2)", lambda: check_replay(ctx))
+    if ctx.cuda:
+        rows += guarded(ctx, "decoder pixels cpu vs cuda", lambda: check_decoder_pixels(ctx))
+    else:
+        rows += ctx.record([skip("decoder pixels cpu vs cuda", "needs CUDA (--device cpu)")])
     rows += guarded(ctx, "torchrun 1-process precompute", lambda: check_torchrun_precompute(torchrun_pre, ctx.paths["store"], ctx))
     rows += guarded(ctx, "distill resume == straight", lambda: check_resume(straight, killed, killed_args + ["--resume"], ctx))
     rows += guarded(ctx, "torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))
