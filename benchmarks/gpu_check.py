@@ -1,7 +1,7 @@
 """One command that proves the GPU path (issue 10): builds its own data and teachers, runs the real
 stages, prints one PASS/FAIL/WARN/SKIP/INFO table and writes the same rows as JSON.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py                      # on a GPU host (~6 min on one H100)
+    PYTHONPATH=. python3 benchmarks/gpu_check.py                      # on a GPU host (~3 min on one H100)
     python benchmarks/gpu_check.py --device cpu --quick               # the CPU smoke run the tests use
 
 Nothing is downloaded. The script writes, under --work: an ImageFolder of JPEGs made with PIL
@@ -14,9 +14,10 @@ on the images) saved as state dicts and used as ``torchvision:ARCH@FILE.pth``. T
                          bit-equal; labels top-1 agreement >= 98%, mean total variation <= 0.02)
 * ``replay identity``    the crops stage one labelled (precompute's CropStream) vs stage two's
                          ReplayLoader with K=1, K=2 and another batch order and size: bit-equal
-* ``resume``             distill --val 3 epochs SIGKILLed in epoch 3 (after the epoch-2 checkpoint), then --resume,
-                         vs a straight 3-epoch run: per-epoch losses within 2%
-* ``distill gpu~cpu``    per-epoch loss of the CUDA run vs a CPU run, within 5%
+* ``decoder pixels``     CPU vs nvJPEG decoding of every training image, per JPEG variant (INFO)
+* ``resume``             distill --deterministic --val 3 epochs SIGKILLed in epoch 3 (after the epoch-2
+                         checkpoint), then --resume, vs a straight 3-epoch run: per-epoch losses within 2%
+* ``distill gpu~cpu``    per-epoch loss of a --precision fp32 CUDA run vs a CPU run, within 5%
 * ``evaluate gpu~cpu``   evaluate of one checkpoint on CUDA vs CPU, within one image
 * ``torchrun ...``       1-process ``torch.distributed.run`` precompute and distill, equal to the
                          plain runs
