@@ -199,7 +199,7 @@ def labelled_batches(batches: Iterable[CropBatch], ensemble: TeacherEnsemble, la
         finite_host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
         finite_host.copy_(finite, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(ensemble.device))
         in_flight.append((batch, host, finite_host, done))
         if len(in_flight) > lag:
             yield settle(in_flight.popleft())
