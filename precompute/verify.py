@@ -8,6 +8,10 @@ Integrity (no data needed), per shard so damage is located:
 * windows of done, usable images lie inside the decoded image (``sizes``); excluded images keep zero
   windows; ``done`` is complete.
 
+Both windows/flips layouts verify the same way (slot-sharded, and the plain one chunk per shard of
+older stores): shards are read whole through zarr, and a done shard's file is
+``<array>/c/<shard>/0[/0]`` in either (``LabelStore.required_chunks``).
+
 Recomputation (``--data`` + ``--teachers``, as TinyViT checks its saved logits): ``--sample`` random
 stored crops of done images are replayed through the same chain (decode -> stored window -> resize
 -> mirror -> normalise, ``precompute.crops.CropStream``) and the same teacher ensemble; reported are
@@ -227,8 +231,8 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     total = eligible.size * store.crops_per_image
     flat = np.sort(rng.choice(total, size=min(sample, total), replace=False))
     images, crops = eligible[flat // store.crops_per_image], flat % store.crops_per_image
-    windows = store.windows[images, crops][:, None, :]
-    flips = store.flips[images, crops][:, None]
+    windows, flips = store.crops(images, crops)  # the sampled crops' slots only, not the whole (N, R) arrays
+    windows, flips = windows[:, None, :], flips[:, None]
     stream = CropStream(index, ensemble.norms, backend, batch_size=batch_size)
     fresh = np.zeros((len(images), store.num_classes), np.float32)
     for batch in stream.batches(images.tolist(), list(range(len(images))), windows, flips):

@@ -8,8 +8,8 @@ order; see docs/architecture.md, section 6)::
     targets   (N,)       int32    "
     sizes     (N, 2)     int32    "  decoded (height, width)
     excluded  (N,)       bool     "  unreadable source files (precompute --skip-bad)
-    windows   (N, R, 4)  int32    written by the shard's writer
-    flips     (N, R)     bool     "
+    windows   (N, R, 4)  int32    written by the shard's writer (inner chunk: one crop slot)
+    flips     (N, R)     bool     "  (inner chunk: one crop slot)
     probs     (N, R, C)  float16  "  dense encoding only
     topk_idx  (N, R, k)  uint16 (int32 if C > 65535)   topk encoding only
     topk_val  (N, R, k)  float16                       topk encoding only
@@ -39,12 +39,26 @@ Sharding / chunking choice
   windows, flips, done; topk: topk_idx, topk_val, windows, flips, done, fidelity) + a handful for
   the create-time arrays, i.e. ~3.9k files (~5.8k for top-k), of which the 965 label shards hold
   ~all the bytes. With R=8: 16384 images/shard (the cap) -> 79 shards.
+* ``windows`` / ``flips`` are sharded too: shard ``(ips, R, 4)`` / ``(ips, R)`` (still one file per
+  image shard), **inner chunk** ``(ips, 1, 4)`` / ``(ips, 1)``: one crop slot of the whole shard
+  (:func:`crop_inner_chunks`). Stage two reads one slot per image per epoch (``slot_crops``), so it
+  fetches and decodes ~1/R of them (+ a 16-byte index entry per slot and shard) instead of all of
+  them, and per-rank memory no longer grows with R. Why not the labels' ``chunk_images``: a window
+  row is 16 bytes and a flip 1, so 16-image inner chunks (dense, 1000 classes) are 256 / 16 bytes
+  raw, where the shard index (16 B per inner chunk) and Blosc's header outweigh the data. Measured
+  (ImageNet-like shards, R = 16 and 100): labels' ``ci`` = 16 stores 2.6x the bytes of the plain
+  layout and a slot read fetches 18-22% of the arrays; ``ci = ips`` stores +1-6% and a slot read
+  fetches 1.0-1.5/R (1.5 at R = 100, ips = 1328: the indexes), in two range requests per shard and
+  array (index, slot). Stores made before this layout (plain chunks ``(ips, R, 4)`` / ``(ips, R)``,
+  one chunk per shard) read the same through zarr (a slot read then fetches the whole arrays);
+  nothing branches on the layout, and the file of a shard is ``<array>/c/<shard>/0[/0]`` in both.
 * Create-time arrays (paths, targets, sizes, excluded) are written once before any worker starts,
   so they use large plain chunks (``META_CHUNK`` images).
-* Codec: Blosc zstd; bit-shuffle for float16 labels, byte-shuffle elsewhere. Dense fp16 rows use
-  level 1: on softmax rows it is 0.6% bigger than level 5 (1424 vs 1416 B/crop, 1000 classes) but
-  encodes ~3x faster (~100k vs ~36k crops/s on one core), which keeps the writer off the critical
-  path of a fast teacher pass. Everything else (small) uses level 5.
+* Codec: Blosc zstd; bit-shuffle for float16 labels and for flips (a bool holds one bit: split per
+  slot, byte-shuffled flips would store up to 1.7x the plain layout's bytes), byte-shuffle
+  elsewhere. Dense fp16 rows use level 1: on softmax rows it is 0.6% bigger than level 5 (1424 vs
+  1416 B/crop, 1000 classes) but encodes ~3x faster (~100k vs ~36k crops/s on one core), which keeps
+  the writer off the critical path of a fast teacher pass. Everything else (small) uses level 5.
 """
 from __future__ import annotations
 
@@ -57,6 +71,10 @@ from pathlib import Path
 from mealkd.errors import UserError
 
 FORMAT = "mealkd-labels"
+#: store format version. Not bumped for the slot-sharded windows/flips: the layout is described by
+#: each array's own zarr metadata, and every version-1 reader (this one and earlier ones) reads,
+#: resumes, verifies, extends and merges both layouts through zarr, with the same shard file names;
+#: a bump would only make older mealkd refuse stores it reads correctly.
 VERSION = 1
 
 DENSE = "dense-f16"
@@ -120,6 +138,13 @@ def chunk_images_for(row_bytes: int, images_per_shard: int | None = None) -> int
     if images_per_shard is not None:
         ci = math.gcd(ci, images_per_shard)  # ci is a power of two: largest one dividing both
     return max(1, ci)
+
+
+def crop_inner_chunks(images_per_shard: int, *width: int) -> tuple[int, ...]:
+    """Inner chunk of ``windows`` (``width`` = 4) / ``flips`` (no width): one crop slot of a whole
+    shard, ``(ips, 1, *width)``, so a slot read fetches ~1/R of the array (see the module docstring
+    for why not the labels' ``chunk_images``). Divides the shard ``(ips, R, *width)`` for any ips."""
+    return (int(images_per_shard), 1, *(int(w) for w in width))
 
 
 def label_row_bytes(kind: str, k: int | None, num_classes: int) -> list[int]:

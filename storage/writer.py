@@ -3,7 +3,9 @@
 Crash safety
 ------------
 * ``done`` is the single source of truth. ``StoreWriter.write_shard`` writes windows, flips and the
-  label arrays for the whole shard (one file each), flushes them to disk (fsync, local stores), and
+  label arrays for the whole shard (one file each: a whole-shard assignment to a sharded array
+  encodes all its inner chunks into one shard file, written once), flushes them to disk (fsync,
+  local stores; the file is ``<array>/c/<shard>/0[/0]`` whatever the array's layout), and
   only then writes ``done=True`` for the shard's images (one file). A writer killed at any point
   leaves the shard's ``done`` chunk absent or all-False, so the shard is pending and is rewritten on
   resume; encoding is deterministic (argpartition/argsort, Blosc), so a rewritten shard has the same
@@ -34,7 +36,7 @@ from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.faults import kill_point
 from mealkd.storage.schema import (
-    DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for,
+    DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for, crop_inner_chunks,
     default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,
     topk_index_dtype, zarr_store,
 )
@@ -176,8 +178,13 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     arr("targets", (n,), "int32", (meta,))[:] = targets.astype(np.int32)
     arr("sizes", (n, 2), "int32", (meta, 2))[:] = sizes.astype(np.int32)
     arr("excluded", (n,), "bool", (meta,), fill_value=False)[:] = excluded
-    arr("windows", (n, r, 4), "int32", (ips, r, 4))
-    arr("flips", (n, r), "bool", (ips, r), fill_value=False)
+    # windows/flips: one shard file per image shard like every array a writer touches, one inner
+    # chunk per crop slot of the whole shard, so a slot read (stage two, one slot per epoch) fetches
+    # ~1/R of them (storage.schema, "Sharding / chunking choice"; stores made before read the same).
+    # flips bit-shuffled: a bool is one bit of entropy in a byte, and per-slot inner chunks
+    # byte-shuffled would store up to 1.7x the plain layout's bytes; bit-shuffled they store about as much
+    arr("windows", (n, r, 4), "int32", crop_inner_chunks(ips, 4), shards=(ips, r, 4))
+    arr("flips", (n, r), "bool", crop_inner_chunks(ips), shards=(ips, r), shuffle="bitshuffle", fill_value=False)
     arr("done", (n,), "bool", (ips,), fill_value=False)
     if kind == DENSE:
         ci = chunk_images_for(label_row_bytes(kind, k, c)[0], ips)
@@ -319,6 +326,11 @@ class StoreWriter:
         kill_point("shard-done")
 
     def _fsync(self, arrays, shard: int) -> None:
+        """fsync ``shard``'s file of each array and their directories (local stores), so ``done`` is
+        only written over data that survives a power loss. The file is the array's chunk key at the
+        shard's grid position: for a sharded array (labels; windows/flips since they are slot-chunked)
+        zarr's chunk grid is the shard grid, for a plain-chunked one (windows/flips of older stores)
+        the chunk is the shard, so the key names the one file either way."""
         if not is_local(self.url):
             return
         root = local_path(self.url)
