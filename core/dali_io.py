@@ -77,10 +77,14 @@ def decoder_record(backend: Backend) -> dict:
     return record
 
 
+#: fields older records hold that are no longer recorded (DALI 2 does not link nvJPEG): not compared
+RETIRED_DECODER_FIELDS = frozenset({"nvjpeg"})
+
+
 def decoder_differences(stored: dict | None, current: dict) -> list[str]:
     """Fields of two decoder records that differ, 'backend' first ([] when they agree)."""
     stored = stored or {}
-    keys = ["backend"] + sorted((set(stored) | set(current)) - {"backend"})
+    keys = ["backend"] + sorted((set(stored) | set(current)) - {"backend"} - RETIRED_DECODER_FIELDS)
     return [k for k in keys if stored.get(k) != current.get(k)]
 
 

@@ -319,6 +319,17 @@ def test_store_from_another_decoder_is_refused_unless_accepted(recipe, gpu_made_
     assert "may differ slightly" in err and "H100" in err
 
 
+def test_decoder_records_compare_without_retired_fields():
+    """A GPU store made while the record still held DALI's nvJPEG version (DALI 2 no longer links it) is
+    not reported as decoded differently for that field alone; a real difference still is."""
+    from mealkd.core.dali_io import decoder_differences
+
+    now = {"backend": "mixed", "dali_version": "2.4.0", "hw_decoder_load": 0.0, "gpu": "NVIDIA H100 80GB HBM3", "nvimgcodec": 900, "cuda": 13000}
+    assert decoder_differences(dict(now, nvjpeg=-1), now) == []
+    assert decoder_differences(dict(now, nvjpeg=-1, gpu="NVIDIA A100"), now) == ["gpu"]
+    assert decoder_differences(dict(now, backend="cpu"), now)[0] == "backend"
+
+
 def test_gpu_replay_uses_the_stage_one_chain_for_every_k():
     from mealkd.core.replay import decodes_window_only
 
