@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mealkd.storage import remote
 from mealkd.storage.encoding import decode_topk, normalise_rows
 from mealkd.errors import UserError
 from mealkd.storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, zarr_store
@@ -145,13 +146,19 @@ class LabelStore:
 
     def _reading(self, thunk):
         """Run a chunk read; a torn/zeroed/truncated chunk file (zarr/Blosc raise OSError, ValueError,
-        RuntimeError, MemoryError, ...) becomes a one-line UserError instead of a traceback."""
+        RuntimeError, MemoryError, ...) becomes a one-line UserError instead of a traceback. On a
+        remote store a network or credential failure says so (the store is not called damaged, and
+        nobody is sent to `verify --repair` a healthy store because a connection dropped)."""
         try:
             return thunk()
         except UserError:
             raise
-        except (OSError, MemoryError, ValueError, RuntimeError, EOFError, TypeError) as err:
-            raise self.damaged(f"a chunk file cannot be decoded: {type(err).__name__}: {str(err)[:120]}") from None
+        except Exception as err:
+            if not is_local(self.url) and remote.is_transport_error(err):
+                raise remote.translate(self.url, err) from None
+            if isinstance(err, (OSError, MemoryError, ValueError, RuntimeError, EOFError, TypeError)):
+                raise self.damaged(f"a chunk file cannot be decoded: {type(err).__name__}: {str(err)[:120]}") from None
+            raise
 
     def required_chunks(self) -> list[tuple[str, int]]:
         """(array name, shard) of every file a writer must have left for the done shards: the label

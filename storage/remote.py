@@ -41,6 +41,26 @@ def _credential_hint(protocol: str) -> str:
     return f"give the {protocol}:// backend its credentials (its usual environment variables, or FSSPEC_{protocol.upper()}_* options)"
 
 
+#: failures of the transport, not of the bytes: a read that fails with one of these (or caused by one)
+#: is the network's or the credentials' fault, never evidence that the store is damaged
+_TRANSPORT_ERRORS = _CONNECTION_ERRORS | _CREDENTIAL_ERRORS | {
+    "PermissionError", "ClientOSError", "ServerDisconnectedError", "ClientPayloadError", "ReadTimeoutError",
+    "ResponseStreamingError", "ConnectionRefusedError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError",
+    "IncompleteReadError", "ProxyConnectionError",
+}
+
+
+def is_transport_error(err: BaseException) -> bool:
+    """True when ``err`` (or an exception it was raised from) is a network/credential failure."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if _names(err) & _TRANSPORT_ERRORS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def translate(url: str, err: BaseException, fs=None) -> UserError:
     """A one-line UserError for a failed request to the store at ``url``."""
     protocol = url.split("://", 1)[0].lower()

@@ -30,6 +30,7 @@ pytest.importorskip("moto.server", reason="the test extra (moto[server]) is not 
 s3fs = pytest.importorskip("s3fs", reason="the test extra (s3fs) is not installed")
 
 from mealkd import storage  # noqa: E402
+from mealkd.errors import UserError  # noqa: E402
 from mealkd.core.dataset import scan_image_folder  # noqa: E402
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute  # noqa: E402
 from tests.datagen import make_jpeg_tree  # noqa: E402
@@ -261,6 +262,33 @@ def test_missing_store_in_bucket_is_one_line(world, s3):
 # ---------------------------------------------------------------------------------------------
 # the cost: bytes fetched per epoch per rank
 # ---------------------------------------------------------------------------------------------
+def test_network_failure_mid_run_is_not_called_damage(world, s3, tmp_path):
+    """The server goes away after the store was opened (a run's reads, mid-epoch): the read fails with
+    a one-line 'cannot reach' error naming the URL, not 'label store damaged ... verify --repair'."""
+    import fsspec
+
+    server = CountingS3()
+    key = "flaky/store.zarr"
+    fs = s3fs.S3FileSystem(endpoint_url=server.endpoint, key="testing", secret="testing")
+    fs.mkdir("flaky")
+    fs.put(str(world["local"]), key, recursive=True)
+    saved = dict(fsspec.config.conf["s3"])
+    fsspec.config.conf["s3"] = dict(saved, endpoint_url=server.endpoint,
+                                    config_kwargs={"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 2})
+    try:
+        store = storage.open_store(f"s3://{key}")
+        ids = np.arange(len(world["index"]))
+        assert store.slot_encoded(0, ids[:4]) is not None  # reads work while the server is up
+        server.stop()
+        with pytest.raises(UserError) as caught:
+            store.slot_encoded(1, ids)
+    finally:
+        fsspec.config.conf["s3"] = saved
+    message = str(caught.value)
+    assert "cannot reach" in message and f"s3://{key}" in message, message
+    assert "damaged" not in message and "--repair" not in message, message
+
+
 def _synthetic_store(path: Path, encoding: str, n: int, r: int, c: int, ips: int) -> None:
     rng = np.random.default_rng(0)
     storage.create_store(str(path), attributes={"class_names": [f"c{i}" for i in range(c)], "crop": {"image_size": 224, "flip_prob": 0.5},
@@ -305,4 +333,6 @@ def test_bytes_fetched_per_epoch_per_rank(s3, tmp_path, encoding):
                                            "total": sum(got.values())}
         # the slot column: ~1/R of the label bytes (+ the shard indexes), whatever the rank's share
         assert fetched_labels < 1.5 * report["label_bytes"] / r, report
+        # windows/flips: that slot's inner chunks only (slot-chunked shards), not the whole arrays
+        assert report[f"rank_of_{world_size}"]["windows_flips"] < 2.0 * report["windows_flips_bytes"] / r, report
     print("\nbytes per epoch per rank:", json.dumps(report))
