@@ -1,6 +1,7 @@
 """Small glue around DALI: device choice, pipeline construction, a prefetching runner, torch conversion."""
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -206,6 +207,7 @@ def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple]
     fight over the same cores.
     """
     feed_iter = iter(feeds)
+    fed: collections.deque = collections.deque()  # feeds of scheduled runs: alive until their outputs are taken (no_copy sources)
 
     def schedule_next() -> bool:
         feed = next(feed_iter, None)
@@ -214,12 +216,14 @@ def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple]
         for name, data in feed.items():
             pipe.feed_input(name, data)
         pipe.schedule_run()
+        fed.append(feed)
         return True
 
     in_flight = schedule_next()
     while in_flight:
         converted = convert(pipe.share_outputs())
         pipe.release_outputs()  # free the single buffer so the next batch runs while the caller works
+        fed.popleft()
         if ahead:
             in_flight = schedule_next()
             yield converted
