@@ -477,6 +477,21 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
+def out_dir(job: "Job") -> Path:
+    """The --out of a CLI job."""
+    return Path(job.cmd[job.cmd.index("--out") + 1])
+
+
+def compare_runs(a_dir: Path, b_dir: Path, what: str) -> tuple[list[dict], list[dict], float, bool]:
+    """Per-epoch metrics of two distill runs that must have logged the same epochs: (a, b, max relative
+    loss difference, losses identical)."""
+    a, b = metrics(a_dir), metrics(b_dir)
+    if [r["epoch"] for r in a] != [r["epoch"] for r in b]:
+        raise CheckError(f"{what}: epochs {[r['epoch'] for r in a]} vs {[r['epoch'] for r in b]}")
+    la, lb = [r["loss"] for r in a], [r["loss"] for r in b]
+    return a, b, max_rel_diff(la, lb), la == lb
+
+
 # ---------------------------------------------------------------------------------------------
 # store comparisons
 # ---------------------------------------------------------------------------------------------
@@ -631,16 +646,14 @@ def check_resume(straight: Job, killed: Job, resumed_args: list[str], ctx: Ctx) 
 
     straight.require()
     killed.require(-9)
-    killed_dir = Path(killed.cmd[killed.cmd.index("--out") + 1])
+    killed_dir = out_dir(killed)
     epoch = load_torch_file(killed_dir / "checkpoint.pt", "--out")["epoch"]
     if epoch != 2:
         raise CheckError(f"the killed run's checkpoint is at epoch {epoch}, not 2")
     Job(ctx, f"distill-resume-{ctx.device}", resumed_args).require()
-    a, b = metrics(Path(straight.cmd[straight.cmd.index("--out") + 1])), metrics(killed_dir)
-    if [r["epoch"] for r in b] != [r["epoch"] for r in a] or "val_top1" not in b[-1]:
-        raise CheckError(f"epochs {[r['epoch'] for r in b]} after resume vs {[r['epoch'] for r in a]} straight (or no val_top1)")
-    diff = max_rel_diff([r["loss"] for r in b], [r["loss"] for r in a])
-    exact = [r["loss"] for r in a] == [r["loss"] for r in b]
+    b, a, diff, exact = compare_runs(killed_dir, out_dir(straight), "resumed vs straight run")
+    if "val_top1" not in b[-1]:
+        raise CheckError("the resumed run logged no val_top1")
     return Row("distill resume == straight", "PASS" if diff <= RESUME_TOL else "FAIL", f"max loss diff {diff:.2%}", f"<={RESUME_TOL:.0%}",
                f"{ctx.device}, --deterministic --val: SIGKILLed at the first step of epoch 3, --resume to 3; losses "
                f"{'identical' if exact else 'differ'}; val top-1 {b[-1]['val_top1']:.2%} vs {a[-1]['val_top1']:.2%}")
@@ -648,7 +661,7 @@ def check_resume(straight: Job, killed: Job, resumed_args: list[str], ctx: Ctx) 
 
 def check_cpu_store(job: Job, cuda_store: Path) -> Row:
     job.require()
-    return compare_stores("store cpu == cuda", Path(job.cmd[job.cmd.index("--out") + 1]), cuda_store)
+    return compare_stores("store cpu == cuda", out_dir(job), cuda_store)
 
 
 def check_device_losses(gpu: Job, cpu: Job | None) -> Row:
@@ -656,9 +669,7 @@ def check_device_losses(gpu: Job, cpu: Job | None) -> Row:
         raise CheckError("no CPU run: the CPU store failed (see the row 'store cpu == cuda')")
     gpu.require()
     cpu.require()
-    a = metrics(Path(gpu.cmd[gpu.cmd.index("--out") + 1]))
-    b = metrics(Path(cpu.cmd[cpu.cmd.index("--out") + 1]))
-    diff = max_rel_diff([r["loss"] for r in a], [r["loss"] for r in b])
+    a, b, diff, _ = compare_runs(out_dir(gpu), out_dir(cpu), "cuda vs cpu run")
     return Row("distill loss cuda ~ cpu", "PASS" if diff <= DEVICE_LOSS_TOL else "FAIL", f"max loss diff {diff:.2%}", f"<={DEVICE_LOSS_TOL:.0%}",
                f"--precision fp32 --deterministic, each on its own device's store; final loss {a[-1]['loss']:.4f} (cuda) vs {b[-1]['loss']:.4f} (cpu)")
 
@@ -675,7 +686,7 @@ def check_evaluate(jobs: dict[str, Job]) -> Row:
 
 def check_torchrun_precompute(job: Job, plain_store: Path, ctx: Ctx) -> Row:
     job.require()
-    row = compare_stores("torchrun 1-process precompute", Path(job.cmd[job.cmd.index("--out") + 1]), plain_store)
+    row = compare_stores("torchrun 1-process precompute", out_dir(job), plain_store)
     row.detail = f"{'nccl' if ctx.cuda else 'gloo'} launch, {row.detail}; vs plain precompute. {WORLD_ONE}"
     return row
 
@@ -686,12 +697,7 @@ def check_torchrun_distill(job: Job, straight: Job, ctx: Ctx) -> Row:
     first epoch is not a 3-epoch run's (the first GPU check compared those and read 7% apart)."""
     job.require()
     straight.require()
-    a = metrics(Path(job.cmd[job.cmd.index("--out") + 1]))
-    b = metrics(Path(straight.cmd[straight.cmd.index("--out") + 1]))
-    if [r["epoch"] for r in a] != [r["epoch"] for r in b]:
-        raise CheckError(f"the torchrun run logged epochs {[r['epoch'] for r in a]}, the plain one {[r['epoch'] for r in b]}")
-    diff = max_rel_diff([r["loss"] for r in a], [r["loss"] for r in b])
-    exact = [r["loss"] for r in a] == [r["loss"] for r in b]
+    _, _, diff, exact = compare_runs(out_dir(job), out_dir(straight), "torchrun vs plain run")
     return Row("torchrun 1-process distill", "PASS" if diff <= RESUME_TOL else "FAIL", f"max loss diff {diff:.2%}", f"<={RESUME_TOL:.0%}",
                f"{'nccl' if ctx.cuda else 'gloo'} launch, {ctx.device}, same flags as the plain straight run; per-epoch losses "
                f"{'identical' if exact else 'differ'}. {WORLD_ONE}")
