@@ -1,0 +1,62 @@
+"""The dataset index: ``scan_image_folder`` lists exactly what torchvision-style ``os.walk`` rules give
+(nested directories, directory links followed, hidden entries and non-images left out), in the
+canonical order, with the same fingerprint, so stores made before the faster scan still match."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mealkd.core.dataset import IMAGE_EXTENSIONS, scan_image_folder
+
+
+def reference_scan(root: Path) -> tuple[list[str], list[int], list[int], str]:
+    """The rules spelled out with os.walk + getsize (what the index was built with before)."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    paths, sizes, targets = [], [], []
+    for k, name in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for f in filenames:
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                    full = os.path.join(dirpath, f)
+                    found.append((os.path.relpath(full, root).replace(os.sep, "/"), os.path.getsize(full)))
+        for rel, size in sorted(found):
+            paths.append(rel)
+            sizes.append(size)
+            targets.append(k)
+    digest = hashlib.sha256()
+    for p, s, t in zip(paths, sizes, targets):
+        digest.update(f"{p}\t{s}\t{classes[t]}\n".encode())
+    return paths, sizes, targets, digest.hexdigest()
+
+
+def test_scan_matches_the_walk_rules(tmp_path):
+    root = tmp_path / "data"
+    elsewhere = tmp_path / "elsewhere"
+    files = {
+        "b_class/z.jpg": 5, "b_class/a.JPEG": 7, "b_class/sub/deeper/x.png": 3, "b_class/sub/y.webp": 4,
+        "b_class/.hidden.jpg": 9, "b_class/notes.txt": 2, "b_class/.cache/skip.jpg": 6,
+        "a_class/img 1.jpg": 11, "a_class/img_10.jpg": 12, "a_class/img_2.jpg": 13,
+        ".hidden_class/x.jpg": 1,
+    }
+    for rel, n in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\xff" * n)
+    (elsewhere / "linked").mkdir(parents=True)
+    (elsewhere / "linked" / "m.jpg").write_bytes(b"\x00" * 21)
+    os.symlink(elsewhere / "linked", root / "a_class" / "via_link")
+    index = scan_image_folder(root)
+    paths, sizes, targets, fingerprint = reference_scan(root)
+    assert index.class_names == ["a_class", "b_class"]
+    assert index.paths == paths
+    assert index.byte_sizes.tolist() == sizes and index.targets.tolist() == targets
+    assert index.fingerprint == fingerprint
+    assert "a_class/via_link/m.jpg" in index.paths and "b_class/sub/deeper/x.png" in index.paths
+    assert not any("hidden" in p or ".cache" in p or p.endswith(".txt") for p in index.paths)
+    assert index.paths[:3] == ["a_class/img 1.jpg", "a_class/img_10.jpg", "a_class/img_2.jpg"]
+    assert np.array_equal(index.read_bytes(index.paths.index("a_class/via_link/m.jpg")), np.zeros(21, np.uint8))
