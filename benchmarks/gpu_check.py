@@ -811,7 +811,8 @@ def time_distill(ctx: Ctx, data: Path, store: Path, out: Path) -> dict:
         records = trainer.run()
     finally:
         trainer.close()
-    return {"loader": loader_rate, "student": student_rate, "distill": records[-1]["crops_per_s"], "steps": steps}
+    return {"loader": loader_rate, "student": student_rate, "distill": records[-1]["crops_per_s"], "steps": steps,
+            "wait_s": records[-1]["loader_wait_s"], "epoch_s": records[-1]["seconds"]}
 
 
 def ratio_row(ctx: Ctx, check: str, ratio: float, threshold: float, detail: str) -> Row:
@@ -837,7 +838,8 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
             f"fresh store incl. model load, validation decode of every file, store creation: {pre['crops'] / pre['fresh_s']:.0f} crops/s"),
         ratio_row(ctx, "distill / student-step-only", d["distill"] / d["student"], DISTILL_RATIO,
                   f"{ctx.device}, student {p.bench_student}, batch {p.bench_batch}, {d['steps']} steps/epoch: "
-                  f"{d['distill']:.0f} (epoch 2) vs {d['student']:.0f} crops/s"),
+                  f"{d['distill']:.0f} (epoch 2) vs {d['student']:.0f} crops/s; the training thread waited "
+                  f"{d['wait_s']:.2f} s of the epoch's {d['epoch_s']:.2f} s for the loader"),
         ratio_row(ctx, "loader / student-step-only", d["loader"] / d["student"], LOADER_RATIO,
                   f"ReplayLoader alone {d['loader']:.0f} crops/s vs the student's {d['student']:.0f} crops/s"),
     ]
