@@ -45,9 +45,22 @@ def readable_images(index: DatasetIndex, backend: Backend, *, flag: str = "--dat
     return np.setdiff1d(ids, np.asarray(bad, dtype=np.int64))
 
 
-@torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
+    index: DatasetIndex,
+    model_classes: list[str],
+    norm: Normalization,
+    backend: Backend,
+    **kwargs,
+) -> dict:
+    """Accuracy of ``model`` on ``index`` (or its images ``ids``): top1, top5 (fractions), images, optional
+    per-class top-1. Keyword arguments as :func:`evaluate_models`."""
+    return evaluate_models({"": model}, index, model_classes, norm, backend, **kwargs)[""]
+
+
+@torch.inference_mode()
+def evaluate_models(
+    models: dict[str, torch.nn.Module],
     index: DatasetIndex,
     model_classes: list[str],
     norm: Normalization,
@@ -61,8 +74,9 @@ def evaluate(
     dist: Dist = Dist(),
     precision: str = "auto",
     protocol: EvalProtocol = EvalProtocol(),
-) -> dict:
-    """Accuracy of ``model`` on ``index`` (or its images ``ids``): top1, top5 (fractions), images, optional per-class top-1.
+) -> dict[str, dict]:
+    """Accuracy of each of ``models`` (name -> module, e.g. the raw and the EMA weights) on the same
+    images, decoded once: {name: {top1, top5, images[, per_class_top1]}}.
 
     Under torchrun every rank evaluates every world_size-th image (no padding, so nothing is counted
     twice) and the counts are summed over ranks: every rank returns the same, exact result.
@@ -85,26 +99,33 @@ def evaluate(
         }
         for s in range(0, len(ids), batch_size)
     )
-    model.eval()
+    for model in models.values():
+        model.eval()
     classes = len(model_classes)
-    # counts stay on the device (no host sync per batch): top-1 and top-5 hits, then per-class hits and totals
-    counts = torch.zeros(2 + 2 * classes, dtype=torch.int64, device=backend.device)
+    # per model, counts stay on the device (no host sync per batch): top-1 and top-5 hits, then per-class hits and totals
+    counts = torch.zeros(len(models), 2 + 2 * classes, dtype=torch.int64, device=backend.device)
     convert = lambda outs: (to_torch(outs[0], backend.device), to_torch(outs[1], backend.device))  # noqa: E731
     for images, labels in run_batches(pipe, background(feeds), convert):
-        with autocast_for(backend.device, precision):
-            logits = model(as_model_input(images)).float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit1 = top[:, 0] == labels
-        counts[0] += hit1.sum()
-        counts[1] += (top == labels[:, None]).any(dim=1).sum()
-        counts[2 : 2 + classes] += torch.bincount(labels[hit1], minlength=classes)
-        counts[2 + classes :] += torch.bincount(labels, minlength=classes)
+        inputs = as_model_input(images)
+        for row, model in enumerate(models.values()):
+            with autocast_for(backend.device, precision):
+                logits = model(inputs).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit1 = top[:, 0] == labels
+            counts[row, 0] += hit1.sum()
+            counts[row, 1] += (top == labels[:, None]).any(dim=1).sum()
+            counts[row, 2 : 2 + classes] += torch.bincount(labels[hit1], minlength=classes)
+            counts[row, 2 + classes :] += torch.bincount(labels, minlength=classes)
     if dist.active:
         torch_dist.all_reduce(counts)
     counts = counts.cpu().numpy()
-    result = {"top1": int(counts[0]) / n, "top5": int(counts[1]) / n, "images": n}
-    if per_class:
-        hits, totals = counts[2 : 2 + classes], counts[2 + classes :]
-        result["per_class_top1"] = {model_classes[c]: float(hits[c] / totals[c]) for c in range(classes) if totals[c] > 0}
-    return result
+    results = {}
+    for row, name in enumerate(models):
+        c = counts[row]
+        result = {"top1": int(c[0]) / n, "top5": int(c[1]) / n, "images": n}
+        if per_class:
+            hits, totals = c[2 : 2 + classes], c[2 + classes :]
+            result["per_class_top1"] = {model_classes[k]: float(hits[k] / totals[k]) for k in range(classes) if totals[k] > 0}
+        results[name] = result
+    return results

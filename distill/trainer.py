@@ -34,7 +34,7 @@ from mealkd.core.replay import Normalization
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
-from mealkd.distill.evaluate import EvalProtocol, evaluate, readable_images
+from mealkd.distill.evaluate import EvalProtocol, evaluate_models, readable_images
 from mealkd.distill.loader import Batch, ReplayLoader
 from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreement
 from mealkd.distill.mixing import MixPolicy, mix
@@ -353,11 +353,12 @@ class Trainer:
         if self.val_index is None or ((epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs):
             return {}
         models = {"val": self.model} | ({"val_ema": self.ema.module} if self.ema is not None else {})
+        # one decode of the validation images for the raw and the EMA weights
+        results = evaluate_models(models, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size,
+                                  num_threads=cfg.num_threads, ids=self.val_ids, flag="--val", dist=self.dist, precision=self.precision,
+                                  protocol=self.protocol)
         out = {}
-        for prefix, model in models.items():
-            result = evaluate(model, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size,
-                              num_threads=cfg.num_threads, ids=self.val_ids, flag="--val", dist=self.dist, precision=self.precision,
-                              protocol=self.protocol)
+        for prefix, result in results.items():
             out.update({f"{prefix}_top1": result["top1"], f"{prefix}_top5": result["top5"]})
         return out
 
