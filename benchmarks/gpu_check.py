@@ -638,6 +638,87 @@ def check_decoder_pixels(ctx: Ctx) -> Row:
                f"{len(ids)} images, {shapes} with another shape; per variant (0-255 levels): " + "; ".join(parts))
 
 
+STEP_TOL = 1e-3  # one fp32 step on the same pixels: relative loss and gradient-norm difference, CPU vs CUDA
+
+
+class _TorchFlags:
+    """Save torch's process-wide kernel flags and put them back (a check must not change how the
+    throughput phase runs)."""
+
+    def __enter__(self):
+        import torch
+
+        self.saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+                      torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+                      torch.is_deterministic_algorithms_warn_only_enabled())
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = self.saved[:4]
+        torch.use_deterministic_algorithms(self.saved[4], warn_only=self.saved[5])
+
+
+def one_step(devices: tuple[str, str], ctx: Ctx, store_path: Path) -> dict[str, tuple[float, float]]:
+    """Per device: (soft loss, gradient norm) of one fp32 training step of the check's student, from
+    the same weights on the same batch (pixels and label rows of ``store_path``, decoded on CPU)."""
+    import torch
+    import torchvision
+
+    from mealkd import storage
+    from mealkd.core.accel import apply_numerics
+    from mealkd.core.dali_io import Backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.replay import Normalization
+    from mealkd.distill.loader import ReplayLoader
+    from mealkd.distill.losses import DistillLoss
+
+    index = scan_image_folder(ctx.paths["train"])
+    store = storage.open_store(str(store_path))
+    cpu = Backend(torch.device("cpu"))
+    loader = ReplayLoader(store, index, Normalization(size=int(store.attrs["crop"]["image_size"])), cpu, batch_size=ctx.plan.batch,
+                          seed=0, num_threads=ctx.threads)
+    try:
+        batch = next(iter(loader.epoch(0)))
+    finally:
+        loader.close()
+    init = student_init(ctx)
+    torch.manual_seed(0)
+    template = torchvision.models.get_model(ctx.plan.student, num_classes=store.num_classes)
+    if init != "scratch":
+        template.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+    out = {}
+    with _TorchFlags():
+        for device in devices:
+            apply_numerics(torch.device(device), "fp32", deterministic=True)
+            model = torchvision.models.get_model(ctx.plan.student, num_classes=store.num_classes)
+            model.load_state_dict(template.state_dict())
+            model.to(device).train()
+            for m in model.modules():  # CPU and CUDA draw different dropout masks: BatchNorm trains, dropout does not
+                if isinstance(m, torch.nn.Dropout):
+                    m.eval()
+            loss = DistillLoss(temperature=store.temperature)(model(batch.images.to(device)), batch.labels.to(device))
+            loss.backward()
+            norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+            out[device] = (float(loss.detach()), float(norm))
+    return out
+
+
+def check_same_pixels_step(ctx: Ctx) -> Row:
+    """Device arithmetic alone: one fp32 step, CPU vs CUDA, on the same pixels, labels and weights. If
+    this agrees and 'distill loss cuda ~ cpu' does not, the gap is the decoders' pixels (each run
+    replays its own store) amplified by training, not the GPU's arithmetic."""
+    got = one_step(("cpu", "cuda"), ctx, ctx.work / "store_cpu.zarr")
+    (lc, gc), (lg, gg) = got["cpu"], got["cuda"]
+    loss_diff, grad_diff = abs(lg - lc) / max(abs(lc), 1e-12), abs(gg - gc) / max(gc, 1e-12)
+    ok = loss_diff <= STEP_TOL and grad_diff <= STEP_TOL
+    return Row("one step cpu == cuda (same pixels)", "PASS" if ok else "FAIL", f"loss {loss_diff:.1e}, grad norm {grad_diff:.1e}",
+               f"<={STEP_TOL:g} relative", f"fp32, deterministic, the CPU store's first batch: loss {lc:.6f} vs {lg:.6f}, "
+               f"gradient norm {gc:.6f} vs {gg:.6f}")
+
+
 # ---------------------------------------------------------------------------------------------
 # distill: resume, devices, evaluate, torchrun
 # ---------------------------------------------------------------------------------------------
@@ -917,8 +998,10 @@ def _run_checks(ctx: Ctx) -> list[Row]:
         if cpu_store.wait().returncode == 0:
             cpu_distill = Job(ctx, "distill-cpu", distill_args(ctx, work / "store_cpu.zarr", runs / "straight_cpu", "cpu", precision="fp32"))
         rows += guarded(ctx, "store cpu == cuda", lambda: check_cpu_store(cpu_store, ctx.paths["store"]))
+        rows += guarded(ctx, "one step cpu == cuda (same pixels)", lambda: check_same_pixels_step(ctx))
     else:
-        rows += ctx.record([skip("store cpu == cuda", "needs CUDA (--device cpu)")])
+        rows += ctx.record([skip("store cpu == cuda", "needs CUDA (--device cpu)"),
+                            skip("one step cpu == cuda (same pixels)", "needs CUDA (--device cpu)")])
     rows += guarded(ctx, "replay identity (stage 1 == stage 2)", lambda: check_replay(ctx))
     if ctx.cuda:
         rows += guarded(ctx, "decoder pixels cpu vs cuda", lambda: check_decoder_pixels(ctx))
