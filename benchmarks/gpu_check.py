@@ -651,6 +651,7 @@ class _TorchFlags:
         self.saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
                       torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
                       torch.is_deterministic_algorithms_warn_only_enabled())
+        self.workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
         return self
 
     def __exit__(self, *exc):
@@ -659,6 +660,10 @@ class _TorchFlags:
         (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
          torch.backends.cuda.matmul.allow_tf32) = self.saved[:4]
         torch.use_deterministic_algorithms(self.saved[4], warn_only=self.saved[5])
+        if self.workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = self.workspace
 
 
 def one_step(devices: tuple[str, str], ctx: Ctx, store_path: Path) -> dict[str, tuple[float, float]]:
