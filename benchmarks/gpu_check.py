@@ -674,6 +674,7 @@ def one_step(devices: tuple[str, str], ctx: Ctx, store_path: Path) -> dict[str, 
 
     from mealkd import storage
     from mealkd.core.accel import apply_numerics
+    from mealkd.core.checkpoint_io import load_torch_file
     from mealkd.core.dali_io import Backend
     from mealkd.core.dataset import scan_image_folder
     from mealkd.core.replay import Normalization
@@ -693,7 +694,7 @@ def one_step(devices: tuple[str, str], ctx: Ctx, store_path: Path) -> dict[str, 
     torch.manual_seed(0)
     template = torchvision.models.get_model(ctx.plan.student, num_classes=store.num_classes)
     if init != "scratch":
-        template.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+        template.load_state_dict(load_torch_file(init, "student init"))
     out = {}
     with _TorchFlags():
         for device in devices:
