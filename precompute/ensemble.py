@@ -68,37 +68,40 @@ class TeacherEnsemble:
     def describe(self) -> list[dict]:
         return [describe(t) for t in self.teachers]
 
-    @torch.inference_mode()
     def launch(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Averaged probabilities (B, C) float32 and each teacher's "all finite" flag (T,) bool, both
         left on the device: nothing here waits for the GPU, so the next batch is prepared while the
         teachers run. A batch whose flags are not all true must be recomputed with ``__call__``."""
-        average, finite = None, []
-        for teacher, weight, norm_index in zip(self.teachers, self.weights, self.norm_of):
-            with autocast_for(self.device, self.precision):
-                logits = teacher.module(as_model_input(inputs[norm_index]))
-            probs = torch.softmax(logits.float() / self.temperature, dim=1)
-            finite.append(torch.isfinite(probs).all())
-            average = probs * weight if average is None else average + probs * weight
-        return average, torch.stack(finite)
+        return self._average(inputs, checked=False)
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Averaged probabilities (B, C) float32 for crops given once per normalisation; a teacher's
+        fp16/bf16 overflow is rerun in fp32, NaN/Inf in fp32 is a UserError (waits for each teacher)."""
+        return self._average(inputs, checked=True)[0]
 
     @torch.inference_mode()
-    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """Averaged probabilities (B, C) float32 for crops given once per normalisation."""
-        average = None
+    def _average(self, inputs: list[torch.Tensor], *, checked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        average, finite = None, []
         for teacher, weight, norm_index in zip(self.teachers, self.weights, self.norm_of):
             x = as_model_input(inputs[norm_index])
             with autocast_for(self.device, self.precision):
                 logits = teacher.module(x)
             probs = torch.softmax(logits.float() / self.temperature, dim=1)
-            if not torch.isfinite(probs).all() and self.precision != "fp32":
-                # an fp16/bf16 overflow is not bad weights: rerun this batch of this teacher in fp32
-                self.fp32_fallbacks += 1
-                probs = torch.softmax(teacher.module(x).float() / self.temperature, dim=1)
-            if not torch.isfinite(probs).all():
-                raise UserError(
-                    f"--teachers: teacher {teacher.spec.text} produced NaN/Inf outputs in fp32; check its weights file "
-                    "(nothing was marked done for the batch)"
-                )
+            if checked:
+                probs = self._checked(teacher, x, probs)
+            finite.append(torch.isfinite(probs).all())
             average = probs * weight if average is None else average + probs * weight
-        return average
+        return average, torch.stack(finite)
+
+    def _checked(self, teacher: LoadedModel, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``probs`` if finite; an fp16/bf16 overflow is not bad weights: this batch of this teacher is
+        rerun in fp32; NaN/Inf in fp32 is."""
+        if not torch.isfinite(probs).all() and self.precision != "fp32":
+            self.fp32_fallbacks += 1
+            probs = torch.softmax(teacher.module(x).float() / self.temperature, dim=1)
+        if not torch.isfinite(probs).all():
+            raise UserError(
+                f"--teachers: teacher {teacher.spec.text} produced NaN/Inf outputs in fp32; check its weights file "
+                "(nothing was marked done for the batch)"
+            )
+        return probs
