@@ -641,31 +641,6 @@ def check_decoder_pixels(ctx: Ctx) -> Row:
 STEP_TOL = 1e-3  # one fp32 step on the same pixels: relative loss and gradient-norm difference, CPU vs CUDA
 
 
-class _TorchFlags:
-    """Save torch's process-wide kernel flags and put them back (a check must not change how the
-    throughput phase runs)."""
-
-    def __enter__(self):
-        import torch
-
-        self.saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
-                      torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
-                      torch.is_deterministic_algorithms_warn_only_enabled())
-        self.workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
-         torch.backends.cuda.matmul.allow_tf32) = self.saved[:4]
-        torch.use_deterministic_algorithms(self.saved[4], warn_only=self.saved[5])
-        if self.workspace is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = self.workspace
-
-
 def one_step(devices: tuple[str, str], ctx: Ctx, store_path: Path) -> dict[str, tuple[float, float]]:
     """Per device: (soft loss, gradient norm) of one fp32 training step of the check's student, from
     the same weights on the same batch (pixels and label rows of ``store_path``, decoded on CPU)."""
@@ -673,7 +648,7 @@ def one_step(devices: tuple[str, str], ctx: Ctx, store_path: Path) -> dict[str, 
     import torchvision
 
     from mealkd import storage
-    from mealkd.core.accel import apply_numerics
+    from mealkd.core.accel import apply_numerics, numerics_restored
     from mealkd.core.checkpoint_io import load_torch_file
     from mealkd.core.dali_io import Backend
     from mealkd.core.dataset import scan_image_folder
@@ -696,7 +671,7 @@ def one_step(devices: tuple[str, str], ctx: Ctx, store_path: Path) -> dict[str, 
     if init != "scratch":
         template.load_state_dict(load_torch_file(init, "student init"))
     out = {}
-    with _TorchFlags():
+    with numerics_restored():  # the throughput phase runs with the process's own flags
         for device in devices:
             apply_numerics(torch.device(device), "fp32", deterministic=True)
             model = torchvision.models.get_model(ctx.plan.student, num_classes=store.num_classes)
@@ -968,18 +943,18 @@ def prepare(ctx: Ctx) -> None:
     ctx.paths["bench_teachers"] = teacher_specs(p.bench_teachers, ctx.paths["bench"], models, p.classes, p.bench_size, 0.0, ctx.device)
 
 
-def run_checks(ctx: Ctx) -> list[Row]:
+def run_checks(ctx: Ctx) -> None:
     """All checks; every subprocess started is waited for (or killed at its timeout) before returning."""
     try:
-        return _run_checks(ctx)
+        _run_checks(ctx)
     finally:
         for job in ctx.jobs:
             job.wait()
 
 
-def _run_checks(ctx: Ctx) -> list[Row]:
+def _run_checks(ctx: Ctx) -> None:
+    """Every check in order; each records its rows in ``ctx`` as it ends."""
     p, work, dev = ctx.plan, ctx.work, ctx.device
-    rows: list[Row] = []
     teachers = ctx.paths["teachers"]
     ctx.paths["store"] = work / f"store_{dev}.zarr"
     pre = lambda out, device: precompute_args(ctx, ctx.paths["train"], teachers, out, device, crops=p.crops, size=p.size, batch=p.batch * 2)  # noqa: E731
@@ -987,9 +962,10 @@ def _run_checks(ctx: Ctx) -> list[Row]:
     main_store = Job(ctx, f"precompute-{dev}", pre(ctx.paths["store"], dev))
     torchrun_pre = Job(ctx, "torchrun-precompute", pre(work / "store_torchrun.zarr", dev), torchrun=True)
     cpu_store = Job(ctx, "precompute-cpu", pre(work / "store_cpu.zarr", "cpu")) if ctx.cuda else None
-    rows += guarded(ctx, "precompute " + dev, lambda: (main_store.require(), Row(f"precompute {dev}", "PASS", f"{main_store.seconds:.0f} s", "exit 0", "store complete"))[1])
+    guarded(ctx, "precompute " + dev, lambda: (main_store.require(), Row(f"precompute {dev}", "PASS", f"{main_store.seconds:.0f} s", "exit 0", "store complete"))[1])
     if not ctx.paths["store"].exists() or main_store.returncode != 0:
-        return rows + ctx.record([Row("remaining checks", "FAIL", "", "", "no device store: see the precompute log")])
+        ctx.record([Row("remaining checks", "FAIL", "", "", "no device store: see the precompute log")])
+        return
 
     # phase 2: distill runs in the background, replay identity in this process
     runs = work / "runs"
@@ -1003,33 +979,33 @@ def _run_checks(ctx: Ctx) -> list[Row]:
         fp32_distill = Job(ctx, f"distill-fp32-{dev}", distill_args(ctx, ctx.paths["store"], runs / f"fp32_{dev}", dev, precision="fp32"))
         if cpu_store.wait().returncode == 0:
             cpu_distill = Job(ctx, "distill-cpu", distill_args(ctx, work / "store_cpu.zarr", runs / "straight_cpu", "cpu", precision="fp32"))
-        rows += guarded(ctx, "store cpu == cuda", lambda: check_cpu_store(cpu_store, ctx.paths["store"]))
-        rows += guarded(ctx, "one step cpu == cuda (same pixels)", lambda: check_same_pixels_step(ctx))
+        guarded(ctx, "store cpu == cuda", lambda: check_cpu_store(cpu_store, ctx.paths["store"]))
+        guarded(ctx, "one step cpu == cuda (same pixels)", lambda: check_same_pixels_step(ctx))
     else:
-        rows += ctx.record([skip("store cpu == cuda", "needs CUDA (--device cpu)"),
+        ctx.record([skip("store cpu == cuda", "needs CUDA (--device cpu)"),
                             skip("one step cpu == cuda (same pixels)", "needs CUDA (--device cpu)")])
-    rows += guarded(ctx, "replay identity (stage 1 == stage 2)", lambda: check_replay(ctx))
+    guarded(ctx, "replay identity (stage 1 == stage 2)", lambda: check_replay(ctx))
     if ctx.cuda:
-        rows += guarded(ctx, "decoder pixels cpu vs cuda", lambda: check_decoder_pixels(ctx))
+        guarded(ctx, "decoder pixels cpu vs cuda", lambda: check_decoder_pixels(ctx))
     else:
-        rows += ctx.record([skip("decoder pixels cpu vs cuda", "needs CUDA (--device cpu)")])
-    rows += guarded(ctx, "torchrun 1-process precompute", lambda: check_torchrun_precompute(torchrun_pre, ctx.paths["store"], ctx))
-    rows += guarded(ctx, "distill resume == straight", lambda: check_resume(straight, killed, killed_args + ["--resume"], ctx))
-    rows += guarded(ctx, "torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))
+        ctx.record([skip("decoder pixels cpu vs cuda", "needs CUDA (--device cpu)")])
+    guarded(ctx, "torchrun 1-process precompute", lambda: check_torchrun_precompute(torchrun_pre, ctx.paths["store"], ctx))
+    guarded(ctx, "distill resume == straight", lambda: check_resume(straight, killed, killed_args + ["--resume"], ctx))
+    guarded(ctx, "torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))
     if ctx.cuda:
-        rows += guarded(ctx, "distill loss cuda ~ cpu", lambda: check_device_losses(fp32_distill, cpu_distill))
+        guarded(ctx, "distill loss cuda ~ cpu", lambda: check_device_losses(fp32_distill, cpu_distill))
         ckpt = str(runs / f"straight_{dev}" / "checkpoint.pt")
         evals = {d: Job(ctx, f"evaluate-{d}", ["evaluate", "--data", str(ctx.paths["val"]), "--checkpoint", ckpt, "--device", d, "--json"]) for d in ("cuda", "cpu")}
-        rows += guarded(ctx, "evaluate cuda ~ cpu", lambda: check_evaluate(evals))
+        guarded(ctx, "evaluate cuda ~ cpu", lambda: check_evaluate(evals))
     else:
-        rows += ctx.record([skip("distill loss cuda ~ cpu", "needs CUDA (--device cpu)"), skip("evaluate cuda ~ cpu", "needs CUDA (--device cpu)")])
+        ctx.record([skip("distill loss cuda ~ cpu", "needs CUDA (--device cpu)"), skip("evaluate cuda ~ cpu", "needs CUDA (--device cpu)")])
     for job in ctx.jobs:
         job.wait()
     # phase 3: throughput, alone
     if ctx.remaining() < THROUGHPUT_RESERVE_S:
-        return rows + ctx.record([skip("throughput", f"{ctx.remaining():.0f} s of --budget-s left, under the {THROUGHPUT_RESERVE_S} s this phase needs")])
-    rows += guarded(ctx, "throughput", lambda: throughput_rows(ctx))
-    return rows
+        ctx.record([skip("throughput", f"{ctx.remaining():.0f} s of --budget-s left, under the {THROUGHPUT_RESERVE_S} s this phase needs")])
+        return
+    guarded(ctx, "throughput", lambda: throughput_rows(ctx))
 
 
 # ---------------------------------------------------------------------------------------------

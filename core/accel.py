@@ -14,7 +14,8 @@ Losses, the discriminator and the ensemble average are always computed in float3
 from __future__ import annotations
 
 import os
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -70,6 +71,25 @@ def apply_numerics(device: torch.device, precision: str, *, deterministic: bool 
         torch.backends.cudnn.deterministic = True
     elif fixed_shapes:
         torch.backends.cudnn.benchmark = True
+
+
+@contextmanager
+def numerics_restored() -> Iterator[None]:
+    """Put back every process-wide flag :func:`apply_numerics` may set when the block ends (for a check
+    or a test that applies a policy inside a process that goes on with its own)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+         torch.backends.cuda.matmul.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+        if saved[6] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[6]
 
 
 def needs_grad_scaler(device: torch.device, precision: str) -> bool:

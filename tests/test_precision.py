@@ -96,14 +96,11 @@ def test_verify_judges_a_reduced_precision_store_by_drift_not_damage(world, tmp_
 @pytest.fixture
 def restore_numerics(monkeypatch):
     """apply_numerics sets process-wide torch flags: put them back after the test."""
+    from mealkd.core.accel import numerics_restored
+
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
-             torch.backends.cuda.matmul.allow_tf32, torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled())
-    yield
-    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
-     torch.backends.cuda.matmul.allow_tf32) = saved[:4]
-    torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+    with numerics_restored():
+        yield
 
 
 def test_numerics_policy_for_cuda_runs(restore_numerics):
@@ -123,6 +120,11 @@ def test_numerics_policy_for_cuda_runs(restore_numerics):
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    from mealkd.core.accel import numerics_restored
+
+    with numerics_restored():
+        apply_numerics(cuda, "bf16", fixed_shapes=True)
+    assert not torch.backends.cudnn.benchmark and torch.are_deterministic_algorithms_enabled()  # the fp32 policy is back
 
 
 def test_distill_deterministic_is_an_operational_flag(world, tmp_path, capsys, restore_numerics):
