@@ -32,13 +32,15 @@ from mealkd.core.accel import PRECISIONS
 @click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
 def precompute(**kwargs) -> None:
     """Stage one: run the teacher ensemble once over seeded crops and store the averaged softmax."""
-    from mealkd.precompute.runner import PrecomputeConfig, run_precompute
+    from mealkd.precompute.runner import PrecomputeConfig, run_precompute, time_report
 
     console = Console(stderr=True)
     summary = run_precompute(PrecomputeConfig(**kwargs), console)
     if summary.get("rank", 0) == 0:
         state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
         console.print(f"[green]precompute[/]: {summary['images']} images, {summary['crops']} crops labelled by this run; store {kwargs['out']} is {state}")
+        if summary.get("crops"):
+            console.print(f"[green]precompute[/]: {time_report(summary)}", soft_wrap=True)
         if summary.get("fp32_fallbacks"):
             console.print(f"[yellow]precompute[/]: {summary['fp32_fallbacks']} teacher batch(es) overflowed in {kwargs['precision']} and were recomputed in fp32")
 

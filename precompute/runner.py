@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from mealkd.core.distributed import Dist, init_distributed, shutdown
 from mealkd.core.models import load_model, parse_spec_list
 from mealkd.core.probe import describe_unreadable, probe_images
 from mealkd.core.progress import RateColumn, make_progress
+from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropBatch, CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
@@ -156,7 +158,8 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
 
 
 def _label_shard(
-    stream: CropStream, ensemble: TeacherEnsemble, cfg: PrecomputeConfig, start: int, stop: int, sizes: np.ndarray, excluded: np.ndarray, on_crops
+    stream: CropStream, ensemble: TeacherEnsemble, cfg: PrecomputeConfig, start: int, stop: int, sizes: np.ndarray, excluded: np.ndarray, on_crops,
+    times: StageTimes | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ids = np.arange(start, stop)
     rows = np.flatnonzero(~excluded[start:stop])  # excluded images keep zero windows and uniform rows
@@ -164,14 +167,20 @@ def _label_shard(
     flips = np.zeros((len(ids), cfg.crops_per_image), dtype=bool)
     windows[rows], flips[rows] = draw_all_windows(cfg.policy, ids[rows], sizes[start:stop][rows], cfg.crops_per_image)
     probs = np.full((len(ids), cfg.crops_per_image, ensemble.num_classes), 1.0 / ensemble.num_classes, dtype=np.float32)
-    for batch, rows_probs in labelled_batches(stream.batches((ids[rows]).tolist(), rows.tolist(), windows, flips), ensemble):
+    crops = stream.batches((ids[rows]).tolist(), rows.tolist(), windows, flips)
+    for batch, rows_probs in labelled_batches(crops, ensemble, times=times):
         probs[batch.rows, batch.crops] = rows_probs
         on_crops(len(batch.rows))
     return windows, flips, probs
 
 
-def labelled_batches(batches: Iterable[CropBatch], ensemble: TeacherEnsemble, lag: int = 2) -> Iterator[tuple[CropBatch, np.ndarray]]:
+def labelled_batches(batches: Iterable[CropBatch], ensemble: TeacherEnsemble, lag: int = 2,
+                     times: StageTimes | None = None) -> Iterator[tuple[CropBatch, np.ndarray]]:
     """(batch, its averaged probabilities) for each crop batch, in order.
+
+    ``times`` collects this thread's seconds: ``crops`` (waiting for the next crop batch: decoding
+    and cutting), ``teachers`` (the ensemble call: on CPU the teachers' compute, on a GPU launching
+    their kernels) and ``gpu`` (waiting for the GPU's results).
 
     On a GPU the teachers of batch t are launched and their result copied to pinned host memory
     without waiting; batch t is collected ``lag`` batches later, so decoding, cutting and feeding the
@@ -179,21 +188,28 @@ def labelled_batches(batches: Iterable[CropBatch], ensemble: TeacherEnsemble, la
     teachers alone on an H100). A batch with a non-finite teacher output is recomputed by the ensemble's
     checked path (fp32 fallback, or the bad-weights error). On CPU every batch is computed in turn.
     """
+    times = times if times is not None else StageTimes()
+    batches = times.waiting(batches, "crops")
     if ensemble.device.type != "cuda":
         for batch in batches:
-            yield batch, ensemble(batch.inputs).numpy()
+            with times.stage("teachers"):
+                probs = ensemble(batch.inputs).numpy()
+            yield batch, probs
         return
     in_flight: collections.deque = collections.deque()
 
     def settle(item: tuple) -> tuple[CropBatch, np.ndarray]:
         batch, host, finite, done = item
-        done.synchronize()
+        with times.stage("gpu"):
+            done.synchronize()
         if not bool(finite.all()):
-            return batch, ensemble(batch.inputs).cpu().numpy()
+            with times.stage("teachers"):
+                return batch, ensemble(batch.inputs).cpu().numpy()
         return batch, host.numpy()
 
     for batch in batches:
-        average, finite = ensemble.launch(batch.inputs)
+        with times.stage("teachers"):
+            average, finite = ensemble.launch(batch.inputs)
         host = torch.empty(average.shape, dtype=average.dtype, pin_memory=True)
         host.copy_(average, non_blocking=True)
         finite_host = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
@@ -240,6 +256,18 @@ def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[
     return summary
 
 
+def time_report(summary: dict) -> str:
+    """One line: this rank's labelling rate and where its labelling thread spent the time (a thread that
+    mostly waits for crops is input-bound: more DALI threads help)."""
+    seconds, spent = summary["labelling_s"], summary["thread_s"]
+    waits = [f"{spent[name]:.2f} s for {what}" for name, what in (("crops", "crops"), ("gpu", "the GPU"), ("writes", "shard writes")) if name in spent]
+    line = (f"{summary['crops'] / max(seconds, 1e-9):,.0f} crops/s over {seconds:.2f} s of labelling; the labelling thread waited "
+            f"{', '.join(waits)} and spent {spent.get('teachers', 0.0):.2f} s in the teachers")
+    if spent.get("crops", 0.0) > 0.2 * seconds:
+        line += "; input-bound: raise --num-threads"
+    return line
+
+
 def pending_for_rank(pending: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's share of the pending shards: every world_size-th, so counts differ by at most one."""
     return list(pending[rank::world_size])
@@ -256,6 +284,8 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     total_images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in mine)
     stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
     crops_done = images_done = 0
+    times = StageTimes()
+    started = time.perf_counter()
     with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:
         task = progress.add_task("teachers", total=total_images, crops_per_image=cfg.crops_per_image)
 
@@ -270,15 +300,16 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
             in_flight: Future | None = None
             for shard in mine:
                 start, stop = writer.shard_range(shard)
-                windows, flips, probs = _label_shard(stream, ensemble, cfg, start, stop, sizes, excluded, on_crops)
+                windows, flips, probs = _label_shard(stream, ensemble, cfg, start, stop, sizes, excluded, on_crops, times)
                 if in_flight is not None:
-                    with writing_store(cfg.out):
+                    with writing_store(cfg.out), times.stage("writes"):
                         in_flight.result()
                 in_flight = pool.submit(writer.write_shard, shard, windows, flips, probs)
                 images_done += stop - start
                 progress.update(task, completed=images_done)
             if in_flight is not None:
-                with writing_store(cfg.out):
+                with writing_store(cfg.out), times.stage("writes"):
                     in_flight.result()
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
-            "fp32_fallbacks": ensemble.fp32_fallbacks}
+            "fp32_fallbacks": ensemble.fp32_fallbacks, "labelling_s": time.perf_counter() - started,
+            "thread_s": {name: round(seconds, 4) for name, seconds in times.seconds.items()}}

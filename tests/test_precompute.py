@@ -243,6 +243,10 @@ def test_second_run_identical(env, tmp_path):
     summary = run_precompute(config(env["data"], env["spec"], out))
     assert summary["complete"] and summary["shards_written"] == 5
     assert_same_store(out, env["ref"])
+    # where the labelling thread's time went (a CPU run has no GPU wait), all inside the loop's wall time
+    spent = summary["thread_s"]
+    assert set(spent) == {"crops", "teachers", "writes"} and min(spent.values()) >= 0 and spent["teachers"] > 0, spent
+    assert sum(spent.values()) <= summary["labelling_s"] + 1e-3, (spent, summary["labelling_s"])
     # rerunning a complete store is a no-op that leaves it identical
     summary = run_precompute(config(env["data"], env["spec"], out))
     assert summary["shards_written"] == 0 and summary["complete"]
@@ -258,6 +262,7 @@ def test_torchrun_two_processes_identical_to_one(env, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "complete" in proc.stderr
+    assert "crops/s over" in proc.stderr and "s for crops" in proc.stderr, proc.stderr[-1000:]  # rank 0's time report
     assert_same_store(out, env["ref"])
 
 
