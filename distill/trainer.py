@@ -31,6 +31,7 @@ from mealkd.core.dataset import scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
 from mealkd.core.models import load_model, parse_spec
 from mealkd.core.replay import Normalization
+from mealkd.core.timing import StageTimes
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
@@ -298,15 +299,9 @@ class Trainer:
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)  # on the device: no per-step host sync
         steps_total = self.loader.steps_per_epoch()
         steps = crops = 0
-        waited = 0.0  # seconds the training thread spent waiting for the loader (input-bound if large)
+        times = StageTimes()  # the training thread's wait for the loader (input-bound if large)
         started = time.perf_counter()
-        batches = iter(self.loader.epoch(epoch))
-        while True:
-            asked = time.perf_counter()
-            batch = next(batches, None)
-            waited += time.perf_counter() - asked
-            if batch is None:
-                break
+        for batch in times.waiting(self.loader.epoch(epoch), "loader"):
             sums += self.train_step(batch)
             kill_point("distill-step")
             steps += 1
@@ -333,7 +328,7 @@ class Trainer:
             "temperature": self.temperature,
             "crops_per_s": crops * self.dist.world_size / max(elapsed, 1e-9),
             "seconds": elapsed,
-            "loader_wait_s": waited,
+            "loader_wait_s": times.get("loader"),
         }
         if self.loss.hard_label_weight > 0:
             record["hard_loss"] = means["hard_loss"]
