@@ -54,14 +54,17 @@ def decodes_window_only(decoder: str, crops_per_sample: int) -> bool:
     return decoder == "cpu" and crops_per_sample == 1
 
 
-def window_feed(windows: np.ndarray, flips: np.ndarray, suffix: str = "") -> dict[str, list]:
+def window_feed(windows: np.ndarray, flips: np.ndarray, suffix: str = "") -> dict[str, np.ndarray]:
     """A batch of crops as the external-source feed :func:`cut_graph` and :func:`replay_graph` read:
-    per crop its (y, x) anchor, (h, w) shape and flip bit, named ``anchor{suffix}`` etc."""
+    per crop its (y, x) anchor, (h, w) shape and flip bit, named ``anchor{suffix}`` etc.
+
+    Each is one array with the batch on its first axis: DALI takes it in one call, where a list of
+    per-crop arrays cost ~2.5 ms per 128 crops on the thread that also launches the teachers."""
     windows = np.asarray(windows, dtype=np.int32)
     return {
-        f"anchor{suffix}": list(np.ascontiguousarray(windows[:, :2])),
-        f"shape{suffix}": list(np.ascontiguousarray(windows[:, 2:])),
-        f"flip{suffix}": list(np.asarray(flips, dtype=np.int32)),
+        f"anchor{suffix}": np.ascontiguousarray(windows[:, :2]),
+        f"shape{suffix}": np.ascontiguousarray(windows[:, 2:]),
+        f"flip{suffix}": np.ascontiguousarray(flips, dtype=np.int32),
     }
 
 

@@ -160,8 +160,8 @@ class ReplayLoader:
             labels = np.stack([self.store.decode([a[start:stop] for a in slot_rows]) for slot_rows in data.labels], axis=1)  # (b, K, C)
             feed: dict = {
                 "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
-                "labels": list(labels),
-                "classes": list(np.repeat(self.classes[batch, None], k, axis=1)),  # (b, K)
+                "labels": np.ascontiguousarray(labels),  # batch-first arrays: one feed call, not one per sample
+                "classes": np.repeat(self.classes[batch, None], k, axis=1),  # (b, K)
             }
             for j in range(k):
                 feed.update(window_feed(data.windows[start:stop, j], data.flips[start:stop, j], suffix=str(j)))
