@@ -82,6 +82,7 @@ def extend(**kwargs) -> None:
     """Grow a finished label store from R to R2 crops per image: the teachers label only the new
     crops; the result equals a store made with R2 from the start and gets a new store id."""
     from mealkd.precompute.extend import ExtendConfig, run_extend
+    from mealkd.precompute.runner import time_report
 
     console = Console(stderr=True)
     summary = run_extend(ExtendConfig(**kwargs), console)
@@ -89,6 +90,8 @@ def extend(**kwargs) -> None:
         state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
         console.print(f"[green]extend[/]: {summary['images']} images, {summary['crops']} new crops labelled by this run; "
                       f"store {kwargs['out']} is {state}")
+        if summary.get("crops"):
+            console.print(f"[green]extend[/]: {time_report(summary)}", soft_wrap=True)
 
 
 @click.command()

@@ -22,6 +22,7 @@ every shard is done.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,11 +35,13 @@ from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, shutdown
 from mealkd.core.models import load_model, parse_spec_list
 from mealkd.core.progress import RateColumn, make_progress
+from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
-from mealkd.precompute.runner import SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, pending_for_rank, run_locked
+from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, pending_for_rank,
+                                      run_locked)
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
@@ -171,6 +174,7 @@ class _ShardExtender:
         self.c = source.num_classes
         self.block = max(1, BLOCK_BYTES // ((r2 - self.r) * self.c * 4))
         self.source_fidelity = source.shard_fidelity()
+        self.times = StageTimes()  # the labelling thread's seconds, as precompute reports them
 
     def windows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """All R2 windows/flips of images [start, stop); the first R must equal the stored ones."""
@@ -195,8 +199,9 @@ class _ShardExtender:
         rows = np.flatnonzero(~excluded)
         new_w = np.ascontiguousarray(windows[:, self.r:])
         new_f = np.ascontiguousarray(flips[:, self.r:])
-        for batch in self.stream.batches((start + rows).tolist(), rows.tolist(), new_w, new_f):
-            probs[batch.rows, batch.crops] = self.ensemble(batch.inputs).cpu().numpy()
+        crops = self.stream.batches((start + rows).tolist(), rows.tolist(), new_w, new_f)
+        for batch, rows_probs in labelled_batches(crops, self.ensemble, times=self.times):  # precompute's teacher pass
+            probs[batch.rows, batch.crops] = rows_probs
             on_crops(len(batch.rows))
         return probs
 
@@ -227,7 +232,8 @@ class _ShardExtender:
                 total, worst, count = total + t, max(worst, w), count + n
         labels = [np.concatenate([o, np.concatenate(p, axis=0)], axis=1) for o, p in zip(old, parts)]
         fidelity = None if self.source.topk is None else (total, worst, count)
-        self.writer.write_shard_encoded(shard, windows, flips, labels, fidelity)
+        with self.times.stage("writes"):
+            self.writer.write_shard_encoded(shard, windows, flips, labels, fidelity)
 
 
 def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
@@ -268,6 +274,7 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
     new_per_image = cfg.crops_per_image - source.crops_per_image
     total_images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in mine)
     crops_done = images_done = 0
+    started = time.perf_counter()
     with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:
         task = progress.add_task("new crops", total=total_images, crops_per_image=new_per_image)
 
@@ -283,4 +290,5 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
             images_done += stop - start
             progress.update(task, completed=images_done)
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
-            "fp32_fallbacks": ensemble.fp32_fallbacks}
+            "fp32_fallbacks": ensemble.fp32_fallbacks, "labelling_s": time.perf_counter() - started,
+            "thread_s": {name: round(seconds, 4) for name, seconds in extender.times.seconds.items()}}

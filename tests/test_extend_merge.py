@@ -86,6 +86,7 @@ def test_extend_equals_a_store_made_with_more_crops(world, capsys, encoding):
     out = world["root"] / f"ext-{encoding}.zarr"
     proc = run(capsys, *_extend_args(world, small, out))  # --teachers omitted: the recorded specs
     assert proc.returncode == 0, proc.stderr
+    assert "crops/s over" in proc.stderr and "in the teachers" in proc.stderr, proc.stderr  # where the time went, as precompute
     _assert_same_labels(out, big, exact_fidelity=encoding == "dense")
     if encoding != "dense":
         fa, fb = (np.asarray(__import__("zarr").open_group(str(u), mode="r")["fidelity"][:]) for u in (out, big))
