@@ -89,16 +89,24 @@ def decoder_differences(stored: dict | None, current: dict) -> list[str]:
     return [k for k in keys if stored.get(k) != current.get(k)]
 
 
-def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backend, num_threads: int, seed: int = 0) -> Pipeline:
-    """Build a DALI pipeline from a graph function (outputs tuple) for the backend."""
+def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backend, num_threads: int, seed: int = 0,
+                   synchronous: bool = False) -> Pipeline:
+    """Build a DALI pipeline from a graph function (outputs tuple) for the backend.
+
+    ``synchronous``: DALI's executor runs each batch on the calling thread (its operators still use
+    ``num_threads``), for pipelines whose batches are expected to fail (validation of untrusted
+    files). With the asynchronous executor, DALI 2.4 crashed the process (SIGSEGV in
+    ``share_outputs``) within a few batches that held a corrupt JPEG among larger good ones;
+    synchronous, none crashed in ~1000 such batches (2026-11-26; test
+    ``test_validating_a_corrupt_file_never_crashes_the_process``)."""
     pipe = Pipeline(
         batch_size=batch_size,
         num_threads=max(1, num_threads),
         device_id=backend.dali_device_id,
         seed=seed,
         prefetch_queue_depth=1,  # run_batches keeps one batch in flight itself (see there)
-        exec_async=True,
-        exec_pipelined=True,
+        exec_async=not synchronous,
+        exec_pipelined=not synchronous,
     )
     with pipe:
         outputs = graph()

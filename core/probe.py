@@ -92,7 +92,10 @@ def decoder_reason(lines: list[str], error: BaseException | None = None) -> str:
 
 
 def _probe_pipeline(backend: Backend, batch_size: int, num_threads: int):
-    return build_pipeline(probe_graph(backend.decoder), batch_size=batch_size, backend=backend, num_threads=num_threads)
+    """Synchronous: a batch holding a corrupt file is expected here, and DALI's asynchronous executor
+    can crash the process on one (see :func:`build_pipeline`)."""
+    return build_pipeline(probe_graph(backend.decoder), batch_size=batch_size, backend=backend, num_threads=num_threads,
+                          synchronous=True)
 
 
 def _probe_batch(index: DatasetIndex, ids: list[int], pipe) -> np.ndarray:

@@ -260,3 +260,28 @@ def test_probe_retry_reuses_one_pipeline_between_corrupt_files(tmp_path, monkeyp
         assert sizes[i].tolist() == expected, path
     # the batch of 16, then batch-1 pipelines: the first, and one after each corrupt file
     assert built == [16, 1, 1, 1], built
+
+
+PROBE_REPEATEDLY = """
+import sys, numpy as np, torch
+from mealkd.core.dali_io import Backend
+from mealkd.core.dataset import scan_image_folder
+from mealkd.core.probe import probe_images
+index = scan_image_folder(sys.argv[1])
+for _ in range(int(sys.argv[2])):
+    sizes, bad = probe_images(index, np.arange(len(index)), Backend(torch.device("cpu")), batch_size=64, num_threads=2)
+    assert [index.paths[i] for i in bad] == ["c0/aa_corrupt.jpg"], bad
+print("ok")
+"""
+
+
+def test_validating_a_corrupt_file_never_crashes_the_process(tmp_path):
+    """A corrupt file decoded first in its batch, beside larger good ones: with DALI's asynchronous
+    executor this killed the process (SIGSEGV in share_outputs) within a few batches (2026-11-26);
+    validation pipelines run synchronously. A subprocess, so a crash fails this test, not the suite."""
+    data = make_jpeg_tree(tmp_path / "data", classes=2, per_class=24, seed=8, min_side=300, max_side=700)
+    (data / "class_0").rename(data / "c0")
+    (data / "c0" / "aa_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg, truncated " * 8)
+    proc = subprocess.run([sys.executable, "-c", PROBE_REPEATEDLY, str(data), "12"], cwd=REPO, capture_output=True, text=True,
+                          timeout=240, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-1500:])
