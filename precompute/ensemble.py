@@ -5,6 +5,7 @@ import torch
 
 from mealkd.core.accel import apply_numerics, as_model_input, autocast_for, resolve_precision
 from mealkd.core.models import LoadedModel, describe
+from mealkd.core.models.inference import fold_batchnorm
 from mealkd.core.replay import Normalization
 from mealkd.errors import UserError
 
@@ -60,8 +61,11 @@ class TeacherEnsemble:
             self.norm_of.append(self.norms.index(norm))
         total = sum(t.spec.weight for t in teachers)
         self.weights = [t.spec.weight / total for t in teachers]
-        for t in teachers:
-            t.module.eval().to(device)
+        self.folded: list[bool] = []  # per teacher: BatchNorm folded into its convolutions (same outputs, fewer kernels)
+        for t, norm_index in zip(teachers, self.norm_of):
+            t.module, folded = fold_batchnorm(t.module.eval(), self.norms[norm_index].size)
+            self.folded.append(folded)
+            t.module.to(device)
             if device.type == "cuda":
                 t.module.to(memory_format=torch.channels_last)
 
