@@ -807,7 +807,7 @@ def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
             "report": time_report(summary)}
 
 
-def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int = 8) -> float:
+def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int = 8, fold: bool = True) -> float:
     """Seconds for the ensemble alone over ``crops`` crops: real stored crops held on the device, cycled,
     launched as precompute launches them (``TeacherEnsemble.launch``), one wait at the end."""
     from mealkd import storage
@@ -822,7 +822,7 @@ def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: 
     store = storage.open_store(str(store_path))
     backend = resolve_backend(ctx.device)
     models = [load_model(s, num_classes=len(index.class_names)) for s in parse_spec_list(teachers)]
-    ensemble = TeacherEnsemble(models, default_size=p.bench_size, temperature=1.0, device=backend.device)
+    ensemble = TeacherEnsemble(models, default_size=p.bench_size, temperature=1.0, device=backend.device, fold=fold)
     usable = np.flatnonzero(~np.asarray(store.excluded, bool))[: math.ceil(pool_batches * p.bench_batch / p.bench_crops)].tolist()
     stream = CropStream(index, ensemble.norms, backend, batch_size=p.bench_batch, num_threads=ctx.bench_threads)
     pool = [b.inputs for b in stream.batches(usable, usable, store.windows, store.flips)]
@@ -890,6 +890,7 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
     bench = ctx.paths["bench"]
     pre = time_precompute(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
     teacher_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"])
+    unfolded_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"], fold=False)
     d = time_distill(ctx, bench, ctx.work / "bench.zarr", ctx.work / "runs" / "bench")
     p = ctx.plan
     what = f"{ctx.device}, {pre['crops']} crops at {p.bench_size}px"
@@ -900,6 +901,9 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
                   f"writes) over all-pending shards, like the teacher-only loop without either's setup; the whole "
                   f"command with its setup (checkpoints, pipelines, store, finalize): {pre['crops'] / pre['command_s']:.0f} "
                   f"crops/s. Precompute's own report: {pre['report']}"),
+        Row("teachers: BatchNorm folded / as loaded", "INFO", f"{unfolded_s / teacher_s:.2f}", "-",
+            f"teacher-only crops/s with each teacher's BatchNorm folded into its convolutions (what precompute runs) vs "
+            f"unfolded: {pre['crops'] / teacher_s:.0f} vs {pre['crops'] / unfolded_s:.0f}"),
         Row("precompute end-to-end / teacher-only", "INFO", f"{teacher_s / pre['fresh_s']:.2f}", "-",
             f"fresh store incl. model load, validation decode of every file, store creation: {pre['crops'] / pre['fresh_s']:.0f} crops/s"),
         ratio_row(ctx, "distill / student-step-only", d["distill"] / d["student"], DISTILL_RATIO,

@@ -33,10 +33,11 @@ class TeacherEnsemble:
     A teacher's input size is its ``:size=N`` (or its architecture's one fixed size), else
     ``default_size``: precompute's ``--image-size``, the crop size the store records (the rule is
     in ``core.models``). With ``class_names`` (the dataset's), teachers whose checkpoints record
-    class names must list them in that order (:func:`check_class_order`)."""
+    class names must list them in that order (:func:`check_class_order`). Each teacher's BatchNorm is
+    folded into its convolutions (``fold=False`` keeps it, to measure what folding saves)."""
 
     def __init__(self, teachers: list[LoadedModel], *, default_size: int, temperature: float, device: torch.device,
-                 class_names: list[str] | None = None, flag: str = "--data", precision: str = "auto"):
+                 class_names: list[str] | None = None, flag: str = "--data", precision: str = "auto", fold: bool = True):
         if temperature <= 0:
             raise UserError(f"--temperature {temperature}: must be > 0")
         counts = {t.num_classes for t in teachers}
@@ -63,7 +64,7 @@ class TeacherEnsemble:
         self.weights = [t.spec.weight / total for t in teachers]
         self.folded: list[bool] = []  # per teacher: BatchNorm folded into its convolutions (same outputs, fewer kernels)
         for t, norm_index in zip(teachers, self.norm_of):
-            t.module, folded = fold_batchnorm(t.module.eval(), self.norms[norm_index].size)
+            t.module, folded = fold_batchnorm(t.module.eval(), self.norms[norm_index].size) if fold else (t.module.eval(), False)
             self.folded.append(folded)
             t.module.to(device)
             if device.type == "cuda":
