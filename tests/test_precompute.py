@@ -307,14 +307,15 @@ def kill(proc: subprocess.Popen) -> int:
 
 def test_sigkill_then_rerun_matches_uninterrupted_run(env, tmp_path):
     """SIGKILL (1) at a random moment just after the run locked the store (validation, store
-    creation or the first shard), (2) on resume, right after its first shard is marked done;
-    after each kill every done image already holds its final labels; (3) a rerun completes the
-    store identical to the uninterrupted reference."""
+    creation or a shard), (2) on resume, right after its first shard is marked done; after each kill
+    every done image already holds its final labels, in whole shards; (3) a rerun completes the store
+    identical to the uninterrupted reference, labelling only what was not done. A kill that lands
+    after the run's last shard (the whole run takes under a second here) must leave it the same."""
     out = tmp_path / "killed.zarr"
     lock = out.with_name(out.name + ".lock")
     ref = read_arrays(env["ref"])
     args = cli_args(env["data"], env["spec"], out)
-    delay = random.Random().uniform(0.0, 0.5)
+    delay = random.Random().uniform(0.0, 0.3)
     log = [f"delay {delay:.3f}s after lock"]
 
     proc = start_cli(args)
@@ -325,19 +326,23 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(env, tmp_path):
         rc = kill(proc)
     first = check_done_rows_final(out, ref)
     log.append(f"kill 1: rc {rc}, {first} done")
-    assert rc == -signal.SIGKILL, (log, proc.stderr.read()[-2000:])
-    assert first % IMAGES_PER_SHARD == 0 and first < N_IMAGES, log  # whole shards only
+    assert rc in (-signal.SIGKILL, 0), (log, proc.stderr.read()[-2000:])
+    assert first % IMAGES_PER_SHARD == 0 or first == N_IMAGES, log  # whole shards only
 
-    proc = start_cli(args)
-    try:
-        wait_for(proc, lambda: done_chunks(out) > first // IMAGES_PER_SHARD)
-    finally:
-        rc = kill(proc)
-    second = check_done_rows_final(out, ref)
-    log.append(f"kill 2: rc {rc}, {second} done")
-    assert rc == -signal.SIGKILL and first < second < N_IMAGES, (log, proc.stderr.read()[-2000:])
+    second = first
+    if first < N_IMAGES:
+        proc = start_cli(args)
+        try:
+            wait_for(proc, lambda: done_chunks(out) > first // IMAGES_PER_SHARD)
+        finally:
+            rc = kill(proc)
+        second = check_done_rows_final(out, ref)
+        log.append(f"kill 2: rc {rc}, {second} done")
+        # one pending shard (first = 20) may be done before the kill lands
+        assert rc in (-signal.SIGKILL, 0) and first < second <= N_IMAGES, (log, proc.stderr.read()[-2000:])
+        assert second % IMAGES_PER_SHARD == 0 or second == N_IMAGES, log
 
     proc = run_cli(args)
     assert proc.returncode == 0, (log, proc.stderr[-3000:])
-    assert f"{N_IMAGES - second} images" in proc.stderr, (log, proc.stderr[-500:])  # only the missing shards were labelled
+    assert f"precompute: {N_IMAGES - second} images" in proc.stderr, (log, proc.stderr[-500:])  # only the missing shards were labelled
     assert_same_store(out, env["ref"])
