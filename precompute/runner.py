@@ -257,13 +257,14 @@ def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[
 
 
 def time_report(summary: dict) -> str:
-    """One line: this rank's labelling rate and where its labelling thread spent the time (a thread that
-    mostly waits for crops is input-bound: more DALI threads help)."""
+    """One line: this rank's labelling rate and where its labelling thread spent the time. On a GPU a
+    thread that waits long for crops is input-bound (more DALI threads help); on a CPU the crops are
+    cut in turn with the teachers, by design, so the wait is their cost, not a hint."""
     seconds, spent = summary["labelling_s"], summary["thread_s"]
     waits = [f"{spent[name]:.2f} s for {what}" for name, what in (("crops", "crops"), ("gpu", "the GPU"), ("writes", "shard writes")) if name in spent]
     line = (f"{summary['crops'] / max(seconds, 1e-9):,.0f} crops/s over {seconds:.2f} s of labelling; the labelling thread waited "
             f"{', '.join(waits)} and spent {spent.get('teachers', 0.0):.2f} s in the teachers")
-    if spent.get("crops", 0.0) > 0.2 * seconds:
+    if "gpu" in spent and spent.get("crops", 0.0) > 0.2 * seconds:
         line += "; input-bound: raise --num-threads"
     return line
 

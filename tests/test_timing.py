@@ -34,3 +34,16 @@ def test_stage_counts_time_when_the_block_raises():
     except ValueError:
         pass
     assert times.get("failing") >= 0.02
+
+
+def test_time_report_names_each_wait_and_flags_an_input_bound_gpu_run():
+    from mealkd.precompute.runner import time_report
+
+    gpu = {"labelling_s": 10.0, "crops": 5000, "thread_s": {"crops": 3.0, "teachers": 5.0, "gpu": 1.0, "writes": 0.1}}
+    line = time_report(gpu)
+    assert line.startswith("500 crops/s over 10.00 s of labelling")
+    assert "3.00 s for crops, 1.00 s for the GPU, 0.10 s for shard writes" in line and "5.00 s in the teachers" in line
+    assert line.endswith("input-bound: raise --num-threads")
+    assert "input-bound" not in time_report(dict(gpu, thread_s=dict(gpu["thread_s"], crops=1.0)))
+    cpu = {"labelling_s": 10.0, "crops": 5000, "thread_s": {"crops": 3.0, "teachers": 6.0, "writes": 0.1}}
+    assert "input-bound" not in time_report(cpu) and "the GPU" not in time_report(cpu)  # CPU: crops are cut in turn, by design
