@@ -807,9 +807,53 @@ def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
             "report": time_report(summary)}
 
 
-def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int = 8, fold: bool = True) -> float:
+def graphed_launch(ensemble, example: list) -> Callable[[list], "torch.Tensor"]:
+    """``ensemble.launch`` for batches shaped like ``example``, captured once as a CUDA graph and replayed
+    (inputs copied into static buffers). Not what precompute runs: it measures what CUDA graphs would
+    save where the teachers are bound by kernel launches (the next lever named after GPU run 2)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from mealkd.core.accel import as_model_input, autocast_dtype
+
+    static = [x.clone() for x in example]
+    dtype = autocast_dtype(ensemble.precision)
+
+    def forward():
+        autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
+        with torch.inference_mode(), autocast:
+            total, finite = None, []
+            for teacher, weight, k in zip(ensemble.teachers, ensemble.weights, ensemble.norm_of):
+                probs = torch.softmax(teacher.module(as_model_input(static[k])).float() / ensemble.temperature, dim=1)
+                finite.append(torch.isfinite(probs).all())
+                total = probs * weight if total is None else total + probs * weight
+            return total, torch.stack(finite)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph requires
+        for _ in range(3):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+
+    def launch(inputs: list):
+        for buffer, x in zip(static, inputs):
+            buffer.copy_(x, non_blocking=True)
+        graph.replay()
+        return out
+
+    return launch
+
+
+def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int = 8, fold: bool = True,
+                  graphs: bool = False) -> float:
     """Seconds for the ensemble alone over ``crops`` crops: real stored crops held on the device, cycled,
-    launched as precompute launches them (``TeacherEnsemble.launch``), one wait at the end."""
+    launched as precompute launches them (``TeacherEnsemble.launch``), one wait at the end; ``graphs``:
+    replayed as one CUDA graph per batch instead (:func:`graphed_launch`)."""
     from mealkd import storage
     from mealkd.core.dali_io import resolve_backend
     from mealkd.core.dataset import scan_image_folder
@@ -827,12 +871,13 @@ def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: 
     stream = CropStream(index, ensemble.norms, backend, batch_size=p.bench_batch, num_threads=ctx.bench_threads)
     pool = [b.inputs for b in stream.batches(usable, usable, store.windows, store.flips)]
     pool = [x for x in pool if x[0].shape[0] == p.bench_batch] or pool
-    ensemble.launch(pool[0])
+    launch = graphed_launch(ensemble, pool[0]) if graphs else ensemble.launch
+    launch(pool[0])
     sync(ctx.device)
     done, i = 0, 0
     t0 = time.perf_counter()
     while done < crops:  # launch(): precompute's own path, no wait per batch (the checked call waits per teacher)
-        done += ensemble.launch(pool[i % len(pool)])[0].shape[0]
+        done += launch(pool[i % len(pool)])[0].shape[0]
         i += 1
     sync(ctx.device)
     return (time.perf_counter() - t0) * crops / done
@@ -886,11 +931,28 @@ def ratio_row(ctx: Ctx, check: str, ratio: float, threshold: float, detail: str)
     return Row(check, status, f"{ratio:.2f}", f">={threshold}", detail + note)
 
 
+def graphs_info_row(ctx: Ctx, bench: Path, crops: int, eager_s: float) -> Row:
+    """INFO: the teacher-only rate replayed as CUDA graphs vs launched eagerly (CUDA only; an error here
+    is reported in the row and does not cost the other throughput rows)."""
+    check = "teachers: CUDA graphs / eager"
+    if not ctx.cuda:
+        return skip(check, "needs CUDA (--device cpu)")
+    try:
+        graph_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", crops, graphs=True)
+    except Exception as err:  # noqa: BLE001 - a measurement, not a check: report and go on
+        return Row(check, "WARN", "error", "-", f"capture or replay failed: {type(err).__name__}: {str(err)[:200]}")
+    return Row(check, "INFO", f"{eager_s / graph_s:.2f}", "-",
+               f"teacher-only crops/s with each batch's ensemble forward replayed as one CUDA graph vs launched eagerly "
+               f"(what precompute runs): {crops / graph_s:.0f} vs {crops / eager_s:.0f}; > 1 means the teachers are bound by "
+               f"kernel launches and graphs would lift the precompute row's ceiling")
+
+
 def throughput_rows(ctx: Ctx) -> list[Row]:
     bench = ctx.paths["bench"]
     pre = time_precompute(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
     teacher_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"])
     unfolded_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"], fold=False)
+    graphs_row = graphs_info_row(ctx, bench, pre["crops"], teacher_s)
     d = time_distill(ctx, bench, ctx.work / "bench.zarr", ctx.work / "runs" / "bench")
     p = ctx.plan
     what = f"{ctx.device}, {pre['crops']} crops at {p.bench_size}px"
@@ -904,6 +966,7 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
         Row("teachers: BatchNorm folded / as loaded", "INFO", f"{unfolded_s / teacher_s:.2f}", "-",
             f"teacher-only crops/s with each teacher's BatchNorm folded into its convolutions (what precompute runs) vs "
             f"unfolded: {pre['crops'] / teacher_s:.0f} vs {pre['crops'] / unfolded_s:.0f}"),
+        graphs_row,
         Row("precompute end-to-end / teacher-only", "INFO", f"{teacher_s / pre['fresh_s']:.2f}", "-",
             f"fresh store incl. model load, validation decode of every file, store creation: {pre['crops'] / pre['fresh_s']:.0f} crops/s"),
         ratio_row(ctx, "distill / student-step-only", d["distill"] / d["student"], DISTILL_RATIO,

@@ -20,7 +20,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(
 
 CPU_ROWS = ("precompute cpu", "replay identity (stage 1 == stage 2)", "distill resume == straight",
             "torchrun 1-process precompute", "torchrun 1-process distill")
-CUDA_ROWS = ("store cpu == cuda", "one step cpu == cuda (same pixels)", "decoder pixels cpu vs cuda", "distill loss cuda ~ cpu", "evaluate cuda ~ cpu")
+CUDA_ROWS = ("store cpu == cuda", "one step cpu == cuda (same pixels)", "decoder pixels cpu vs cuda", "distill loss cuda ~ cpu", "evaluate cuda ~ cpu",
+             "teachers: CUDA graphs / eager")
 THROUGHPUT_ROWS = ("precompute / teacher-only", "distill / student-step-only", "loader / student-step-only")
 
 
