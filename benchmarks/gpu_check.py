@@ -23,7 +23,9 @@ on the images) saved as state dicts and used as ``torchvision:ARCH@FILE.pth``. T
                          plain runs
 * throughput ratios      precompute / teacher-forward-only >= 0.85, distill / student-step-only
                          >= 0.80, loader alone >= 1.25 x the student's step rate (one run, nothing
-                         else running; PASS/FAIL only for --device cuda without --quick)
+                         else running; PASS/FAIL only for --device cuda without --quick), with INFO
+                         rows for what folding the teachers' BatchNorm and CUDA graphs change in the
+                         teacher-only rate
 
 Exit status 0 when no row FAILs, 1 otherwise. Details: docs/benchmarks.md, section "GPU check".
 """
