@@ -54,9 +54,12 @@ class DataDependent(torch.nn.Module):
 
 def test_models_it_cannot_rewrite_are_kept_as_they_are():
     traced_fails = DataDependent().eval()
+    # traceable, but its BatchNorm follows a ReLU, not a convolution: nothing to fold, so not swapped for a traced copy
+    nothing_to_fold = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
+                                          torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
     scripted = torch.jit.script(with_trained_statistics(torchvision.models.resnet18(num_classes=3)))
     no_batchnorm = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(3))
-    for model in (traced_fails, scripted, no_batchnorm):
+    for model in (traced_fails, scripted, no_batchnorm, nothing_to_fold):
         kept, done = fold_batchnorm(model, 16)
         assert kept is model and not done, type(model).__name__
 

@@ -22,8 +22,7 @@ def fold_batchnorm(module: torch.nn.Module, input_size: int) -> tuple[torch.nn.M
     programs, data-dependent control flow) are kept as they are. The folded model is checked against
     the original on a random batch, in float32 on the CPU, before it is used.
     """
-    if isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule)) or not any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+    if isinstance(module, (torch.jit.ScriptModule, torch.fx.GraphModule)) or not _batchnorms(module):
         return module, False
     from torch.fx.experimental.optimization import fuse
 
@@ -32,6 +31,8 @@ def fold_batchnorm(module: torch.nn.Module, input_size: int) -> tuple[torch.nn.M
         folded = fuse(module)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: keep the model as it is
         log.debug("BatchNorm folding skipped for %s: %s", type(module).__name__, err)
+        return module, False
+    if _batchnorms(folded) >= _batchnorms(module):  # nothing matched (e.g. a BatchNorm subclass): keep the original
         return module, False
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, input_size, input_size, generator=generator)
@@ -45,3 +46,7 @@ def fold_batchnorm(module: torch.nn.Module, input_size: int) -> tuple[torch.nn.M
         log.debug("BatchNorm folding skipped for %s: outputs moved by %.2e", type(module).__name__, diff)
         return module, False
     return folded, True
+
+
+def _batchnorms(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
