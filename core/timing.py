@@ -33,15 +33,12 @@ class StageTimes:
 
     def waiting(self, items: Iterable[T], name: str) -> Iterator[T]:
         """``items``, charging the time each ``next()`` takes (the wait for the next item) to ``name``."""
-        source = iter(items)
+        source, end = iter(items), object()
         while True:
-            started = time.perf_counter()
-            try:
-                item = next(source)
-            except StopIteration:
-                self.add(name, time.perf_counter() - started)
+            with self.stage(name):
+                item = next(source, end)
+            if item is end:
                 return
-            self.add(name, time.perf_counter() - started)
             yield item
 
     def get(self, name: str) -> float:

@@ -40,8 +40,8 @@ from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
-from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, pending_for_rank,
-                                      run_locked)
+from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, labelling_times,
+                                      pending_for_rank, run_locked)
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
@@ -290,5 +290,4 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
             images_done += stop - start
             progress.update(task, completed=images_done)
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
-            "fp32_fallbacks": ensemble.fp32_fallbacks, "labelling_s": time.perf_counter() - started,
-            "thread_s": {name: round(seconds, 4) for name, seconds in extender.times.seconds.items()}}
+            "fp32_fallbacks": ensemble.fp32_fallbacks, **labelling_times(started, extender.times)}

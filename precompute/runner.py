@@ -256,6 +256,12 @@ def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[
     return summary
 
 
+def labelling_times(started: float, times: StageTimes) -> dict:
+    """The summary fields :func:`time_report` reads: the labelling loop's seconds since ``started``
+    (``time.perf_counter()``) and its thread's seconds per stage."""
+    return {"labelling_s": time.perf_counter() - started, "thread_s": {name: round(sec, 4) for name, sec in times.seconds.items()}}
+
+
 def time_report(summary: dict) -> str:
     """One line: this rank's labelling rate and where its labelling thread spent the time. On a GPU a
     thread that waits long for crops is input-bound (more DALI threads help); on a CPU the crops are
@@ -312,5 +318,4 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
                 with writing_store(cfg.out), times.stage("writes"):
                     in_flight.result()
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
-            "fp32_fallbacks": ensemble.fp32_fallbacks, "labelling_s": time.perf_counter() - started,
-            "thread_s": {name: round(seconds, 4) for name, seconds in times.seconds.items()}}
+            "fp32_fallbacks": ensemble.fp32_fallbacks, **labelling_times(started, times)}
