@@ -15,9 +15,9 @@ def fold_batchnorm(module: torch.nn.Module, input_size: int) -> tuple[torch.nn.M
     """(``module`` with every eval-mode BatchNorm that follows a convolution folded into it, True), or
     (``module`` unchanged, False) where that cannot be done or would change the outputs.
 
-    A folded BatchNorm is one kernel fewer per layer: one pass less over each activation on a GPU,
-    and 5% (resnet50) to 19% (mobilenet_v3_large) less time per batch on a CPU
-    (benchmarks/teacher_fold.py). PyTorch's FX pass does the folding
+    A folded BatchNorm is one kernel fewer per layer: one pass less over each activation on a GPU;
+    on a 2-core CPU 1.01-1.03x (ResNet-50/101) to 1.12x (MobileNetV3, EfficientNet-B0) per batch
+    (benchmarks/teacher_fold.py, docs/benchmarks.md). PyTorch's FX pass does the folding
     (``torch.fx.experimental.optimization.fuse``); models FX cannot trace (TorchScript, exported
     programs, data-dependent control flow) are kept as they are. The folded model is checked against
     the original on a random batch, in float32 on the CPU, before it is used.
