@@ -813,34 +813,23 @@ def graphed_launch(ensemble, example: list) -> Callable[[list], "torch.Tensor"]:
     """``ensemble.launch`` for batches shaped like ``example``, captured once as a CUDA graph and replayed
     (inputs copied into static buffers). Not what precompute runs: it measures what CUDA graphs would
     save where the teachers are bound by kernel launches (the next lever named after GPU run 2)."""
-    from contextlib import nullcontext
-
     import torch
 
-    from mealkd.core.accel import as_model_input, autocast_dtype
-
     static = [x.clone() for x in example]
-    dtype = autocast_dtype(ensemble.precision)
-
-    def forward():
-        autocast = torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
-        with torch.inference_mode(), autocast:
-            total, finite = None, []
-            for teacher, weight, k in zip(ensemble.teachers, ensemble.weights, ensemble.norm_of):
-                probs = torch.softmax(teacher.module(as_model_input(static[k])).float() / ensemble.temperature, dim=1)
-                finite.append(torch.isfinite(probs).all())
-                total = probs * weight if total is None else total + probs * weight
-            return total, torch.stack(finite)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph requires
-        for _ in range(3):
-            forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = forward()
+    cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)  # graph capture needs autocast's weight-cast cache off
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph requires
+            for _ in range(3):
+                ensemble.launch(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ensemble.launch(static)
+    finally:
+        torch.set_autocast_cache_enabled(cache)
 
     def launch(inputs: list):
         for buffer, x in zip(static, inputs):
