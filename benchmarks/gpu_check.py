@@ -15,8 +15,9 @@ on the images) saved as state dicts and used as ``torchvision:ARCH@FILE.pth``. T
 * ``replay identity``    the crops stage one labelled (precompute's CropStream) vs stage two's
                          ReplayLoader with K=1, K=2 and another batch order and size: bit-equal
 * ``decoder pixels``     CPU vs nvJPEG decoding of every training image, per JPEG variant (INFO)
-* ``resume``             distill --deterministic --val 3 epochs SIGKILLed in epoch 3 (after the epoch-2
-                         checkpoint), then --resume, vs a straight 3-epoch run: per-epoch losses within 2%
+* ``resume``             distill --deterministic --val 3 epochs sent SIGTERM inside epoch 2 (it saves that
+                         step, with the CUDA RNG state), then --resume, vs a straight 3-epoch run:
+                         per-epoch losses within 2%
 * ``distill gpu~cpu``    per-epoch loss of a --precision fp32 CUDA run vs a CPU run, within 5%
 * ``evaluate gpu~cpu``   evaluate of one checkpoint on CUDA vs CPU, within one image
 * ``torchrun ...``       1-process ``torch.distributed.run`` precompute and distill, equal to the
@@ -39,6 +40,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -464,11 +466,12 @@ def distill_args(ctx: Ctx, store: Path, out: Path, device: str, *, epochs: int |
         (["--val", str(ctx.paths["val"])] if val else [])
 
 
-def kill_in_epoch_3(store: Path, batch: int) -> str:
-    """MEALKD_TEST_KILL_AT value that SIGKILLs distill at the first step of epoch 3, after the epoch-2
-    checkpoint landed (steps per epoch = ceil(usable images / batch) with K = 1)."""
+def stop_inside_epoch_2(store: Path, batch: int) -> tuple[str, int]:
+    """(MEALKD_TEST_KILL_AT value that sends distill SIGTERM halfway through epoch 2, the step of that
+    epoch its checkpoint must then hold); steps per epoch = ceil(usable images / batch) with K = 1."""
     steps = -(-int((~np.asarray(open_store(store).excluded, bool)).sum()) // batch)
-    return f"distill-step:{2 * steps + 1}"
+    inside = max(1, steps // 2)
+    return f"distill-step:{steps + inside}:TERM", inside
 
 
 def metrics(run: Path) -> list[dict]:
@@ -705,21 +708,22 @@ def check_same_pixels_step(ctx: Ctx) -> Row:
 # ---------------------------------------------------------------------------------------------
 # distill: resume, devices, evaluate, torchrun
 # ---------------------------------------------------------------------------------------------
-def check_resume(straight: Job, killed: Job, resumed_args: list[str], ctx: Ctx) -> Row:
+def check_resume(straight: Job, killed: Job, stopped_step: int, resumed_args: list[str], ctx: Ctx) -> Row:
     from mealkd.core.checkpoint_io import load_torch_file
 
     straight.require()
-    killed.require(-9)
+    killed.require(128 + signal.SIGTERM)
     killed_dir = out_dir(killed)
-    epoch = load_torch_file(killed_dir / "checkpoint.pt", "--out")["epoch"]
-    if epoch != 2:
-        raise CheckError(f"the killed run's checkpoint is at epoch {epoch}, not 2")
+    ckpt = load_torch_file(killed_dir / "checkpoint.pt", "--out")
+    at = (ckpt["epoch"], ckpt.get("epoch_step"))
+    if at != (1, stopped_step):
+        raise CheckError(f"the stopped run's checkpoint is at (epochs, step) {at}, not (1, {stopped_step})")
     Job(ctx, f"distill-resume-{ctx.device}", resumed_args).require()
     b, a, diff, exact = compare_runs(killed_dir, out_dir(straight), "resumed vs straight run")
     if "val_top1" not in b[-1]:
         raise CheckError("the resumed run logged no val_top1")
     return Row("distill resume == straight", "PASS" if diff <= RESUME_TOL else "FAIL", f"max loss diff {diff:.2%}", f"<={RESUME_TOL:.0%}",
-               f"{ctx.device}, --deterministic --val: SIGKILLed at the first step of epoch 3, --resume to 3; losses "
+               f"{ctx.device}, --deterministic --val: SIGTERM at step {stopped_step} of epoch 2 (saved there), --resume to 3; losses "
                f"{'identical' if exact else 'differ'}; val top-1 {b[-1]['val_top1']:.2%} vs {a[-1]['val_top1']:.2%}")
 
 
@@ -1033,7 +1037,8 @@ def _run_checks(ctx: Ctx) -> None:
     runs = work / "runs"
     straight = Job(ctx, f"distill-straight-{dev}", distill_args(ctx, ctx.paths["store"], runs / f"straight_{dev}", dev))
     killed_args = distill_args(ctx, ctx.paths["store"], runs / f"killed_{dev}", dev)
-    killed = Job(ctx, f"distill-killed-{dev}", killed_args, env=ctx.env(MEALKD_TEST_KILL_AT=kill_in_epoch_3(ctx.paths["store"], p.batch)))
+    stop_at, inside = stop_inside_epoch_2(ctx.paths["store"], p.batch)
+    killed = Job(ctx, f"distill-killed-{dev}", killed_args, env=ctx.env(MEALKD_TEST_KILL_AT=stop_at))
     torchrun_distill = Job(ctx, "torchrun-distill", distill_args(ctx, ctx.paths["store"], runs / "torchrun", dev), torchrun=True)
     cpu_distill = fp32_distill = None
     if ctx.cuda:
@@ -1052,7 +1057,7 @@ def _run_checks(ctx: Ctx) -> None:
     else:
         ctx.record([skip("decoder pixels cpu vs cuda", "needs CUDA (--device cpu)")])
     guarded(ctx, "torchrun 1-process precompute", lambda: check_torchrun_precompute(torchrun_pre, ctx.paths["store"], ctx))
-    guarded(ctx, "distill resume == straight", lambda: check_resume(straight, killed, killed_args + ["--resume"], ctx))
+    guarded(ctx, "distill resume == straight", lambda: check_resume(straight, killed, inside, killed_args + ["--resume"], ctx))
     guarded(ctx, "torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))
     if ctx.cuda:
         guarded(ctx, "distill loss cuda ~ cpu", lambda: check_device_losses(fp32_distill, cpu_distill))

@@ -153,9 +153,9 @@ class ReplayLoader:
         return future.result()
 
     # -- iteration --------------------------------------------------------------------------
-    def _feeds(self, data: EpochData):
+    def _feeds(self, data: EpochData, first_step: int = 0):
         k = len(data.slots)
-        for start, stop in self._bounds(len(data.ids)):
+        for start, stop in self._bounds(len(data.ids))[first_step:]:
             batch = data.ids[start:stop]
             labels = np.stack([self.store.decode([a[start:stop] for a in slot_rows]) for slot_rows in data.labels], axis=1)  # (b, K, C)
             feed: dict = {
@@ -175,12 +175,14 @@ class ReplayLoader:
         classes = to_torch(outputs[-1], device).flatten(0, 1)
         return Batch(images, labels, classes)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Yield this rank's batches for ``epoch``; prefetches the next epoch's stored data. Feeds (file
-        reads, label decoding) are built in a background thread, ``feed_depth`` batches ahead."""
+    def epoch(self, epoch: int, first_step: int = 0) -> Iterator[Batch]:
+        """Yield this rank's batches for ``epoch`` from step ``first_step`` on (a run resumed inside the
+        epoch: the earlier batches are neither read nor decoded); prefetches the next epoch's stored
+        data. Feeds (file reads, label decoding) are built in a background thread, ``feed_depth``
+        batches ahead."""
         data = self._take_epoch(epoch)
         self.prefetch(epoch + 1)
-        yield from run_batches(self.pipe, background(self._feeds(data), self.feed_depth), self._convert)
+        yield from run_batches(self.pipe, background(self._feeds(data, first_step), self.feed_depth), self._convert)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -84,7 +84,8 @@ class RunLog:
         return step % every == 0 or step == steps or (not self.plain and step == 1)
 
     def progress(self, epochs: int, batch_size: int):
-        """A context manager whose ``epoch(e, steps)`` returns that epoch's step reporter."""
+        """A context manager whose ``epoch(e, steps, done=0)`` returns that epoch's step reporter
+        (``done``: steps already done, for an epoch resumed where it stopped)."""
         return _PlainProgress(self, epochs) if self.plain else _BarProgress(self, epochs, batch_size)
 
     def scalars(self, means: dict, lr: float, global_step: int) -> None:
@@ -112,9 +113,9 @@ class _BarProgress:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def epoch(self, epoch: int, steps: int):
-        task = self.progress.add_task(f"epoch {epoch + 1}/{self.epochs}", total=steps, loss=0.0, d_loss=0.0, d_acc=0.0, agree=0.0,
-                                      crops_per_step=self.batch_size)
+    def epoch(self, epoch: int, steps: int, done: int = 0):
+        task = self.progress.add_task(f"epoch {epoch + 1}/{self.epochs}", total=steps, completed=done, loss=0.0, d_loss=0.0, d_acc=0.0,
+                                      agree=0.0, crops_per_step=self.batch_size)
 
         def step(done: int, crops: int, means: dict | None, lr: float) -> None:
             fields = {} if means is None else dict(loss=means["loss"], d_loss=means["d_loss"], d_acc=means["d_acc"], agree=means["agreement"])
@@ -137,7 +138,7 @@ class _PlainProgress:
     def __exit__(self, *exc):
         return False
 
-    def epoch(self, epoch: int, steps: int):
+    def epoch(self, epoch: int, steps: int, done: int = 0):
         started = time.perf_counter()
         seen = 0
 

@@ -10,8 +10,11 @@ student with a per-step schedule (distill.optimization), its own optimiser for t
 After every epoch (validation every ``--eval-every`` epochs, raw and EMA weights) a checkpoint is
 written atomically with everything needed to continue bit-identically on CPU (torch's RNG is
 reseeded from (seed, rank, epoch) at every epoch, so no RNG state needs saving), plus ``best.pt``
-(best validation top-1) and ``epoch_NNNN.pt`` every ``--keep-every`` epochs. ``--resume``
-continues exactly the recorded run (see distill.config).
+(best validation top-1) and ``epoch_NNNN.pt`` every ``--keep-every`` epochs. A stop signal
+(SIGTERM, SIGUSR1, Ctrl-C: distill.preemption) ends the run after the current step with a
+checkpoint of that point of the epoch, which then also holds each rank's RNG states and running
+sums. ``--resume`` continues exactly the recorded run (see distill.config), from an epoch's end or
+from the step it stopped at.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ from mealkd.distill.loader import Batch, ReplayLoader
 from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreement
 from mealkd.distill.mixing import MixPolicy, mix
 from mealkd.distill.optimization import make_optimizer, make_scheduler
+from mealkd.distill.preemption import GracefulStop
 from mealkd.distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog
-from mealkd.errors import UserError
+from mealkd.errors import StopRequested, UserError
 from mealkd.faults import kill_point
 
 __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "DistillConfig", "Trainer", "run_distill"]
@@ -132,7 +136,7 @@ class Trainer:
         self.val_ids = (
             self.dist.on_main(lambda: readable_images(self.val_index, self.backend, flag="--val", console=self.console)) if self.val_index else None
         )
-        self.start_epoch = self._restore()
+        self.start_epoch, self.start_step, self.rank_state = self._restore()
 
     # -- checkpoints --------------------------------------------------------------------------
     @property
@@ -188,10 +192,11 @@ class Trainer:
             init = "weights" if spec.source == "torchscript" else str(self.checkpoint_path)
         return load_model(spec, num_classes=self.store.num_classes, init=init)
 
-    def _restore(self) -> int:
+    def _restore(self) -> tuple[int, int, dict | None]:
+        """(epochs done, steps done in the next epoch, this rank's saved RNG states and sums in that epoch or None)."""
         ckpt = self.resume_from
         if ckpt is None:
-            return 0
+            return 0, 0, None
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -209,7 +214,14 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt["ema"])
             self.ema.n_averaged.fill_(int(ckpt["ema_updates"]))
         self.best = dict(ckpt.get("best") or self.best)
-        return int(ckpt["epoch"])
+        step, ranks = int(ckpt.get("epoch_step") or 0), ckpt.get("ranks")
+        if step and len(ranks or ()) != self.dist.world_size:
+            raise UserError(
+                f"--out {self.run_dir}: its checkpoint stopped at step {step} of epoch {int(ckpt['epoch']) + 1} with "
+                f"{len(ranks or ())} process(es), each with its share of that epoch's images; resume it with "
+                f"{len(ranks or ())} process(es) (--nproc_per_node x nodes), not {self.dist.world_size}"
+            )
+        return int(ckpt["epoch"]), step, (ranks[self.dist.rank] if step else None)
 
     @property
     def run_info(self) -> dict:
@@ -223,11 +235,15 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
 
-    def _checkpoint(self, epoch: int) -> dict:
+    def _checkpoint(self, epoch: int, step: int = 0, ranks: list[dict] | None = None) -> dict:
+        """The checkpoint after ``epoch`` whole epochs and ``step`` steps of the next one (``ranks``: every
+        rank's RNG states and running sums at that step; only when ``step`` > 0)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "version": 1,
             "epoch": epoch,
+            "epoch_step": step,
+            "ranks": ranks,
             "model": self.model.state_dict(),
             "student_spec": self.cfg.student,
             "num_classes": self.store.num_classes,
@@ -291,17 +307,24 @@ class Trainer:
         with torch.no_grad():
             return torch.stack([parts.soft.detach(), hard.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
 
-    def train_epoch(self, epoch: int, report) -> dict:
-        """One epoch; ``report(step, crops, means or None, lr)`` is called after every step."""
+    def train_epoch(self, epoch: int, report, stop: GracefulStop | None = None, start_step: int = 0, state: dict | None = None) -> dict:
+        """One epoch from step ``start_step`` (``state``: this rank's RNG states and sums saved at that
+        step); ``report(step, crops, means or None, lr)`` is called after every step. A stop agreed
+        by every rank before the epoch's last step saves that point and raises StopRequested."""
         self.ddp_model.train()
         # per rank and epoch (independent dropout masks across ranks; a resumed epoch redraws the same)
         torch.manual_seed(seed_for(self.cfg.seed, self.dist.rank, epoch))
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)  # on the device: no per-step host sync
+        if state is not None:  # continue the epoch where it stopped: the same draws from here on, the same sums
+            torch.set_rng_state(state["rng_cpu"])
+            if self.backend.is_cuda and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+            sums += state["sums"].to(self.device)
         steps_total = self.loader.steps_per_epoch()
-        steps = crops = 0
+        steps, crops = start_step, 0
         times = StageTimes()  # the training thread's wait for the loader (input-bound if large)
         started = time.perf_counter()
-        for batch in times.waiting(self.loader.epoch(epoch), "loader"):
+        for batch in times.waiting(self.loader.epoch(epoch, start_step), "loader"):
             sums += self.train_step(batch)
             kill_point("distill-step")
             steps += 1
@@ -312,6 +335,8 @@ class Trainer:
                 means = dict(zip(SUMS, (sums / steps).tolist()))
                 self.log.scalars(means, lr, int(self.scheduler.last_epoch))
             report(steps, batch.images.shape[0] * self.dist.world_size, means, lr)
+            if stop is not None and stop.after_step() and steps < steps_total:
+                self._stop_inside_epoch(epoch, steps, steps_total, sums, stop)
         elapsed = time.perf_counter() - started
         if self.dist.active:  # log the epoch's global means, not rank 0's shard (every rank runs the same steps)
             torch_dist.all_reduce(sums)
@@ -335,6 +360,34 @@ class Trainer:
         if self.head_reinitialized:
             record["head_reinitialized"] = True
         return record
+
+    def _stop_inside_epoch(self, epoch: int, steps: int, steps_total: int, sums: torch.Tensor, stop: GracefulStop) -> None:
+        """Save the run after ``steps`` steps of ``epoch`` (with every rank's RNG states and running sums,
+        so ``--resume`` continues from the next step exactly) and raise StopRequested."""
+        state = {
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.backend.is_cuda else None,
+            "sums": sums.cpu(),
+        }
+        ranks = self.dist.gather(state)
+        if self.dist.is_main:
+            self._write(lambda: save_atomic(self._checkpoint(epoch, steps, ranks), self.checkpoint_path), f"step {steps} of epoch {epoch + 1}")
+        self.dist.barrier()
+        raise StopRequested(
+            f"distill: stopped by {stop.signal_name} after step {steps}/{steps_total} of epoch {epoch + 1}; {self.checkpoint_path} holds "
+            "that point: rerun the same command with --resume to continue from the next step" if self.dist.is_main else "",
+            stop.agreed_signum,
+        )
+
+    def _write(self, write, what: str) -> None:
+        """Run a checkpoint write; a failed write is a UserError naming ``what`` (the previous checkpoint is intact)."""
+        try:
+            write()
+        except OSError as err:
+            raise UserError(
+                f"--out {self.run_dir}: writing the {what} checkpoint failed ({err.strerror or err}); "
+                "free space or choose another --out, then rerun with --resume (the previous checkpoint is intact)"
+            ) from None
 
     def _follow_student_lr(self) -> None:
         """``--d-lr student``: D's lr is the student's current lr (what the official code's per-epoch reset did)."""
@@ -379,25 +432,32 @@ class Trainer:
                                    "started_epoch": self.start_epoch, "val_protocol": self.protocol.describe(self.norm.size)})
         records = []
         steps = self.loader.steps_per_epoch()
-        with self.log.progress(cfg.epochs, cfg.batch_size) as progress:
-            for epoch in range(self.start_epoch, cfg.epochs):
-                record = self.train_epoch(epoch, progress.epoch(epoch, steps))
-                record.update(self.validate(epoch))
-                if self.dist.is_main:
-                    try:
-                        self.log.epoch_record(record, int(self.scheduler.last_epoch))
-                        kill_point("distill-checkpoint")
-                        self._save(epoch, record)
-                    except OSError as err:
-                        raise UserError(
-                            f"--out {self.run_dir}: writing the epoch {epoch + 1} checkpoint failed ({err.strerror or err}); "
-                            "free space or choose another --out, then rerun with --resume (the previous checkpoint is intact)"
-                        ) from None
-                    progress.print(_format_record(record))
-                self.dist.barrier()
-                records.append(record)
-        self.loader.close()
-        self.log.close()
+        try:
+            with GracefulStop(self.dist) as stop, self.log.progress(cfg.epochs, cfg.batch_size) as progress:
+                for epoch in range(self.start_epoch, cfg.epochs):
+                    resumed = epoch == self.start_epoch and self.start_step > 0  # inside an epoch a stop signal ended
+                    first = self.start_step if resumed else 0
+                    record = self.train_epoch(epoch, progress.epoch(epoch, steps, done=first), stop, first, self.rank_state if resumed else None)
+                    record.update(self.validate(epoch))
+                    if self.dist.is_main:
+                        def finish_epoch() -> None:
+                            self.log.epoch_record(record, int(self.scheduler.last_epoch))
+                            kill_point("distill-checkpoint")
+                            self._save(epoch, record)
+
+                        self._write(finish_epoch, f"epoch {epoch + 1}")
+                        progress.print(_format_record(record))
+                    self.dist.barrier()
+                    records.append(record)
+                    if epoch + 1 < cfg.epochs and stop.at_epoch_end():
+                        raise StopRequested(
+                            f"distill: stopped by {stop.signal_name} after epoch {epoch + 1}/{cfg.epochs}; {self.checkpoint_path} holds it: "
+                            "rerun the same command with --resume to continue" if self.dist.is_main else "",
+                            stop.agreed_signum,
+                        )
+        finally:
+            self.loader.close()
+            self.log.close()
         return records
 
     def close(self) -> None:

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from mealkd.errors import UserError
+from mealkd.errors import StopRequested, UserError
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except StopRequested as stop:
+        if str(stop):
+            click.echo(str(stop), err=True)
+        sys.exit(stop.exit_code)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
     except click.ClickException as err:

@@ -7,3 +7,17 @@ store). ``cli.main`` prints its message as one line and exits with code 2, witho
 
 class UserError(Exception):
     """A problem with the user's input; the message names the culprit and the fix."""
+
+
+class StopRequested(Exception):
+    """A run stopped on a signal (SIGTERM, SIGUSR1, Ctrl-C) after saving where it was. ``cli.main``
+    prints its message (empty on the ranks that are not rank 0) and exits with 128 + the signal's
+    number, the shell's convention for "ended by that signal": the work is not finished."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -348,6 +348,83 @@ def test_resume_after_kill_matches_straight_run(world, straight_run):
 
 
 # ---------------------------------------------------------------------------------------------
+# 4b: a stop signal (SIGTERM / SIGUSR1 / Ctrl-C) saves the exact step; --resume == uninterrupted
+# ---------------------------------------------------------------------------------------------
+STEPS = USABLE // 4  # steps per epoch of distill_args' runs (batch 4, one process)
+
+
+@pytest.mark.parametrize(
+    "sig,at_step,stopped_at",
+    [
+        ("TERM", STEPS + 2, (1, 2)),  # inside epoch 2: the checkpoint holds 1 epoch + 2 steps
+        ("USR1", 2 * STEPS, (2, 0)),  # at epoch 2's last step: the epoch ends, is saved, and the run stops there
+    ],
+)
+def test_stop_signal_saves_the_step_and_resume_matches_straight_run(world, straight_run, tmp_path, sig, at_step, stopped_at):
+    """A real signal (sent by the process to itself at an exact step through the test hook) stops the run
+    after that step with a checkpoint of that point and exit status 128 + the signal; ``--resume``
+    then ends with the same weights, optimiser, D, schedule and per-epoch metrics as the uninterrupted
+    run (mobilenet_v3_small: dropout, so the saved RNG state matters; --val)."""
+    out = tmp_path / "stopped"
+    args = distill_args(world, out, "--val", str(world["val"]))
+    env = dict(ENV, MEALKD_TEST_KILL_AT=f"distill-step:{at_step}:{sig}")
+    stopped = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=240)
+    signum = getattr(signal, f"SIG{sig}")
+    assert stopped.returncode == 128 + signum, stopped.stderr
+    assert "Traceback" not in stopped.stderr, stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert f"stopped by SIG{sig}" in last and "--resume" in last, last
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["epoch_step"]) == stopped_at
+    assert ckpt["scheduler"]["last_epoch"] == at_step  # the step it was in was finished, no later one begun
+    assert (len(ckpt["ranks"]) if stopped_at[1] else ckpt["ranks"]) == (1 if stopped_at[1] else None)
+
+    resumed = cli_run([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    straight = straight_run.result()
+    a, b = load_ckpt(straight / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 4 and b["epoch_step"] == 0
+    for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer", "scaler"):
+        assert_same_tensors(a[key], b[key], key)
+    metrics = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, out)]
+    volatile = {"seconds", "crops_per_s", "loader_wait_s"}
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in metrics[0]] == [
+        {k: v for k, v in r.items() if k not in volatile} for r in metrics[1]
+    ]
+
+
+def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_path):
+    """Under torchrun (2 ranks, gloo) Ctrl-C reaches only rank 1 here: both ranks agree to stop after the
+    same step (one step later), nothing hangs, the checkpoint holds both ranks' RNG states, a resume
+    with another process count is refused with one line, and a 2-rank resume equals an uninterrupted
+    2-rank run bit for bit."""
+    def launch(out: Path, *extra: str, env=ENV, nproc: int = 2) -> subprocess.CompletedProcess:
+        args = distill_args(world, out, *extra, epochs=2)
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+        return subprocess.run([sys.executable, *launcher, str(REPO / "cli.py"), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+    straight = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"),
+                                 *distill_args(world, tmp_path / "straight", epochs=2)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+    out = tmp_path / "stopped"
+    stopped = launch(out, env=dict(ENV, MEALKD_TEST_KILL_AT="distill-step:1:INT:1"))
+    assert stopped.returncode != 0 and "stopped by SIGINT after step 2/3 of epoch 1" in stopped.stderr, stopped.stderr
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["epoch_step"], len(ckpt["ranks"])) == (0, 2, 2)
+    assert not torch.equal(ckpt["ranks"][0]["rng_cpu"], ckpt["ranks"][1]["rng_cpu"])  # per-rank streams
+
+    alone = launch(out, "--resume", nproc=1)
+    assert alone.returncode == 2 and "resume it with 2 process(es)" in alone.stderr.strip().splitlines()[-1], alone.stderr
+    resumed = launch(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err
+    a, b = load_ckpt(tmp_path / "straight" / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
+    for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer"):
+        assert_same_tensors(a[key], b[key], key)
+
+
+# ---------------------------------------------------------------------------------------------
 # 5: DDP (torch.distributed.run, gloo) == one process with the same global batch
 # ---------------------------------------------------------------------------------------------
 # Runs the real `cli.py distill` entry point; the only addition is that each rank saves its own

@@ -1,0 +1,102 @@
+"""Stopping a training run on request, at a step every rank agrees on, so nothing is lost.
+
+Clusters end jobs with a signal and a grace period: SLURM sends SIGTERM (or, with
+``--signal=USR1@SECONDS``, SIGUSR1 ahead of the time limit) and SIGKILLs about 30 s later;
+Kubernetes and torchrun's agent send SIGTERM; a terminal sends SIGINT (Ctrl-C). Without handling,
+each of these ends the process like SIGKILL: the run resumes from its last epoch checkpoint and
+repeats up to an epoch of work. :class:`GracefulStop` turns the first of these signals into a
+request: the trainer finishes the step it is in, writes a checkpoint of that exact point of the
+epoch, and exits, and ``--resume`` continues from that step. A second signal acts as it would
+without us (SIGTERM/SIGUSR1 end the process, SIGINT raises KeyboardInterrupt), so a stuck run can
+still be stopped at once.
+
+Under torchrun every rank must stop after the same step, or the ranks that go on would wait in
+DDP's all-reduce for ranks that left. A signal reaches each rank at a slightly different moment, so
+the ranks agree: after every step each rank starts an asynchronous all-reduce (MAX, on the CPU gloo
+group: no GPU sync) of "a stop was requested here", and reads the result one step later. All ranks
+therefore read the same value after the same step. The cost is one small CPU collective per step,
+overlapped with the next step.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+
+from mealkd.core.distributed import Dist
+
+#: the signals that ask a run to stop (SIGINT: Ctrl-C; SIGTERM: SLURM, Kubernetes, torchrun; SIGUSR1: SLURM --signal)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class GracefulStop:
+    """A context manager that records the first stop signal instead of dying of it (main thread only;
+    elsewhere the signals keep their default action), and tells every rank when to stop."""
+
+    def __init__(self, dist: Dist):
+        self.dist = dist
+        self.signum: int | None = None  # this rank's first stop signal
+        self.agreed_signum: int | None = None  # the signal every rank agreed to stop on
+        self._previous: dict[int, Any] = {}
+        self._flag: torch.Tensor | None = None
+        self._pending: Any = None
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._wait_pending()
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one acts at once, as if we were not here
+
+    def after_step(self) -> bool:
+        """Whether every rank stops after the step just done. Alone: whether a signal came. Under
+        torchrun: whether any rank had a signal one step ago (the same answer on every rank)."""
+        if not self.dist.active:
+            self._agree(self.signum)
+            return self.agreed_signum is not None
+        self._agree(self._wait_pending())
+        if self.agreed_signum is None:  # every rank decides alike, so every rank starts the next agreement or none does
+            self._flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+            self._pending = torch_dist.all_reduce(self._flag, op=torch_dist.ReduceOp.MAX, group=self.dist.cpu_group, async_op=True)
+        return self.agreed_signum is not None
+
+    def at_epoch_end(self) -> bool:
+        """Whether every rank stops now, before the next epoch (one synchronous agreement)."""
+        self._wait_pending()
+        if not self.dist.active:
+            self._agree(self.signum)
+        else:
+            flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+            torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=self.dist.cpu_group)
+            self._agree(int(flag.item()) or None)
+        return self.agreed_signum is not None
+
+    def _wait_pending(self) -> int | None:
+        """The result of the agreement started after the previous step (None if none was started or nobody asked)."""
+        if self._pending is None:
+            return None
+        self._pending.wait()
+        self._pending = None
+        return int(self._flag.item()) or None
+
+    def _agree(self, signum: int | None) -> None:
+        if signum and self.agreed_signum is None:
+            self.agreed_signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.agreed_signum).name if self.agreed_signum else ""
