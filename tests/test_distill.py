@@ -423,6 +423,45 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_pa
     for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer"):
         assert_same_tensors(a[key], b[key], key)
 
+    # the way a cluster stops a job: SIGTERM to torchrun's agent, which passes it to both workers
+    agent_out = tmp_path / "agent"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"),
+                              *distill_args(world, agent_out, epochs=2)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+    try:
+        wait_until_children_catch(agent.pid, signal.SIGTERM, count=2)  # both workers are in the training loop
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=120)
+    finally:
+        agent.kill()
+    assert agent.returncode != 0 and "distill: stopped by SIGTERM" in err, err
+    resumed = launch(agent_out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    b = load_ckpt(agent_out / "checkpoint.pt")
+    for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer"):
+        assert_same_tensors(a[key], b[key], key)
+
+
+def wait_until_children_catch(pid: int, signum: int, count: int, timeout: float = 180) -> None:
+    """Wait until ``count`` child processes of ``pid`` have a handler for ``signum`` (Linux: SigCgt in
+    /proc/PID/status), i.e. until they run the code that catches it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        catching = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                if ppid != pid:
+                    continue
+                status = (stat.parent / "status").read_text()
+            except (OSError, IndexError, ValueError):
+                continue
+            caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+            catching += bool(caught >> (signum - 1) & 1)
+        if catching >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no {count} children of {pid} caught signal {signum} within {timeout} s")
+
 
 # ---------------------------------------------------------------------------------------------
 # 5: DDP (torch.distributed.run, gloo) == one process with the same global batch
