@@ -30,11 +30,20 @@ from mealkd.core.accel import PRECISIONS
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as excluded instead of aborting.")
 @click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
 @click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
-def precompute(**kwargs) -> None:
+@click.option("--dry-run", is_flag=True, help="Measure instead of run: label a sample of the images through the real pipeline and print "
+              "the job's teacher time (for 1 and several processes), the store's size and what each label encoding keeps of "
+              "these teachers' outputs. Writes nothing at --out (an existing store there is checked and its pending images counted).")
+def precompute(dry_run: bool, **kwargs) -> None:
     """Stage one: run the teacher ensemble once over seeded crops and store the averaged softmax."""
     from mealkd.precompute.runner import PrecomputeConfig, run_precompute, time_report
 
     console = Console(stderr=True)
+    if dry_run:
+        from mealkd.precompute.dry_run import report_lines, run_dry_run
+
+        for line in report_lines(run_dry_run(PrecomputeConfig(**kwargs))):
+            console.print(line, soft_wrap=True, highlight=False, markup=False)
+        return
     summary = run_precompute(PrecomputeConfig(**kwargs), console)
     if summary.get("rank", 0) == 0:
         state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"

@@ -231,14 +231,18 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
     d = init_distributed(backend.device)
     try:
         index = scan_image_folder(cfg.data)
-        specs = parse_spec_list(cfg.teachers)
-        teachers = [load_model(spec, num_classes=len(index.class_names)) for spec in specs]
-        ensemble = TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device, precision=cfg.precision,
-                                   class_names=index.class_names)
+        ensemble = load_ensemble(cfg, index, backend)
         return run_locked(cfg.out, d, lambda: _prepare_store(cfg, index, ensemble, backend, d, console),
                           lambda: _label_pending(cfg, index, ensemble, backend, d, console))
     finally:
         shutdown(d)
+
+
+def load_ensemble(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend) -> TeacherEnsemble:
+    """The ``--teachers`` ensemble for ``index``'s classes on ``backend``'s device."""
+    teachers = [load_model(spec, num_classes=len(index.class_names)) for spec in parse_spec_list(cfg.teachers)]
+    return TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device, precision=cfg.precision,
+                           class_names=index.class_names)
 
 
 def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[], dict]) -> dict:

@@ -1,0 +1,234 @@
+"""``precompute --dry-run``: what a stage-one job will cost, measured before it is spent.
+
+A sample of the dataset's images (spread over it, so every part of the class-sorted tree is in it)
+goes through the real stage-one path: the validation decode, the crop pipeline, the teacher
+ensemble with precompute's pipelined launch, and the store's encoding and compression, into a
+temporary store with the real store's layout. From it: the teachers' crops/s on this device, the
+job's time, the store's size, and for each label encoding the share of the teachers' probability
+mass it would drop (mean and max total variation on these teachers' own outputs). Nothing is
+written at ``--out``; an existing store there is checked as a rerun would check it, and only its
+pending images are counted.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mealkd import storage
+from mealkd.core.dali_io import resolve_backend
+from mealkd.core.dataset import DatasetIndex, scan_image_folder
+from mealkd.core.distributed import launched_by_torchrun
+from mealkd.core.probe import probe_images
+from mealkd.core.timing import StageTimes
+from mealkd.core.windows import draw_all_windows
+from mealkd.errors import UserError
+from mealkd.precompute.crops import CropStream
+from mealkd.precompute.ensemble import TeacherEnsemble
+from mealkd.precompute.runner import PrecomputeConfig, _check_existing, _settings, labelled_batches, load_ensemble
+from mealkd.storage.encoding import encode_topk, normalise_rows, to_f16, topk_tv
+from mealkd.storage.schema import DENSE, TOPK, default_images_per_shard, label_row_bytes, parse_encoding, topk_index_dtype
+
+#: teacher batches run before the clock starts (cuDNN autotuning, allocator growth), then the timed ones
+WARMUP_BATCHES, TIMED_BATCHES = 3, 24
+#: top-k encodings whose fidelity is reported beside the requested one
+CANDIDATE_K = (5, 10, 20, 50, 100)
+
+
+@dataclass(frozen=True)
+class EncodingFit:
+    """What one label encoding keeps of the sampled teacher rows."""
+
+    encoding: str
+    raw_bytes_per_crop: int
+    mean_tv: float
+    max_tv: float
+
+
+def sample_ids(num_images: int, crops_per_image: int, batch_size: int) -> np.ndarray:
+    """Image ids evenly spread over the dataset, enough for the warm-up and timed teacher batches."""
+    want = -(-(WARMUP_BATCHES + TIMED_BATCHES) * batch_size // crops_per_image)
+    return np.unique(np.linspace(0, num_images - 1, min(num_images, max(1, want))).round().astype(np.int64))
+
+
+def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend) -> tuple[int, str, bool]:
+    """(images a run with ``cfg`` would still label, a note on the store at --out, whether the run creates
+    it: only then does it first decode every file to validate it)."""
+    if not storage.store_exists(cfg.out):
+        return len(index), f"--out {cfg.out} does not exist yet: the run creates it", True
+    _check_existing(cfg.out, _settings(cfg, index, ensemble, backend), cfg.crops_per_image)
+    writer = storage.StoreWriter(cfg.out)
+    pending = writer.pending_shards()
+    images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
+    return images, f"--out {cfg.out} exists with these settings: {len(pending)} of {writer.num_shards} shards pending", False
+
+
+def encoding_fits(probs: np.ndarray, num_classes: int) -> list[EncodingFit]:
+    """Dense fp16 and top-k for the candidate K below C: raw bytes per crop and the total variation between
+    the sampled float32 rows and the rows the store would return for them."""
+    rows = probs.reshape(-1, num_classes).astype(np.float32)
+    dense = normalise_rows(to_f16(rows))
+    tv = 0.5 * np.abs(dense - rows).sum(1)
+    fits = [EncodingFit("dense", sum(label_row_bytes(DENSE, None, num_classes)), float(tv.mean()), float(tv.max()))]
+    index_dtype = topk_index_dtype(num_classes)
+    for k in CANDIDATE_K:
+        if k >= num_classes:
+            break
+        total, worst, n = topk_tv(rows, *encode_topk(rows, k, index_dtype))
+        fits.append(EncodingFit(f"topk:{k}", sum(label_row_bytes(TOPK, k, num_classes)), total / max(1, n), worst))
+    return fits
+
+
+def stored_bytes(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, settings: dict, ids: np.ndarray,
+                 sizes: np.ndarray, windows: np.ndarray, flips: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Bytes on disk per crop of the labels and of the crop windows + flips, and per image of the rest,
+    from a temporary store of the sample written by the real writer with the full store's shard size
+    (so its inner chunks, which set the compression, are the real store's)."""
+    kind, k = parse_encoding(cfg.encoding)
+    ips = cfg.images_per_shard or default_images_per_shard(len(index), cfg.crops_per_image, ensemble.num_classes, kind, k)
+    with tempfile.TemporaryDirectory(prefix="mealkd-dry-run-") as tmp:
+        url = str(Path(tmp) / "sample.zarr")
+        sample = dict(settings, dataset={"num_images": len(ids), "fingerprint": "dry-run sample"})
+        storage.create_store(url, attributes=sample, paths=[index.paths[i] for i in ids.tolist()], targets=index.targets[ids],
+                             sizes=sizes, crops_per_image=cfg.crops_per_image, num_classes=ensemble.num_classes, encoding=cfg.encoding,
+                             images_per_shard=ips)
+        writer = storage.StoreWriter(url)
+        for shard in writer.pending_shards():
+            start, stop = writer.shard_range(shard)
+            writer.write_shard(shard, windows[start:stop], flips[start:stop], probs[start:stop])
+        files = [f for f in Path(url).rglob("*") if f.is_file()]
+        fixed = sum(f.stat().st_size for f in files if f.name == "zarr.json")  # metadata: the same whatever the size
+        data: dict[str, int] = {}
+        for f in files:
+            if f.name != "zarr.json":
+                node = f.relative_to(url).parts[0]
+                data[node] = data.get(node, 0) + f.stat().st_size
+    crops = len(ids) * cfg.crops_per_image
+    labels = sum(data.get(name, 0) for name in ("probs", "topk_idx", "topk_val"))
+    geometry = data.get("windows", 0) + data.get("flips", 0)
+    rest = sum(data.values()) - labels - geometry
+    return {"labels_per_crop": labels / crops, "windows_per_crop": geometry / crops, "rest_per_image": rest / len(ids), "fixed": fixed}
+
+
+def run_dry_run(cfg: PrecomputeConfig) -> dict:
+    """Measure a sample through the real stage-one path and extrapolate to the job (see the module docstring)."""
+    if launched_by_torchrun():
+        raise UserError("--dry-run: measures one process; run it without torchrun (it prints the time for several processes too)")
+    cfg.validate()
+    backend = resolve_backend(cfg.device)
+    index = scan_image_folder(cfg.data)
+    ensemble = load_ensemble(cfg, index, backend)
+    todo, store_note, creates = pending_images(cfg, index, ensemble, backend)
+    ids = sample_ids(len(index), cfg.crops_per_image, cfg.batch_size)
+
+    started = time.perf_counter()
+    sizes, bad = probe_images(index, ids, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads)
+    probe_s = time.perf_counter() - started
+    good = ~np.isin(ids, bad)
+    if not good.any():
+        raise UserError(f"--data {cfg.data}: none of the {len(ids)} sampled images could be decoded; check the tree (precompute would stop on them)")
+    ids, sizes = ids[good], sizes[good]
+    windows, flips = draw_all_windows(cfg.policy, ids, sizes, cfg.crops_per_image)
+    probs = np.zeros((len(ids), cfg.crops_per_image, ensemble.num_classes), dtype=np.float32)
+
+    stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+    times = StageTimes()
+    if backend.is_cuda:
+        torch.cuda.reset_peak_memory_stats(backend.device)
+    batches, timed_crops, clock = 0, 0, time.perf_counter()
+    labelled = labelled_batches(stream.batches(ids.tolist(), list(range(len(ids))), windows, flips), ensemble, times=times)
+    for batch, rows in labelled:
+        probs[batch.rows, batch.crops] = rows
+        batches += 1
+        if batches == WARMUP_BATCHES:
+            clock = time.perf_counter()  # the clock starts after the warm-up batches
+        elif batches > WARMUP_BATCHES:
+            timed_crops += len(batch.rows)
+    warm = batches > WARMUP_BATCHES
+    if not warm:  # too few images for a warm-up: every batch is timed
+        timed_crops = int(good.sum()) * cfg.crops_per_image
+    seconds = time.perf_counter() - clock
+    crops_per_s = timed_crops / max(seconds, 1e-9)
+
+    kind, _ = parse_encoding(cfg.encoding)
+    settings = _settings(cfg, index, ensemble, backend)
+    bytes_ = stored_bytes(cfg, index, ensemble, settings, ids, sizes, windows, flips, probs)
+    total_crops = todo * cfg.crops_per_image
+    return {
+        "images": len(index),
+        "pending_images": todo,
+        "store": store_note,
+        "crops": total_crops,
+        "crops_per_image": cfg.crops_per_image,
+        "sample_images": int(len(good)),
+        "sample_unreadable": int((~good).sum()),
+        "sample_crops": int(len(ids)) * cfg.crops_per_image,
+        "timed_batches": max(0, batches - WARMUP_BATCHES) if warm else batches,
+        "warmup_batches": WARMUP_BATCHES if warm else 0,
+        "device": torch.cuda.get_device_name(backend.device) if backend.is_cuda else f"CPU, {torch.get_num_threads()} torch threads",
+        "teachers": [{"spec": t["spec"], "folded": f} for t, f in zip(ensemble.describe(), ensemble.folded)],
+        "precision": ensemble.precision,
+        "crops_per_s": crops_per_s,
+        "teacher_hours": total_crops / max(crops_per_s, 1e-9) / 3600,
+        "validation_hours": todo * probe_s / len(good) / 3600 if creates else 0.0,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated(backend.device) / 2**20 if backend.is_cuda else None,
+        "thread_s": {name: round(sec, 3) for name, sec in times.seconds.items()},
+        "bytes": bytes_,
+        "store_bytes": todo * cfg.crops_per_image * (bytes_["labels_per_crop"] + bytes_["windows_per_crop"]) + todo * bytes_["rest_per_image"]
+        + (bytes_["fixed"] if creates else 0),
+        "encoding": cfg.encoding,
+        "encoding_kind": kind,
+        "fits": [fit.__dict__ for fit in encoding_fits(probs, ensemble.num_classes)],
+    }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
+def _duration(hours: float) -> str:
+    seconds = hours * 3600
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if hours < 2:
+        return f"{seconds / 60:.0f} min"
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
+
+
+def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
+    """The dry run's findings as lines for the terminal. Times for several processes are shown on a GPU
+    only: there each process has its own GPU and labels its own shards; CPU processes share the cores."""
+    r, b = result, result["bytes"]
+    teachers = ", ".join(f"{t['spec']}{' (BatchNorm folded)' if t['folded'] else ''}" for t in r["teachers"])
+    total = r["teacher_hours"] + r["validation_hours"]
+    time_line = f"time, one process: {_duration(total)}"
+    if r["validation_hours"]:
+        time_line += f" (teachers {_duration(r['teacher_hours'])}, validation decode of every file {_duration(r['validation_hours'])})"
+    if r["peak_gpu_mib"] is not None:
+        time_line += "; " + ", ".join(f"{g} GPUs: {_duration(total / g)}" for g in gpus)
+    lines = [
+        f"dry run: nothing was written. {r['store']}",
+        f"work: {r['pending_images']:,} of {r['images']:,} images x {r['crops_per_image']:,} crops = {r['crops']:,} crops to label",
+        f"teachers: {teachers}; {r['precision']} on {r['device']}",
+        f"measured: {r['crops_per_s']:,.0f} crops/s over {r['timed_batches']} batches after {r['warmup_batches']} untimed warm-up batches "
+        f"({r['sample_images']} images sampled"
+        + (f", {r['sample_unreadable']} more unreadable" if r["sample_unreadable"] else "") + ")"
+        + (f"; peak GPU memory {r['peak_gpu_mib']:,.0f} MiB" if r["peak_gpu_mib"] is not None else ""),
+        time_line,
+        f"to write: {_size(r['store_bytes'])} ({r['encoding']}: labels {b['labels_per_crop']:,.1f} B/crop, windows + flips "
+        f"{b['windows_per_crop']:,.1f} B/crop, paths and the rest {b['rest_per_image']:,.0f} B/image, as written for the sample)",
+        "label encodings on the sampled crops (total variation between the teachers' float32 rows and what the store returns):",
+    ]
+    for fit in r["fits"]:
+        chosen = "  <- --encoding" if fit["encoding"] == r["encoding"] or (fit["encoding"] == "dense" and r["encoding_kind"] == DENSE) else ""
+        lines.append(f"  {fit['encoding']:>9}: {fit['raw_bytes_per_crop']:>6,} B/crop before compression, mean TV {fit['mean_tv']:.4f}, "
+                     f"max {fit['max_tv']:.4f}{chosen}")
+    return lines

@@ -1,0 +1,91 @@
+"""`precompute --dry-run`: a sample through the real stage-one path, extrapolated to the job; nothing
+written. On a dataset small enough that the sample is every image, its label fidelity must equal the
+store a real run then writes, and its size estimate must be close to that store's bytes."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from mealkd import storage
+from mealkd.core.dataset import scan_image_folder
+from mealkd.precompute.dry_run import CANDIDATE_K, run_dry_run, sample_ids
+from mealkd.precompute.runner import PrecomputeConfig, run_precompute
+from tests.datagen import make_jpeg_tree
+
+CLASSES, PER_CLASS, R, SIZE = 12, 4, 3, 16
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("dry_run")
+    tree = make_jpeg_tree(root / "train", CLASSES, PER_CLASS, seed=0)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=CLASSES).state_dict(), root / "r18.pth")
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=CLASSES).state_dict(), root / "mnv3.pth")
+    teachers = f"torchvision:resnet18@{root / 'r18.pth'},torchvision:mobilenet_v3_small@{root / 'mnv3.pth'}:w=0.5"
+    return {"root": root, "tree": tree, "teachers": teachers}
+
+
+def config(world, out, **kw) -> PrecomputeConfig:
+    return PrecomputeConfig(data=str(world["tree"]), teachers=world["teachers"], out=str(out), crops_per_image=R, image_size=SIZE,
+                            batch_size=8, device="cpu", num_threads=1, temperature=4.0, **kw)
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    from mealkd import cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_sample_spreads_over_the_dataset():
+    ids = sample_ids(1_281_167, 100, 256)
+    assert 60 <= len(ids) <= 70 and ids[0] == 0 and ids[-1] == 1_281_166  # 27 batches of 256 crops at R = 100
+    assert (sample_ids(10, 3, 64) == range(10)).all()  # a small dataset: every image
+
+
+def test_dry_run_predicts_what_the_real_run_writes(world, tmp_path, capsys):
+    out = tmp_path / "store.zarr"
+    code, err = run_main(["precompute", "--data", str(world["tree"]), "--teachers", world["teachers"], "--out", str(out), "--crops-per-image", str(R),
+                          "--image-size", str(SIZE), "--batch-size", "8", "--device", "cpu", "--num-threads", "1", "--temperature", "4",
+                          "--encoding", "topk:5", "--dry-run"], capsys)
+    assert code == 0, err
+    assert not out.exists()  # nothing written at --out
+    assert "dry run: nothing was written" in err and f"{CLASSES * PER_CLASS} of {CLASSES * PER_CLASS} images x {R} crops" in err
+    assert "topk:5:" in err and "<- --encoding" in err
+
+    predicted = run_dry_run(config(world, out, encoding="topk:5"))
+    assert predicted["sample_images"] == CLASSES * PER_CLASS  # every image: the prediction covers the very crops the run labels
+    fits = {f["encoding"]: f for f in predicted["fits"]}
+    assert set(fits) == {"dense", *(f"topk:{k}" for k in CANDIDATE_K if k < CLASSES)}
+    assert fits["dense"]["mean_tv"] < 1e-3 < fits["topk:5"]["mean_tv"]  # fp16 rounding only vs real truncation at T = 4
+    assert fits["topk:10"]["mean_tv"] < fits["topk:5"]["mean_tv"]
+    assert predicted["crops_per_s"] > 0 and predicted["teacher_hours"] > 0
+
+    run_precompute(config(world, out, encoding="topk:5"))
+    store = storage.open_store(str(out))
+    sum_tv, max_tv, rows = store.shard_fidelity().sum(0)[0], store.shard_fidelity()[:, 1].max(), store.shard_fidelity().sum(0)[2]
+    assert rows == CLASSES * PER_CLASS * R
+    assert fits["topk:5"]["mean_tv"] == pytest.approx(sum_tv / rows, rel=1e-6)  # the same rows, so the same fidelity
+    assert fits["topk:5"]["max_tv"] == pytest.approx(max_tv, rel=1e-6)
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert 0.7 * written <= predicted["store_bytes"] <= 1.3 * written, (predicted["store_bytes"], written)
+
+    again = run_dry_run(config(world, out, encoding="topk:5"))  # a finished store: nothing left to label or write
+    assert again["pending_images"] == 0 and again["crops"] == 0 and again["teacher_hours"] == 0 and "0 of 1 shards pending" in again["store"]
+
+
+def test_dry_run_errors_are_one_line(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "store.zarr"
+    run_precompute(config(world, out))
+    capsys.readouterr()  # the real run's progress
+    args = ["precompute", "--data", str(world["tree"]), "--teachers", world["teachers"], "--out", str(out), "--crops-per-image", str(R + 1),
+            "--image-size", str(SIZE), "--device", "cpu", "--num-threads", "1", "--temperature", "4", "--dry-run"]
+    code, err = run_main(args, capsys)  # another R than the store at --out: what the real rerun would refuse
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "different settings" in err and "crops_per_image" in err, err
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(key, value)
+    code, err = run_main(args, capsys)
+    assert code == 2 and "--dry-run: measures one process; run it without torchrun" in err, err
