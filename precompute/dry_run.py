@@ -125,6 +125,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     todo, store_note, creates = pending_images(cfg, index, ensemble, backend)
     ids = sample_ids(len(index), cfg.crops_per_image, cfg.batch_size)
 
+    sampled = len(ids)
     started = time.perf_counter()
     sizes, bad = probe_images(index, ids, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads)
     probe_s = time.perf_counter() - started
@@ -174,7 +175,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         "precision": ensemble.precision,
         "crops_per_s": crops_per_s,
         "teacher_hours": total_crops / max(crops_per_s, 1e-9) / 3600,
-        "validation_hours": todo * probe_s / len(good) / 3600 if creates else 0.0,
+        "validation_hours": todo * probe_s / sampled / 3600 if creates else 0.0,
         "peak_gpu_mib": torch.cuda.max_memory_allocated(backend.device) / 2**20 if backend.is_cuda else None,
         "thread_s": {name: round(sec, 3) for name, sec in times.seconds.items()},
         "bytes": bytes_,

@@ -8,7 +8,6 @@ import torch
 import torchvision
 
 from mealkd import storage
-from mealkd.core.dataset import scan_image_folder
 from mealkd.precompute.dry_run import CANDIDATE_K, run_dry_run, sample_ids
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from tests.datagen import make_jpeg_tree
