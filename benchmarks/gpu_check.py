@@ -792,14 +792,19 @@ def quiet_console():
 
 
 def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
-    """End to end on a fresh store, then the labelling pass alone: every shard marked not done and rerun."""
+    """The dry run's prediction, then end to end on a fresh store, then the labelling pass alone: every
+    shard marked not done and rerun."""
     import zarr
 
+    from mealkd.precompute.dry_run import run_dry_run
     from mealkd.precompute.runner import PrecomputeConfig, run_precompute, time_report
 
     p = ctx.plan
     cfg = PrecomputeConfig(data=str(data), teachers=teachers, out=str(out), crops_per_image=p.bench_crops, image_size=p.bench_size,
                            batch_size=p.bench_batch, device=ctx.device, skip_bad=True, num_threads=ctx.bench_threads)
+    t0 = time.perf_counter()
+    predicted = run_dry_run(cfg)
+    dry_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_precompute(cfg, quiet_console())
     fresh = time.perf_counter() - t0
@@ -809,8 +814,9 @@ def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
     command = time.perf_counter() - t0
     if not summary.get("complete"):
         raise CheckError("the rerun over pending shards did not complete the store")
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"crops": summary["crops"], "fresh_s": fresh, "command_s": command, "labelling_s": summary["labelling_s"],
-            "report": time_report(summary)}
+            "report": time_report(summary), "dry": predicted, "dry_s": dry_s, "written": written}
 
 
 def graphed_launch(ensemble, example: list) -> Callable[[list], "torch.Tensor"]:
@@ -964,6 +970,10 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
         graphs_row,
         Row("precompute end-to-end / teacher-only", "INFO", f"{teacher_s / pre['fresh_s']:.2f}", "-",
             f"fresh store incl. model load, validation decode of every file, store creation: {pre['crops'] / pre['fresh_s']:.0f} crops/s"),
+        Row("precompute --dry-run / real", "INFO", f"{pre['dry']['crops_per_s'] / (pre['crops'] / pre['labelling_s']):.2f}", "-",
+            f"the dry run's predicted crops/s vs the labelling pass's: {pre['dry']['crops_per_s']:.0f} vs "
+            f"{pre['crops'] / pre['labelling_s']:.0f} ({pre['dry']['sample_images']} sampled images, {pre['dry_s']:.1f} s in all); "
+            f"bytes {pre['dry']['store_bytes'] / 1e6:.2f} MB predicted vs {pre['written'] / 1e6:.2f} MB written"),
         ratio_row(ctx, "distill / student-step-only", d["distill"] / d["student"], DISTILL_RATIO,
                   f"{ctx.device}, student {p.bench_student}, batch {p.bench_batch}, {d['steps']} steps/epoch: "
                   f"{d['distill']:.0f} (epoch 2) vs {d['student']:.0f} crops/s; the training thread waited "

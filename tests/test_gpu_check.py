@@ -52,6 +52,7 @@ def test_quick_cpu_run_passes(quick_run):
     assert rows["teachers: BatchNorm folded / as loaded"]["status"] == "INFO"  # the quick teacher (resnet18) has BatchNorm to fold
     assert float(rows["teachers: BatchNorm folded / as loaded"]["value"]) > 0
     assert "s for crops" in rows["precompute / teacher-only"]["detail"]  # precompute's own time report
+    assert rows["precompute --dry-run / real"]["status"] == "INFO" and float(rows["precompute --dry-run / real"]["value"]) > 0
     assert "bit-equal" in rows["replay identity (stage 1 == stage 2)"]["value"]
     assert "K=2" in rows["replay identity (stage 1 == stage 2)"]["detail"]
     assert all(job["exit"] in (0, 143) for job in result["subprocesses"]), result["subprocesses"]
