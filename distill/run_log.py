@@ -140,17 +140,19 @@ class _PlainProgress:
 
     def epoch(self, epoch: int, steps: int, done: int = 0):
         started = time.perf_counter()
-        seen = 0
+        seen, first = 0, done
 
         def step(done: int, crops: int, means: dict | None, lr: float) -> None:
             nonlocal seen
             seen += crops
             if means is None or not self.log.enabled:
                 return
-            rate = seen / max(time.perf_counter() - started, 1e-9)
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            left = elapsed / max(1, done - first) * (steps - done)  # the steps of this epoch still to run, at this session's pace
             self.log.console.print(
                 f"epoch {epoch + 1}/{self.epochs} step {done}/{steps}: loss {means['loss']:.4f}  D {means['d_loss']:.3f} "
-                f"(acc {means['d_acc']:.0%})  agree {means['agreement']:.1%}  lr {lr:.3g}  {rate:.0f} crops/s",
+                f"(acc {means['d_acc']:.0%})  agree {means['agreement']:.1%}  lr {lr:.3g}  {seen / elapsed:.0f} crops/s  "
+                f"epoch ends in {left / 60:.1f} min",
                 soft_wrap=True, highlight=False,
             )
 

@@ -434,7 +434,9 @@ class Trainer:
         steps = self.loader.steps_per_epoch()
         try:
             with GracefulStop(self.dist) as stop, self.log.progress(cfg.epochs, cfg.batch_size) as progress:
+                wall: list[float] = []  # this process's seconds per epoch (training, validation, checkpoint): the ETA
                 for epoch in range(self.start_epoch, cfg.epochs):
+                    epoch_started = time.perf_counter()
                     resumed = epoch == self.start_epoch and self.start_step > 0  # inside an epoch a stop signal ended
                     first = self.start_step if resumed else 0
                     record = self.train_epoch(epoch, progress.epoch(epoch, steps, done=first), stop, first, self.rank_state if resumed else None)
@@ -446,7 +448,9 @@ class Trainer:
                             self._save(epoch, record)
 
                         self._write(finish_epoch, f"epoch {epoch + 1}")
-                        progress.print(_format_record(record))
+                        if not resumed:  # a partial epoch says little about a whole one
+                            wall.append(time.perf_counter() - epoch_started)
+                        progress.print(_format_record(record) + _eta(wall, cfg.epochs - epoch - 1))
                     self.dist.barrier()
                     records.append(record)
                     if epoch + 1 < cfg.epochs and stop.at_epoch_end():
@@ -462,6 +466,15 @@ class Trainer:
 
     def close(self) -> None:
         shutdown(self.dist)
+
+
+def _eta(wall: list[float], epochs_left: int) -> str:
+    """'  run ends in ~T' from the mean of the whole epochs this process has timed (nothing when none is left or timed)."""
+    if not wall or epochs_left <= 0:
+        return ""
+    seconds = sum(wall) / len(wall) * epochs_left
+    text = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return f"  ({epochs_left} epoch{'s' if epochs_left > 1 else ''} left, ~{text})"
 
 
 def _format_record(record: dict) -> str:

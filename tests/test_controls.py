@@ -177,7 +177,10 @@ def test_cluster_logs_best_and_epoch_checkpoints(recipe, tmp_path):
                          init="scratch", epochs=4))
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("epoch ") and " step " in line]
-    assert lines[0].startswith("epoch 1/4 step 2/3: loss ") and "crops/s" in lines[0]
+    assert lines[0].startswith("epoch 1/4 step 2/3: loss ") and "crops/s" in lines[0] and "epoch ends in" in lines[0]
+    summaries = [line for line in done.stderr.splitlines() if line.startswith("epoch ") and ": loss" in line and " step " not in line]
+    assert [("3 epochs left" in s, "2 epochs left" in s, "1 epoch left" in s, "left, ~" in s) for s in summaries] == [
+        (True, False, False, True), (False, True, False, True), (False, False, True, True), (False, False, False, False)]  # the run's ETA
     assert sum(" step 3/3:" in line for line in lines) == 4  # the last step of each epoch is always shown
     assert "\x1b[" not in done.stderr  # no terminal escape codes in a log file
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
