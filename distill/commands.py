@@ -57,6 +57,9 @@ from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 @click.option("--tensorboard", is_flag=True, help="Also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package: pip install mealkd[tensorboard]).")
 @click.option("--eval-every", default=1, show_default=True, type=int, help="Run --val every N epochs (and always after the last one).")
 @click.option("--keep-every", default=0, show_default=True, type=int, help="Also keep RUN/epoch_NNNN.pt every N epochs (0: only checkpoint.pt and best.pt).")
+@click.option("--checkpoint-minutes", default=30.0, show_default=True, type=float, help="Also write RUN/checkpoint.pt inside an epoch when this "
+              "many minutes passed since the last one (with each rank's RNG states: --resume continues from that step exactly), so a crash "
+              "costs at most this much work; 0: only at the end of each epoch.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint exactly as recorded (from the step it stopped at, after SIGTERM/SIGUSR1/Ctrl-C, which save that step): training flags left out take their recorded values; a changed one is refused (start a new run with --init RUN/checkpoint.pt instead). --val, --device and --num-threads may change. Without a checkpoint in --out a new run starts.")
 def distill(**kwargs) -> None:
     """Stage two: train a student from a label store (MEAL V2 recipe, DALI crop replay)."""

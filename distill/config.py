@@ -7,7 +7,7 @@ run: e.g. ``--epochs 200`` after a 180-epoch cosine run sends the lr back up). P
 ``--data``) may move; the store is identified by its id and the dataset by its fingerprint.
 Operational flags (``--val``, ``--device``, ``--precision``, ``--deterministic``, ``--allow-decoder-mismatch``,
 ``--num-threads``, ``--compile``, ``--compile-backend``, ``--channels-last``, ``--log-every``, ``--tensorboard``,
-``--eval-every``, ``--keep-every``, the validation protocol) may change freely.
+``--eval-every``, ``--keep-every``, ``--checkpoint-minutes``, the validation protocol) may change freely.
 """
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ class DistillConfig:
     tensorboard: bool = False
     eval_every: int = 1
     keep_every: int = 0
+    checkpoint_minutes: float = 30.0
     resize_size: int | None = None
     crop_pct: float | None = None
     interpolation: str | None = None
@@ -105,6 +106,8 @@ class DistillConfig:
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--crops-per-image-step", self.crops_per_step)):
             if value < 1:
                 raise UserError(f"{flag} {value}: must be >= 1")
+        if self.checkpoint_minutes < 0:
+            raise UserError(f"--checkpoint-minutes {self.checkpoint_minutes}: must be >= 0 (0: only at the end of each epoch)")
         if self.lr <= 0:
             raise UserError(f"--lr {self.lr}: learning rates must be > 0")
         parse_d_lr(self.d_lr)

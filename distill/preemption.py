@@ -10,19 +10,23 @@ epoch, and exits, and ``--resume`` continues from that step. A second signal act
 without us (SIGTERM/SIGUSR1 end the process, SIGINT raises KeyboardInterrupt), so a stuck run can
 still be stopped at once.
 
+The same agreement carries "save now" for ``--checkpoint-minutes``: rank 0's clock says when a
+checkpoint inside an epoch is due (a crash, an OOM kill or a lost node then costs at most that much
+work, not a whole epoch), and every rank must take part in that save at the same step.
+
 Under torchrun every rank must stop after the same step, or the ranks that go on would wait in
 DDP's all-reduce for ranks that left. A signal reaches each rank at a slightly different moment, so
 the ranks agree: after every step each rank starts an asynchronous all-reduce (MAX, on the CPU gloo
-group: no GPU sync) of "a stop was requested here", and reads the result one step later. All ranks
-therefore read the same value after the same step. The cost is one small CPU collective per step,
-overlapped with the next step.
+group: no GPU sync) of (the stop signal it received, whether a save is due), and reads the result
+one step later. All ranks therefore read the same values after the same step. The cost is one small
+CPU collective per step, overlapped with the next step.
 """
 from __future__ import annotations
 
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as torch_dist
@@ -33,12 +37,21 @@ from mealkd.core.distributed import Dist
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
+class StepDecision(NamedTuple):
+    """What every rank does after a step: stop (save, then end the process) and/or save a checkpoint."""
+
+    stop: bool
+    save: bool
+
+
 class GracefulStop:
     """A context manager that records the first stop signal instead of dying of it (main thread only;
-    elsewhere the signals keep their default action), and tells every rank when to stop."""
+    elsewhere the signals keep their default action), and tells every rank when to stop or save.
+    ``save_due``: rank 0's answer to "is a checkpoint due?" (the other ranks' answers are ignored)."""
 
-    def __init__(self, dist: Dist):
+    def __init__(self, dist: Dist, save_due: Callable[[], bool] = lambda: False):
         self.dist = dist
+        self.save_due = save_due
         self.signum: int | None = None  # this rank's first stop signal
         self.agreed_signum: int | None = None  # the signal every rank agreed to stop on
         self._previous: dict[int, Any] = {}
@@ -62,20 +75,23 @@ class GracefulStop:
             self.signum = signum
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one acts at once, as if we were not here
 
-    def after_step(self) -> bool:
-        """Whether every rank stops after the step just done. Alone: whether a signal came. Under
-        torchrun: whether any rank had a signal one step ago (the same answer on every rank)."""
+    def after_step(self) -> StepDecision:
+        """What every rank does after the step just done. Alone: stop if a signal came, save if one is
+        due. Under torchrun: the same for the requests of one step ago (the same answer on every rank)."""
         if not self.dist.active:
             self._agree(self.signum)
-            return self.agreed_signum is not None
-        self._agree(self._wait_pending())
+            return StepDecision(self.agreed_signum is not None, self.save_due())
+        signum, save = self._wait_pending()
+        self._agree(signum)
         if self.agreed_signum is None:  # every rank decides alike, so every rank starts the next agreement or none does
-            self._flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+            due = self.dist.is_main and self.save_due() and not save  # a save just agreed resets rank 0's clock first
+            self._flag = torch.tensor([self.signum or 0, int(due)], dtype=torch.int64)
             self._pending = torch_dist.all_reduce(self._flag, op=torch_dist.ReduceOp.MAX, group=self.dist.cpu_group, async_op=True)
-        return self.agreed_signum is not None
+        return StepDecision(self.agreed_signum is not None, save)
 
     def at_epoch_end(self) -> bool:
-        """Whether every rank stops now, before the next epoch (one synchronous agreement)."""
+        """Whether every rank stops now, before the next epoch (one synchronous agreement; a save due
+        now is dropped: the epoch's own checkpoint was just written)."""
         self._wait_pending()
         if not self.dist.active:
             self._agree(self.signum)
@@ -85,13 +101,14 @@ class GracefulStop:
             self._agree(int(flag.item()) or None)
         return self.agreed_signum is not None
 
-    def _wait_pending(self) -> int | None:
-        """The result of the agreement started after the previous step (None if none was started or nobody asked)."""
+    def _wait_pending(self) -> tuple[int | None, bool]:
+        """The agreement started after the previous step: (a rank's stop signal or None, a save is due)."""
         if self._pending is None:
-            return None
+            return None, False
         self._pending.wait()
         self._pending = None
-        return int(self._flag.item()) or None
+        signum, save = (int(v) for v in self._flag.tolist())
+        return signum or None, bool(save)
 
     def _agree(self, signum: int | None) -> None:
         if signum and self.agreed_signum is None:

@@ -13,7 +13,7 @@ reseeded from (seed, rank, epoch) at every epoch, so no RNG state needs saving),
 (best validation top-1) and ``epoch_NNNN.pt`` every ``--keep-every`` epochs. A stop signal
 (SIGTERM, SIGUSR1, Ctrl-C: distill.preemption) ends the run after the current step with a
 checkpoint of that point of the epoch, which then also holds each rank's RNG states and running
-sums. ``--resume`` continues exactly the recorded run (see distill.config), from an epoch's end or
+sums; ``--checkpoint-minutes`` writes such a checkpoint inside long epochs too. ``--resume`` continues exactly the recorded run (see distill.config), from an epoch's end or
 from the step it stopped at.
 """
 from __future__ import annotations
@@ -335,8 +335,15 @@ class Trainer:
                 means = dict(zip(SUMS, (sums / steps).tolist()))
                 self.log.scalars(means, lr, int(self.scheduler.last_epoch))
             report(steps, batch.images.shape[0] * self.dist.world_size, means, lr)
-            if stop is not None and stop.after_step() and steps < steps_total:
-                self._stop_inside_epoch(epoch, steps, steps_total, sums, stop)
+            decision = stop.after_step() if stop is not None else None
+            if decision is not None and (decision.stop or decision.save) and steps < steps_total:
+                self._save_inside_epoch(epoch, steps, sums)
+                if decision.stop:
+                    raise StopRequested(
+                        f"distill: stopped by {stop.signal_name} after step {steps}/{steps_total} of epoch {epoch + 1}; {self.checkpoint_path} "
+                        "holds that point: rerun the same command with --resume to continue from the next step" if self.dist.is_main else "",
+                        stop.agreed_signum,
+                    )
         elapsed = time.perf_counter() - started
         if self.dist.active:  # log the epoch's global means, not rank 0's shard (every rank runs the same steps)
             torch_dist.all_reduce(sums)
@@ -361,9 +368,9 @@ class Trainer:
             record["head_reinitialized"] = True
         return record
 
-    def _stop_inside_epoch(self, epoch: int, steps: int, steps_total: int, sums: torch.Tensor, stop: GracefulStop) -> None:
-        """Save the run after ``steps`` steps of ``epoch`` (with every rank's RNG states and running sums,
-        so ``--resume`` continues from the next step exactly) and raise StopRequested."""
+    def _save_inside_epoch(self, epoch: int, steps: int, sums: torch.Tensor) -> None:
+        """Save the run after ``steps`` steps of ``epoch``, with every rank's RNG states and running sums,
+        so ``--resume`` continues from the next step exactly (collective)."""
         state = {
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(self.device) if self.backend.is_cuda else None,
@@ -372,12 +379,8 @@ class Trainer:
         ranks = self.dist.gather(state)
         if self.dist.is_main:
             self._write(lambda: save_atomic(self._checkpoint(epoch, steps, ranks), self.checkpoint_path), f"step {steps} of epoch {epoch + 1}")
+            self.saved_at = time.monotonic()
         self.dist.barrier()
-        raise StopRequested(
-            f"distill: stopped by {stop.signal_name} after step {steps}/{steps_total} of epoch {epoch + 1}; {self.checkpoint_path} holds "
-            "that point: rerun the same command with --resume to continue from the next step" if self.dist.is_main else "",
-            stop.agreed_signum,
-        )
 
     def _write(self, write, what: str) -> None:
         """Run a checkpoint write; a failed write is a UserError naming ``what`` (the previous checkpoint is intact)."""
@@ -432,8 +435,10 @@ class Trainer:
                                    "started_epoch": self.start_epoch, "val_protocol": self.protocol.describe(self.norm.size)})
         records = []
         steps = self.loader.steps_per_epoch()
+        self.saved_at = time.monotonic()  # rank 0: when the last checkpoint was written (--checkpoint-minutes)
+        due = (lambda: time.monotonic() - self.saved_at >= cfg.checkpoint_minutes * 60) if cfg.checkpoint_minutes > 0 else (lambda: False)
         try:
-            with GracefulStop(self.dist) as stop, self.log.progress(cfg.epochs, cfg.batch_size) as progress:
+            with GracefulStop(self.dist, due) as stop, self.log.progress(cfg.epochs, cfg.batch_size) as progress:
                 wall: list[float] = []  # this process's seconds per epoch (training, validation, checkpoint): the ETA
                 for epoch in range(self.start_epoch, cfg.epochs):
                     epoch_started = time.perf_counter()
@@ -448,6 +453,7 @@ class Trainer:
                             self._save(epoch, record)
 
                         self._write(finish_epoch, f"epoch {epoch + 1}")
+                        self.saved_at = time.monotonic()
                         if not resumed:  # a partial epoch says little about a whole one
                             wall.append(time.perf_counter() - epoch_started)
                         progress.print(_format_record(record) + _eta(wall, cfg.epochs - epoch - 1))

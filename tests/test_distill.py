@@ -393,11 +393,29 @@ def test_stop_signal_saves_the_step_and_resume_matches_straight_run(world, strai
     ]
 
 
+def test_checkpoint_minutes_saves_inside_epochs_and_a_kill_then_resumes_exactly(world, straight_run, tmp_path):
+    """--checkpoint-minutes (here ~0: after every step) writes checkpoints inside epochs; a SIGKILL at
+    step 8 (epoch 2, before that step's save) leaves the checkpoint of step 7 (epoch 2 step 1), and
+    --resume from it ends identical to the uninterrupted run."""
+    out = tmp_path / "killed"
+    args = distill_args(world, out, "--val", str(world["val"]), "--checkpoint-minutes", "0.000001")
+    killed = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], capture_output=True, text=True,
+                            env=dict(ENV, MEALKD_TEST_KILL_AT=f"distill-step:{STEPS + 2}"), cwd=REPO, timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["scheduler"]["last_epoch"]) == (1, 1, STEPS + 1)
+    resumed = cli_run([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_ckpt(straight_run.result() / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
+    for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer"):
+        assert_same_tensors(a[key], b[key], key)
+
+
 def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_path):
     """Under torchrun (2 ranks, gloo) Ctrl-C reaches only rank 1 here: both ranks agree to stop after the
     same step (one step later), nothing hangs, the checkpoint holds both ranks' RNG states, a resume
     with another process count is refused with one line, and a 2-rank resume equals an uninterrupted
-    2-rank run bit for bit."""
+    2-rank run bit for bit (with a checkpoint inside the epoch after every step, agreed the same way)."""
     def launch(out: Path, *extra: str, env=ENV, nproc: int = 2) -> subprocess.CompletedProcess:
         args = distill_args(world, out, *extra, epochs=2)
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
@@ -407,7 +425,8 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_pa
                                  *distill_args(world, tmp_path / "straight", epochs=2)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
     out = tmp_path / "stopped"
-    stopped = launch(out, env=dict(ENV, MEALKD_TEST_KILL_AT="distill-step:1:INT:1"))
+    every_step = ("--checkpoint-minutes", "0.000001")  # saves inside the epoch too: agreed like the stop, every rank at one step
+    stopped = launch(out, *every_step, env=dict(ENV, MEALKD_TEST_KILL_AT="distill-step:1:INT:1"))
     assert stopped.returncode != 0 and "stopped by SIGINT after step 2/3 of epoch 1" in stopped.stderr, stopped.stderr
     ckpt = load_ckpt(out / "checkpoint.pt")
     assert (ckpt["epoch"], ckpt["epoch_step"], len(ckpt["ranks"])) == (0, 2, 2)
@@ -415,7 +434,7 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_pa
 
     alone = launch(out, "--resume", nproc=1)
     assert alone.returncode == 2 and "resume it with 2 process(es)" in alone.stderr.strip().splitlines()[-1], alone.stderr
-    resumed = launch(out, "--resume")
+    resumed = launch(out, "--resume", *every_step)
     assert resumed.returncode == 0, resumed.stderr
     _, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err
