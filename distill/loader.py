@@ -16,6 +16,7 @@ same number of steps) and rank r takes every world_size-th image from position r
 """
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,7 @@ import torch
 from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.distributed import Dist
+from mealkd.core.probe import describe_unreadable, probe_images
 from mealkd.core.replay import Normalization, replay_graph, window_feed
 from mealkd.storage import LabelStore
 from mealkd.errors import UserError
@@ -153,10 +155,13 @@ class ReplayLoader:
         return future.result()
 
     # -- iteration --------------------------------------------------------------------------
-    def _feeds(self, data: EpochData, first_step: int = 0):
+    def _feeds(self, data: EpochData, first_step: int = 0, issued: collections.deque | None = None):
+        """Each batch's feed; ``issued`` receives the image ids of the batches fed (the latest ones)."""
         k = len(data.slots)
         for start, stop in self._bounds(len(data.ids))[first_step:]:
             batch = data.ids[start:stop]
+            if issued is not None:
+                issued.append(batch)
             labels = np.stack([self.store.decode([a[start:stop] for a in slot_rows]) for slot_rows in data.labels], axis=1)  # (b, K, C)
             feed: dict = {
                 "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
@@ -182,7 +187,28 @@ class ReplayLoader:
         batches ahead."""
         data = self._take_epoch(epoch)
         self.prefetch(epoch + 1)
-        yield from run_batches(self.pipe, background(self._feeds(data, first_step), self.feed_depth), self._convert)
+        issued: collections.deque = collections.deque(maxlen=self.feed_depth + 8)  # covers every batch DALI can hold
+        try:
+            yield from run_batches(self.pipe, background(self._feeds(data, first_step, issued), self.feed_depth), self._convert)
+        except RuntimeError as err:
+            if "Critical error in pipeline" not in str(err):
+                raise
+            raise self._undecodable(np.concatenate(list(issued)) if issued else np.zeros(0, np.int64), err) from None
+
+    def _undecodable(self, ids: np.ndarray, err: RuntimeError) -> Exception:
+        """A UserError naming the files among ``ids`` (the batches in flight when DALI failed) that no
+        longer decode, else ``err`` itself. Every stored image decoded when the store was made, and
+        distill's fingerprint check catches files added, removed or resized since, so such a file
+        was rewritten in place with the same size."""
+        reasons: dict[int, str] = {}
+        _, bad = probe_images(self.index, np.unique(ids), self.backend, num_threads=1, reasons=reasons)
+        if not bad:
+            return err
+        return UserError(
+            f"--data: {describe_unreadable(self.index, bad, reasons)} no longer decode(s), though every stored image did when the "
+            "label store was made (the file changed in place with the same size, which the store's fingerprint of sizes cannot "
+            "see); restore it and rerun with --resume (the last checkpoint is intact), or make a new store with precompute --skip-bad"
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -164,6 +164,21 @@ def test_dataset_changed_after_precompute_is_refused_by_distill(env, tmp_path, c
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_file_corrupted_in_place_after_precompute_is_named_not_a_traceback(env, tmp_path, reference):
+    """A file rewritten in place with the same size (the fingerprint of sizes cannot see it) fails to decode
+    during training: one line naming it and the fix, exit 2, no traceback, no checkpoint. A subprocess:
+    DALI's executor may crash on a failed batch, which must fail this test, not the suite."""
+    data = copy_tree(env, tmp_path)
+    victim = sorted((data / "class_1").iterdir())[1]
+    victim.write_bytes(np.random.default_rng(3).integers(0, 256, victim.stat().st_size, dtype=np.uint8).tobytes())
+    proc = spawn(*distill_args(reference(), data, tmp_path / "run", "--epochs", "1"))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert str(victim) in last and "no longer decode" in last and "restore it" in last, last
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 # ------------------------------------------------------------------------------ store damage
 @pytest.mark.parametrize("damage", ["probs deleted", "probs zeroed", "probs truncated", "windows zeroed", "flips deleted"])
 def test_damaged_store_is_refused_by_distill_not_read_as_zeros(env, tmp_path, capsys, reference, damage):
