@@ -14,6 +14,15 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def format_duration(seconds: float) -> str:
+    """A human duration for progress and estimates: '45 s', '12 min', '3.5 h', '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 48 * 3600 else f"{seconds / 86400:.1f} days"
+
+
 @dataclass
 class StageTimes:
     """Seconds the calling thread spent in each named stage (summed over the loop)."""

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import TextColumn
 
 from mealkd.core.progress import RateColumn, make_progress
+from mealkd.core.timing import format_duration
 from mealkd.errors import UserError
 
 METRICS_NAME = "metrics.jsonl"
@@ -152,7 +153,7 @@ class _PlainProgress:
             self.log.console.print(
                 f"epoch {epoch + 1}/{self.epochs} step {done}/{steps}: loss {means['loss']:.4f}  D {means['d_loss']:.3f} "
                 f"(acc {means['d_acc']:.0%})  agree {means['agreement']:.1%}  lr {lr:.3g}  {seen / elapsed:.0f} crops/s  "
-                f"epoch ends in {left / 60:.1f} min",
+                f"epoch ends in {format_duration(left)}",
                 soft_wrap=True, highlight=False,
             )
 

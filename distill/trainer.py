@@ -34,7 +34,7 @@ from mealkd.core.dataset import scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
 from mealkd.core.models import load_model, parse_spec
 from mealkd.core.replay import Normalization
-from mealkd.core.timing import StageTimes
+from mealkd.core.timing import StageTimes, format_duration
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
@@ -478,9 +478,7 @@ def _eta(wall: list[float], epochs_left: int) -> str:
     """'  run ends in ~T' from the mean of the whole epochs this process has timed (nothing when none is left or timed)."""
     if not wall or epochs_left <= 0:
         return ""
-    seconds = sum(wall) / len(wall) * epochs_left
-    text = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-    return f"  ({epochs_left} epoch{'s' if epochs_left > 1 else ''} left, ~{text})"
+    return f"  ({epochs_left} epoch{'s' if epochs_left > 1 else ''} left, ~{format_duration(sum(wall) / len(wall) * epochs_left)})"
 
 
 def _format_record(record: dict) -> str:

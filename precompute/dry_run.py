@@ -24,7 +24,7 @@ from mealkd.core.dali_io import resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import launched_by_torchrun
 from mealkd.core.probe import probe_images
-from mealkd.core.timing import StageTimes
+from mealkd.core.timing import StageTimes, format_duration
 from mealkd.core.windows import draw_all_windows
 from mealkd.errors import UserError
 from mealkd.precompute.crops import CropStream
@@ -195,26 +195,18 @@ def _size(n: float) -> str:
     return f"{n:,.1f} TB"
 
 
-def _duration(hours: float) -> str:
-    seconds = hours * 3600
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if hours < 2:
-        return f"{seconds / 60:.0f} min"
-    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
-
-
 def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
     """The dry run's findings as lines for the terminal. Times for several processes are shown on a GPU
     only: there each process has its own GPU and labels its own shards; CPU processes share the cores."""
     r, b = result, result["bytes"]
     teachers = ", ".join(f"{t['spec']}{' (BatchNorm folded)' if t['folded'] else ''}" for t in r["teachers"])
     total = r["teacher_hours"] + r["validation_hours"]
-    time_line = f"time, one process: {_duration(total)}"
+    time_line = f"time, one process: {format_duration(3600 * total)}"
     if r["validation_hours"]:
-        time_line += f" (teachers {_duration(r['teacher_hours'])}, validation decode of every file {_duration(r['validation_hours'])})"
+        time_line += (f" (teachers {format_duration(3600 * r['teacher_hours'])}, "
+                      f"validation decode of every file {format_duration(3600 * r['validation_hours'])})")
     if r["peak_gpu_mib"] is not None:
-        time_line += "; " + ", ".join(f"{g} GPUs: {_duration(total / g)}" for g in gpus)
+        time_line += "; " + ", ".join(f"{g} GPUs: {format_duration(3600 * total / g)}" for g in gpus)
     lines = [
         f"dry run: nothing was written. {r['store']}",
         f"work: {r['pending_images']:,} of {r['images']:,} images x {r['crops_per_image']:,} crops = {r['crops']:,} crops to label",
