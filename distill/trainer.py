@@ -13,8 +13,9 @@ reseeded from (seed, rank, epoch) at every epoch, so no RNG state needs saving),
 (best validation top-1) and ``epoch_NNNN.pt`` every ``--keep-every`` epochs. A stop signal
 (SIGTERM, SIGUSR1, Ctrl-C: distill.preemption) ends the run after the current step with a
 checkpoint of that point of the epoch, which then also holds each rank's RNG states and running
-sums; ``--checkpoint-minutes`` writes such a checkpoint inside long epochs too. ``--resume`` continues exactly the recorded run (see distill.config), from an epoch's end or
-from the step it stopped at.
+sums; ``--checkpoint-minutes`` writes such a checkpoint inside long epochs too. ``--resume``
+continues exactly the recorded run (see distill.config), from an epoch's end or from the step its
+checkpoint holds.
 """
 from __future__ import annotations
 
@@ -442,7 +443,7 @@ class Trainer:
                 wall: list[float] = []  # this process's seconds per epoch (training, validation, checkpoint): the ETA
                 for epoch in range(self.start_epoch, cfg.epochs):
                     epoch_started = time.perf_counter()
-                    resumed = epoch == self.start_epoch and self.start_step > 0  # inside an epoch a stop signal ended
+                    resumed = epoch == self.start_epoch and self.start_step > 0  # the checkpoint resumed from is inside this epoch
                     first = self.start_step if resumed else 0
                     record = self.train_epoch(epoch, progress.epoch(epoch, steps, done=first), stop, first, self.rank_state if resumed else None)
                     record.update(self.validate(epoch))
@@ -475,7 +476,7 @@ class Trainer:
 
 
 def _eta(wall: list[float], epochs_left: int) -> str:
-    """'  run ends in ~T' from the mean of the whole epochs this process has timed (nothing when none is left or timed)."""
+    """'  (N epochs left, ~T)': the run's ETA from the mean of the whole epochs this process timed ('' when none is left or timed)."""
     if not wall or epochs_left <= 0:
         return ""
     return f"  ({epochs_left} epoch{'s' if epochs_left > 1 else ''} left, ~{format_duration(sum(wall) / len(wall) * epochs_left)})"
