@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -69,8 +70,13 @@ def distill(**kwargs) -> None:
     ctx = click.get_current_context()
     explicit = {name for name in TRAINING_FLAGS if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
     records = run_distill(DistillConfig(**kwargs), explicit=explicit)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary line, from rank 0
+        return
     if records:
         Console(stderr=True).print(f"[green]distill[/]: {len(records)} epoch(s) trained; checkpoint in {kwargs['out']}")
+    else:
+        Console(stderr=True).print(f"[green]distill[/]: the run in {kwargs['out']} has trained all its epochs already; nothing to do "
+                                   f"(to train on, start a new run from it: --init {kwargs['out']}/checkpoint.pt --out NEW_DIR)", soft_wrap=True)
 
 
 @click.command()

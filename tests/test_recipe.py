@@ -225,6 +225,9 @@ def test_resume_continues_the_recorded_run_without_its_flags_or_init_file(recipe
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["epochs"] == 3 and config["config"]["init"] == str(one_epoch_run["init"])
     assert config["run_info"]["store_id"] == torch.load(out / "checkpoint.pt", weights_only=False)["store_id"]
+    code, _, err = run_main(cli_args(recipe, out, "--resume", epochs=None), capsys)  # a finished run resubmitted: says so
+    assert code == 0 and "has trained all its epochs already; nothing to do" in err, err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_resume_refuses_another_store_over_the_same_images(recipe, one_epoch_run, tmp_path, capsys):
