@@ -77,6 +77,7 @@ class Trainer:
         self.index = self.dist.on_main(lambda: scan_image_folder(cfg.data))  # one scan per job, not per rank
         self.store = storage.open_store(cfg.labels, fingerprint=self.index.fingerprint, class_names=self.index.class_names)
         self._check_store_identity()
+        self._check_world_size()
         self._check_decoder()
         self.class_names = self.store.class_names
         self.temperature = self.store.temperature
@@ -165,6 +166,20 @@ class Trainer:
                 f"run from the checkpoint: --init {self.checkpoint_path} --out NEW_DIR"
             )
 
+    def _check_world_size(self) -> None:
+        """A resumed run keeps its number of processes: --batch-size is per process, so another count is another
+        global batch (the lr is set for it) and another number of steps per epoch (the schedule counts steps),
+        and a checkpoint inside an epoch holds each process's share of that epoch."""
+        ckpt = self.resume_from
+        recorded = (ckpt or {}).get("run_info", {}).get("world_size")
+        if recorded is None or int(recorded) == self.dist.world_size:
+            return
+        raise UserError(
+            f"--out {self.run_dir}: the run was trained by {recorded} process(es) (global batch {self.cfg.batch_size} x {recorded}); "
+            f"resume it with {recorded} process(es) (--nproc_per_node x nodes), not {self.dist.world_size}, or start a new run from its "
+            f"weights: --init {self.checkpoint_path} --out NEW_DIR (scale --lr with the global batch)"
+        )
+
     def _check_decoder(self) -> None:
         """The student must see the pixels the teachers saw: refuse another decoder backend (CPU vs nvJPEG
         decode differently) unless accepted knowingly; warn about other differences (GPU model, versions)."""
@@ -216,12 +231,6 @@ class Trainer:
             self.ema.n_averaged.fill_(int(ckpt["ema_updates"]))
         self.best = dict(ckpt.get("best") or self.best)
         step, ranks = int(ckpt.get("epoch_step") or 0), ckpt.get("ranks")
-        if step and len(ranks or ()) != self.dist.world_size:
-            raise UserError(
-                f"--out {self.run_dir}: its checkpoint stopped at step {step} of epoch {int(ckpt['epoch']) + 1} with "
-                f"{len(ranks or ())} process(es), each with its share of that epoch's images; resume it with "
-                f"{len(ranks or ())} process(es) (--nproc_per_node x nodes), not {self.dist.world_size}"
-            )
         return int(ckpt["epoch"]), step, (ranks[self.dist.rank] if step else None)
 
     @property

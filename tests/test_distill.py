@@ -433,7 +433,8 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_pa
     assert not torch.equal(ckpt["ranks"][0]["rng_cpu"], ckpt["ranks"][1]["rng_cpu"])  # per-rank streams
 
     alone = launch(out, "--resume", nproc=1)
-    assert alone.returncode == 2 and "resume it with 2 process(es)" in alone.stderr.strip().splitlines()[-1], alone.stderr
+    last = alone.stderr.strip().splitlines()[-1]
+    assert alone.returncode == 2 and "trained by 2 process(es)" in last and "resume it with 2 process(es)" in last and "--init" in last, alone.stderr
     resumed = launch(out, "--resume", *every_step)
     assert resumed.returncode == 0, resumed.stderr
     _, err = straight.communicate(timeout=300)
