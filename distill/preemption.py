@@ -32,9 +32,8 @@ import torch
 import torch.distributed as torch_dist
 
 from mealkd.core.distributed import Dist
+from mealkd.core.signals import STOP_SIGNALS
 
-#: the signals that ask a run to stop (SIGINT: Ctrl-C; SIGTERM: SLURM, Kubernetes, torchrun; SIGUSR1: SLURM --signal)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class StepDecision(NamedTuple):

@@ -5,6 +5,7 @@ import click
 from rich.console import Console
 
 from mealkd.core.accel import PRECISIONS
+from mealkd.core.signals import stopping_on_signals
 
 
 @click.command()
@@ -44,7 +45,8 @@ def precompute(dry_run: bool, **kwargs) -> None:
         for line in report_lines(run_dry_run(PrecomputeConfig(**kwargs))):
             console.print(line, soft_wrap=True, highlight=False, markup=False)
         return
-    summary = run_precompute(PrecomputeConfig(**kwargs), console)
+    with stopping_on_signals("precompute"):
+        summary = run_precompute(PrecomputeConfig(**kwargs), console)
     if summary.get("rank", 0) == 0:
         state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
         console.print(f"[green]precompute[/]: {summary['images']} images, {summary['crops']} crops labelled by this run; store {kwargs['out']} is {state}")
@@ -94,7 +96,8 @@ def extend(**kwargs) -> None:
     from mealkd.precompute.runner import time_report
 
     console = Console(stderr=True)
-    summary = run_extend(ExtendConfig(**kwargs), console)
+    with stopping_on_signals("extend"):
+        summary = run_extend(ExtendConfig(**kwargs), console)
     if summary.get("rank", 0) == 0:
         state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
         console.print(f"[green]extend[/]: {summary['images']} images, {summary['crops']} new crops labelled by this run; "
@@ -118,7 +121,8 @@ def merge(stores, out, weights, encoding, images_per_shard) -> None:
     from mealkd.precompute.merge import MergeConfig, run_merge
 
     console = Console(stderr=True)
-    summary = run_merge(MergeConfig(tuple(stores), out, weights, encoding, images_per_shard), console)
+    with stopping_on_signals("merge"):
+        summary = run_merge(MergeConfig(tuple(stores), out, weights, encoding, images_per_shard), console)
     state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
     console.print(f"[green]merge[/]: {len(stores)} stores, {summary['images']} images merged by this run ({summary['encoding']}); "
                   f"store {out} is {state}")
@@ -143,7 +147,8 @@ def import_fkd(**kwargs) -> None:
     from mealkd.precompute.import_fkd import ImportConfig, run_import
 
     console = Console(stderr=True)
-    summary = run_import(ImportConfig(**kwargs), console)
+    with stopping_on_signals("import-fkd"):
+        summary = run_import(ImportConfig(**kwargs), console)
     state = "complete" if summary["complete"] else "incomplete (rerun to continue)"
     console.print(f"[green]import-fkd[/]: {summary['images']} images imported by this run ({summary['crops_per_image']} crops, "
                   f"top-{summary['topk']}, {summary['excluded']} excluded, {summary['clamped_windows']} windows clamped); "

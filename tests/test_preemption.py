@@ -8,7 +8,8 @@ import signal
 import pytest
 
 from mealkd.core.distributed import Dist
-from mealkd.distill.preemption import STOP_SIGNALS, GracefulStop
+from mealkd.core.signals import STOP_SIGNALS
+from mealkd.distill.preemption import GracefulStop
 
 
 def test_first_signal_is_a_request_and_a_second_ctrl_c_interrupts():

@@ -152,3 +152,26 @@ def test_distill_killed_at_random_steps_resumes_identically(setup, tmp_path):
     assert (run / "metrics.jsonl").read_text().count("\n") == 2  # the killed epochs' lines were trimmed
     strip = lambda text: [line.split('"crops_per_s"')[0] for line in text.splitlines()]  # noqa: E731 - timings differ
     assert strip((run / "metrics.jsonl").read_text()) == strip((ref_run / "metrics.jsonl").read_text())
+
+
+@pytest.mark.parametrize("sig", ["TERM", "USR1", "INT"])
+def test_precompute_stop_signal_keeps_finished_shards_and_the_rerun_completes(setup, tmp_path, sig):
+    """A stop signal (here right after shard 3 is marked done, on the writer thread) ends precompute with one
+    line and exit 128 + signal; every shard marked done holds the reference labels, the store is not
+    complete, and rerunning the same command completes a store equal to an uninterrupted run."""
+    _, data, teachers, ref_store = setup
+    store = tmp_path / "s.zarr"
+    args = precompute_args(data, teachers, store)
+    proc = spawn(*args, kill_at=f"shard-done:3:{sig}")
+    _, err = proc.communicate(timeout=300)
+    signum = getattr(signal, f"SIG{sig}")
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"precompute: stopped by SIG{sig};") and "rerun the same command" in last, last
+    ref = store_arrays(ref_store())
+    _check_done_rows(store, ref)
+    assert 3 <= 8 - _pending(store) < 8  # shard 3 and any write already under way were kept; not complete
+    rerun = spawn(*args)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    assert_same_store(store, ref_store())
