@@ -19,7 +19,8 @@ DDP's all-reduce for ranks that left. A signal reaches each rank at a slightly d
 the ranks agree: after every step each rank starts an asynchronous all-reduce (MAX, on the CPU gloo
 group: no GPU sync) of (the stop signal it received, whether a save is due), and reads the result
 one step later. All ranks therefore read the same values after the same step. The cost is one small
-CPU collective per step, overlapped with the next step.
+CPU collective per step, overlapped with the next step (``benchmarks/stop_agreement.py``: about
+0.2 ms per step with 2 ranks on a 2-core CPU; nothing alone).
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ import torch.distributed as torch_dist
 
 from mealkd.core.distributed import Dist
 from mealkd.core.signals import STOP_SIGNALS
-
 
 
 class StepDecision(NamedTuple):
