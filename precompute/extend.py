@@ -33,7 +33,6 @@ from mealkd.core.accel import PRECISIONS
 from mealkd.core.dali_io import Backend, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, shutdown
-from mealkd.core.models import load_model, parse_spec_list
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
@@ -41,7 +40,7 @@ from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
 from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, labelling_times,
-                                      pending_for_rank, run_locked)
+                                      load_ensemble, pending_for_rank, run_locked)
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
@@ -251,9 +250,7 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
         if index.fingerprint != (source.attrs.get("dataset") or {}).get("fingerprint"):
             raise UserError(f"--data {cfg.data}: not the dataset STORE was made from (fingerprint differs: files added, removed "
                             "or changed); pass the precompute --data tree, unchanged")
-        models = [load_model(spec, num_classes=source.num_classes) for spec in parse_spec_list(teachers)]
-        ensemble = TeacherEnsemble(models, default_size=pcfg.image_size, temperature=pcfg.temperature, device=backend.device,
-                                   precision=pcfg.precision, class_names=index.class_names)
+        ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
         _check_settings(source, _settings(pcfg, index, ensemble, backend))
         def prepare() -> None:
             if d.is_main and not _existing_output(cfg, source, ips):
