@@ -36,6 +36,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun set it (``RANK``; 0 when run alone), readable before the
+    process group is formed or after it is gone (e.g. to print a command's summary once)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched_by_torchrun() -> bool:
     """torchrun (or another launcher of its kind) set the rendezvous environment, even for 1 process:
     then the process group is formed, so a 1-process run exercises the same collectives as 8."""

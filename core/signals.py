@@ -9,13 +9,13 @@ finished first. So the signal costs at most the shard being labelled.
 """
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from mealkd.core.distributed import env_rank
 from mealkd.errors import StopRequested
 
 #: the signals that ask a run to stop (SIGINT: Ctrl-C; SIGTERM: SLURM, Kubernetes, torchrun; SIGUSR1: SLURM --signal)
@@ -30,7 +30,7 @@ def stopping_on_signals(command: str) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    is_main = os.environ.get("RANK", "0") == "0"
+    is_main = env_rank() == 0
 
     def stop(signum: int, frame: FrameType | None) -> None:
         for s in STOP_SIGNALS:  # a second signal acts at once

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mealkd.core.accel import PRECISIONS
+from mealkd.core.distributed import env_rank
 from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 
@@ -70,7 +70,7 @@ def distill(**kwargs) -> None:
     ctx = click.get_current_context()
     explicit = {name for name in TRAINING_FLAGS if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT}
     records = run_distill(DistillConfig(**kwargs), explicit=explicit)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary line, from rank 0
+    if env_rank() != 0:  # under torchrun: one summary line, from rank 0
         return
     if records:
         Console(stderr=True).print(f"[green]distill[/]: {len(records)} epoch(s) trained; checkpoint in {kwargs['out']}")
