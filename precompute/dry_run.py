@@ -55,12 +55,12 @@ def sample_ids(num_images: int, crops_per_image: int, batch_size: int) -> np.nda
     return np.unique(np.linspace(0, num_images - 1, min(num_images, max(1, want))).round().astype(np.int64))
 
 
-def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend) -> tuple[int, str, bool]:
-    """(images a run with ``cfg`` would still label, a note on the store at --out, whether the run creates
-    it: only then does it first decode every file to validate it)."""
+def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict) -> tuple[int, str, bool]:
+    """(images a run with ``cfg`` (whose store ``settings`` these are) would still label, a note on the store
+    at --out, whether the run creates it: only then does it first decode every file to validate it)."""
     if not storage.store_exists(cfg.out):
         return len(index), f"--out {cfg.out} does not exist yet: the run creates it", True
-    _check_existing(cfg.out, _settings(cfg, index, ensemble, backend), cfg.crops_per_image)
+    _check_existing(cfg.out, settings, cfg.crops_per_image)
     writer = storage.StoreWriter(cfg.out)
     pending = writer.pending_shards()
     images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
@@ -122,7 +122,8 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     backend = resolve_backend(cfg.device)
     index = scan_image_folder(cfg.data)
     ensemble = load_ensemble(cfg, index, backend)
-    todo, store_note, creates = pending_images(cfg, index, ensemble, backend)
+    settings = _settings(cfg, index, ensemble, backend)
+    todo, store_note, creates = pending_images(cfg, index, settings)
     ids = sample_ids(len(index), cfg.crops_per_image, cfg.batch_size)
 
     sampled = len(ids)
@@ -156,7 +157,6 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     crops_per_s = timed_crops / max(seconds, 1e-9)
 
     kind, _ = parse_encoding(cfg.encoding)
-    settings = _settings(cfg, index, ensemble, backend)
     bytes_ = stored_bytes(cfg, index, ensemble, settings, ids, sizes, windows, flips, probs)
     total_crops = todo * cfg.crops_per_image
     return {
