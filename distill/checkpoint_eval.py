@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from mealkd.core.checkpoint_io import load_torch_file
-from mealkd.core.accel import resolve_precision
+from mealkd.core.accel import apply_numerics, resolve_precision
 from mealkd.core.dali_io import resolve_backend
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.models import FILE_SOURCES, load_model, parse_spec
@@ -70,7 +70,9 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
     norm = Normalization(size=size, mean=tuple(loaded.mean), std=tuple(loaded.std))
     protocol.check(size)
     backend = resolve_backend(device)
-    resolve_precision(precision, backend.device)  # a bad value is a one-line error before any work
+    # a bad value is a one-line error before any work; fp32 on a GPU means no TF32 either (the policy of core.accel),
+    # and every batch but the last has one shape, so cuDNN may pick its fastest kernels
+    apply_numerics(backend.device, resolve_precision(precision, backend.device), fixed_shapes=True)
     model = loaded.module.to(backend.device)
     ids = readable_images(index, backend, console=console)
     result = evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids, precision=precision,

@@ -51,7 +51,8 @@ class TeacherEnsemble:
         self.temperature = temperature
         self.device = device
         self.precision = resolve_precision(precision, device)  # the teachers' autocast dtype, recorded in the store
-        apply_numerics(device, self.precision)  # fp32 on a GPU: no TF32 either
+        # fp32 on a GPU: no TF32 either; teacher batches have one shape (but a shard's last), so cuDNN autotunes
+        apply_numerics(device, self.precision, fixed_shapes=True)
         self.fp32_fallbacks = 0  # batches a teacher overflowed in reduced precision and was rerun in fp32
         self.norms: list[Normalization] = []
         self.norm_of: list[int] = []
