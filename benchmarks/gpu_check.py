@@ -15,6 +15,8 @@ on the images) saved as state dicts and used as ``torchvision:ARCH@FILE.pth``. T
 * ``replay identity``    the crops stage one labelled (precompute's CropStream) vs stage two's
                          ReplayLoader with K=1, K=2 and another batch order and size: bit-equal
 * ``decoder pixels``     CPU vs nvJPEG decoding of every training image, per JPEG variant (INFO)
+* ``hardware JPEG``      the hardware JPEG engine's pixels vs the CUDA decoder's, and whether they
+                         depend on the batch position at loads 1.0 and 0.65 (INFO; WARN if 1.0 does)
 * ``resume``             distill --deterministic --val 3 epochs sent SIGTERM inside epoch 2 (it saves that
                          step, with the CUDA RNG state), then --resume, vs a straight 3-epoch run:
                          per-epoch losses within 2%
@@ -25,8 +27,9 @@ on the images) saved as state dicts and used as ``torchvision:ARCH@FILE.pth``. T
 * throughput ratios      precompute / teacher-forward-only >= 0.85, distill / student-step-only
                          >= 0.80, loader alone >= 1.25 x the student's step rate (one run, nothing
                          else running; PASS/FAIL only for --device cuda without --quick), with INFO
-                         rows for what folding the teachers' BatchNorm and CUDA graphs change in the
-                         teacher-only rate
+                         rows for what folding the teachers' BatchNorm, cuDNN autotuning and CUDA
+                         graphs change in the teacher-only rate, and what the hardware JPEG engine
+                         would change in stage two's loader
 
 Exit status 0 when no row FAILs, 1 otherwise. Details: docs/benchmarks.md, section "GPU check".
 """
@@ -603,16 +606,18 @@ def check_replay(ctx: Ctx) -> Row:
                "all bit-equal", f"{ctx.device}: " + "; ".join(parts))
 
 
-def decoded_images(index, ids: list[int], backend, threads: int) -> list[np.ndarray]:
-    """Whole images (HWC uint8) as stage one decodes them on ``backend``."""
+def decoded_images(index, ids: list[int], backend, threads: int, *, hw_load: float | None = None, batch: int = 16) -> list[np.ndarray]:
+    """Whole images (HWC uint8) as stage one decodes them on ``backend`` (``hw_load``: another
+    hardware-decoder load than the pinned one), in batches of ``batch``."""
     from mealkd.core.dali_io import build_pipeline, run_batches, to_samples
-    from mealkd.core.replay import decode_graph
+    from mealkd.core.replay import HW_DECODER_LOAD, decode_graph
 
-    pipe = build_pipeline(decode_graph(backend.decoder), batch_size=16, backend=backend, num_threads=threads)
-    feeds = ({"encoded": [index.read_bytes(i) for i in ids[s : s + 16]]} for s in range(0, len(ids), 16))
+    graph = decode_graph(backend.decoder, HW_DECODER_LOAD if hw_load is None else hw_load)
+    pipe = build_pipeline(graph, batch_size=batch, backend=backend, num_threads=threads)
+    feeds = ({"encoded": [index.read_bytes(i) for i in ids[s : s + batch]]} for s in range(0, len(ids), batch))
     out: list[np.ndarray] = []
-    for batch in run_batches(pipe, feeds, lambda outs: to_samples(outs[0], backend.device)):
-        out += [t.cpu().numpy() if hasattr(t, "cpu") else t for t in batch]
+    for images in run_batches(pipe, feeds, lambda outs: to_samples(outs[0], backend.device)):
+        out += [t.cpu().numpy() if hasattr(t, "cpu") else t for t in images]
     return out
 
 
@@ -641,6 +646,46 @@ def check_decoder_pixels(ctx: Ctx) -> Row:
     worst = max((np.mean([m for m, _ in vals]) for vals in per.values()), default=0.0)
     return Row("decoder pixels cpu vs cuda", "WARN" if shapes else "INFO", f"worst mean |diff| {worst:.2f}/255", "-",
                f"{len(ids)} images, {shapes} with another shape; per variant (0-255 levels): " + "; ".join(parts))
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> int:
+    """How many of two decodes of the same images are bit-equal."""
+    return sum(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def check_hw_decoder(ctx: Ctx) -> Row:
+    """INFO for the pinned ``hw_decoder_load = 0``: does the hardware JPEG engine (load 1.0) decode other
+    pixels than the CUDA decoder (load 0), and do a crop's pixels then depend on its batch neighbours
+    (the same images in reverse order, batch 7 vs 16) at load 1.0 and at DALI's default 0.65? Where
+    load 1.0 is position-independent, stage one and two could both use the engine (the loader row
+    "hardware decoder" says what it gains); WARN where even load 1.0 depends on the position. With
+    ``--device cpu`` the same code runs on the CPU decoder, which ignores the load (all equal)."""
+    from mealkd.core.dali_io import resolve_backend
+    from mealkd.core.dataset import scan_image_folder
+
+    tree = ctx.paths["train"]
+    variants = json.loads((tree.parent / f"{tree.name}.variants.json").read_text())
+    index = scan_image_folder(tree)
+    ids = [i for i, p in enumerate(index.paths) if p in variants]
+    backend = resolve_backend(ctx.device)
+
+    def decode(load: float, reverse: bool = False) -> list[np.ndarray]:
+        order = ids[::-1] if reverse else ids
+        out = decoded_images(index, order, backend, ctx.threads, hw_load=load, batch=7 if reverse else 16)
+        return out[::-1] if reverse else out
+
+    cuda, hw, mixed = decode(0.0), decode(1.0), decode(0.65)
+    per: dict[str, int] = {}
+    for i, a, b in zip(ids, cuda, hw):
+        if a.shape == b.shape and not np.array_equal(a, b):
+            per[variants[index.paths[i]]] = max(per.get(variants[index.paths[i]], 0), int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()))
+    n = len(ids)
+    hw_fixed, mixed_fixed = _same(hw, decode(1.0, reverse=True)), _same(mixed, decode(0.65, reverse=True))
+    differ = n - _same(cuda, hw)
+    detail = (f"{n} images: load 1.0 vs 0: {differ} decode differently" + (f" (max |diff| per variant: {per})" if per else " (the same pixels)")
+              + f"; the same pixels in another batch order and size: load 1.0 {hw_fixed}/{n}, load 0.65 {mixed_fixed}/{n}")
+    note = "" if ctx.cuda else " (CPU decoder: it has no hardware engine and ignores the load)"
+    return Row("hardware JPEG decoder: pixels", "WARN" if hw_fixed < n else "INFO", f"{differ}/{n} differ from load 0", "-", detail + note)
 
 
 STEP_TOL = 1e-3  # one fp32 step on the same pixels: relative loss and gradient-norm difference, CPU vs CUDA
@@ -851,10 +896,21 @@ def graphed_launch(ensemble, example: list) -> Callable[[list], "torch.Tensor"]:
 
 
 def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int = 8, fold: bool = True,
-                  graphs: bool = False) -> float:
+                  graphs: bool = False, autotune: bool = True) -> float:
     """Seconds for the ensemble alone over ``crops`` crops: real stored crops held on the device, cycled,
     launched as precompute launches them (``TeacherEnsemble.launch``), one wait at the end; ``graphs``:
-    replayed as one CUDA graph per batch instead (:func:`graphed_launch`)."""
+    replayed as one CUDA graph per batch instead (:func:`graphed_launch`); ``autotune=False``: without
+    the cuDNN autotuning precompute turns on."""
+    from mealkd.core.accel import numerics_restored
+
+    with numerics_restored():
+        return _time_teachers(ctx, data, teachers, store_path, crops, pool_batches, fold, graphs, autotune)
+
+
+def _time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int, fold: bool, graphs: bool,
+                   autotune: bool) -> float:
+    import torch
+
     from mealkd import storage
     from mealkd.core.dali_io import resolve_backend
     from mealkd.core.dataset import scan_image_folder
@@ -868,6 +924,7 @@ def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: 
     backend = resolve_backend(ctx.device)
     models = [load_model(s, num_classes=len(index.class_names)) for s in parse_spec_list(teachers)]
     ensemble = TeacherEnsemble(models, default_size=p.bench_size, temperature=1.0, device=backend.device, fold=fold)
+    torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark and autotune
     usable = np.flatnonzero(~np.asarray(store.excluded, bool))[: math.ceil(pool_batches * p.bench_batch / p.bench_crops)].tolist()
     stream = CropStream(index, ensemble.norms, backend, batch_size=p.bench_batch, num_threads=ctx.bench_threads)
     pool = [b.inputs for b in stream.batches(usable, usable, store.windows, store.flips)]
@@ -918,11 +975,51 @@ def time_distill(ctx: Ctx, data: Path, store: Path, out: Path) -> dict:
             crops += pool[i % len(pool)].images.shape[0]
         sync(ctx.device)
         student_rate = crops / (time.perf_counter() - t0)
+        hw = hw_decoder_rates(ctx, trainer)
         records = trainer.run()
     finally:
         trainer.close()
     return {"loader": loader_rate, "student": student_rate, "distill": records[-1]["crops_per_s"], "steps": steps,
-            "wait_s": records[-1]["loader_wait_s"], "epoch_s": records[-1]["seconds"]}
+            "wait_s": records[-1]["loader_wait_s"], "epoch_s": records[-1]["seconds"], "hw": hw, "cuda": ctx.cuda}
+
+
+HW_LOADS = (0.0, 0.65, 1.0)  # the pinned load, DALI's default, all to the hardware JPEG engine
+
+
+def hw_decoder_rates(ctx: Ctx, trainer) -> dict[float, tuple[float, float]]:
+    """Per hardware-decoder load: crops/s of one epoch of a ReplayLoader alone (its first, pipeline
+    warm-up included, like the loader row) and then of the loader with the student's step on every
+    batch (the training loop without its bookkeeping)."""
+    from mealkd.distill.loader import ReplayLoader
+
+    def epoch_rate(loader, step: bool) -> float:
+        crops, t0 = 0, time.perf_counter()
+        for batch in loader.epoch(1):
+            if step:
+                student_step(trainer, batch)
+            crops += batch.images.shape[0]
+        sync(ctx.device)
+        return crops / (time.perf_counter() - t0)
+
+    rates = {}
+    for load in HW_LOADS:
+        loader = ReplayLoader(trainer.store, trainer.index, trainer.norm, trainer.backend, batch_size=ctx.plan.bench_batch,
+                              seed=trainer.cfg.seed, num_threads=ctx.bench_threads, hw_load=load)
+        try:
+            rates[load] = (epoch_rate(loader, step=False), epoch_rate(loader, step=True))
+        finally:
+            loader.close()
+            del loader
+    return rates
+
+
+def hw_decoder_row(d: dict) -> Row:
+    """INFO: what the hardware JPEG engine would gain stage two (see "hardware JPEG decoder: pixels")."""
+    hw = d["hw"]
+    parts = "; ".join(f"load {load}: alone {alone:.0f}, with the student {step:.0f}" for load, (alone, step) in hw.items())
+    return Row("loader: hardware JPEG decoder / pinned", "INFO", f"{hw[1.0][1] / hw[0.0][1]:.2f}", "-",
+               f"crops/s of the loader with the student's step at hardware-decoder load 1.0 vs 0 (what both stages pin): {parts}"
+               + ("" if d["cuda"] else " (CPU decoder: the load is ignored, so this is noise)"))
 
 
 def ratio_row(ctx: Ctx, check: str, ratio: float, threshold: float, detail: str) -> Row:
@@ -953,6 +1050,7 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
     pre = time_precompute(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
     teacher_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"])
     unfolded_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"], fold=False)
+    untuned_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"], autotune=False)
     graphs_row = graphs_info_row(ctx, bench, pre["crops"], teacher_s)
     d = time_distill(ctx, bench, ctx.work / "bench.zarr", ctx.work / "runs" / "bench")
     p = ctx.plan
@@ -967,6 +1065,9 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
         Row("teachers: BatchNorm folded / as loaded", "INFO", f"{unfolded_s / teacher_s:.2f}", "-",
             f"teacher-only crops/s with each teacher's BatchNorm folded into its convolutions (what precompute runs) vs "
             f"unfolded: {pre['crops'] / teacher_s:.0f} vs {pre['crops'] / unfolded_s:.0f}"),
+        Row("teachers: cuDNN autotuned / not", "INFO", f"{untuned_s / teacher_s:.2f}", "-",
+            f"teacher-only crops/s with cuDNN autotuning (what precompute now runs) vs without: "
+            f"{pre['crops'] / teacher_s:.0f} vs {pre['crops'] / untuned_s:.0f}" + ("" if ctx.cuda else " (no cuDNN on the CPU: 1.0 is noise)")),
         graphs_row,
         Row("precompute end-to-end / teacher-only", "INFO", f"{teacher_s / pre['fresh_s']:.2f}", "-",
             f"fresh store incl. model load, validation decode of every file, store creation: {pre['crops'] / pre['fresh_s']:.0f} crops/s"),
@@ -980,6 +1081,7 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
                   f"{d['wait_s']:.2f} s of the epoch's {d['epoch_s']:.2f} s for the loader"),
         ratio_row(ctx, "loader / student-step-only", d["loader"] / d["student"], LOADER_RATIO,
                   f"ReplayLoader alone {d['loader']:.0f} crops/s vs the student's {d['student']:.0f} crops/s"),
+        hw_decoder_row(d),
     ]
 
 
@@ -1066,6 +1168,7 @@ def _run_checks(ctx: Ctx) -> None:
         guarded(ctx, "decoder pixels cpu vs cuda", lambda: check_decoder_pixels(ctx))
     else:
         ctx.record([skip("decoder pixels cpu vs cuda", "needs CUDA (--device cpu)")])
+    guarded(ctx, "hardware JPEG decoder: pixels", lambda: check_hw_decoder(ctx))
     guarded(ctx, "torchrun 1-process precompute", lambda: check_torchrun_precompute(torchrun_pre, ctx.paths["store"], ctx))
     guarded(ctx, "distill resume == straight", lambda: check_resume(straight, killed, inside, killed_args + ["--resume"], ctx))
     guarded(ctx, "torchrun 1-process distill", lambda: check_torchrun_distill(torchrun_distill, straight, ctx))

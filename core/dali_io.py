@@ -57,9 +57,10 @@ def resolve_backend(flag: str, *, local_rank: int | None = None) -> Backend:
     return Backend(torch.device("cuda", rank % torch.cuda.device_count()))
 
 
-def decoder_record(backend: Backend) -> dict:
+def decoder_record(backend: Backend, hw_load: float | None = None) -> dict:
     """What decides the decoded pixels, for the store's ``decoder`` attribute: the DALI backend and
-    version and, on GPU, the pinned hardware-decoder load, the GPU model and the decoder libraries."""
+    version and, on GPU, the pinned hardware-decoder load (``hw_load``, default
+    ``core.replay.HW_DECODER_LOAD``), the GPU model and the decoder libraries."""
     import nvidia.dali
     from nvidia.dali import backend as dali_backend
 
@@ -67,7 +68,7 @@ def decoder_record(backend: Backend) -> dict:
 
     record: dict[str, Any] = {"backend": backend.decoder, "dali_version": nvidia.dali.__version__}
     if backend.is_cuda:
-        record["hw_decoder_load"] = HW_DECODER_LOAD
+        record["hw_decoder_load"] = HW_DECODER_LOAD if hw_load is None else float(hw_load)
         record["gpu"] = torch.cuda.get_device_name(backend.device)
         # (DALI 2 decodes through nvImageCodec and no longer links nvJPEG: asking for its version only logs that)
         for key, getter in (("nvimgcodec", "GetNvimgcodecVersion"), ("cuda", "GetCudaVersion")):

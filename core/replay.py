@@ -34,13 +34,22 @@ class Normalization:
 
 
 #: fraction of each batch given to the hardware JPEG decoder on ``mixed`` (DALI's default is 0.65, by
-#: batch position). 0 keeps every image on the CUDA decoder: the same pixels whatever the batch.
+#: batch position). 0 keeps every image on the CUDA decoder: the same pixels whatever the batch. A store
+#: records the load its crops were decoded with, and stage two replays with the recorded one.
 HW_DECODER_LOAD = 0.0
 
 
-def decode_image(encoded, decoder: str):
-    """The whole-image decode of both stages: HWC uint8 RGB, EXIF-oriented."""
-    extra = {"hw_decoder_load": HW_DECODER_LOAD} if decoder == "mixed" else {}
+def recorded_hw_load(decoder_record: dict | None) -> float:
+    """The hardware-decoder load a store's ``decoder`` record pins (:data:`HW_DECODER_LOAD` for a CPU-made
+    store, which records none)."""
+    value = (decoder_record or {}).get("hw_decoder_load")
+    return HW_DECODER_LOAD if value is None else float(value)
+
+
+def decode_image(encoded, decoder: str, hw_load: float = HW_DECODER_LOAD):
+    """The whole-image decode of both stages: HWC uint8 RGB, EXIF-oriented; ``hw_load``: the share of
+    each batch ``mixed`` gives to the hardware JPEG engine (ignored on the CPU)."""
+    extra = {"hw_decoder_load": float(hw_load)} if decoder == "mixed" else {}
     return fn.decoders.image(encoded, device=decoder, output_type=types.RGB, **extra)
 
 
@@ -82,12 +91,12 @@ def crop_to_tensor(crop, flip, norm: Normalization):
     )
 
 
-def decode_graph(decoder: str):
+def decode_graph(decoder: str, hw_load: float = HW_DECODER_LOAD):
     """Stage one, part 1: decode whole images once (outputs HWC uint8 RGB)."""
 
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
-        return decode_image(encoded, decoder)
+        return decode_image(encoded, decoder, hw_load)
 
     return graph
 
@@ -110,8 +119,10 @@ def cut_graph(norms: list[Normalization], on_gpu: bool):
     return graph
 
 
-def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label_dtype=types.FLOAT, with_classes: bool = False):
-    """Stage two: per sample, the encoded file, K windows + flips and K label rows.
+def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label_dtype=types.FLOAT, with_classes: bool = False,
+                 hw_load: float = HW_DECODER_LOAD):
+    """Stage two: per sample, the encoded file, K windows + flips and K label rows (``hw_load``: the
+    store's recorded hardware-decoder load, :func:`recorded_hw_load`).
 
     K > 1 (and K = 1 on the GPU) decodes once and slices K times (FKD's multi-crop); K = 1 on the
     CPU decodes only the window (``image_slice``). Outputs: K image batches, then the labels (K, C) per sample, then (``with_classes``)
@@ -130,7 +141,7 @@ def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label
             window = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", device=decoder, output_type=types.RGB)
             crops.append(crop_to_tensor(window, flip, norm))
         else:
-            image = decode_image(encoded, decoder)
+            image = decode_image(encoded, decoder, hw_load)
             for k in range(crops_per_sample):
                 anchor = fn.external_source(name=f"anchor{k}", dtype=types.INT32, batch=True)
                 shape = fn.external_source(name=f"shape{k}", dtype=types.INT32, batch=True)

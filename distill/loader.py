@@ -30,7 +30,7 @@ from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.distributed import Dist
 from mealkd.core.probe import describe_unreadable, probe_images
-from mealkd.core.replay import Normalization, replay_graph, window_feed
+from mealkd.core.replay import Normalization, recorded_hw_load, replay_graph, window_feed
 from mealkd.storage import LabelStore
 from mealkd.errors import UserError
 
@@ -69,7 +69,10 @@ class ReplayLoader:
         shuffle: bool = True,
         num_threads: int = 2,
         feed_depth: int = 2,
+        hw_load: float | None = None,
     ):
+        """``hw_load``: the hardware-decoder load of the GPU decoder (default: the one ``store`` records,
+        so the crops are decoded as stage one decoded them)."""
         if not 1 <= crops_per_step <= store.crops_per_image:
             raise UserError(
                 f"--crops-per-image-step {crops_per_step}: the store {store.url} holds {store.crops_per_image} crops per image; "
@@ -86,8 +89,10 @@ class ReplayLoader:
         self.usable = np.flatnonzero(~np.asarray(store.excluded, dtype=bool))
         self.feed_depth = feed_depth
         self.classes = np.asarray(store.targets, dtype=np.int64)
+        self.hw_load = recorded_hw_load(store.attrs.get("decoder")) if hw_load is None else float(hw_load)
         self.pipe = build_pipeline(
-            replay_graph(norm, backend.decoder, crops_per_step, with_classes=True), batch_size=batch_size, backend=backend, num_threads=num_threads, seed=seed
+            replay_graph(norm, backend.decoder, crops_per_step, with_classes=True, hw_load=self.hw_load),
+            batch_size=batch_size, backend=backend, num_threads=num_threads, seed=seed,
         )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels")
         self._epochs: dict[int, Future] = {}

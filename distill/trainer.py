@@ -34,7 +34,7 @@ from mealkd.core.dali_io import decoder_differences, decoder_record, resolve_bac
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
 from mealkd.core.models import load_model, parse_spec
-from mealkd.core.replay import Normalization
+from mealkd.core.replay import Normalization, recorded_hw_load
 from mealkd.core.timing import StageTimes, format_duration
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from mealkd.distill.config import DistillConfig, as_record, resumed_config
@@ -184,7 +184,7 @@ class Trainer:
         """The student must see the pixels the teachers saw: refuse another decoder backend (CPU vs nvJPEG
         decode differently) unless accepted knowingly; warn about other differences (GPU model, versions)."""
         stored = self.store.attrs.get("decoder") or {}
-        current = decoder_record(self.backend)
+        current = decoder_record(self.backend, recorded_hw_load(stored))  # the loader replays with the store's load
         differing = decoder_differences(stored, current)
         if not differing:
             return

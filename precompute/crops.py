@@ -14,7 +14,7 @@ import torch
 
 from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_samples, to_torch
 from mealkd.core.dataset import DatasetIndex
-from mealkd.core.replay import Normalization, cut_graph, decode_graph, window_feed
+from mealkd.core.replay import HW_DECODER_LOAD, Normalization, cut_graph, decode_graph, window_feed
 
 
 @dataclass
@@ -28,18 +28,20 @@ class CropStream:
     """Builds the two DALI pipelines once and streams crop batches for any list of images."""
 
     def __init__(self, index: DatasetIndex, norms: list[Normalization], backend: Backend, *, batch_size: int, num_threads: int = 2,
-                 prefetch: bool | None = None):
+                 prefetch: bool | None = None, hw_load: float = HW_DECODER_LOAD):
         """``prefetch`` (default: on a GPU): file reads, decoding and the cut feeds are produced by a
         background thread, two batches ahead, while this thread launches the teachers. On an H100
         the teachers' kernel launches and this feed work shared one Python thread and the labelling
-        pass ran at 0.64x the teachers alone. On CPU the cores are the teachers'."""
+        pass ran at 0.64x the teachers alone. On CPU the cores are the teachers'. ``hw_load``: the
+        hardware-decoder load on a GPU (a new store's is :data:`HW_DECODER_LOAD`; an existing store's
+        crops are re-cut with the load it records)."""
         self.prefetch = backend.is_cuda if prefetch is None else prefetch
         self.index = index
         self.norms = norms
         self.backend = backend
         self.batch_size = batch_size
         self.decode_batch = max(1, min(batch_size, 32))
-        self._decode = build_pipeline(decode_graph(backend.decoder), batch_size=self.decode_batch, backend=backend, num_threads=num_threads)
+        self._decode = build_pipeline(decode_graph(backend.decoder, hw_load), batch_size=self.decode_batch, backend=backend, num_threads=num_threads)
         self._cut = build_pipeline(cut_graph(norms, backend.is_cuda), batch_size=batch_size, backend=backend, num_threads=num_threads)
 
     def _decoded(self, image_ids: list[int]) -> Iterator[list]:

@@ -202,6 +202,7 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     from mealkd.core.dali_io import resolve_backend
     from mealkd.core.dataset import scan_image_folder
     from mealkd.core.models import load_model, parse_spec_list
+    from mealkd.core.replay import recorded_hw_load
     from mealkd.precompute.crops import CropStream
     from mealkd.precompute.ensemble import TeacherEnsemble
 
@@ -233,7 +234,7 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     images, crops = eligible[flat // store.crops_per_image], flat % store.crops_per_image
     windows, flips = store.crops(images, crops)  # the sampled crops' slots only, not the whole (N, R) arrays
     windows, flips = windows[:, None, :], flips[:, None]
-    stream = CropStream(index, ensemble.norms, backend, batch_size=batch_size)
+    stream = CropStream(index, ensemble.norms, backend, batch_size=batch_size, hw_load=recorded_hw_load(store.attrs.get("decoder")))
     fresh = np.zeros((len(images), store.num_classes), np.float32)
     for batch in stream.batches(images.tolist(), list(range(len(images))), windows, flips):
         fresh[batch.rows] = ensemble(batch.inputs).cpu().numpy()

@@ -322,6 +322,33 @@ def test_store_from_another_decoder_is_refused_unless_accepted(recipe, gpu_made_
     assert "may differ slightly" in err and "H100" in err
 
 
+def test_replay_decodes_with_the_hardware_decoder_load_the_store_records(recipe, tmp_path):
+    """Stage two replays a GPU-made store with the hardware-decoder load stage one recorded (a later
+    default must not change an old store's pixels); a CPU-made store records none and gets the default."""
+    import zarr
+
+    from mealkd import storage
+    from mealkd.core.dali_io import resolve_backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.replay import HW_DECODER_LOAD, Normalization, recorded_hw_load
+    from mealkd.distill.loader import ReplayLoader
+
+    copy = tmp_path / "hw.zarr"
+    shutil.copytree(recipe["stores"][1], copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    assert "hw_decoder_load" not in group.attrs["decoder"]  # made on the CPU
+    assert recorded_hw_load(group.attrs["decoder"]) == HW_DECODER_LOAD
+    group.attrs["decoder"] = dict(group.attrs["decoder"], backend="mixed", hw_decoder_load=0.65)
+    index = scan_image_folder(recipe["tree"])
+    store = storage.open_store(str(copy), fingerprint=index.fingerprint)
+    loader = ReplayLoader(store, index, Normalization(16), resolve_backend("cpu"), batch_size=4, num_threads=1)
+    try:
+        assert loader.hw_load == 0.65
+        assert sum(b.images.shape[0] for b in loader.epoch(0)) == len(loader.usable)  # the CPU decoder ignores it
+    finally:
+        loader.close()
+
+
 def test_decoder_records_compare_without_retired_fields():
     """A GPU store made while the record still held DALI's nvJPEG version (DALI 2 no longer links it) is
     not reported as decoded differently for that field alone; a real difference still is."""
