@@ -1,4 +1,5 @@
-"""The compute policy both stages share: ``--precision`` (autocast dtype) and channels_last on CUDA.
+"""The compute policy both stages share: ``--precision`` (autocast dtype), channels_last on CUDA and
+``--compile``.
 
 ``--precision auto|fp32|fp16|bf16``:
 
@@ -100,3 +101,20 @@ def needs_grad_scaler(device: torch.device, precision: str) -> bool:
 def as_model_input(images: torch.Tensor) -> torch.Tensor:
     """channels_last on CUDA (faster convolutions with autocast); unchanged on CPU."""
     return images.contiguous(memory_format=torch.channels_last) if images.is_cuda else images
+
+
+#: ``--compile-backend`` values the help names (any backend ``torch.compiler.list_backends`` knows is accepted)
+COMPILE_BACKENDS_SHOWN = ("inductor", "aot_eager", "cudagraphs", "eager")
+
+
+def compiled(module: torch.nn.Module, backend: str, *, what: str, instead: str) -> torch.nn.Module:
+    """``module`` through ``torch.compile`` with ``backend``, one compiled graph per batch shape
+    (``dynamic=False``: every batch but an epoch's or a shard's last has one shape, and kernels for
+    that shape are faster than shape-generic ones). A one-line UserError for a TorchScript module
+    (``what`` names it, ``instead`` says what to do) or a backend torch does not know, before any work."""
+    inner = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    if isinstance(inner, torch.jit.ScriptModule):
+        raise UserError(f"--compile: {what} is a TorchScript file, which torch.compile cannot compile; {instead}")
+    if backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise UserError(f"--compile-backend {backend}: not a torch.compile backend here; use one of {', '.join(COMPILE_BACKENDS_SHOWN)}")
+    return torch.compile(module, backend=backend, dynamic=False)

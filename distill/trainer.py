@@ -29,7 +29,7 @@ from rich.console import Console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mealkd import storage
-from mealkd.core.accel import apply_numerics, autocast_for, needs_grad_scaler, resolve_precision
+from mealkd.core.accel import apply_numerics, autocast_for, compiled, needs_grad_scaler, resolve_precision
 from mealkd.core.dali_io import decoder_differences, decoder_record, resolve_backend
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
@@ -101,10 +101,8 @@ class Trainer:
         self.model = model
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(model) if self.dist.active else model
         # --compile: the forward (and its backward) of the student through torch.compile; weights are shared
-        if cfg.compile and isinstance(model, torch.jit.ScriptModule):
-            raise UserError(f"--compile: the student {cfg.student} is a TorchScript file, which torch.compile cannot compile; "
-                            "drop --compile, or train an architecture spec (torchvision:ARCH, timm:ARCH)")
-        self.forward_model = torch.compile(self.ddp_model, backend=cfg.compile_backend) if cfg.compile else self.ddp_model
+        self.forward_model = compiled(self.ddp_model, cfg.compile_backend, what=f"the student {cfg.student}",
+                                      instead="drop --compile, or train an architecture spec (torchvision:ARCH, timm:ARCH)") if cfg.compile else self.ddp_model
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
         self.loss = DistillLoss(cfg.hard_label_weight, temperature=self.temperature)
         self.mix_policy = MixPolicy(cutmix=cfg.cutmix, mixup=cfg.mixup, cutmix_alpha=cfg.cutmix_alpha, mixup_alpha=cfg.mixup_alpha)

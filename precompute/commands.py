@@ -8,6 +8,16 @@ from mealkd.core.accel import PRECISIONS
 from mealkd.core.signals import stopping_on_signals
 
 
+def compile_options(command):
+    """``--compile`` / ``--compile-backend`` of the commands that run the teachers (precompute, extend)."""
+    command = click.option("--compile-backend", default="inductor", show_default=True,
+                           help="torch.compile backend for --compile ('aot_eager' traces and checks the graphs without generating "
+                                "kernels: fast to start, for debugging).")(command)
+    return click.option("--compile", is_flag=True, help="torch.compile every teacher (after BatchNorm folding; one compiled graph "
+                        "per batch shape). The first batches are slow while it compiles; measure the gain with --dry-run --compile. "
+                        "Labels change only by float rounding, so a rerun may add or drop it.")(command)
+
+
 @click.command()
 @click.option("--data", required=True, help="Training images as an ImageFolder tree: DIR/<class>/<image>.")
 @click.option("--teachers", required=True, help="Comma list of teacher specs: torchvision:ARCH[@FILE.pth], timm:ARCH[@FILE], FILE.pt; "
@@ -34,6 +44,7 @@ from mealkd.core.signals import stopping_on_signals
 @click.option("--dry-run", is_flag=True, help="Measure instead of run: label a sample of the images through the real pipeline and print "
               "the job's teacher time (for 1 and several processes), the store's size and what each label encoding keeps of "
               "these teachers' outputs. Writes nothing at --out (an existing store there is checked and its pending images counted).")
+@compile_options
 def precompute(dry_run: bool, **kwargs) -> None:
     """Stage one: run the teacher ensemble once over seeded crops and store the averaged softmax."""
     from mealkd.precompute.runner import PrecomputeConfig, run_precompute, time_report
@@ -89,6 +100,7 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
 @click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
 @click.option("--images-per-shard", default=None, type=int, help="Images per shard of the new store (default: sized "
               "automatically for R2 if STORE's was automatic, else STORE's; top-k: a multiple of STORE's).")
+@compile_options
 def extend(**kwargs) -> None:
     """Grow a finished label store from R to R2 crops per image: the teachers label only the new
     crops; the result equals a store made with R2 from the start and gets a new store id."""

@@ -138,6 +138,9 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     probs = np.zeros((len(ids), cfg.crops_per_image, ensemble.num_classes), dtype=np.float32)
 
     stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+    partial = len(ids) * cfg.crops_per_image % cfg.batch_size
+    if cfg.compile and partial:  # compile the sample's last, smaller batch shape now, not inside the timed batches
+        ensemble.launch([torch.zeros(partial, 3, n.size, n.size, device=backend.device) for n in ensemble.norms])
     times = StageTimes()
     if backend.is_cuda:
         torch.cuda.reset_peak_memory_stats(backend.device)
@@ -173,6 +176,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         "device": torch.cuda.get_device_name(backend.device) if backend.is_cuda else f"CPU, {torch.get_num_threads()} torch threads",
         "teachers": [{"spec": t["spec"], "folded": f} for t, f in zip(ensemble.describe(), ensemble.folded)],
         "precision": ensemble.precision,
+        "compiled": cfg.compile_backend if cfg.compile else None,
         "crops_per_s": crops_per_s,
         "teacher_hours": total_crops / max(crops_per_s, 1e-9) / 3600,
         "validation_hours": todo * probe_s / sampled / 3600 if creates else 0.0,
@@ -210,7 +214,7 @@ def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
     lines = [
         f"dry run: nothing was written. {r['store']}",
         f"work: {r['pending_images']:,} of {r['images']:,} images x {r['crops_per_image']:,} crops = {r['crops']:,} crops to label",
-        f"teachers: {teachers}; {r['precision']} on {r['device']}",
+        f"teachers: {teachers}; {r['precision']} on {r['device']}" + (f"; torch.compile ({r['compiled']})" if r.get("compiled") else ""),
         f"measured: {r['crops_per_s']:,.0f} crops/s over {r['timed_batches']} batches after {r['warmup_batches']} untimed warm-up batches "
         f"({r['sample_images']} images sampled"
         + (f", {r['sample_unreadable']} more unreadable" if r["sample_unreadable"] else "") + ")"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mealkd.core.accel import apply_numerics, as_model_input, autocast_for, resolve_precision
+from mealkd.core.accel import apply_numerics, as_model_input, autocast_for, compiled, resolve_precision
 from mealkd.core.models import LoadedModel, describe
 from mealkd.core.models.inference import fold_batchnorm
 from mealkd.core.replay import Normalization
@@ -34,10 +34,12 @@ class TeacherEnsemble:
     ``default_size``: precompute's ``--image-size``, the crop size the store records (the rule is
     in ``core.models``). With ``class_names`` (the dataset's), teachers whose checkpoints record
     class names must list them in that order (:func:`check_class_order`). Each teacher's BatchNorm is
-    folded into its convolutions (``fold=False`` keeps it, to measure what folding saves)."""
+    folded into its convolutions (``fold=False`` keeps it, to measure what folding saves); with
+    ``compile_backend`` each teacher then runs through ``torch.compile`` (``--compile``)."""
 
     def __init__(self, teachers: list[LoadedModel], *, default_size: int, temperature: float, device: torch.device,
-                 class_names: list[str] | None = None, flag: str = "--data", precision: str = "auto", fold: bool = True):
+                 class_names: list[str] | None = None, flag: str = "--data", precision: str = "auto", fold: bool = True,
+                 compile_backend: str | None = None):
         if temperature <= 0:
             raise UserError(f"--temperature {temperature}: must be > 0")
         counts = {t.num_classes for t in teachers}
@@ -70,6 +72,9 @@ class TeacherEnsemble:
             t.module.to(device)
             if device.type == "cuda":
                 t.module.to(memory_format=torch.channels_last)
+            if compile_backend is not None:  # after folding: the compiled graph is the folded one
+                t.module = compiled(t.module, compile_backend, what=f"teacher {t.spec.text}",
+                                    instead="drop --compile (it applies to every teacher), or pass the teacher as an architecture spec")
 
     def describe(self) -> list[dict]:
         return [describe(t) for t in self.teachers]

@@ -68,6 +68,8 @@ class ExtendConfig:
     device: str = "auto"
     num_threads: int = 2
     images_per_shard: int | None = None
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 def _open_source(cfg: ExtendConfig) -> LabelStore:
@@ -117,6 +119,7 @@ def _precompute_config(cfg: ExtendConfig, source: LabelStore, teachers: str) -> 
         scale=policy.scale, ratio=policy.ratio, flip_prob=policy.flip_prob, seed=policy.seed, batch_size=cfg.batch_size,
         temperature=source.temperature, encoding=a.get("encoding_request") or "dense", device=cfg.device,
         precision=a.get("precision") or "auto", num_threads=cfg.num_threads, images_per_shard=cfg.images_per_shard,
+        compile=cfg.compile, compile_backend=cfg.compile_backend,
     )
 
 

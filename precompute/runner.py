@@ -58,6 +58,8 @@ class PrecomputeConfig:
     skip_bad: bool = False
     num_threads: int = 2
     images_per_shard: int | None = None
+    compile: bool = False  # torch.compile the teachers (numerics only: not recorded, a rerun may change it)
+    compile_backend: str = "inductor"
 
     @property
     def policy(self) -> CropPolicy:
@@ -242,7 +244,7 @@ def load_ensemble(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend) 
     """The ``--teachers`` ensemble for ``index``'s classes on ``backend``'s device."""
     teachers = [load_model(spec, num_classes=len(index.class_names)) for spec in parse_spec_list(cfg.teachers)]
     return TeacherEnsemble(teachers, default_size=cfg.image_size, temperature=cfg.temperature, device=backend.device, precision=cfg.precision,
-                           class_names=index.class_names)
+                           class_names=index.class_names, compile_backend=cfg.compile_backend if cfg.compile else None)
 
 
 def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[], dict]) -> dict:

@@ -28,8 +28,9 @@ def world(tmp_path_factory):
 
 
 def config(world, out, **kw) -> PrecomputeConfig:
-    return PrecomputeConfig(data=str(world["tree"]), teachers=world["teachers"], out=str(out), crops_per_image=R, image_size=SIZE,
-                            batch_size=8, device="cpu", num_threads=1, temperature=4.0, **kw)
+    settings = dict(data=str(world["tree"]), teachers=world["teachers"], out=str(out), crops_per_image=R, image_size=SIZE,
+                    batch_size=8, device="cpu", num_threads=1, temperature=4.0)
+    return PrecomputeConfig(**(settings | kw))
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
@@ -88,3 +89,15 @@ def test_dry_run_errors_are_one_line(world, tmp_path, capsys, monkeypatch):
         monkeypatch.setenv(key, value)
     code, err = run_main(args, capsys)
     assert code == 2 and "--dry-run: measures one process; run it without torchrun" in err, err
+
+
+def test_dry_run_measures_compiled_teachers(world, tmp_path):
+    """--dry-run --compile labels the sample with compiled teachers (the last, smaller batch shape compiled
+    before the clock starts) and finds the same label fidelity as the eager dry run."""
+    teacher = world["teachers"].split(",")[0]
+    eager = run_dry_run(config(world, tmp_path / "a.zarr", batch_size=10, teachers=teacher))
+    compiled = run_dry_run(config(world, tmp_path / "b.zarr", batch_size=10, teachers=teacher, compile=True, compile_backend="aot_eager"))
+    assert (CLASSES * PER_CLASS * R) % 10  # a partial last batch: a second shape to compile
+    assert eager["compiled"] is None and compiled["compiled"] == "aot_eager" and compiled["crops_per_s"] > 0
+    for a, b in zip(eager["fits"], compiled["fits"]):
+        assert a["encoding"] == b["encoding"] and a["mean_tv"] == pytest.approx(b["mean_tv"], abs=1e-4)

@@ -346,3 +346,34 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(env, tmp_path):
     assert proc.returncode == 0, (log, proc.stderr[-3000:])
     assert f"precompute: {N_IMAGES - second} images" in proc.stderr, (log, proc.stderr[-500:])  # only the missing shards were labelled
     assert_same_store(out, env["ref"])
+
+
+def test_compiled_teachers_label_like_eager_ones(env, tmp_path):
+    """--compile runs every teacher through torch.compile and labels what eager teachers label, with one
+    static graph per teacher and batch shape (8 and 7 crops of a 5-image shard, 4 of the last shard's 4
+    images). The backend here records each graph Dynamo captured and runs it as captured."""
+    from torch._dynamo import register_backend
+
+    captured: list[tuple[int, ...]] = []
+
+    def recording(graph, example_inputs):
+        crops = [x for x in example_inputs if isinstance(x, torch.Tensor) and tuple(x.shape[1:]) == (3, IMAGE_SIZE, IMAGE_SIZE)]
+        captured.append(tuple(x.shape[0] for x in crops))
+        return graph.forward
+
+    register_backend(recording, name="mealkd_test_recording")
+    spec = ",".join(env["spec"].split(",")[:2])  # the torchvision teachers (a TorchScript file cannot be compiled)
+    eager, comp = tmp_path / "eager.zarr", tmp_path / "compiled.zarr"
+    run_precompute(config(env["data"], spec, eager))
+    cfg = config(env["data"], spec, comp)
+    cfg.compile, cfg.compile_backend = True, "mealkd_test_recording"
+    summary = run_precompute(cfg)
+    assert sorted(captured) == sorted([(8,), (7,), (4,)] * 2), captured  # 2 teachers x 3 shapes, no shape-generic graph
+    assert summary["complete"] and summary["crops"] == N_IMAGES * CROPS
+    a, b = read_arrays(comp), read_arrays(eager)
+    for name in ARRAYS:
+        if name != "probs":
+            assert np.array_equal(a[name], b[name]), name
+    pa, pb = a["probs"].astype(np.float32), b["probs"].astype(np.float32)
+    assert np.abs(pa - pb).max() <= 1e-3  # float rounding at most (stored as fp16)
+    assert np.array_equal(pa.argmax(-1), pb.argmax(-1))

@@ -285,3 +285,16 @@ def test_validating_a_corrupt_file_never_crashes_the_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", PROBE_REPEATEDLY, str(data), "12"], cwd=REPO, capture_output=True, text=True,
                           timeout=240, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-1500:])
+
+
+@pytest.mark.parametrize("teachers,backend,culprits", [
+    ("script", "aot_eager", ["--compile", "TorchScript"]),
+    ("mobile", "no_such_backend", ["--compile-backend no_such_backend", "inductor"]),
+])
+def test_compile_errors(teachers, backend, culprits, files, tmp_path, capsys):
+    """--compile of a TorchScript teacher, or an unknown --compile-backend: one line before any work."""
+    out = tmp_path / "store.zarr"
+    spec = str(files["t3"]["script"]) if teachers == "script" else f"torchvision:mobilenet_v3_small@{files['t3']['mobile']}"
+    code, err = run_in_process(base(files, out, **{"--teachers": spec, "--compile-backend": backend}) + ["--compile"], capsys)
+    assert_one_line_error(code, err, *culprits)
+    assert not storage.store_exists(str(out))
