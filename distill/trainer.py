@@ -101,8 +101,10 @@ class Trainer:
         self.model = model
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(model) if self.dist.active else model
         # --compile: the forward (and its backward) of the student through torch.compile; weights are shared
-        self.forward_model = compiled(self.ddp_model, cfg.compile_backend, what=f"the student {cfg.student}",
-                                      instead="drop --compile, or train an architecture spec (torchvision:ARCH, timm:ARCH)") if cfg.compile else self.ddp_model
+        self.forward_model = self.ddp_model
+        if cfg.compile:
+            self.forward_model = compiled(self.ddp_model, cfg.compile_backend, what=f"the student {cfg.student}",
+                                          instead="drop --compile, or train an architecture spec (torchvision:ARCH, timm:ARCH)")
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
         self.loss = DistillLoss(cfg.hard_label_weight, temperature=self.temperature)
         self.mix_policy = MixPolicy(cutmix=cfg.cutmix, mixup=cfg.mixup, cutmix_alpha=cfg.cutmix_alpha, mixup_alpha=cfg.mixup_alpha)
