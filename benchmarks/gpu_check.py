@@ -895,50 +895,56 @@ def graphed_launch(ensemble, example: list) -> Callable[[list], "torch.Tensor"]:
     return launch
 
 
-def time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int = 8, fold: bool = True,
-                  graphs: bool = False, autotune: bool = True) -> float:
-    """Seconds for the ensemble alone over ``crops`` crops: real stored crops held on the device, cycled,
-    launched as precompute launches them (``TeacherEnsemble.launch``), one wait at the end; ``graphs``:
-    replayed as one CUDA graph per batch instead (:func:`graphed_launch`); ``autotune=False``: without
-    the cuDNN autotuning precompute turns on."""
-    from mealkd.core.accel import numerics_restored
+class TeacherTimer:
+    """The ensemble alone over real stored crops held on the device, cycled, launched as precompute
+    launches them (``TeacherEnsemble.launch``), one wait at the end. Built once (teachers, a pool of
+    crop batches), then timed in several variants: the process-wide kernel policy is set for each
+    timing and put back after it."""
 
-    with numerics_restored():
-        return _time_teachers(ctx, data, teachers, store_path, crops, pool_batches, fold, graphs, autotune)
+    def __init__(self, ctx: Ctx, data: Path, teachers: str, store_path: Path, *, fold: bool = True, pool_batches: int = 8):
+        from mealkd import storage
+        from mealkd.core.accel import numerics_restored
+        from mealkd.core.dali_io import resolve_backend
+        from mealkd.core.dataset import scan_image_folder
+        from mealkd.core.models import load_model, parse_spec_list
+        from mealkd.precompute.crops import CropStream
+        from mealkd.precompute.ensemble import TeacherEnsemble
 
+        p = ctx.plan
+        self.ctx = ctx
+        index = scan_image_folder(data)
+        store = storage.open_store(str(store_path))
+        backend = resolve_backend(ctx.device)
+        models = [load_model(s, num_classes=len(index.class_names)) for s in parse_spec_list(teachers)]
+        with numerics_restored():
+            self.ensemble = TeacherEnsemble(models, default_size=p.bench_size, temperature=1.0, device=backend.device, fold=fold)
+        usable = np.flatnonzero(~np.asarray(store.excluded, bool))[: math.ceil(pool_batches * p.bench_batch / p.bench_crops)].tolist()
+        stream = CropStream(index, self.ensemble.norms, backend, batch_size=p.bench_batch, num_threads=ctx.bench_threads)
+        pool = [b.inputs for b in stream.batches(usable, usable, store.windows, store.flips)]
+        self.pool = [x for x in pool if x[0].shape[0] == p.bench_batch] or pool
 
-def _time_teachers(ctx: Ctx, data: Path, teachers: str, store_path: Path, crops: int, pool_batches: int, fold: bool, graphs: bool,
-                   autotune: bool) -> float:
-    import torch
+    def seconds(self, crops: int, *, graphs: bool = False, autotune: bool = True) -> float:
+        """Seconds for ``crops`` crops under precompute's kernel policy (cuDNN autotuning on a GPU);
+        ``autotune=False``: without the autotuning; ``graphs``: each batch replayed as one CUDA graph
+        (:func:`graphed_launch`)."""
+        import torch
 
-    from mealkd import storage
-    from mealkd.core.dali_io import resolve_backend
-    from mealkd.core.dataset import scan_image_folder
-    from mealkd.core.models import load_model, parse_spec_list
-    from mealkd.precompute.crops import CropStream
-    from mealkd.precompute.ensemble import TeacherEnsemble
+        from mealkd.core.accel import apply_numerics, numerics_restored
 
-    p = ctx.plan
-    index = scan_image_folder(data)
-    store = storage.open_store(str(store_path))
-    backend = resolve_backend(ctx.device)
-    models = [load_model(s, num_classes=len(index.class_names)) for s in parse_spec_list(teachers)]
-    ensemble = TeacherEnsemble(models, default_size=p.bench_size, temperature=1.0, device=backend.device, fold=fold)
-    torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark and autotune
-    usable = np.flatnonzero(~np.asarray(store.excluded, bool))[: math.ceil(pool_batches * p.bench_batch / p.bench_crops)].tolist()
-    stream = CropStream(index, ensemble.norms, backend, batch_size=p.bench_batch, num_threads=ctx.bench_threads)
-    pool = [b.inputs for b in stream.batches(usable, usable, store.windows, store.flips)]
-    pool = [x for x in pool if x[0].shape[0] == p.bench_batch] or pool
-    launch = graphed_launch(ensemble, pool[0]) if graphs else ensemble.launch
-    launch(pool[0])
-    sync(ctx.device)
-    done, i = 0, 0
-    t0 = time.perf_counter()
-    while done < crops:  # launch(): precompute's own path, no wait per batch (the checked call waits per teacher)
-        done += launch(pool[i % len(pool)])[0].shape[0]
-        i += 1
-    sync(ctx.device)
-    return (time.perf_counter() - t0) * crops / done
+        ctx, pool = self.ctx, self.pool
+        with numerics_restored():
+            apply_numerics(self.ensemble.device, self.ensemble.precision, fixed_shapes=True)  # what TeacherEnsemble sets
+            torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark and autotune
+            launch = graphed_launch(self.ensemble, pool[0]) if graphs else self.ensemble.launch
+            launch(pool[0])  # warm-up (and the autotuning, per shape)
+            sync(ctx.device)
+            done, i = 0, 0
+            t0 = time.perf_counter()
+            while done < crops:  # launch(): precompute's own path, no wait per batch (the checked call waits per teacher)
+                done += launch(pool[i % len(pool)])[0].shape[0]
+                i += 1
+            sync(ctx.device)
+            return (time.perf_counter() - t0) * crops / done
 
 
 def student_step(trainer, batch) -> None:
@@ -1029,14 +1035,14 @@ def ratio_row(ctx: Ctx, check: str, ratio: float, threshold: float, detail: str)
     return Row(check, status, f"{ratio:.2f}", f">={threshold}", detail + note)
 
 
-def graphs_info_row(ctx: Ctx, bench: Path, crops: int, eager_s: float) -> Row:
+def graphs_info_row(ctx: Ctx, timer: TeacherTimer, crops: int, eager_s: float) -> Row:
     """INFO: the teacher-only rate replayed as CUDA graphs vs launched eagerly (CUDA only; an error here
     is reported in the row and does not cost the other throughput rows)."""
     check = "teachers: CUDA graphs / eager"
     if not ctx.cuda:
         return skip(check, "needs CUDA (--device cpu)")
     try:
-        graph_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", crops, graphs=True)
+        graph_s = timer.seconds(crops, graphs=True)
     except Exception as err:  # noqa: BLE001 - a measurement, not a check: report and go on
         return Row(check, "WARN", "error", "-", f"capture or replay failed: {type(err).__name__}: {str(err)[:200]}")
     return Row(check, "INFO", f"{eager_s / graph_s:.2f}", "-",
@@ -1048,10 +1054,12 @@ def graphs_info_row(ctx: Ctx, bench: Path, crops: int, eager_s: float) -> Row:
 def throughput_rows(ctx: Ctx) -> list[Row]:
     bench = ctx.paths["bench"]
     pre = time_precompute(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
-    teacher_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"])
-    unfolded_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"], fold=False)
-    untuned_s = time_teachers(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", pre["crops"], autotune=False)
-    graphs_row = graphs_info_row(ctx, bench, pre["crops"], teacher_s)
+    timer = TeacherTimer(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
+    teacher_s = timer.seconds(pre["crops"])
+    untuned_s = timer.seconds(pre["crops"], autotune=False)
+    graphs_row = graphs_info_row(ctx, timer, pre["crops"], teacher_s)
+    del timer
+    unfolded_s = TeacherTimer(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", fold=False).seconds(pre["crops"])
     d = time_distill(ctx, bench, ctx.work / "bench.zarr", ctx.work / "runs" / "bench")
     p = ctx.plan
     what = f"{ctx.device}, {pre['crops']} crops at {p.bench_size}px"
