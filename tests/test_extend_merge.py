@@ -238,6 +238,7 @@ def test_extend_bad_input(world, capsys):
         (_extend_args(world, small, Path(out)) + ["--teachers", world["t1"]], ("--teachers", "teachers differ")),
         (_extend_args(world, small, Path(out))[:-4] + ["--data", str(other_data), "--batch-size", "4"], ("--data", "not the dataset")),
         (_extend_args(world, top, Path(out), 5, "--images-per-shard", "3"), ("--images-per-shard 3", "multiple of the source's 2")),
+        (_extend_args(world, small, Path(out)) + ["--compile"], ("--compile", "TorchScript")),  # the teachers are TorchScript files
         (_extend_args(world, small, world["root"] / "only-t1.zarr" if (world["root"] / "only-t1.zarr").exists()
                       else _pre(capsys, world, world["t1"], "only-t1.zarr")), ("--out", "a different label store")),
     ]
