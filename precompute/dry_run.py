@@ -63,7 +63,7 @@ def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict) -
     _check_existing(cfg.out, settings, cfg.crops_per_image)
     writer = storage.StoreWriter(cfg.out)
     pending = writer.pending_shards()
-    images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
+    images = writer.images_in(pending)
     return images, f"--out {cfg.out} exists with these settings: {len(pending)} of {writer.num_shards} shards pending", False
 
 

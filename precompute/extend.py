@@ -272,7 +272,7 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
     stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
     extender = _ShardExtender(source, stream, ensemble, policy, cfg.crops_per_image, writer)
     new_per_image = cfg.crops_per_image - source.crops_per_image
-    total_images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in mine)
+    total_images = writer.images_in(mine)
     crops_done = images_done = 0
     started = time.perf_counter()
     with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:

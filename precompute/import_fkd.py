@@ -250,7 +250,7 @@ def run_import(cfg: ImportConfig, console: Console | None = None) -> dict:
         writer = storage.StoreWriter(cfg.out)
         store = storage.open_store(cfg.out, require_complete=False, check_files=False)
         pending = writer.pending_shards()
-        images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
+        images = writer.images_in(pending)
         with make_progress(console, RateColumn("images")) as progress:
             task = progress.add_task("import", total=images)
             for shard in pending:

@@ -236,7 +236,7 @@ def _merge_pending(cfg: MergeConfig, stores: list[LabelStore], weights: list[flo
     writer = storage.StoreWriter(cfg.out)
     shares = [w / sum(weights) for w in weights]
     pending = writer.pending_shards()
-    total = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in pending)
+    total = writer.images_in(pending)
     done = 0
     with make_progress(console, RateColumn("images")) as progress:
         task = progress.add_task("merge", total=total)

@@ -294,7 +294,7 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     # THEM: after a partial run, `shard % world` could leave one rank all the work and the rest waiting
     pending = d.broadcast(writer.pending_shards() if d.is_main else None)
     mine = pending_for_rank(pending, d.rank, d.world_size)
-    total_images = sum(writer.shard_range(s)[1] - writer.shard_range(s)[0] for s in mine)
+    total_images = writer.images_in(mine)
     stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
     crops_done = images_done = 0
     times = StageTimes()

@@ -265,6 +265,10 @@ class StoreWriter:
         start = shard * self.images_per_shard
         return start, min(start + self.images_per_shard, self.num_images)
 
+    def images_in(self, shards: list[int]) -> int:
+        """How many images ``shards`` hold together (the work of labelling them)."""
+        return sum(stop - start for start, stop in map(self.shard_range, shards))
+
     def done_mask(self) -> np.ndarray:
         return np.asarray(self._done[:], bool)
 
