@@ -8,6 +8,14 @@ from mealkd.core.accel import PRECISIONS
 from mealkd.core.signals import stopping_on_signals
 
 
+def allow_decoder_mismatch_option(command):
+    """``--allow-decoder-mismatch`` of the commands that add crops to an existing store (precompute, extend)."""
+    return click.option("--allow-decoder-mismatch", is_flag=True, help="Add crops to a store begun with another GPU model or "
+                        "DALI / nvImageCodec / CUDA version (a job resumed on other nodes or in an updated container): its new "
+                        "crops may differ from the stored ones by a grey level here and there. The store records that decoder in "
+                        "its decoder_drift list (mealkd inspect shows it). Another backend (CPU vs GPU) is always refused.")(command)
+
+
 def compile_options(command):
     """``--compile`` / ``--compile-backend`` of the commands that run the teachers (precompute, extend)."""
     command = click.option("--compile-backend", default="inductor", show_default=True,
@@ -44,6 +52,7 @@ def compile_options(command):
 @click.option("--dry-run", is_flag=True, help="Measure instead of run: label a sample of the images through the real pipeline and print "
               "the job's teacher time (for 1 and several processes), the store's size and what each label encoding keeps of "
               "these teachers' outputs. Writes nothing at --out (an existing store there is checked and its pending images counted).")
+@allow_decoder_mismatch_option
 @compile_options
 def precompute(dry_run: bool, **kwargs) -> None:
     """Stage one: run the teacher ensemble once over seeded crops and store the averaged softmax."""
@@ -100,6 +109,7 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
 @click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
 @click.option("--images-per-shard", default=None, type=int, help="Images per shard of the new store (default: sized "
               "automatically for R2 if STORE's was automatic, else STORE's; top-k: a multiple of STORE's).")
+@allow_decoder_mismatch_option
 @compile_options
 def extend(**kwargs) -> None:
     """Grow a finished label store from R to R2 crops per image: the teachers label only the new

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mealkd import storage
-from mealkd.core.dali_io import resolve_backend
+from mealkd.core.dali_io import Backend, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import launched_by_torchrun
 from mealkd.core.probe import probe_images
@@ -55,12 +55,12 @@ def sample_ids(num_images: int, crops_per_image: int, batch_size: int) -> np.nda
     return np.unique(np.linspace(0, num_images - 1, min(num_images, max(1, want))).round().astype(np.int64))
 
 
-def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict) -> tuple[int, str, bool]:
+def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict, backend: Backend) -> tuple[int, str, bool]:
     """(images a run with ``cfg`` (whose store ``settings`` these are) would still label, a note on the store
     at --out, whether the run creates it: only then does it first decode every file to validate it)."""
     if not storage.store_exists(cfg.out):
         return len(index), f"--out {cfg.out} does not exist yet: the run creates it", True
-    _check_existing(cfg.out, settings, cfg.crops_per_image)
+    _check_existing(cfg, settings, backend)
     writer = storage.StoreWriter(cfg.out)
     pending = writer.pending_shards()
     images = writer.images_in(pending)
@@ -123,7 +123,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     index = scan_image_folder(cfg.data)
     ensemble = load_ensemble(cfg, index, backend)
     settings = _settings(cfg, index, ensemble, backend)
-    todo, store_note, creates = pending_images(cfg, index, settings)
+    todo, store_note, creates = pending_images(cfg, index, settings, backend)
     ids = sample_ids(len(index), cfg.crops_per_image, cfg.batch_size)
 
     sampled = len(ids)

@@ -37,6 +37,7 @@ from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
+from mealkd.precompute.decoder_drift import continued_decoder
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
 from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, labelling_times,
@@ -52,7 +53,7 @@ BLOCK_BYTES = 256 * 2**20
 
 #: the flag to blame when a setting of the current run differs from the source store's
 _FLAG_OF = {
-    "class_names": "--data", "dataset": "--data", "teachers": "--teachers", "decoder": "--device",
+    "class_names": "--data", "dataset": "--data", "teachers": "--teachers",
     "precision": "--device", "crop": "STORE", "temperature": "STORE", "encoding_request": "STORE",
 }
 
@@ -70,6 +71,7 @@ class ExtendConfig:
     images_per_shard: int | None = None
     compile: bool = False
     compile_backend: str = "inductor"
+    allow_decoder_mismatch: bool = False  # label the new crops with another GPU model / DALI version than STORE's (recorded)
 
 
 def _open_source(cfg: ExtendConfig) -> LabelStore:
@@ -133,7 +135,7 @@ def _check_settings(source: LabelStore, settings: dict) -> None:
     fixes = {
         "--data": "pass the precompute --data tree, unchanged",
         "--teachers": "pass the precompute --teachers (same files, specs and :w= weights), or omit --teachers to use the recorded specs",
-        "--device": "run on the kind of device (and decoder) the store was made with",
+        "--device": "run on the kind of device the store was made with",
         "STORE": "this store's settings cannot be reproduced here",
     }
     raise UserError(f"{flag}: {', '.join(differing)} differ(s) from what STORE {source.url} records; {fixes[flag]}")
@@ -255,21 +257,40 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
                             "or changed); pass the precompute --data tree, unchanged")
         ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
         _check_settings(source, _settings(pcfg, index, ensemble, backend))
-        def prepare() -> None:
-            if d.is_main and not _existing_output(cfg, source, ips):
-                _create_output(cfg, source, ips)
+        decoder = continued_decoder(source.attrs.get("decoder"), backend, allow=cfg.allow_decoder_mismatch, where=f"STORE {cfg.store}",
+                                    command="extend")
 
-        return run_locked(cfg.out, d, prepare, lambda: _extend_pending(cfg, source, index, ensemble, backend, pcfg.policy, d, console))
+        def prepare() -> None:
+            if not d.is_main:
+                return
+            if not _existing_output(cfg, source, ips):
+                _create_output(cfg, source, ips)
+            if decoder.drift is not None:
+                _record_drift(cfg, decoder.drift, console)
+
+        return run_locked(cfg.out, d, prepare,
+                          lambda: _extend_pending(cfg, source, index, ensemble, backend, decoder.hw_load, pcfg.policy, d, console))
     finally:
         shutdown(d)
 
 
+def _record_drift(cfg: ExtendConfig, drift: dict, console: Console) -> None:
+    """--allow-decoder-mismatch: the new store records that its new crops were decoded by another decoder than STORE's."""
+    writer = storage.StoreWriter(cfg.out)
+    if not writer.pending_shards():
+        return
+    with writing_store(cfg.out):
+        writer.record_decoder_drift(drift)
+    console.print(f"[yellow]--allow-decoder-mismatch: the new crops are decoded by another decoder than STORE's "
+                  f"(differing: {', '.join(drift['fields'])}); recorded in {cfg.out}'s decoder_drift", soft_wrap=True)
+
+
 def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend,
-                    policy: CropPolicy, d: Dist, console: Console) -> dict:
+                    hw_load: float, policy: CropPolicy, d: Dist, console: Console) -> dict:
     writer = storage.StoreWriter(cfg.out)
     pending = d.broadcast(writer.pending_shards() if d.is_main else None)
     mine = pending_for_rank(pending, d.rank, d.world_size)
-    stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+    stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads, hw_load=hw_load)
     extender = _ShardExtender(source, stream, ensemble, policy, cfg.crops_per_image, writer)
     new_per_image = cfg.crops_per_image - source.crops_per_image
     total_images = writer.images_in(mine)

@@ -28,12 +28,13 @@ import numpy as np
 from rich.console import Console
 
 from mealkd import storage
+from mealkd.core.dali_io import decoder_differences
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
 from mealkd.storage.reader import LabelStore
-from mealkd.storage.schema import DENSE, TOPK, encoding_attr, parse_encoding
+from mealkd.storage.schema import DECODER_DRIFT, DENSE, TOPK, encoding_attr, parse_encoding
 
 #: images compared at once when checking that the inputs' windows and flips agree
 CHECK_BLOCK = 4096
@@ -175,7 +176,26 @@ def plan_attributes(cfg: MergeConfig, stores: list[LabelStore], weights: list[fl
             for s, url, w in zip(stores, cfg.stores, weights)
         ],
     )
+    drift = _merged_drift(stores)
+    if drift:
+        attributes[DECODER_DRIFT] = drift
     return json.loads(json.dumps(attributes))
+
+
+def _merged_drift(stores: list[LabelStore]) -> list[dict]:
+    """The merged store's decoder_drift: every input's, plus the decoder of each input that differs from the
+    first input's (same backend, another GPU or library version: its teachers saw those pixels)."""
+    first = stores[0].attrs.get("decoder")
+    entries = [entry for s in stores for entry in s.attrs.get(DECODER_DRIFT) or []]
+    for s in stores[1:]:
+        fields = decoder_differences(first, s.attrs.get("decoder") or {})
+        if fields:
+            entries.append({"decoder": s.attrs.get("decoder"), "fields": fields, "command": f"merge of {s.url}", "at": s.attrs.get("created")})
+    unique: list[dict] = []
+    for entry in entries:
+        if entry.get("decoder") != first and all(entry.get("decoder") != kept.get("decoder") for kept in unique):
+            unique.append(entry)
+    return unique
 
 
 def _is_this_merge(out: LabelStore, stores: list[LabelStore], weights: list[float], encoding: str) -> bool:

@@ -28,15 +28,19 @@ from mealkd.core.distributed import Dist, init_distributed, shutdown
 from mealkd.core.models import load_model, parse_spec_list
 from mealkd.core.probe import describe_unreadable, probe_images
 from mealkd.core.progress import RateColumn, make_progress
+from mealkd.core.replay import recorded_hw_load
 from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropBatch, CropStream
+from mealkd.precompute.decoder_drift import ContinuedDecoder, continued_decoder
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
 
 # Attributes that must match for a rerun to continue an existing store.
-SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "precision", "dataset", "decoder", "encoding_request")
+#: the settings a continued run must reproduce exactly (the decoder is compared by precompute.decoder_drift,
+#: which accepts a different GPU or library version with --allow-decoder-mismatch)
+SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "precision", "dataset", "encoding_request")
 
 
 @dataclass
@@ -60,6 +64,7 @@ class PrecomputeConfig:
     images_per_shard: int | None = None
     compile: bool = False  # torch.compile the teachers (numerics only: not recorded, a rerun may change it)
     compile_backend: str = "inductor"
+    allow_decoder_mismatch: bool = False  # continue a store begun with another GPU model / DALI version (recorded)
 
     @property
     def policy(self) -> CropPolicy:
@@ -95,15 +100,21 @@ def _settings(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsem
     )
 
 
-def _check_existing(out: str, settings: dict, crops_per_image: int) -> None:
-    store = storage.open_store(out, require_complete=False)
-    wanted = dict(settings, crops_per_image=crops_per_image)
+def _check_existing(cfg: PrecomputeConfig, settings: dict, backend: Backend) -> ContinuedDecoder | None:
+    """Check that the store at ``cfg.out`` is this run's; returns the decoder its pending crops are decoded
+    with (None when the store is complete: nothing will be decoded)."""
+    store = storage.open_store(cfg.out, require_complete=False)
+    wanted = dict(settings, crops_per_image=cfg.crops_per_image)
     differing = [key for key in (*SETTINGS_KEYS, "crops_per_image") if _jsonable(store.attrs.get(key)) != wanted[key]]
     if differing:
         raise UserError(
-            f"--out {out}: a label store made with different settings ({', '.join(differing)}) is already there; "
+            f"--out {cfg.out}: a label store made with different settings ({', '.join(differing)}) is already there; "
             "use another --out, or delete it to start over"
         )
+    if store.done.all():
+        return None
+    return continued_decoder(store.attrs.get("decoder"), backend, allow=cfg.allow_decoder_mismatch, where=f"--out {cfg.out}",
+                             command="precompute")
 
 
 def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: Dist, console: Console) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +151,12 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     exists = d.broadcast(storage.store_exists(cfg.out) if d.is_main else None)
     if exists:
         if d.is_main:
-            _check_existing(cfg.out, settings, cfg.crops_per_image)
+            decoder = _check_existing(cfg, settings, backend)
+            if decoder is not None and decoder.drift is not None:
+                with writing_store(cfg.out):
+                    storage.StoreWriter(cfg.out).record_decoder_drift(decoder.drift)
+                console.print(f"[yellow]--allow-decoder-mismatch: continuing {cfg.out} with another decoder "
+                              f"(differing: {', '.join(decoder.drift['fields'])}); recorded in the store's decoder_drift", soft_wrap=True)
         return
     sizes, excluded = _probe_all(cfg, index, backend, d, console)
     if d.is_main:
@@ -295,7 +311,9 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     pending = d.broadcast(writer.pending_shards() if d.is_main else None)
     mine = pending_for_rank(pending, d.rank, d.world_size)
     total_images = writer.images_in(mine)
-    stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads)
+    # decode as the store's first shards were decoded: at its recorded hardware-decoder load, not today's default
+    stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+                        hw_load=recorded_hw_load(store.attrs.get("decoder")))
     crops_done = images_done = 0
     times = StageTimes()
     started = time.perf_counter()

@@ -7,6 +7,7 @@ import click
 
 from mealkd.storage.lineage import describe_lineage, teacher_tv_bound
 from mealkd.storage.reader import open_store
+from mealkd.storage.schema import DECODER_DRIFT
 
 
 def _human(n: float) -> str:
@@ -81,6 +82,7 @@ def summary(store: str, sample: int) -> dict:
         "dataset": a.get("dataset") or {},
         "crop": a.get("crop"),
         "decoder": a.get("decoder"),
+        "decoder_drift": a.get(DECODER_DRIFT) or [],
         "created": a.get("created"),
         "completed": a.get("completed"),
         "mealkd_version": a.get("mealkd_version"),
@@ -90,6 +92,13 @@ def summary(store: str, sample: int) -> dict:
         "fidelity_reference": a.get("fidelity_reference"),
         "teacher_tv_bound": teacher_tv_bound(a) if a.get("merged_from") else None,
     }
+
+
+def _drift_line(entry: dict) -> str:
+    """One decoder_drift entry: which command accepted which other decoder, and when."""
+    decoder = entry.get("decoder") or {}
+    fields = ", ".join(f"{key} {decoder.get(key)!r}" for key in entry.get("fields") or [])
+    return f"{entry.get('command', '?')} {entry.get('at', '?')}: some crops decoded with {fields} (--allow-decoder-mismatch)"
 
 
 def _table(info: dict):
@@ -135,6 +144,8 @@ def _table(info: dict):
     table.add_row("crop policy", json.dumps(crop) if crop is not None else "-")
     if info["decoder"] is not None:
         table.add_row("decoder", json.dumps(info["decoder"]))
+    if info["decoder_drift"]:
+        table.add_row("decoder drift", "\n".join(_drift_line(entry) for entry in info["decoder_drift"]))
     table.add_row("store id", str(info["store_id"]))
     history = describe_lineage(info)
     if info["teacher_tv_bound"] is not None:

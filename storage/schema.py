@@ -86,6 +86,11 @@ MAX_CHUNK_IMAGES = 1024
 MAX_IMAGES_PER_SHARD = 16384
 META_CHUNK = 1 << 17
 
+#: attribute listing the decoders, other than the one ``decoder`` records, that decoded some of the
+#: store's crops (a run continued or extended elsewhere with ``--allow-decoder-mismatch``): a list of
+#: ``{"decoder": record, "fields": [differing keys], "command": ..., "at": UTC ISO time}``
+DECODER_DRIFT = "decoder_drift"
+
 #: attribute keys create_store owns (a caller may not set them to something else)
 RESERVED_ATTRS = (
     "format", "version", "num_classes", "crops_per_image", "label_encoding", "images_per_shard",

@@ -36,7 +36,7 @@ from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.faults import kill_point
 from mealkd.storage.schema import (
-    DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for, crop_inner_chunks,
+    DECODER_DRIFT, DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for, crop_inner_chunks,
     default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,
     topk_index_dtype, zarr_store,
 )
@@ -380,6 +380,18 @@ class StoreWriter:
             }
         kill_point("finalize")
         self._group.update_attributes(new)
+        self.attrs = self._group.attrs.asdict()
+        return True
+
+    def record_decoder_drift(self, entry: dict) -> bool:
+        """Append ``entry`` (``{"decoder": record, ...}``) to the store's ``decoder_drift`` list, unless an
+        entry with the same decoder record is there already (a resumed run accepts it again); True if added.
+        One ``zarr.json`` rewrite (atomic on LocalStore); call it from one process."""
+        current = self._group.attrs.asdict()
+        drift = list(current.get(DECODER_DRIFT) or [])
+        if any(old.get("decoder") == entry.get("decoder") for old in drift):
+            return False
+        self._group.update_attributes({DECODER_DRIFT: [*drift, dict(entry, at=entry.get("at") or _now())]})
         self.attrs = self._group.attrs.asdict()
         return True
 
