@@ -109,6 +109,11 @@ def test_another_backend_is_refused_even_when_accepted(world, capsys, tmp_path):
         assert_user_error(run(capsys, *args, *extra), f"--out {out}", "'mixed'", "'cpu'", "--device cuda")
         assert "decoder_drift" not in _zarr_group(out).attrs
     assert_user_error(run(capsys, *args, "--dry-run"), f"--out {out}", "'mixed'", "--device cuda")
+    source = _begun_elsewhere(ref, tmp_path / "gpu-made-complete.zarr", done_shards=None, backend="mixed", hw_decoder_load=0.0)
+    extend = ["extend", str(source), "--crops-per-image", "5", "--out", str(tmp_path / "r5.zarr"), "--data", str(world["data"]),
+              "--device", "cpu", "--allow-decoder-mismatch"]
+    assert_user_error(run(capsys, *extend), f"STORE {source}", "'mixed'", "--device cuda")
+    assert not (tmp_path / "r5.zarr").exists()
 
 
 def test_dry_run_on_a_store_begun_elsewhere_asks_for_the_flag(world, capsys, tmp_path):
