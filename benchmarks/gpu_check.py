@@ -836,20 +836,21 @@ def quiet_console():
     return Console(stderr=True, quiet=True)
 
 
-def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
-    """The dry run's prediction, then end to end on a fresh store, then the labelling pass alone: every
-    shard marked not done and rerun."""
-    import zarr
-
-    from mealkd.precompute.dry_run import run_dry_run
-    from mealkd.precompute.runner import PrecomputeConfig, run_precompute, time_report
+def bench_precompute_config(ctx: Ctx, data: Path, teachers: str, out: Path):
+    from mealkd.precompute.runner import PrecomputeConfig
 
     p = ctx.plan
-    cfg = PrecomputeConfig(data=str(data), teachers=teachers, out=str(out), crops_per_image=p.bench_crops, image_size=p.bench_size,
-                           batch_size=p.bench_batch, device=ctx.device, skip_bad=True, num_threads=ctx.bench_threads)
-    t0 = time.perf_counter()
-    predicted = run_dry_run(cfg)
-    dry_s = time.perf_counter() - t0
+    return PrecomputeConfig(data=str(data), teachers=teachers, out=str(out), crops_per_image=p.bench_crops, image_size=p.bench_size,
+                            batch_size=p.bench_batch, device=ctx.device, skip_bad=True, num_threads=ctx.bench_threads)
+
+
+def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
+    """End to end on a fresh store, then the labelling pass alone: every shard marked not done and rerun."""
+    import zarr
+
+    from mealkd.precompute.runner import run_precompute, time_report
+
+    cfg = bench_precompute_config(ctx, data, teachers, out)
     t0 = time.perf_counter()
     run_precompute(cfg, quiet_console())
     fresh = time.perf_counter() - t0
@@ -861,7 +862,7 @@ def time_precompute(ctx: Ctx, data: Path, teachers: str, out: Path) -> dict:
         raise CheckError("the rerun over pending shards did not complete the store")
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {"crops": summary["crops"], "fresh_s": fresh, "command_s": command, "labelling_s": summary["labelling_s"],
-            "report": time_report(summary), "dry": predicted, "dry_s": dry_s, "written": written}
+            "report": time_report(summary), "written": written}
 
 
 def graphed_launch(ensemble, example: list) -> Callable[[list], "torch.Tensor"]:
@@ -952,9 +953,10 @@ def student_step(trainer, batch) -> None:
     trainer.train_step(batch)
 
 
-def time_distill(ctx: Ctx, data: Path, store: Path, out: Path) -> dict:
+def time_distill(ctx: Ctx, data: Path, store: Path, out: Path, then: Callable[[object, dict], list[Row]]) -> list[Row]:
     """Loader alone (one epoch), the student step alone (batches already on the device), then the real
-    Trainer for 2 epochs (epoch 2's crops/s); one Trainer, nothing else running."""
+    Trainer for 2 epochs (epoch 2's crops/s); one Trainer, nothing else running. Returns what
+    ``then(trainer, measurements)`` returns, called with the Trainer still open."""
     from mealkd.distill.trainer import DistillConfig, Trainer
 
     p = ctx.plan
@@ -981,12 +983,11 @@ def time_distill(ctx: Ctx, data: Path, store: Path, out: Path) -> dict:
             crops += pool[i % len(pool)].images.shape[0]
         sync(ctx.device)
         student_rate = crops / (time.perf_counter() - t0)
-        hw = hw_decoder_rates(ctx, trainer)
         records = trainer.run()
+        return then(trainer, {"loader": loader_rate, "student": student_rate, "distill": records[-1]["crops_per_s"], "steps": steps,
+                              "wait_s": records[-1]["loader_wait_s"], "epoch_s": records[-1]["seconds"]})
     finally:
         trainer.close()
-    return {"loader": loader_rate, "student": student_rate, "distill": records[-1]["crops_per_s"], "steps": steps,
-            "wait_s": records[-1]["loader_wait_s"], "epoch_s": records[-1]["seconds"], "hw": hw, "cuda": ctx.cuda}
 
 
 HW_LOADS = (0.0, 0.65, 1.0)  # the pinned load, DALI's default, all to the hardware JPEG engine
@@ -1019,13 +1020,23 @@ def hw_decoder_rates(ctx: Ctx, trainer) -> dict[float, tuple[float, float]]:
     return rates
 
 
-def hw_decoder_row(d: dict) -> Row:
-    """INFO: what the hardware JPEG engine would gain stage two (see "hardware JPEG decoder: pixels")."""
-    hw = d["hw"]
+HW_ROW = "loader: hardware JPEG decoder / pinned"
+
+
+def hw_decoder_row(ctx: Ctx, trainer, epoch_s: float) -> Row:
+    """INFO: what the hardware JPEG engine would gain stage two (see "hardware JPEG decoder: pixels");
+    SKIP when --budget-s has no room for its six epochs, WARN with the error if a load fails."""
+    need = 6 * epoch_s + 15
+    if ctx.remaining() < need:
+        return skip(HW_ROW, f"{ctx.remaining():.0f} s of --budget-s left, under the ~{need:.0f} s its six loader epochs need")
+    try:
+        hw = hw_decoder_rates(ctx, trainer)
+    except Exception as err:  # noqa: BLE001 - a measurement, not a check: report and go on
+        return Row(HW_ROW, "WARN", "error", "-", f"{type(err).__name__}: {str(err)[:300]}")
     parts = "; ".join(f"load {load}: alone {alone:.0f}, with the student {step:.0f}" for load, (alone, step) in hw.items())
-    return Row("loader: hardware JPEG decoder / pinned", "INFO", f"{hw[1.0][1] / hw[0.0][1]:.2f}", "-",
+    return Row(HW_ROW, "INFO", f"{hw[1.0][1] / hw[0.0][1]:.2f}", "-",
                f"crops/s of the loader with the student's step at hardware-decoder load 1.0 vs 0 (what both stages pin): {parts}"
-               + ("" if d["cuda"] else " (CPU decoder: the load is ignored, so this is noise)"))
+               + ("" if ctx.cuda else " (CPU decoder: the load is ignored, so this is noise)"))
 
 
 def ratio_row(ctx: Ctx, check: str, ratio: float, threshold: float, detail: str) -> Row:
@@ -1051,16 +1062,26 @@ def graphs_info_row(ctx: Ctx, timer: TeacherTimer, crops: int, eager_s: float) -
                f"kernel launches and graphs would lift the precompute row's ceiling")
 
 
-def throughput_rows(ctx: Ctx) -> list[Row]:
+def record_now(ctx: Ctx, rows: list[Row], started: float) -> None:
+    """Record ``rows`` at once (printed, in the JSON file), timed from ``started``: a run cut off later keeps them."""
+    for r in rows:
+        r.seconds = round(time.perf_counter() - started, 1)
+    ctx.record(rows)
+
+
+def fits(ctx: Ctx, check: str, need: float) -> Row | None:
+    """None if ``need`` seconds of --budget-s are left, else the SKIP row saying so."""
+    if ctx.remaining() >= need:
+        return None
+    return skip(check, f"{ctx.remaining():.0f} s of --budget-s left, under the ~{need:.0f} s it needs")
+
+
+def precompute_rows(ctx: Ctx, m: dict) -> list[Row]:
+    """The precompute ratio (PASS/FAIL) and the end-to-end one; keeps the teacher timer in ``m`` for the INFO rows."""
     bench = ctx.paths["bench"]
-    pre = time_precompute(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
-    timer = TeacherTimer(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
-    teacher_s = timer.seconds(pre["crops"])
-    untuned_s = timer.seconds(pre["crops"], autotune=False)
-    graphs_row = graphs_info_row(ctx, timer, pre["crops"], teacher_s)
-    del timer
-    unfolded_s = TeacherTimer(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr", fold=False).seconds(pre["crops"])
-    d = time_distill(ctx, bench, ctx.work / "bench.zarr", ctx.work / "runs" / "bench")
+    m["pre"] = pre = time_precompute(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
+    m["timer"] = TeacherTimer(ctx, bench, ctx.paths["bench_teachers"], ctx.work / "bench.zarr")
+    m["teacher_s"] = teacher_s = m["timer"].seconds(pre["crops"])
     p = ctx.plan
     what = f"{ctx.device}, {pre['crops']} crops at {p.bench_size}px"
     return [
@@ -1070,27 +1091,93 @@ def throughput_rows(ctx: Ctx) -> list[Row]:
                   f"writes) over all-pending shards, like the teacher-only loop without either's setup; the whole "
                   f"command with its setup (checkpoints, pipelines, store, finalize): {pre['crops'] / pre['command_s']:.0f} "
                   f"crops/s. Precompute's own report: {pre['report']}"),
-        Row("teachers: BatchNorm folded / as loaded", "INFO", f"{unfolded_s / teacher_s:.2f}", "-",
-            f"teacher-only crops/s with each teacher's BatchNorm folded into its convolutions (what precompute runs) vs "
-            f"unfolded: {pre['crops'] / teacher_s:.0f} vs {pre['crops'] / unfolded_s:.0f}"),
-        Row("teachers: cuDNN autotuned / not", "INFO", f"{untuned_s / teacher_s:.2f}", "-",
-            f"teacher-only crops/s with cuDNN autotuning (what precompute now runs) vs without: "
-            f"{pre['crops'] / teacher_s:.0f} vs {pre['crops'] / untuned_s:.0f}" + ("" if ctx.cuda else " (no cuDNN on the CPU: 1.0 is noise)")),
-        graphs_row,
         Row("precompute end-to-end / teacher-only", "INFO", f"{teacher_s / pre['fresh_s']:.2f}", "-",
             f"fresh store incl. model load, validation decode of every file, store creation: {pre['crops'] / pre['fresh_s']:.0f} crops/s"),
-        Row("precompute --dry-run / real", "INFO", f"{pre['dry']['crops_per_s'] / (pre['crops'] / pre['labelling_s']):.2f}", "-",
-            f"the dry run's predicted crops/s vs the labelling pass's: {pre['dry']['crops_per_s']:.0f} vs "
-            f"{pre['crops'] / pre['labelling_s']:.0f} ({pre['dry']['sample_images']} sampled images, {pre['dry_s']:.1f} s in all); "
-            f"bytes {pre['dry']['store_bytes'] / 1e6:.2f} MB predicted vs {pre['written'] / 1e6:.2f} MB written"),
-        ratio_row(ctx, "distill / student-step-only", d["distill"] / d["student"], DISTILL_RATIO,
-                  f"{ctx.device}, student {p.bench_student}, batch {p.bench_batch}, {d['steps']} steps/epoch: "
-                  f"{d['distill']:.0f} (epoch 2) vs {d['student']:.0f} crops/s; the training thread waited "
-                  f"{d['wait_s']:.2f} s of the epoch's {d['epoch_s']:.2f} s for the loader"),
-        ratio_row(ctx, "loader / student-step-only", d["loader"] / d["student"], LOADER_RATIO,
-                  f"ReplayLoader alone {d['loader']:.0f} crops/s vs the student's {d['student']:.0f} crops/s"),
-        hw_decoder_row(d),
     ]
+
+
+def distill_rows(ctx: Ctx, m: dict) -> list[Row]:
+    """The two distill ratios (PASS/FAIL), recorded as soon as measured, then the hardware-decoder INFO row."""
+    if "pre" not in m:
+        raise CheckError("no bench store: the precompute throughput row failed")
+    p, started = ctx.plan, time.perf_counter()
+
+    def then(trainer, d: dict) -> list[Row]:
+        record_now(ctx, [
+            ratio_row(ctx, "distill / student-step-only", d["distill"] / d["student"], DISTILL_RATIO,
+                      f"{ctx.device}, student {p.bench_student}, batch {p.bench_batch}, {d['steps']} steps/epoch: "
+                      f"{d['distill']:.0f} (epoch 2) vs {d['student']:.0f} crops/s; the training thread waited "
+                      f"{d['wait_s']:.2f} s of the epoch's {d['epoch_s']:.2f} s for the loader"),
+            ratio_row(ctx, "loader / student-step-only", d["loader"] / d["student"], LOADER_RATIO,
+                      f"ReplayLoader alone {d['loader']:.0f} crops/s vs the student's {d['student']:.0f} crops/s"),
+        ], started)
+        return [hw_decoder_row(ctx, trainer, d["epoch_s"])]
+
+    return time_distill(ctx, ctx.paths["bench"], ctx.work / "bench.zarr", ctx.work / "runs" / "bench", then)
+
+
+def teacher_info_rows(ctx: Ctx, m: dict) -> list[Row]:
+    """INFO: what cuDNN autotuning, CUDA graphs and BatchNorm folding do to the teacher-only rate; each row
+    recorded as it ends, SKIP when --budget-s has no room for it."""
+    if "timer" not in m:
+        raise CheckError("no teacher timing: the precompute throughput row failed")
+    timer, teacher_s, crops = m.pop("timer"), m["teacher_s"], m["pre"]["crops"]
+    need = 2 * teacher_s + 10
+    check = "teachers: cuDNN autotuned / not"
+    started = time.perf_counter()
+    row = fits(ctx, check, need)
+    if row is None:
+        untuned_s = timer.seconds(crops, autotune=False)
+        row = Row(check, "INFO", f"{untuned_s / teacher_s:.2f}", "-",
+                  f"teacher-only crops/s with cuDNN autotuning (what precompute now runs) vs without: "
+                  f"{crops / teacher_s:.0f} vs {crops / untuned_s:.0f}" + ("" if ctx.cuda else " (no cuDNN on the CPU: 1.0 is noise)"))
+    record_now(ctx, [row], started)
+    started = time.perf_counter()
+    record_now(ctx, [fits(ctx, "teachers: CUDA graphs / eager", need) or graphs_info_row(ctx, timer, crops, teacher_s)], started)
+    del timer
+    check = "teachers: BatchNorm folded / as loaded"
+    started = time.perf_counter()
+    row = fits(ctx, check, need + 15)  # loads the teachers and cuts the crop pool again
+    if row is None:
+        unfolded_s = TeacherTimer(ctx, ctx.paths["bench"], ctx.paths["bench_teachers"], ctx.work / "bench.zarr", fold=False).seconds(crops)
+        row = Row(check, "INFO", f"{unfolded_s / teacher_s:.2f}", "-",
+                  f"teacher-only crops/s with each teacher's BatchNorm folded into its convolutions (what precompute runs) vs "
+                  f"unfolded: {crops / teacher_s:.0f} vs {crops / unfolded_s:.0f}")
+    record_now(ctx, [row], started)
+    return []
+
+
+def dry_run_row(ctx: Ctx, m: dict) -> Row:
+    """INFO: ``precompute --dry-run``'s predicted crops/s and bytes vs the real labelling pass (run last: it
+    only reads the finished store at --out, which it leaves as it is)."""
+    from mealkd.precompute.dry_run import run_dry_run
+
+    check = "precompute --dry-run / real"
+    if "pre" not in m:
+        raise CheckError("no bench store: the precompute throughput row failed")
+    pre = m["pre"]
+    row = fits(ctx, check, min(60.0, pre["fresh_s"]) + 10)
+    if row is not None:
+        return row
+    t0 = time.perf_counter()
+    dry = run_dry_run(bench_precompute_config(ctx, ctx.paths["bench"], ctx.paths["bench_teachers"], ctx.work / "bench.zarr"))
+    dry_s = time.perf_counter() - t0
+    real = pre["crops"] / pre["labelling_s"]
+    return Row(check, "INFO", f"{dry['crops_per_s'] / real:.2f}", "-",
+               f"the dry run's predicted crops/s vs the labelling pass's: {dry['crops_per_s']:.0f} vs {real:.0f} "
+               f"({dry['sample_images']} sampled images, {dry_s:.1f} s in all); bytes {dry['store_bytes'] / 1e6:.2f} MB predicted "
+               f"vs {pre['written'] / 1e6:.2f} MB written")
+
+
+def throughput_phase(ctx: Ctx) -> None:
+    """Phase 3, alone in this process: the three PASS/FAIL ratios first, each recorded as soon as it is
+    measured, then the INFO rows while --budget-s allows (a row that does not fit is SKIP), so a run
+    cut short by its caller keeps the ratios."""
+    m: dict = {}
+    guarded(ctx, "precompute / teacher-only", lambda: precompute_rows(ctx, m))
+    guarded(ctx, "distill / student-step-only", lambda: distill_rows(ctx, m))
+    guarded(ctx, "teachers: INFO rows", lambda: teacher_info_rows(ctx, m))
+    guarded(ctx, "precompute --dry-run / real", lambda: dry_run_row(ctx, m))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1193,7 +1280,7 @@ def _run_checks(ctx: Ctx) -> None:
     if ctx.remaining() < THROUGHPUT_RESERVE_S:
         ctx.record([skip("throughput", f"{ctx.remaining():.0f} s of --budget-s left, under the {THROUGHPUT_RESERVE_S} s this phase needs")])
         return
-    guarded(ctx, "throughput", lambda: throughput_rows(ctx))
+    throughput_phase(ctx)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,6 +58,26 @@ def test_quick_cpu_run_passes(quick_run):
     assert all(job["exit"] in (0, 143) for job in result["subprocesses"]), result["subprocesses"]
     assert [job["exit"] for job in result["subprocesses"] if job["name"].startswith("distill-killed")] == [143]  # SIGTERM: saved, stopped
     assert "SIGTERM at step 1 of epoch 2" in rows["distill resume == straight"]["detail"]
+    # the PASS/FAIL ratios are measured and recorded before any INFO row of the phase (a run cut short keeps them)
+    order = [r["check"] for r in result["rows"]]
+    last_ratio = max(order.index(name) for name in THROUGHPUT_ROWS)
+    for info in ("teachers: cuDNN autotuned / not", "teachers: BatchNorm folded / as loaded", "precompute --dry-run / real",
+                 "loader: hardware JPEG decoder / pinned"):
+        assert order.index(info) > last_ratio, order
+
+
+def test_an_info_row_that_does_not_fit_the_budget_is_skipped(tmp_path):
+    """--budget-s: a throughput INFO row runs only if its estimated time is left, else it is a SKIP row saying so."""
+    import time
+
+    from benchmarks import gpu_check
+
+    ctx = gpu_check.Ctx(work=tmp_path, device="cpu", quick=True, plan=gpu_check.QUICK, threads=1)
+    assert gpu_check.fits(ctx, "x", 1e9) is None  # no --budget-s: everything fits
+    ctx.deadline = time.perf_counter() + 30
+    assert gpu_check.fits(ctx, "x", 20) is None
+    row = gpu_check.fits(ctx, "teachers: cuDNN autotuned / not", 45)
+    assert row.status == "SKIP" and row.check == "teachers: cuDNN autotuned / not" and "under the ~45 s" in row.detail
 
 
 def test_output_has_environment_and_one_table(quick_run):
