@@ -993,10 +993,10 @@ def time_distill(ctx: Ctx, data: Path, store: Path, out: Path, then: Callable[[o
 HW_LOADS = (0.0, 0.65, 1.0)  # the pinned load, DALI's default, all to the hardware JPEG engine
 
 
-def hw_decoder_rates(ctx: Ctx, trainer) -> dict[float, tuple[float, float]]:
-    """Per hardware-decoder load: crops/s of one epoch of a ReplayLoader alone (its first, pipeline
-    warm-up included, like the loader row) and then of the loader with the student's step on every
-    batch (the training loop without its bookkeeping)."""
+def loader_rates(ctx: Ctx, trainer, variants: list[tuple[float, int]]) -> dict[tuple[float, int], tuple[float, float]]:
+    """Per (hardware-decoder load, DALI threads): crops/s of one epoch of a ReplayLoader alone (its first,
+    pipeline warm-up included, like the loader row) and then of the loader with the student's step on
+    every batch (the training loop without its bookkeeping)."""
     from mealkd.distill.loader import ReplayLoader
 
     def epoch_rate(loader, step: bool) -> float:
@@ -1009,11 +1009,11 @@ def hw_decoder_rates(ctx: Ctx, trainer) -> dict[float, tuple[float, float]]:
         return crops / (time.perf_counter() - t0)
 
     rates = {}
-    for load in HW_LOADS:
+    for load, threads in variants:
         loader = ReplayLoader(trainer.store, trainer.index, trainer.norm, trainer.backend, batch_size=ctx.plan.bench_batch,
-                              seed=trainer.cfg.seed, num_threads=ctx.bench_threads, hw_load=load)
+                              seed=trainer.cfg.seed, num_threads=threads, hw_load=load)
         try:
-            rates[load] = (epoch_rate(loader, step=False), epoch_rate(loader, step=True))
+            rates[load, threads] = (epoch_rate(loader, step=False), epoch_rate(loader, step=True))
         finally:
             loader.close()
             del loader
@@ -1021,22 +1021,38 @@ def hw_decoder_rates(ctx: Ctx, trainer) -> dict[float, tuple[float, float]]:
 
 
 HW_ROW = "loader: hardware JPEG decoder / pinned"
+THREADS_ROW = "loader: DALI threads auto / all cores"
 
 
-def hw_decoder_row(ctx: Ctx, trainer, epoch_s: float) -> Row:
-    """INFO: what the hardware JPEG engine would gain stage two (see "hardware JPEG decoder: pixels");
-    SKIP when --budget-s has no room for its six epochs, WARN with the error if a load fails."""
-    need = 6 * epoch_s + 15
+def loader_info_rows(ctx: Ctx, trainer, epoch_s: float) -> list[Row]:
+    """INFO: what the hardware JPEG engine would gain stage two (see "hardware JPEG decoder: pixels"), and
+    what ``--num-threads auto`` (which leaves cores to the Python threads) does against every core;
+    SKIP when --budget-s has no room for their eight epochs, WARN with the error if a variant fails."""
+    auto, every = ctx.bench_threads, max(1, min(16, os.cpu_count() or 1))
+    variants = [(load, auto) for load in HW_LOADS] + ([(0.0, every)] if every != auto else [])
+    need = 2 * len(variants) * epoch_s + 15
     if ctx.remaining() < need:
-        return skip(HW_ROW, f"{ctx.remaining():.0f} s of --budget-s left, under the ~{need:.0f} s its six loader epochs need")
+        reason = f"{ctx.remaining():.0f} s of --budget-s left, under the ~{need:.0f} s its {2 * len(variants)} loader epochs need"
+        return [skip(HW_ROW, reason), skip(THREADS_ROW, reason)]
     try:
-        hw = hw_decoder_rates(ctx, trainer)
+        rates = loader_rates(ctx, trainer, variants)
     except Exception as err:  # noqa: BLE001 - a measurement, not a check: report and go on
-        return Row(HW_ROW, "WARN", "error", "-", f"{type(err).__name__}: {str(err)[:300]}")
-    parts = "; ".join(f"load {load}: alone {alone:.0f}, with the student {step:.0f}" for load, (alone, step) in hw.items())
-    return Row(HW_ROW, "INFO", f"{hw[1.0][1] / hw[0.0][1]:.2f}", "-",
-               f"crops/s of the loader with the student's step at hardware-decoder load 1.0 vs 0 (what both stages pin): {parts}"
-               + ("" if ctx.cuda else " (CPU decoder: the load is ignored, so this is noise)"))
+        error = f"{type(err).__name__}: {str(err)[:300]}"
+        return [Row(HW_ROW, "WARN", "error", "-", error), Row(THREADS_ROW, "WARN", "error", "-", error)]
+    parts = "; ".join(f"load {load}: alone {rates[load, auto][0]:.0f}, with the student {rates[load, auto][1]:.0f}" for load in HW_LOADS)
+    rows = [Row(HW_ROW, "INFO", f"{rates[1.0, auto][1] / rates[0.0, auto][1]:.2f}", "-",
+                f"crops/s of the loader with the student's step at hardware-decoder load 1.0 vs 0 (what both stages pin), "
+                f"{auto} DALI threads: {parts}" + ("" if ctx.cuda else " (CPU decoder: the load is ignored, so this is noise)"))]
+    if every == auto:
+        rows.append(skip(THREADS_ROW, f"auto is every core here ({auto} DALI threads)"))
+    else:
+        rows.append(Row(THREADS_ROW, "INFO", f"{rates[0.0, auto][1] / rates[0.0, every][1]:.2f}", "-",
+                        f"crops/s of the loader with the student's step (load 0) with the throughput phase's {auto} DALI threads "
+                        f"(a full run: --num-threads auto, the cores less 2 for the Python threads) vs {every} (every core, what "
+                        f"GPU runs 1-2 used): "
+                        f"{rates[0.0, auto][1]:.0f} vs {rates[0.0, every][1]:.0f}; alone {rates[0.0, auto][0]:.0f} vs "
+                        f"{rates[0.0, every][0]:.0f}"))
+    return rows
 
 
 def ratio_row(ctx: Ctx, check: str, ratio: float, threshold: float, detail: str) -> Row:
@@ -1111,7 +1127,7 @@ def distill_rows(ctx: Ctx, m: dict) -> list[Row]:
             ratio_row(ctx, "loader / student-step-only", d["loader"] / d["student"], LOADER_RATIO,
                       f"ReplayLoader alone {d['loader']:.0f} crops/s vs the student's {d['student']:.0f} crops/s"),
         ], started)
-        return [hw_decoder_row(ctx, trainer, d["epoch_s"])]
+        return loader_info_rows(ctx, trainer, d["epoch_s"])
 
     return time_distill(ctx, ctx.paths["bench"], ctx.work / "bench.zarr", ctx.work / "runs" / "bench", then)
 
@@ -1351,6 +1367,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from mealkd.core.dali_io import dali_threads, resolve_backend
+
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: torch sees no CUDA device; use --device cpu")
     if args.budget_s is not None and args.budget_s <= 0:
@@ -1358,7 +1376,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or (1 if args.quick else max(1, min(8, (os.cpu_count() or 2) // 2)))
     torch.set_num_threads(threads)
     ctx = Ctx(work=prepare_work(Path(args.work)), device=args.device, quick=args.quick, plan=QUICK if args.quick else FULL, threads=threads,
-              bench_threads=threads if args.quick else max(1, min(16, os.cpu_count() or 1)), json_path=Path(args.json) if args.json else None)
+              bench_threads=threads if args.quick else dali_threads(None, resolve_backend(args.device)),
+              json_path=Path(args.json) if args.json else None)
     if args.budget_s is not None:
         ctx.deadline = ctx.started + args.budget_s
     ctx.env_info = environment()

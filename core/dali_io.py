@@ -90,9 +90,47 @@ def decoder_differences(stored: dict | None, current: dict) -> list[str]:
     return [k for k in keys if stored.get(k) != current.get(k)]
 
 
-def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backend, num_threads: int, seed: int = 0,
+#: DALI CPU threads of a pipeline on the CPU backend when none are asked for: the cores are the model's
+CPU_THREADS = 2
+#: at most this many automatic DALI CPU threads per process on a GPU
+MAX_AUTO_THREADS = 16
+#: cores left to a GPU process's own Python threads (the one launching the model's kernels, the feed builder)
+PYTHON_THREADS = 2
+
+
+def auto_threads(backend: Backend) -> int:
+    """DALI CPU threads for a pipeline when ``--num-threads`` is ``auto``.
+
+    On a GPU, DALI's threads do the CPU share of decoding (nvJPEG's Huffman stage, file bytes to the
+    feeds), which must keep up with the model: see :func:`auto_thread_count`. On the CPU the cores are
+    the teachers' or the student's: :data:`CPU_THREADS`."""
+    if not backend.is_cuda:
+        return CPU_THREADS
+    import os
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return auto_thread_count(usable, os.cpu_count() or usable, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+
+
+def auto_thread_count(usable: int, machine: int, local_processes: int) -> int:
+    """A GPU process's automatic DALI threads: the cores it may use (``usable`` of the ``machine``'s), less
+    :data:`PYTHON_THREADS` for its own Python threads, from 1 to :data:`MAX_AUTO_THREADS`. A process bound
+    to a subset of the cores (SLURM, ``taskset``) owns that subset; an unbound one shares the machine
+    with the other ``local_processes`` of its node (torchrun's ``LOCAL_WORLD_SIZE``)."""
+    if usable >= machine:
+        usable //= max(1, local_processes)
+    return max(1, min(MAX_AUTO_THREADS, usable - PYTHON_THREADS))
+
+
+def dali_threads(num_threads: int | None, backend: Backend) -> int:
+    """The DALI CPU threads a pipeline gets for ``--num-threads`` (None: auto)."""
+    return auto_threads(backend) if num_threads is None else max(1, int(num_threads))
+
+
+def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backend, num_threads: int | None, seed: int = 0,
                    synchronous: bool = False) -> Pipeline:
-    """Build a DALI pipeline from a graph function (outputs tuple) for the backend.
+    """Build a DALI pipeline from a graph function (outputs tuple) for the backend, with ``num_threads``
+    DALI CPU threads (None: :func:`auto_threads`).
 
     ``synchronous``: DALI's executor runs each batch on the calling thread (its operators still use
     ``num_threads``), for pipelines whose batches are expected to fail (validation of untrusted
@@ -102,7 +140,7 @@ def build_pipeline(graph: Callable[[], Any], *, batch_size: int, backend: Backen
     ``test_validating_a_corrupt_file_never_crashes_the_process``)."""
     pipe = Pipeline(
         batch_size=batch_size,
-        num_threads=max(1, num_threads),
+        num_threads=dali_threads(num_threads, backend),
         device_id=backend.dali_device_id,
         seed=seed,
         prefetch_queue_depth=1,  # run_batches keeps one batch in flight itself (see there)

@@ -91,7 +91,7 @@ def decoder_reason(lines: list[str], error: BaseException | None = None) -> str:
     return "cannot be decoded"
 
 
-def _probe_pipeline(backend: Backend, batch_size: int, num_threads: int):
+def _probe_pipeline(backend: Backend, batch_size: int, num_threads: int | None):
     """Synchronous: a batch holding a corrupt file is expected here, and DALI's asynchronous executor
     can crash the process on one (see :func:`build_pipeline`)."""
     return build_pipeline(probe_graph(backend.decoder), batch_size=batch_size, backend=backend, num_threads=num_threads,
@@ -129,7 +129,7 @@ def probe_images(
     backend: Backend,
     *,
     batch_size: int = 64,
-    num_threads: int = 2,
+    num_threads: int | None = None,
     progress: ProgressFn | None = None,
     reasons: dict[int, str] | None = None,
 ) -> tuple[np.ndarray, list[int]]:

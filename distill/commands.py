@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mealkd.core.accel import PRECISIONS
+from mealkd.core.options import THREADS, THREADS_HELP
 from mealkd.core.distributed import env_rank
 from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
@@ -42,7 +43,7 @@ from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 @click.option("--deterministic", is_flag=True, help="Deterministic GPU kernels (no cuDNN autotuning, cuBLAS's fixed workspace; an op without a deterministic kernel warns): the same flags on the same GPU and software give the same losses, and a --resume equals an uninterrupted run. Slower; without it, two GPU runs differ in the last bits and small runs drift apart.")
 @click.option("--allow-decoder-mismatch", is_flag=True, help="Train although the store was decoded by another JPEG decoder (CPU vs GPU nvJPEG): the student then sees slightly different pixels than the teachers did.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the student's init, the epoch order and D.")
-@click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
+@click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
 @click.option("--opt", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]), help="Student optimiser: SGD with momentum (MEAL V2) or AdamW (ViT/timm students).")
 @click.option("--warmup-epochs", default=0.0, show_default=True, type=float, help="Linear warm-up of the lr from lr/100, in epochs (fractions allowed); the schedule follows it.")
 @click.option("--clip-grad", default=None, type=float, help="Clip the student's gradient norm to this value (after unscaling under fp16).")

@@ -75,7 +75,7 @@ class DistillConfig:
     deterministic: bool = False
     allow_decoder_mismatch: bool = False
     seed: int = 0
-    num_threads: int = 2
+    num_threads: int | None = None  # DALI CPU threads; None: auto (core.dali_io.auto_threads)
     resume: bool = False
     opt: str = "sgd"
     warmup_epochs: float = 0.0

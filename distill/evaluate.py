@@ -67,7 +67,7 @@ def evaluate_models(
     backend: Backend,
     *,
     batch_size: int = 64,
-    num_threads: int = 2,
+    num_threads: int | None = None,
     per_class: bool = False,
     ids: np.ndarray | None = None,
     flag: str = "--data",

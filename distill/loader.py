@@ -67,7 +67,7 @@ class ReplayLoader:
         seed: int = 0,
         dist: Dist = Dist(),
         shuffle: bool = True,
-        num_threads: int = 2,
+        num_threads: int | None = None,
         feed_depth: int = 2,
         hw_load: float | None = None,
     ):

@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mealkd import storage
 from mealkd.core.accel import apply_numerics, autocast_for, compiled, needs_grad_scaler, resolve_precision
-from mealkd.core.dali_io import decoder_differences, decoder_record, resolve_backend
+from mealkd.core.dali_io import dali_threads, decoder_differences, decoder_record, resolve_backend
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
 from mealkd.core.models import load_model, parse_spec
@@ -243,6 +243,7 @@ class Trainer:
             "precision": self.precision,
             "device": str(self.device),
             "world_size": self.dist.world_size,
+            "dali_threads": dali_threads(self.cfg.num_threads, self.backend),
         }
 
     def _checkpoint(self, epoch: int, step: int = 0, ranks: list[dict] | None = None) -> dict:

@@ -5,6 +5,7 @@ import click
 from rich.console import Console
 
 from mealkd.core.accel import PRECISIONS
+from mealkd.core.options import THREADS, THREADS_HELP
 from mealkd.core.signals import stopping_on_signals
 
 
@@ -47,7 +48,7 @@ def compile_options(command):
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Teachers' autocast dtype: 'auto' = bf16 "
               "on GPUs that support it (else fp16), fp32 on CPU. Recorded in the store; a batch that overflows in fp16/bf16 is rerun in fp32.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as excluded instead of aborting.")
-@click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
+@click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
 @click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
 @click.option("--dry-run", is_flag=True, help="Measure instead of run: label a sample of the images through the real pipeline and print "
               "the job's teacher time (for 1 and several processes), the store's size and what each label encoding keeps of "
@@ -106,7 +107,7 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Crops per teacher batch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="'auto' = the kind of device STORE was decoded on (its crops' pixels depend on it).")
-@click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads.")
+@click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
 @click.option("--images-per-shard", default=None, type=int, help="Images per shard of the new store (default: sized "
               "automatically for R2 if STORE's was automatic, else STORE's; top-k: a multiple of STORE's).")
 @allow_decoder_mismatch_option
@@ -161,7 +162,7 @@ def merge(stores, out, weights, encoding, images_per_shard) -> None:
               "unless given --image-size (FKD's files do not record the teachers' input size).")
 @click.option("--skip-bad", is_flag=True, help="Exclude images whose label file is missing, unreadable or does not fit the image "
               "(and unreadable or EXIF-rotated images) instead of stopping at the first list of them.")
-@click.option("--num-threads", default=2, show_default=True, type=int, help="DALI CPU threads for decoding the images (their sizes).")
+@click.option("--num-threads", default="auto", show_default=True, type=THREADS, help="DALI CPU threads for decoding the images (their sizes). " + THREADS_HELP)
 @click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
 def import_fkd(**kwargs) -> None:
     """Import FKD's released soft labels (one torch.save file per image: crop fractions, flips, top-k

@@ -27,7 +27,7 @@ class CropBatch:
 class CropStream:
     """Builds the two DALI pipelines once and streams crop batches for any list of images."""
 
-    def __init__(self, index: DatasetIndex, norms: list[Normalization], backend: Backend, *, batch_size: int, num_threads: int = 2,
+    def __init__(self, index: DatasetIndex, norms: list[Normalization], backend: Backend, *, batch_size: int, num_threads: int | None = None,
                  prefetch: bool | None = None, hw_load: float = HW_DECODER_LOAD):
         """``prefetch`` (default: on a GPU): file reads, decoding and the cut feeds are produced by a
         background thread, two batches ahead, while this thread launches the teachers. On an H100

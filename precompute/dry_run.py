@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mealkd import storage
-from mealkd.core.dali_io import Backend, resolve_backend
+from mealkd.core.dali_io import Backend, dali_threads, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import launched_by_torchrun
 from mealkd.core.probe import probe_images
@@ -174,6 +174,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         "timed_batches": max(0, batches - WARMUP_BATCHES) if warm else batches,
         "warmup_batches": WARMUP_BATCHES if warm else 0,
         "device": torch.cuda.get_device_name(backend.device) if backend.is_cuda else f"CPU, {torch.get_num_threads()} torch threads",
+        "dali_threads": dali_threads(cfg.num_threads, backend),
         "teachers": [{"spec": t["spec"], "folded": f} for t, f in zip(ensemble.describe(), ensemble.folded)],
         "precision": ensemble.precision,
         "compiled": cfg.compile_backend if cfg.compile else None,
@@ -214,7 +215,8 @@ def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
     lines = [
         f"dry run: nothing was written. {r['store']}",
         f"work: {r['pending_images']:,} of {r['images']:,} images x {r['crops_per_image']:,} crops = {r['crops']:,} crops to label",
-        f"teachers: {teachers}; {r['precision']} on {r['device']}" + (f"; torch.compile ({r['compiled']})" if r.get("compiled") else ""),
+        f"teachers: {teachers}; {r['precision']} on {r['device']}" + (f"; torch.compile ({r['compiled']})" if r.get("compiled") else "")
+        + f"; {r['dali_threads']} DALI threads",
         f"measured: {r['crops_per_s']:,.0f} crops/s over {r['timed_batches']} batches after {r['warmup_batches']} untimed warm-up batches "
         f"({r['sample_images']} images sampled"
         + (f", {r['sample_unreadable']} more unreadable" if r["sample_unreadable"] else "") + ")"

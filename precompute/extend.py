@@ -30,7 +30,7 @@ from rich.console import Console
 
 from mealkd import storage
 from mealkd.core.accel import PRECISIONS
-from mealkd.core.dali_io import Backend, resolve_backend
+from mealkd.core.dali_io import Backend, dali_threads, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, shutdown
 from mealkd.core.progress import RateColumn, make_progress
@@ -67,7 +67,7 @@ class ExtendConfig:
     teachers: str | None = None
     batch_size: int = 64
     device: str = "auto"
-    num_threads: int = 2
+    num_threads: int | None = None  # DALI CPU threads; None: auto (core.dali_io.auto_threads)
     images_per_shard: int | None = None
     compile: bool = False
     compile_backend: str = "inductor"
@@ -311,4 +311,5 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
             images_done += stop - start
             progress.update(task, completed=images_done)
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
-            "fp32_fallbacks": ensemble.fp32_fallbacks, **labelling_times(started, extender.times)}
+            "fp32_fallbacks": ensemble.fp32_fallbacks, "dali_threads": dali_threads(cfg.num_threads, backend),
+            **labelling_times(started, extender.times)}

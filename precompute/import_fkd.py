@@ -52,7 +52,7 @@ class ImportConfig:
     teacher_name: str | None = None
     image_size: int = 224
     skip_bad: bool = False
-    num_threads: int = 2
+    num_threads: int | None = None  # DALI CPU threads; None: auto (core.dali_io.auto_threads)
     images_per_shard: int | None = None
 
     def validate(self) -> None:
@@ -60,7 +60,7 @@ class ImportConfig:
             raise UserError(f"--image-size {self.image_size}: must be a positive number of pixels")
         if self.images_per_shard is not None and self.images_per_shard < 1:
             raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
-        if self.num_threads < 1:
+        if self.num_threads is not None and self.num_threads < 1:
             raise UserError(f"--num-threads {self.num_threads}: must be >= 1")
 
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mealkd import storage
-from mealkd.core.dali_io import Backend, decoder_record, resolve_backend
+from mealkd.core.dali_io import Backend, dali_threads, decoder_record, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, shutdown
 from mealkd.core.models import load_model, parse_spec_list
@@ -60,7 +60,7 @@ class PrecomputeConfig:
     device: str = "auto"
     precision: str = "auto"
     skip_bad: bool = False
-    num_threads: int = 2
+    num_threads: int | None = None  # DALI CPU threads; None: auto (core.dali_io.auto_threads)
     images_per_shard: int | None = None
     compile: bool = False  # torch.compile the teachers (numerics only: not recorded, a rerun may change it)
     compile_backend: str = "inductor"
@@ -293,7 +293,7 @@ def time_report(summary: dict) -> str:
     line = (f"{summary['crops'] / max(seconds, 1e-9):,.0f} crops/s over {seconds:.2f} s of labelling; the labelling thread waited "
             f"{', '.join(waits)} and spent {spent.get('teachers', 0.0):.2f} s in the teachers")
     if "gpu" in spent and spent.get("crops", 0.0) > 0.2 * seconds:
-        line += "; input-bound: raise --num-threads"
+        line += f"; input-bound: raise --num-threads ({summary['dali_threads']} now)" if "dali_threads" in summary else "; input-bound: raise --num-threads"
     return line
 
 
@@ -342,4 +342,4 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
                 with writing_store(cfg.out), times.stage("writes"):
                     in_flight.result()
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
-            "fp32_fallbacks": ensemble.fp32_fallbacks, **labelling_times(started, times)}
+            "fp32_fallbacks": ensemble.fp32_fallbacks, "dali_threads": dali_threads(cfg.num_threads, backend), **labelling_times(started, times)}

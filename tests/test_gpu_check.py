@@ -62,7 +62,7 @@ def test_quick_cpu_run_passes(quick_run):
     order = [r["check"] for r in result["rows"]]
     last_ratio = max(order.index(name) for name in THROUGHPUT_ROWS)
     for info in ("teachers: cuDNN autotuned / not", "teachers: BatchNorm folded / as loaded", "precompute --dry-run / real",
-                 "loader: hardware JPEG decoder / pinned"):
+                 "loader: hardware JPEG decoder / pinned", "loader: DALI threads auto / all cores"):
         assert order.index(info) > last_ratio, order
 
 
