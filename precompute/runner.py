@@ -37,7 +37,6 @@ from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
 
-# Attributes that must match for a rerun to continue an existing store.
 #: the settings a continued run must reproduce exactly (the decoder is compared by precompute.decoder_drift,
 #: which accepts a different GPU or library version with --allow-decoder-mismatch)
 SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "precision", "dataset", "encoding_request")
