@@ -24,6 +24,10 @@ from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 @click.option("--out", required=True, help="Run directory: checkpoint.pt (latest), best.pt (best validation top-1), metrics.jsonl, config.json.")
 @click.option("--epochs", default=10, show_default=True, type=int, help="Epochs to train (the cosine schedule spans them).")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Images per step per process.")
+@click.option("--grad-accum-steps", default=1, show_default=True, type=int, help="Batches whose gradients make one optimiser step "
+              "(each batch's loss weighted by its share of the step's crops): the global batch is --batch-size x processes x this, "
+              "in the memory of one --batch-size; e.g. MEAL V2's 512 on 2 GPUs: --batch-size 64 --grad-accum-steps 4. The schedule "
+              "counts optimiser steps; BatchNorm still normalises each batch alone.")
 @click.option("--lr", default=0.01, show_default=True, type=float, help="Peak student learning rate for the GLOBAL batch (--batch-size x processes); scale it linearly with the global batch (e.g. SGD 0.1 per 256 images). MEAL V2 used 0.01 for a pretrained student.")
 @click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum (student; D too with --d-optimizer sgd).")
 @click.option("--weight-decay", default=0.0, show_default=True, type=float, help="MEAL V2 uses 0.")

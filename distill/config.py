@@ -47,6 +47,7 @@ TRAINING_FLAGS: dict[str, str] = {
     "mixup": "--mixup",
     "cutmix_alpha": "--cutmix-alpha",
     "mixup_alpha": "--mixup-alpha",
+    "grad_accum_steps": "--grad-accum-steps",
 }
 
 
@@ -96,6 +97,7 @@ class DistillConfig:
     resize_size: int | None = None
     crop_pct: float | None = None
     interpolation: str | None = None
+    grad_accum_steps: int = 1  # batches whose gradients make one optimiser step (global batch x this)
 
     def validate(self) -> None:
         if self.init is None:
@@ -103,7 +105,8 @@ class DistillConfig:
                 "--init is required: MEAL V2 needs a good student initialisation; pass a checkpoint FILE, "
                 "'pretrained' (torchvision weights from the local hub cache) or 'scratch'"
             )
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--crops-per-image-step", self.crops_per_step)):
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--crops-per-image-step", self.crops_per_step),
+                            ("--grad-accum-steps", self.grad_accum_steps)):
             if value < 1:
                 raise UserError(f"{flag} {value}: must be >= 1")
         if self.checkpoint_minutes < 0:

@@ -129,6 +129,10 @@ class ReplayLoader:
     def steps_per_epoch(self) -> int:
         return len(self._bounds(self.images_per_rank))  # no need to draw an epoch's permutation for a count
 
+    def batch_crops(self) -> list[int]:
+        """Crops in each of an epoch's batches on this rank, in order (the same on every rank)."""
+        return [(stop - start) * self.crops_per_step for start, stop in self._bounds(self.images_per_rank)]
+
     # -- the epoch's stored data -------------------------------------------------------------
     def _read_epoch(self, epoch: int) -> EpochData:
         """This rank's stored data for ``epoch``: per slot, the labels as stored (fp16 rows, or top-k

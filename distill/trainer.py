@@ -3,7 +3,8 @@
 Per step: optional CutMix/Mixup of the stored crops and their stored rows (distill.mixing) ->
 student logits -> T²-scaled soft cross-entropy at the store's temperature T to the stored vector
 (+ optional hard-label term on the image's class) + the discriminator term; one backward;
-optional gradient clipping; SGD (momentum 0.9, weight decay 0 by default) or AdamW for the
+optional gradient clipping; with ``--grad-accum-steps N`` the gradients of N batches (each loss weighted
+by its share of their crops) make one optimiser step; SGD (momentum 0.9, weight decay 0 by default) or AdamW for the
 student with a per-step schedule (distill.optimization), its own optimiser for the discriminator
 (fixed lr, or the student's lr with ``--d-lr student``); optional EMA of the student.
 
@@ -20,6 +21,7 @@ checkpoint holds.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -127,7 +129,11 @@ class Trainer:
             dist=self.dist,
             num_threads=cfg.num_threads,
         )
-        self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=self.loader.steps_per_epoch(), epochs=cfg.epochs,
+        # --grad-accum-steps N: the gradients of N consecutive batches make one optimiser step, each batch's loss
+        # weighted by its share of the group's crops, so a group equals one batch N times larger (BatchNorm aside)
+        self.batch_crops = self.loader.batch_crops()
+        self.accum = cfg.grad_accum_steps
+        self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=-(-len(self.batch_crops) // self.accum), epochs=cfg.epochs,
                                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)
         self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
         self.best = {"val_top1": None, "epoch": None}
@@ -175,7 +181,8 @@ class Trainer:
         if recorded is None or int(recorded) == self.dist.world_size:
             return
         raise UserError(
-            f"--out {self.run_dir}: the run was trained by {recorded} process(es) (global batch {self.cfg.batch_size} x {recorded}); "
+            f"--out {self.run_dir}: the run was trained by {recorded} process(es) (global batch {self.cfg.batch_size} x {recorded}"
+            f"{f' x {self.cfg.grad_accum_steps} accumulated' if self.cfg.grad_accum_steps > 1 else ''}); "
             f"resume it with {recorded} process(es) (--nproc_per_node x nodes), not {self.dist.world_size}, or start a new run from its "
             f"weights: --init {self.checkpoint_path} --out NEW_DIR (scale --lr with the global batch)"
         )
@@ -290,18 +297,33 @@ class Trainer:
         terms = self.disc(logits.float() / self.temperature, batch.labels)
         return parts, terms
 
-    def train_step(self, batch: Batch) -> torch.Tensor:
-        """One optimisation step on ``batch``; returns the step's SUMS values as a device tensor (no host sync)."""
+    def train_step(self, batch: Batch, *, weight: float = 1.0, first: bool = True, last: bool = True) -> torch.Tensor:
+        """Forward and backward of ``batch``, its loss scaled by ``weight``; ``first``: the first batch of an
+        optimiser step (gradients start from zero), ``last``: its last (gradients are reduced over the ranks
+        and both optimisers step). The defaults are one whole step. Returns the batch's SUMS values as a
+        device tensor (no host sync)."""
         batch, _, _ = mix(batch, self.mix_policy, self.store.num_classes)
         images = batch.images.contiguous(memory_format=torch.channels_last) if self.channels_last else batch.images
-        with autocast_for(self.device, self.precision):
-            logits = self.forward_model(images)
-        parts, terms = self.losses(logits, batch)
-        total = parts.total + terms.d_term
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.d_optimizer is not None:
-            self.d_optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.d_optimizer is not None:
+                self.d_optimizer.zero_grad(set_to_none=True)
+        # DDP reduces gradients in the backward of the group's last batch only (the forward belongs in no_sync too)
+        accumulating = not last and isinstance(self.ddp_model, torch.nn.parallel.DistributedDataParallel)
+        with self.ddp_model.no_sync() if accumulating else nullcontext():
+            with autocast_for(self.device, self.precision):
+                logits = self.forward_model(images)
+            parts, terms = self.losses(logits, batch)
+            total = parts.total + terms.d_term
+            self.scaler.scale(total if weight == 1.0 else total * weight).backward()
+        if last:
+            self._optimizer_step()
+        hard = parts.hard if parts.hard is not None else torch.zeros_like(parts.soft)
+        with torch.no_grad():
+            return torch.stack([parts.soft.detach(), hard.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
+
+    def _optimizer_step(self) -> None:
+        """The step of both optimisers on the accumulated gradients, then the schedule and the EMA."""
         self._reduce_discriminator_grads()
         if self.cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not loss-scaled ones
@@ -314,9 +336,12 @@ class Trainer:
         self._follow_student_lr()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        hard = parts.hard if parts.hard is not None else torch.zeros_like(parts.soft)
-        with torch.no_grad():
-            return torch.stack([parts.soft.detach(), hard.detach(), terms.d_loss, terms.d_acc, teacher_agreement(logits.detach(), batch.labels)]).double()
+
+    def _accumulation(self, step: int) -> tuple[float, bool, bool]:
+        """(loss weight, first, last) of the epoch's batch ``step`` within its --grad-accum-steps group."""
+        start = step - step % self.accum
+        stop = min(start + self.accum, len(self.batch_crops))
+        return self.batch_crops[step] / sum(self.batch_crops[start:stop]), step == start, step + 1 == stop
 
     def train_epoch(self, epoch: int, report, stop: GracefulStop | None = None, start_step: int = 0, state: dict | None = None) -> dict:
         """One epoch from step ``start_step`` (``state``: this rank's RNG states and sums saved at that
@@ -336,7 +361,10 @@ class Trainer:
         times = StageTimes()  # the training thread's wait for the loader (input-bound if large)
         started = time.perf_counter()
         for batch in times.waiting(self.loader.epoch(epoch, start_step), "loader"):
-            sums += self.train_step(batch)
+            weight, first, last = self._accumulation(steps)
+            if batch.images.shape[0] != self.batch_crops[steps]:
+                raise RuntimeError(f"batch {steps} holds {batch.images.shape[0]} crops, the loader planned {self.batch_crops[steps]}")
+            sums += self.train_step(batch, weight=weight, first=first, last=last)
             kill_point("distill-step")
             steps += 1
             crops += batch.images.shape[0]
@@ -346,6 +374,8 @@ class Trainer:
                 means = dict(zip(SUMS, (sums / steps).tolist()))
                 self.log.scalars(means, lr, int(self.scheduler.last_epoch))
             report(steps, batch.images.shape[0] * self.dist.world_size, means, lr)
+            if not last:  # inside a --grad-accum-steps group: a checkpoint holds whole optimiser steps only
+                continue
             decision = stop.after_step() if stop is not None else None
             if decision is not None and (decision.stop or decision.save) and steps < steps_total:
                 self._save_inside_epoch(epoch, steps, sums)
