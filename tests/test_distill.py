@@ -516,19 +516,25 @@ def test_ddp_two_ranks_match_one_process(world, tmp_path):
     vs one 8-sample mean, then gloo's all-reduce), i.e. float32 rounding: ~1e-7 relative per step.
     After 6 SGD steps we allow 1e-5 relative (+1e-6 absolute) on weights and 1e-5 on the logged losses;
     the validation accuracy, which the two ranks compute on halves of the images, must be the same.
-    The two replicas must be bit-identical (DDP broadcasts the initial weights and averages grads)."""
+    The two replicas must be bit-identical (DDP broadcasts the initial weights and averages grads).
+    A third run, 2 ranks x batch 2 x --grad-accum-steps 2, makes the same optimiser steps (DDP reduces
+    only at each group's last batch, under no_sync before it) and must match the same way."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     args = lambda out, bs: distill_args(world, out, "--val", str(world["val"]), student=str(world["tiny"]), init="pretrained", epochs=2, batch_size=bs)  # noqa: E731
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, accum = tmp_path / "one", tmp_path / "two", tmp_path / "accum"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
     procs = [
         subprocess.Popen([sys.executable, str(worker), *args(one, 8)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=REPO),
-        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *args(two, 4)],
-                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=REPO),
+        subprocess.Popen([*torchrun, *args(two, 4)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=REPO),
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
+    # after the others: two torchrun jobs at once would race for the standalone rendezvous port
+    proc = subprocess.run([*torchrun, *args(accum, 2), "--grad-accum-steps", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
     replicas = [torch.load(two / f"replica{r}.pt", weights_only=False) for r in range(2)]
     assert_same_tensors(replicas[0], replicas[1], "replicas")
@@ -541,6 +547,12 @@ def test_ddp_two_ranks_match_one_process(world, tmp_path):
         torch.testing.assert_close(ckpt_two["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     for name, value in ckpt_one["discriminator"].items():
         torch.testing.assert_close(ckpt_two["discriminator"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    accum_replicas = [torch.load(accum / f"replica{r}.pt", weights_only=False) for r in range(2)]
+    assert_same_tensors(accum_replicas[0], accum_replicas[1], "accumulating replicas")
+    for name, value in ckpt_one["model"].items():
+        torch.testing.assert_close(accum_replicas[0]["model"][name], value, rtol=1e-5, atol=1e-6, msg=f"accumulated {name}")
+    for name, value in ckpt_one["discriminator"].items():
+        torch.testing.assert_close(accum_replicas[0]["disc"][name], value, rtol=1e-5, atol=1e-6, msg=f"accumulated {name}")
     logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
     assert [r["epoch"] for r in logs[1]] == [1, 2]
     for r1, r2 in zip(*logs):
