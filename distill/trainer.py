@@ -476,6 +476,8 @@ class Trainer:
                                    "started_epoch": self.start_epoch, "val_protocol": self.protocol.describe(self.norm.size)})
         records = []
         steps = self.loader.steps_per_epoch()
+        if self.dist.is_main:
+            self.console.print(self.describe(), soft_wrap=True, highlight=False, markup=False)
         self.saved_at = time.monotonic()  # rank 0: when the last checkpoint was written (--checkpoint-minutes)
         due = (lambda: time.monotonic() - self.saved_at >= cfg.checkpoint_minutes * 60) if cfg.checkpoint_minutes > 0 else (lambda: False)
         try:
@@ -510,6 +512,16 @@ class Trainer:
             self.loader.close()
             self.log.close()
         return records
+
+    def describe(self) -> str:
+        """One line on what this run trains and how (printed at its start: a cluster log then says it all)."""
+        cfg, world, accum = self.cfg, self.dist.world_size, self.accum
+        batch = f"{world} process(es) x batch {cfg.batch_size}" + (f" x {accum} accumulated" if accum > 1 else "")
+        start = f"resumed at epoch {self.start_epoch + 1}" + (f" step {self.start_step}" if self.start_step else "") if self.resume_from else f"--init {cfg.init}"
+        return (f"distill: {cfg.student} ({start}) on {len(self.loader.usable):,} images, {cfg.crops_per_step} stored "
+                f"crop{'s' if cfg.crops_per_step > 1 else ''} per image per step, store T={self.temperature:g}; {batch} = global batch {cfg.batch_size * world * accum:,}, "
+                f"{-(-len(self.batch_crops) // accum):,} optimiser steps per epoch, lr {cfg.lr:g} ({cfg.opt}, {cfg.schedule}); "
+                f"{self.device} {self.precision}, {dali_threads(cfg.num_threads, self.backend)} DALI threads")
 
     def close(self) -> None:
         shutdown(self.dist)

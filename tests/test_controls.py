@@ -256,6 +256,8 @@ def test_a_stop_inside_an_accumulation_group_saves_at_its_end_and_resumes_exactl
                         "--device", "cpu", "--num-threads", "1"]
     straight = cli(*args(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr
+    # the run's first line says what it trains: 24 images, 6 batches of 4 per epoch, 3 optimiser steps
+    assert "on 24 images" in straight.stderr and "batch 4 x 2 accumulated = global batch 8, 3 optimiser steps per epoch" in straight.stderr
     stopped = cli(*args(tmp_path / "stopped"), kill_at="distill-step:3:TERM")
     assert stopped.returncode == 143, stopped.stderr
     ckpt = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)
@@ -263,6 +265,7 @@ def test_a_stop_inside_an_accumulation_group_saves_at_its_end_and_resumes_exactl
     assert "after step 4/6 of epoch 1" in stopped.stderr
     resumed = cli(*args(tmp_path / "stopped"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at epoch 1 step 4" in resumed.stderr
     a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=False) for run in ("straight", "stopped"))
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
