@@ -41,7 +41,7 @@ from mealkd.precompute.decoder_drift import continued_decoder
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
 from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, labelling_times,
-                                      load_ensemble, pending_for_rank, run_locked)
+                                      load_ensemble, pending_for_rank, run_locked, start_line)
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
@@ -294,6 +294,9 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
     extender = _ShardExtender(source, stream, ensemble, policy, cfg.crops_per_image, writer)
     new_per_image = cfg.crops_per_image - source.crops_per_image
     total_images = writer.images_in(mine)
+    if d.is_main:
+        console.print(start_line("extend", cfg.out, ensemble, backend, d, cfg.num_threads, writer, pending, new_per_image),
+                      soft_wrap=True, highlight=False, markup=False)
     crops_done = images_done = 0
     started = time.perf_counter()
     with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:

@@ -296,6 +296,18 @@ def time_report(summary: dict) -> str:
     return line
 
 
+def start_line(command: str, out: str, ensemble: TeacherEnsemble, backend: Backend, d: Dist, num_threads: int | None,
+               writer: storage.StoreWriter, pending: list[int], crops_per_image: int) -> str:
+    """One line on what a labelling run does (printed at its start, so a cluster log says it): the work,
+    the teachers, where they run, and the store's state."""
+    teachers = ", ".join(f"{t['spec']}{' (BatchNorm folded)' if folded else ''}" for t, folded in zip(ensemble.describe(), ensemble.folded))
+    images = writer.images_in(pending)
+    state = "new" if len(pending) == writer.num_shards else f"continuing: {len(pending)} of {writer.num_shards} shards pending"
+    return (f"{command}: {images:,} images x {crops_per_image} crops = {images * crops_per_image:,} crops to label by {d.world_size} "
+            f"process(es); teachers {teachers}; {backend.device} {ensemble.precision}, {dali_threads(num_threads, backend)} DALI threads; "
+            f"store {out} ({state})")
+
+
 def pending_for_rank(pending: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's share of the pending shards: every world_size-th, so counts differ by at most one."""
     return list(pending[rank::world_size])
@@ -310,6 +322,9 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     pending = d.broadcast(writer.pending_shards() if d.is_main else None)
     mine = pending_for_rank(pending, d.rank, d.world_size)
     total_images = writer.images_in(mine)
+    if d.is_main:
+        console.print(start_line("precompute", cfg.out, ensemble, backend, d, cfg.num_threads, writer, pending, cfg.crops_per_image),
+                      soft_wrap=True, highlight=False, markup=False)
     # decode as the store's first shards were decoded: at its recorded hardware-decoder load, not today's default
     stream = CropStream(index, ensemble.norms, backend, batch_size=cfg.batch_size, num_threads=cfg.num_threads,
                         hw_load=recorded_hw_load(store.attrs.get("decoder")))

@@ -80,6 +80,8 @@ def test_precompute_continues_another_decoder_only_when_accepted_and_records_it(
     proc = run(capsys, *args, "--allow-decoder-mismatch")
     assert proc.returncode == 0, proc.stderr
     assert "differing: dali_version" in proc.stderr
+    assert "precompute: 5 images x 3 crops = 15 crops to label by 1 process(es)" in proc.stderr  # its start line
+    assert "(continuing: 3 of 5 shards pending)" in proc.stderr
     assert np.asarray(_zarr_group(out)["done"][:], bool).all() and "completed" in _zarr_group(out).attrs
     got, want = store_arrays(out), store_arrays(ref)  # the same CPU decoder in fact: the labels of an uninterrupted run
     assert all(np.array_equal(got[name], want[name]) for name in want)
@@ -137,6 +139,7 @@ def test_extend_labels_new_crops_with_another_decoder_only_when_accepted(world, 
     assert not out.exists()
     proc = run(capsys, *args, "--allow-decoder-mismatch")
     assert proc.returncode == 0 and "differing: dali_version" in proc.stderr, proc.stderr
+    assert "extend: 9 images x 2 crops = 18 crops to label" in proc.stderr and "(new)" in proc.stderr
     assert "completed" in _zarr_group(out).attrs
     attrs = _zarr_group(out).attrs.asdict()
     assert attrs["decoder"]["dali_version"] == ELSEWHERE
