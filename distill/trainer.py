@@ -133,7 +133,7 @@ class Trainer:
         # weighted by its share of the group's crops, so a group equals one batch N times larger (BatchNorm aside)
         self.batch_crops = self.loader.batch_crops()
         self.accum = cfg.grad_accum_steps
-        self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=-(-len(self.batch_crops) // self.accum), epochs=cfg.epochs,
+        self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=self.optimizer_steps_per_epoch, epochs=cfg.epochs,
                                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)
         self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
         self.best = {"val_top1": None, "epoch": None}
@@ -337,6 +337,11 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch: the epoch's batches in groups of --grad-accum-steps (the last may be shorter)."""
+        return -(-len(self.batch_crops) // self.accum)
+
     def _accumulation(self, step: int) -> tuple[float, bool, bool]:
         """(loss weight, first, last) of the epoch's batch ``step`` within its --grad-accum-steps group."""
         start = step - step % self.accum
@@ -520,7 +525,7 @@ class Trainer:
         start = f"resumed at epoch {self.start_epoch + 1}" + (f" step {self.start_step}" if self.start_step else "") if self.resume_from else f"--init {cfg.init}"
         return (f"distill: {cfg.student} ({start}) on {len(self.loader.usable):,} images, {cfg.crops_per_step} stored "
                 f"crop{'s' if cfg.crops_per_step > 1 else ''} per image per step, store T={self.temperature:g}; {batch} = global batch {cfg.batch_size * world * accum:,}, "
-                f"{-(-len(self.batch_crops) // accum):,} optimiser steps per epoch, lr {cfg.lr:g} ({cfg.opt}, {cfg.schedule}); "
+                f"{self.optimizer_steps_per_epoch:,} optimiser steps per epoch, lr {cfg.lr:g} ({cfg.opt}, {cfg.schedule}); "
                 f"{self.device} {self.precision}, {dali_threads(cfg.num_threads, self.backend)} DALI threads")
 
     def close(self) -> None:
