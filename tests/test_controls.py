@@ -273,3 +273,10 @@ def test_a_stop_inside_an_accumulation_group_saves_at_its_end_and_resumes_exactl
         assert torch.equal(value, b["discriminator"][name]), name
     changed = cli(*args(tmp_path / "stopped")[:-4], "--grad-accum-steps", "1", "--device", "cpu", "--num-threads", "1", "--resume")
     assert changed.returncode == 2 and "--grad-accum-steps 1" in changed.stderr and "--grad-accum-steps 2" in changed.stderr
+
+
+def test_grad_accum_steps_below_one_is_one_line(recipe, tmp_path, capsys):
+    code, _, err = run_main(cli_args(recipe, tmp_path / "run", "--grad-accum-steps", "0", init="scratch"), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0] == "error: --grad-accum-steps 0: must be >= 1", err
+    assert not (tmp_path / "run").exists()
