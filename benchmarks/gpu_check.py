@@ -610,11 +610,11 @@ def decoded_images(index, ids: list[int], backend, threads: int, *, hw_load: flo
     """Whole images (HWC uint8) as stage one decodes them on ``backend`` (``hw_load``: another
     hardware-decoder load than the pinned one), in batches of ``batch``."""
     from mealkd.core.dali_io import build_pipeline, run_batches, to_samples
-    from mealkd.core.replay import HW_DECODER_LOAD, decode_graph
+    from mealkd.core.replay import FILES, HW_DECODER_LOAD, decode_graph
 
     graph = decode_graph(backend.decoder, HW_DECODER_LOAD if hw_load is None else hw_load)
     pipe = build_pipeline(graph, batch_size=batch, backend=backend, num_threads=threads)
-    feeds = ({"encoded": [index.read_bytes(i) for i in ids[s : s + batch]]} for s in range(0, len(ids), batch))
+    feeds = ({FILES: index.file_feed(ids[s : s + batch])} for s in range(0, len(ids), batch))
     out: list[np.ndarray] = []
     for images in run_batches(pipe, feeds, lambda outs: to_samples(outs[0], backend.device)):
         out += [t.cpu().numpy() if hasattr(t, "cpu") else t for t in images]

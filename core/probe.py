@@ -118,6 +118,8 @@ def _probe_one(index: DatasetIndex, i: int, pipe) -> tuple[np.ndarray | None, st
     with decoder_log() as lines:
         try:
             return _probe_batch(index, [i], pipe)[0], ""
+        except OSError as err:  # the file itself cannot be read (gone, no permission): the OS says why
+            return None, (err.strerror or type(err).__name__).lower()
         except RuntimeError as err:
             error = err
     return None, decoder_reason(lines, error)
@@ -160,7 +162,7 @@ def probe_images(
                 log.debug("decoder messages for a clean batch: %s", lines[:3])
             for i, hw in zip(good, measured):
                 sizes[position[i]] = hw
-        except RuntimeError:
+        except (RuntimeError, OSError):
             pipe = None  # a failed run may leave the pipeline unusable: the next clean batch gets a new one
             single = None  # one batch-1 pipeline for the file-by-file retry, rebuilt only after a file fails
             for i in good:

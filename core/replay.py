@@ -1,4 +1,4 @@
-"""Crop replay: (encoded image, window, flip) -> normalised tensor, with the same DALI operators in both stages.
+"""Crop replay: (image file, window, flip) -> normalised tensor, with the same DALI operators in both stages.
 
 A crop is a window (y, x, h, w) in pixels of the decoded (EXIF-oriented) source image plus a flip
 bit. Every operator of the chain is built by ONE function here, used by both stages:
@@ -44,6 +44,22 @@ def recorded_hw_load(decoder_record: dict | None) -> float:
     store, which records none)."""
     value = (decoder_record or {}).get("hw_decoder_load")
     return HW_DECODER_LOAD if value is None else float(value)
+
+
+#: the external source through which every decoding pipeline but validation gets its files: per sample, the
+#: file's absolute path as bytes (:meth:`DatasetIndex.file_feed`), read by :func:`read_files`
+FILES = "files"
+
+
+def read_files():
+    """The batch's encoded files, read by DALI's own threads (``fn.io.file.read``) from the paths fed as
+    :data:`FILES`, several files at once. Reading them in a Python feed thread (one ``np.fromfile`` per
+    file) released and retook the GIL once per file, and next to a busy Python thread (the one
+    launching the model's kernels) each retake can wait for the interpreter's switch interval: that
+    thread built 1 batch of 128 per second instead of ~3,000 (benchmarks/file_reads.py). Plain reads,
+    not mmap: no SIGBUS if a file shrinks, and better on network file systems (DALI's note)."""
+    paths = fn.external_source(name=FILES, dtype=types.UINT8, batch=True)
+    return fn.io.file.read(paths, dont_use_mmap=True)
 
 
 def decode_image(encoded, decoder: str, hw_load: float = HW_DECODER_LOAD):
@@ -95,8 +111,7 @@ def decode_graph(decoder: str, hw_load: float = HW_DECODER_LOAD):
     """Stage one, part 1: decode whole images once (outputs HWC uint8 RGB)."""
 
     def graph():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
-        return decode_image(encoded, decoder, hw_load)
+        return decode_image(read_files(), decoder, hw_load)
 
     return graph
 
@@ -130,7 +145,7 @@ def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label
     """
 
     def graph():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
+        encoded = read_files()
         labels = fn.external_source(name="labels", dtype=label_dtype, batch=True)
         extra = (fn.external_source(name="classes", dtype=types.INT64, batch=True),) if with_classes else ()
         crops = []
@@ -153,7 +168,8 @@ def replay_graph(norm: Normalization, decoder: str, crops_per_sample: int, label
 
 
 def probe_graph(decoder: str):
-    """Validation: the header shape (``peek_image_shape``) and the decoded shape of each file."""
+    """Validation: the header shape (``peek_image_shape``) and the decoded shape of each file. Fed the files'
+    bytes (``encoded``), read in Python: a file that cannot be read is then named with the OS's reason."""
 
     def graph():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
@@ -184,9 +200,8 @@ def eval_graph(norm: Normalization, decoder: str, crop_pct: float = 0.875, *, re
     interp = EVAL_INTERPOLATIONS[interpolation]
 
     def graph():
-        encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True)
         target = fn.external_source(name="target", dtype=types.INT64, batch=True)
-        image = decode_image(encoded, decoder)
+        image = decode_image(read_files(), decoder)
         image = fn.resize(image, resize_shorter=shorter, interp_type=interp, antialias=True)
         image = fn.crop_mirror_normalize(
             image,

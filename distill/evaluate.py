@@ -12,7 +12,7 @@ from mealkd.core.accel import as_model_input, autocast_for
 from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.distributed import Dist
-from mealkd.core.replay import Normalization, eval_graph
+from mealkd.core.replay import FILES, Normalization, eval_graph
 from mealkd.core.probe import describe_unreadable, probe_images
 from mealkd.distill.protocol import EvalProtocol  # noqa: F401 - re-exported: evaluate(..., protocol=EvalProtocol())
 from mealkd.errors import UserError
@@ -94,7 +94,7 @@ def evaluate_models(
                                      interpolation=protocol.interpolation), batch_size=batch_size, backend=backend, num_threads=num_threads)
     feeds = (
         {
-            "encoded": [index.read_bytes(i) for i in ids[s : s + batch_size].tolist()],
+            FILES: index.file_feed(ids[s : s + batch_size].tolist()),
             "target": [np.array(t, dtype=np.int64) for t in targets[s : s + batch_size]],
         }
         for s in range(0, len(ids), batch_size)

@@ -17,6 +17,7 @@ same number of steps) and rank r takes every world_size-th image from position r
 from __future__ import annotations
 
 import collections
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +31,7 @@ from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.distributed import Dist
 from mealkd.core.probe import describe_unreadable, probe_images
-from mealkd.core.replay import Normalization, recorded_hw_load, replay_graph, window_feed
+from mealkd.core.replay import FILES, Normalization, recorded_hw_load, replay_graph, window_feed
 from mealkd.storage import LabelStore
 from mealkd.errors import UserError
 
@@ -173,7 +174,7 @@ class ReplayLoader:
                 issued.append(batch)
             labels = np.stack([self.store.decode([a[start:stop] for a in slot_rows]) for slot_rows in data.labels], axis=1)  # (b, K, C)
             feed: dict = {
-                "encoded": [self.index.read_bytes(i) for i in batch.tolist()],
+                FILES: self.index.file_feed(batch.tolist()),
                 "labels": np.ascontiguousarray(labels),  # batch-first arrays: one feed call, not one per sample
                 "classes": np.repeat(self.classes[batch, None], k, axis=1),  # (b, K)
             }
@@ -205,14 +206,20 @@ class ReplayLoader:
             raise self._undecodable(np.concatenate(list(issued)) if issued else np.zeros(0, np.int64), err) from None
 
     def _undecodable(self, ids: np.ndarray, err: RuntimeError) -> Exception:
-        """A UserError naming the files among ``ids`` (the batches in flight when DALI failed) that no
-        longer decode, else ``err`` itself. Every stored image decoded when the store was made, and
-        distill's fingerprint check catches files added, removed or resized since, so such a file
-        was rewritten in place with the same size."""
+        """A UserError naming the files among ``ids`` (the batches in flight when DALI failed) that can no
+        longer be read or decoded, else ``err`` itself. Every stored image decoded when the store was
+        made, and distill's fingerprint check catches files added, removed or resized before the run,
+        so such a file went away during the run or was rewritten in place with the same size."""
         reasons: dict[int, str] = {}
         _, bad = probe_images(self.index, np.unique(ids), self.backend, num_threads=1, reasons=reasons)
         if not bad:
             return err
+        gone = [i for i in bad if not os.access(self.index.root / self.index.paths[i], os.R_OK)]
+        if gone:
+            return UserError(
+                f"--data: {describe_unreadable(self.index, gone, reasons)} can no longer be read (removed, moved or made unreadable "
+                "while the run was going); restore it and rerun with --resume (the last checkpoint is intact)"
+            )
         return UserError(
             f"--data: {describe_unreadable(self.index, bad, reasons)} no longer decode(s), though every stored image did when the "
             "label store was made (the file changed in place with the same size, which the store's fingerprint of sizes cannot "

@@ -14,7 +14,7 @@ import torch
 
 from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_samples, to_torch
 from mealkd.core.dataset import DatasetIndex
-from mealkd.core.replay import HW_DECODER_LOAD, Normalization, cut_graph, decode_graph, window_feed
+from mealkd.core.replay import FILES, HW_DECODER_LOAD, Normalization, cut_graph, decode_graph, window_feed
 
 
 @dataclass
@@ -47,7 +47,7 @@ class CropStream:
 
     def _decoded(self, image_ids: list[int]) -> Iterator[list]:
         feeds = (
-            {"encoded": [self.index.read_bytes(i) for i in image_ids[s : s + self.decode_batch]]}
+            {FILES: self.index.file_feed(image_ids[s : s + self.decode_batch])}
             for s in range(0, len(image_ids), self.decode_batch)
         )
         yield from run_batches(self._decode, feeds, lambda outs: to_samples(outs[0], self.backend.device))

@@ -21,6 +21,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +35,7 @@ from torchvision.transforms import v2 as T
 
 from mealkd.core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
 from mealkd.core.dataset import scan_image_folder
-from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
+from mealkd.core.replay import FILES, IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT
 from mealkd.distill.evaluate import EvalProtocol, evaluate
 from mealkd.distill.checkpoint_eval import evaluate_checkpoint
@@ -53,8 +56,11 @@ def dali_tensor(encoded: np.ndarray, size: int, protocol: EvalProtocol, norm: No
     norm = norm or Normalization(size, mean=GREY.mean, std=GREY.std)
     graph = eval_graph(norm, "cpu", protocol.crop_pct, resize_size=protocol.resize_size, interpolation=protocol.interpolation)
     pipe = build_pipeline(graph, batch_size=1, backend=CPU, num_threads=1)
-    (tensor,) = list(run_batches(pipe, [{"encoded": [encoded], "target": [np.array(0, dtype=np.int64)]}],
-                                 lambda outs: to_torch(outs[0], CPU.device)))
+    with tempfile.TemporaryDirectory() as tmp:  # the pipeline reads files (core.replay.read_files)
+        path = Path(tmp) / "image"
+        encoded.tofile(path)
+        feed = {FILES: [np.frombuffer(os.fsencode(path), np.uint8)], "target": [np.array(0, dtype=np.int64)]}
+        (tensor,) = list(run_batches(pipe, [feed], lambda outs: to_torch(outs[0], CPU.device)))
     return tensor[0]
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from mealkd.core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
 from mealkd.core.dataset import scan_image_folder
-from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
+from mealkd.core.replay import FILES, IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT
 from mealkd.distill.evaluate import evaluate
 from mealkd.distill.checkpoint_eval import evaluate_checkpoint
@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
 
 def dali_eval_tensor(index, i: int) -> torch.Tensor:
     pipe = build_pipeline(eval_graph(Normalization(S), "cpu"), batch_size=1, backend=CPU, num_threads=1)
-    feed = {"encoded": [index.read_bytes(i)], "target": [np.array(0, dtype=np.int64)]}
+    feed = {FILES: index.file_feed([i]), "target": [np.array(0, dtype=np.int64)]}
     (tensor,) = list(run_batches(pipe, [feed], lambda outs: to_torch(outs[0], CPU.device)))
     return tensor[0]
 

@@ -23,7 +23,7 @@ from PIL import Image
 from mealkd import storage
 from mealkd.core.dali_io import Backend, build_pipeline, run_batches, to_torch
 from mealkd.core.dataset import scan_image_folder
-from mealkd.core.replay import Normalization, replay_graph
+from mealkd.core.replay import FILES, Normalization, replay_graph
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from tests.datagen import make_jpeg_tree
@@ -145,7 +145,7 @@ def replay_slot(index, windows, flips, norm: Normalization, slot: int) -> torch.
         for s in range(0, len(ids), 5):
             b = ids[s : s + 5]
             yield {
-                "encoded": [index.read_bytes(i) for i in b.tolist()],
+                FILES: index.file_feed(b.tolist()),
                 "labels": [np.zeros((1, 3), np.float32) for _ in b],
                 "anchor0": [np.ascontiguousarray(w[:2]) for w in windows[b, slot]],
                 "shape0": [np.ascontiguousarray(w[2:]) for w in windows[b, slot]],

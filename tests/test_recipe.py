@@ -19,7 +19,7 @@ import torchvision
 
 from mealkd.core.dali_io import build_pipeline, resolve_backend, run_batches, to_torch
 from mealkd.core.dataset import scan_image_folder
-from mealkd.core.replay import Normalization, eval_graph
+from mealkd.core.replay import FILES, Normalization, eval_graph
 from mealkd.distill.trainer import DistillConfig, Trainer
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from tests.datagen import make_jpeg_tree
@@ -83,7 +83,7 @@ def config(recipe, out: Path, **overrides) -> DistillConfig:
 def val_logits(model: torch.nn.Module, val: Path) -> torch.Tensor:
     index = scan_image_folder(val)
     pipe = build_pipeline(eval_graph(Normalization(SIZE), CPU.decoder), batch_size=16, backend=CPU, num_threads=1)
-    feeds = [{"encoded": [index.read_bytes(i) for i in range(s, min(s + 16, len(index)))],
+    feeds = [{FILES: index.file_feed(range(s, min(s + 16, len(index)))),
               "target": [np.array(t, dtype=np.int64) for t in index.targets[s : s + 16]]} for s in range(0, len(index), 16)]
     model.eval()
     with torch.no_grad():

@@ -179,6 +179,29 @@ def test_file_corrupted_in_place_after_precompute_is_named_not_a_traceback(env, 
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_file_removed_while_distill_runs_is_named_not_a_traceback(env, tmp_path, reference):
+    """A training file removed after distill checked the dataset (here: after the Trainer is built, before
+    it runs): DALI, which reads the files, fails the batch; the loader names the file as unreadable,
+    with the OS's reason, and no checkpoint is written."""
+    from mealkd.distill.config import DistillConfig
+    from mealkd.distill.trainer import Trainer
+    from mealkd.errors import UserError
+
+    data = copy_tree(env, tmp_path)
+    trainer = Trainer(DistillConfig(labels=str(reference()), data=str(data), student="torchvision:mobilenet_v3_small", init="scratch",
+                                    out=str(tmp_path / "run"), epochs=1, batch_size=4, device="cpu", num_threads=1))
+    try:
+        victim = sorted((data / "class_0").iterdir())[0]
+        victim.unlink()
+        with pytest.raises(UserError) as err:
+            trainer.run()
+    finally:
+        trainer.close()
+    text = str(err.value)
+    assert str(victim) in text and "no such file or directory" in text and "can no longer be read" in text and "--resume" in text, text
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 # ------------------------------------------------------------------------------ store damage
 @pytest.mark.parametrize("damage", ["probs deleted", "probs zeroed", "probs truncated", "windows zeroed", "flips deleted"])
 def test_damaged_store_is_refused_by_distill_not_read_as_zeros(env, tmp_path, capsys, reference, damage):

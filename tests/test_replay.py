@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from mealkd.core.dali_io import Backend, build_pipeline, run_batches, to_torch
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.probe import probe_images
-from mealkd.core.replay import Normalization, replay_graph
+from mealkd.core.replay import FILES, Normalization, replay_graph
 from mealkd.core.windows import ATTEMPTS, DRAWS_PER_CROP, CropPolicy, _draws, draw_all_windows, draw_windows
 from mealkd.precompute.crops import CropStream
 from tests.datagen import make_jpeg_tree, smooth_image
@@ -250,7 +250,7 @@ def replay(index, windows, flips, norm, slots: list[int], batch_size: int = 4) -
     def feeds():
         for start in range(0, len(ids), batch_size):
             batch = ids[start : start + batch_size]
-            feed = {"encoded": [index.read_bytes(i) for i in batch.tolist()], "labels": [np.zeros((k, 3), np.float32) for _ in batch]}
+            feed = {FILES: index.file_feed(batch.tolist()), "labels": [np.zeros((k, 3), np.float32) for _ in batch]}
             for j, slot in enumerate(slots):
                 feed[f"anchor{j}"] = [np.ascontiguousarray(w[:2]) for w in windows[batch, slot]]
                 feed[f"shape{j}"] = [np.ascontiguousarray(w[2:]) for w in windows[batch, slot]]

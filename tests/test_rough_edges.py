@@ -24,7 +24,7 @@ from mealkd.core.dali_io import build_pipeline, resolve_backend, run_batches, to
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.models import load_model
 from mealkd.core.probe import decoder_log
-from mealkd.core.replay import IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
+from mealkd.core.replay import FILES, IMAGENET_MEAN, IMAGENET_STD, Normalization, eval_graph
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from mealkd.distill.checkpoint_eval import evaluate_checkpoint
 from mealkd.precompute.ensemble import TeacherEnsemble
@@ -190,7 +190,7 @@ def by_hand_top1(module: torch.nn.Module, val: Path) -> float:
     module.eval()
     with torch.no_grad():
         for i in range(len(index)):
-            feed = {"encoded": [index.read_bytes(i)], "target": [np.array(0, dtype=np.int64)]}
+            feed = {FILES: index.file_feed([i]), "target": [np.array(0, dtype=np.int64)]}
             (x,) = list(run_batches(pipe, [feed], lambda outs: to_torch(outs[0], CPU.device)))
             hits += int(module(x).argmax(1).item() == index.targets[i])
     return hits / len(index)
