@@ -101,25 +101,48 @@ PYTHON_THREADS = 2
 def auto_threads(backend: Backend) -> int:
     """DALI CPU threads for a pipeline when ``--num-threads`` is ``auto``.
 
-    On a GPU, DALI's threads do the CPU share of decoding (nvJPEG's Huffman stage, file bytes to the
-    feeds), which must keep up with the model: see :func:`auto_thread_count`. On the CPU the cores are
-    the teachers' or the student's: :data:`CPU_THREADS`."""
+    On a GPU, DALI's threads do the CPU share of decoding (nvJPEG's Huffman stage, file reads), which
+    must keep up with the model: see :func:`auto_thread_count`. On the CPU the cores are the teachers'
+    or the student's: :data:`CPU_THREADS`."""
     if not backend.is_cuda:
         return CPU_THREADS
     import os
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return auto_thread_count(usable, os.cpu_count() or usable, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+    return auto_thread_count(usable, os.cpu_count() or usable, int(os.environ.get("LOCAL_WORLD_SIZE") or 1), cgroup_cpu_limit())
 
 
-def auto_thread_count(usable: int, machine: int, local_processes: int) -> int:
-    """A GPU process's automatic DALI threads: the cores it may use (``usable`` of the ``machine``'s), less
-    :data:`PYTHON_THREADS` for its own Python threads, from 1 to :data:`MAX_AUTO_THREADS`. A process bound
-    to a subset of the cores (SLURM, ``taskset``) owns that subset; an unbound one shares the machine
-    with the other ``local_processes`` of its node (torchrun's ``LOCAL_WORLD_SIZE``)."""
-    if usable >= machine:
-        usable //= max(1, local_processes)
-    return max(1, min(MAX_AUTO_THREADS, usable - PYTHON_THREADS))
+def auto_thread_count(usable: int, machine: int, local_processes: int, quota: float | None = None) -> int:
+    """A GPU process's automatic DALI threads: its share of the cores, less :data:`PYTHON_THREADS` for its
+    own Python threads, from 1 to :data:`MAX_AUTO_THREADS`. A process bound to a subset of the
+    ``machine``'s cores (SLURM, ``taskset``: ``usable`` of them) owns that subset; an unbound one shares
+    the machine with the other ``local_processes`` of its node (torchrun's ``LOCAL_WORLD_SIZE``). A
+    container's CPU ``quota`` (a Kubernetes CPU limit, which the affinity mask does not show) is shared
+    by those processes too."""
+    local = max(1, local_processes)
+    share = usable if usable < machine else usable // local
+    if quota is not None:
+        share = min(share, int(quota) // local)
+    return max(1, min(MAX_AUTO_THREADS, share - PYTHON_THREADS))
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs this container's cgroup quota allows (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``), or None where there is no quota or it cannot be read."""
+    from pathlib import Path
+
+    try:
+        v2 = Path(root, "cpu.max")
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota_file, period_file = Path(root, "cpu", "cpu.cfs_quota_us"), Path(root, "cpu", "cpu.cfs_period_us")
+        if quota_file.is_file() and period_file.is_file():
+            quota_us = int(quota_file.read_text())
+            return None if quota_us <= 0 else quota_us / int(period_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def dali_threads(num_threads: int | None, backend: Backend) -> int:

@@ -28,5 +28,5 @@ THREADS = ThreadCount()
 
 #: the help text of every ``--num-threads``
 THREADS_HELP = ("DALI CPU threads per process, or auto: on a GPU the cores this process may use (an unbound process shares "
-                "the node with its other torchrun processes) less 2 for its Python threads, at most 16; on the CPU 2 (the "
-                "cores are the model's).")
+                "the node, and a container's CPU limit, with its other torchrun processes) less 2 for its Python threads, at "
+                "most 16; on the CPU 2 (the cores are the model's).")

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from mealkd.core.dali_io import Backend, auto_thread_count, auto_threads, build_pipeline, dali_threads
+from mealkd.core.dali_io import Backend, auto_thread_count, auto_threads, build_pipeline, cgroup_cpu_limit, dali_threads
 from tests.test_reliability_common import distill_args, precompute_args, run, tiny_world
 
 
@@ -29,12 +29,41 @@ def test_auto_thread_count(usable, machine, local, want):
     assert auto_thread_count(usable, machine, local) == want
 
 
+@pytest.mark.parametrize("usable, machine, local, quota, want", [
+    (128, 128, 8, 96.0, 10),   # a Kubernetes pod limited to 96 CPUs of a 128-core node, 8 ranks: 12 each, not 16
+    (16, 16, 1, 4.0, 2),       # one process in a 4-CPU container
+    (16, 16, 1, 1.5, 1),       # under 2 CPUs: still one thread
+    (96, 96, 8, 200.0, 10),    # a quota above the cores changes nothing
+])
+def test_a_container_cpu_quota_caps_the_count(usable, machine, local, quota, want):
+    assert auto_thread_count(usable, machine, local, quota) == want
+
+
+def test_cgroup_cpu_limit_reads_v2_and_v1_files(tmp_path):
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(v2)) is None
+    (v2 / "cpu.max").write_text("400000 100000\n")
+    assert cgroup_cpu_limit(str(v2)) == 4.0
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1")) is None
+    (v1 / "cpu.cfs_quota_us").write_text("250000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1")) == 2.5
+    assert cgroup_cpu_limit(str(tmp_path / "nowhere")) is None
+    here = cgroup_cpu_limit()  # this machine's own: none, or a positive number of CPUs
+    assert here is None or here > 0
+
+
 def test_auto_threads_per_device(monkeypatch):
     cpu, gpu = Backend(torch.device("cpu")), Backend(torch.device("cuda", 0))  # a Backend only describes the device
     assert auto_threads(cpu) == 2 and dali_threads(None, cpu) == 2 and dali_threads(5, cpu) == 5
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     usable = len(os.sched_getaffinity(0))
-    assert auto_threads(gpu) == auto_thread_count(usable, os.cpu_count(), 1)
+    assert auto_threads(gpu) == auto_thread_count(usable, os.cpu_count(), 1, cgroup_cpu_limit())
 
 
 def test_a_pipeline_built_with_auto_gets_the_devices_count():
