@@ -180,6 +180,16 @@ def probe_images(
     return sizes, sorted(bad)
 
 
+def recheck_failed_batch(index: DatasetIndex, ids, backend: Backend) -> tuple[list[int], list[int], dict[int, str]]:
+    """After a DALI batch failed in the middle of a run (the files decoded when they were validated):
+    (the files among ``ids`` that can no longer be read: removed, moved, unreadable; those that no longer
+    decode: rewritten in place; id -> reason)."""
+    reasons: dict[int, str] = {}
+    _, bad = probe_images(index, np.unique(np.asarray(list(ids), dtype=np.int64)), backend, num_threads=1, reasons=reasons)
+    gone = [i for i in bad if not os.access(index.root / index.paths[i], os.R_OK)]
+    return gone, [i for i in bad if i not in gone], reasons
+
+
 def describe_unreadable(index: DatasetIndex, bad: list[int], reasons: dict[int, str], limit: int = 3) -> str:
     """'PATH (reason), PATH (reason) and N more' for a one-line message."""
     named = ", ".join(f"{index.root / index.paths[i]}" + (f" ({reasons[i]})" if reasons.get(i) else "") for i in bad[:limit])

@@ -17,7 +17,6 @@ same number of steps) and rank r takes every world_size-th image from position r
 from __future__ import annotations
 
 import collections
-import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +29,7 @@ import torch
 from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.distributed import Dist
-from mealkd.core.probe import describe_unreadable, probe_images
+from mealkd.core.probe import describe_unreadable, recheck_failed_batch
 from mealkd.core.replay import FILES, Normalization, recorded_hw_load, replay_graph, window_feed
 from mealkd.storage import LabelStore
 from mealkd.errors import UserError
@@ -210,11 +209,9 @@ class ReplayLoader:
         longer be read or decoded, else ``err`` itself. Every stored image decoded when the store was
         made, and distill's fingerprint check catches files added, removed or resized before the run,
         so such a file went away during the run or was rewritten in place with the same size."""
-        reasons: dict[int, str] = {}
-        _, bad = probe_images(self.index, np.unique(ids), self.backend, num_threads=1, reasons=reasons)
-        if not bad:
+        gone, bad, reasons = recheck_failed_batch(self.index, ids, self.backend)
+        if not gone and not bad:
             return err
-        gone = [i for i in bad if not os.access(self.index.root / self.index.paths[i], os.R_OK)]
         if gone:
             return UserError(
                 f"--data: {describe_unreadable(self.index, gone, reasons)} can no longer be read (removed, moved or made unreadable "

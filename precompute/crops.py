@@ -6,6 +6,7 @@ world size, resume point, or which rank processes it.
 """
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,7 +15,9 @@ import torch
 
 from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_samples, to_torch
 from mealkd.core.dataset import DatasetIndex
+from mealkd.core.probe import describe_unreadable, recheck_failed_batch
 from mealkd.core.replay import FILES, HW_DECODER_LOAD, Normalization, cut_graph, decode_graph, window_feed
+from mealkd.errors import UserError
 
 
 @dataclass
@@ -46,11 +49,31 @@ class CropStream:
         self._cut = build_pipeline(cut_graph(norms, backend.is_cuda), batch_size=batch_size, backend=backend, num_threads=num_threads)
 
     def _decoded(self, image_ids: list[int]) -> Iterator[list]:
-        feeds = (
-            {FILES: self.index.file_feed(image_ids[s : s + self.decode_batch])}
-            for s in range(0, len(image_ids), self.decode_batch)
-        )
-        yield from run_batches(self._decode, feeds, lambda outs: to_samples(outs[0], self.backend.device))
+        issued: collections.deque = collections.deque(maxlen=4)  # the batches DALI may hold when one fails
+
+        def feeds():
+            for s in range(0, len(image_ids), self.decode_batch):
+                issued.append(image_ids[s : s + self.decode_batch])
+                yield {FILES: self.index.file_feed(issued[-1])}
+
+        try:
+            yield from run_batches(self._decode, feeds(), lambda outs: to_samples(outs[0], self.backend.device))
+        except RuntimeError as err:
+            if "Critical error in pipeline" not in str(err):
+                raise
+            raise self._failed([i for batch in issued for i in batch], err) from None
+
+    def _failed(self, ids: list[int], err: RuntimeError) -> Exception:
+        """A UserError naming the files among ``ids`` that can no longer be read or decoded (every one
+        decoded when the store was created), else ``err``."""
+        gone, bad, reasons = recheck_failed_batch(self.index, ids, self.backend)
+        if gone:
+            return UserError(f"--data: {describe_unreadable(self.index, gone, reasons)} can no longer be read (removed, moved or made "
+                             "unreadable during the run); restore it and rerun the same command (finished shards are kept)")
+        if bad:
+            return UserError(f"--data: {describe_unreadable(self.index, bad, reasons)} no longer decode(s), though it did when the store "
+                             "was created (changed in place); restore it and rerun the same command (finished shards are kept)")
+        return err
 
     def _cut_feeds(self, image_ids: list[int], rows: list[int], windows: np.ndarray, flips: np.ndarray, meta: list):
         pending: list[tuple[object, int, int]] = []  # (decoded image, row, crop)

@@ -202,6 +202,38 @@ def test_file_removed_while_distill_runs_is_named_not_a_traceback(env, tmp_path,
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("change", ["removed", "rewritten"])
+def test_file_removed_or_rewritten_while_precompute_runs_is_named(env, tmp_path, change):
+    """Stage one's crop stream (what precompute labels from) after validation: a file removed, or rewritten
+    in place with random bytes, fails its DALI batch; the stream names it, with the fix, as one UserError."""
+    from mealkd.core.dali_io import resolve_backend
+    from mealkd.core.dataset import scan_image_folder
+    from mealkd.core.probe import probe_images
+    from mealkd.core.replay import Normalization
+    from mealkd.core.windows import CropPolicy, draw_all_windows
+    from mealkd.errors import UserError
+    from mealkd.precompute.crops import CropStream
+
+    data = copy_tree(env, tmp_path)
+    index = scan_image_folder(data)
+    cpu = resolve_backend("cpu")
+    ids = np.arange(len(index))
+    sizes, bad = probe_images(index, ids, cpu, num_threads=1)
+    assert bad == []
+    windows, flips = draw_all_windows(CropPolicy(image_size=16), ids, sizes, 2)
+    victim = data / index.paths[5]
+    if change == "removed":
+        victim.unlink()
+    else:
+        victim.write_bytes(np.random.default_rng(1).integers(0, 256, victim.stat().st_size, dtype=np.uint8).tobytes())
+    stream = CropStream(index, [Normalization(16)], cpu, batch_size=4, num_threads=1)
+    with pytest.raises(UserError) as err:
+        list(stream.batches(ids.tolist(), ids.tolist(), windows, flips))
+    text = str(err.value)
+    why = "can no longer be read" if change == "removed" else "no longer decode"
+    assert str(victim) in text and why in text and "rerun the same command" in text, text
+
+
 # ------------------------------------------------------------------------------ store damage
 @pytest.mark.parametrize("damage", ["probs deleted", "probs zeroed", "probs truncated", "windows zeroed", "flips deleted"])
 def test_damaged_store_is_refused_by_distill_not_read_as_zeros(env, tmp_path, capsys, reference, damage):
