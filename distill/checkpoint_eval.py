@@ -52,7 +52,7 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
 def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = None, image_size: int | None = None,
                         batch_size: int = 64, device: str = "auto", per_class: bool = False, console=None,
                         class_names: list[str] | None = None, precision: str = "auto",
-                        protocol: EvalProtocol = EvalProtocol(), weights: str = "auto") -> dict:
+                        protocol: EvalProtocol = EvalProtocol(), weights: str = "auto", num_threads: int | None = None) -> dict:
     """Evaluate a checkpoint on ``data`` under ``protocol`` (crop size: ``image_size``, else the checkpoint's
     training size). Class names come from a mealkd checkpoint, else ``class_names`` (the training classes,
     in training order), else the validation tree's own classes. The result records the protocol used."""
@@ -74,9 +74,9 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
     # and every batch but the last has one shape, so cuDNN may pick its fastest kernels
     apply_numerics(backend.device, resolve_precision(precision, backend.device), fixed_shapes=True)
     model = loaded.module.to(backend.device)
-    ids = readable_images(index, backend, console=console)
+    ids = readable_images(index, backend, console=console, num_threads=num_threads)
     result = evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids, precision=precision,
-                      protocol=protocol)
+                      protocol=protocol, num_threads=num_threads)
     result["unreadable"] = len(index) - len(ids)  # skipped files, not in the denominator
     result["protocol"] = protocol.describe(size)
     result["weights"] = loaded.weights_kind

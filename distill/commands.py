@@ -96,10 +96,11 @@ def distill(**kwargs) -> None:
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run; 'auto' picks CUDA when available.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16), fp32 on CPU.")
 @click.option("--weights", default="auto", show_default=True, type=click.Choice(["auto", "raw", "ema"]), help="Which weights of a distill checkpoint: 'raw', 'ema' (a run with --ema-decay), or 'auto' = EMA when the checkpoint has it.")
+@click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
 @click.option("--per-class", is_flag=True, help="Also print per-class top-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (top1, top5, images, unreadable, ...).")
 def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, interpolation, batch_size, device, precision, weights,
-             per_class, as_json) -> None:
+             num_threads, per_class, as_json) -> None:
     """Top-1/top-5 of a trained model on a validation ImageFolder.
 
     Each image: its shorter side is resized to --resize-size, else to round(S / --crop-pct) (default
@@ -112,7 +113,8 @@ def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, inter
 
     protocol = EvalProtocol.from_flags(resize_size, crop_pct, interpolation)
     result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device,
-                                 precision=precision, per_class=per_class, console=Console(stderr=True), protocol=protocol, weights=weights)
+                                 precision=precision, per_class=per_class, console=Console(stderr=True), protocol=protocol, weights=weights,
+                                 num_threads=num_threads)
     if as_json:
         click.echo(json.dumps(result))
         return

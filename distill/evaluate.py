@@ -30,12 +30,12 @@ def class_mapping(val_classes: list[str], model_classes: list[str], *, flag: str
     return np.array([position[name] for name in val_classes], dtype=np.int64)
 
 
-def readable_images(index: DatasetIndex, backend: Backend, *, flag: str = "--data", console=None) -> np.ndarray:
+def readable_images(index: DatasetIndex, backend: Backend, *, flag: str = "--data", console=None, num_threads: int | None = None) -> np.ndarray:
     """Ids of the images the DALI decoder can read; unreadable ones are reported on ``console`` and
     left out (of the accuracy's denominator too). UserError if none is readable."""
     ids = np.arange(len(index))
     reasons: dict[int, str] = {}
-    _, bad = probe_images(index, ids, backend, reasons=reasons)
+    _, bad = probe_images(index, ids, backend, reasons=reasons, num_threads=num_threads)
     if len(bad) == len(index):
         raise UserError(f"{flag} {index.root}: none of its {len(index)} image file(s) can be decoded, e.g. "
                         f"{describe_unreadable(index, bad, reasons, limit=1)}; point {flag} at a folder of readable images")

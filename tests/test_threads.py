@@ -91,3 +91,5 @@ def test_the_flag_takes_auto_or_a_positive_number(tmp_path, capsys):
         proc = run(capsys, *distill_args(store, data, out, *extra))
         assert proc.returncode == 0, proc.stderr
         assert json.loads((out / "config.json").read_text())["run_info"]["dali_threads"] == want
+    proc = run(capsys, "evaluate", "--data", str(data), "--checkpoint", str(tmp_path / "run-3" / "checkpoint.pt"), "--num-threads", "1", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["images"] == 9, proc.stderr
