@@ -266,6 +266,12 @@ def background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
         thread.join()
 
 
+def batch_failed(err: RuntimeError) -> bool:
+    """Whether ``err`` is DALI's error for a batch its operators could not process (a file that cannot be
+    read or decoded, ...), as opposed to any other error raised while running a pipeline."""
+    return "Critical error in pipeline" in str(err)
+
+
 def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple], Any], *, ahead: bool = True) -> Iterator[Any]:
     """Feed each batch to the pipeline's external sources and yield ``convert(outputs)``.
 

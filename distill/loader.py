@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_torch
+from mealkd.core.dali_io import Backend, background, batch_failed, build_pipeline, run_batches, to_torch
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.distributed import Dist
 from mealkd.core.probe import describe_unreadable, recheck_failed_batch
@@ -200,7 +200,7 @@ class ReplayLoader:
         try:
             yield from run_batches(self.pipe, background(self._feeds(data, first_step, issued), self.feed_depth), self._convert)
         except RuntimeError as err:
-            if "Critical error in pipeline" not in str(err):
+            if not batch_failed(err):
                 raise
             raise self._undecodable(np.concatenate(list(issued)) if issued else np.zeros(0, np.int64), err) from None
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mealkd.core.dali_io import Backend, background, build_pipeline, run_batches, to_samples, to_torch
+from mealkd.core.dali_io import Backend, background, batch_failed, build_pipeline, run_batches, to_samples, to_torch
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.probe import describe_unreadable, recheck_failed_batch
 from mealkd.core.replay import FILES, HW_DECODER_LOAD, Normalization, cut_graph, decode_graph, window_feed
@@ -59,7 +59,7 @@ class CropStream:
         try:
             yield from run_batches(self._decode, feeds(), lambda outs: to_samples(outs[0], self.backend.device))
         except RuntimeError as err:
-            if "Critical error in pipeline" not in str(err):
+            if not batch_failed(err):
                 raise
             raise self._failed([i for batch in issued for i in batch], err) from None
 
