@@ -13,14 +13,17 @@ its decoder with the store's ``decoder`` record:
 """
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass
 
+from rich.console import Console
+
+from mealkd import storage
 from mealkd.core.dali_io import Backend, decoder_differences, decoder_record
 from mealkd.core.replay import recorded_hw_load
 from mealkd.errors import UserError
+from mealkd.precompute.lock import writing_store
 
-__all__ = ["ContinuedDecoder", "continued_decoder"]
+__all__ = ["ContinuedDecoder", "continued_decoder", "record_drift"]
 
 ALLOW_FLAG = "--allow-decoder-mismatch"
 
@@ -56,5 +59,13 @@ def continued_decoder(stored: dict | None, backend: Backend, *, allow: bool, whe
             f"from the stored ones by a grey level here and there; run where the store was made, or pass {ALLOW_FLAG} to "
             "continue (the store then records this decoder in its decoder_drift list)"
         )
-    at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return ContinuedDecoder(hw_load, {"decoder": current, "fields": differing, "command": command, "at": at})
+    return ContinuedDecoder(hw_load, {"decoder": current, "fields": differing, "command": command})
+
+
+def record_drift(out: str, drift: dict, console: Console) -> None:
+    """``--allow-decoder-mismatch``: list ``drift`` (from :func:`continued_decoder`) in the store at ``out``'s
+    ``decoder_drift`` (the writer stamps it with the time) and say so; from one process."""
+    with writing_store(out):
+        storage.StoreWriter(out).record_decoder_drift(drift)
+    console.print(f"[yellow]{ALLOW_FLAG}: {out}'s new crops are decoded by another decoder than its first ones "
+                  f"(differing: {', '.join(drift['fields'])}); recorded in its decoder_drift", soft_wrap=True)

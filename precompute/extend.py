@@ -37,7 +37,7 @@ from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
-from mealkd.precompute.decoder_drift import continued_decoder
+from mealkd.precompute.decoder_drift import continued_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
 from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, labelling_times,
@@ -265,24 +265,13 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
                 return
             if not _existing_output(cfg, source, ips):
                 _create_output(cfg, source, ips)
-            if decoder.drift is not None:
-                _record_drift(cfg, decoder.drift, console)
+            if decoder.drift is not None and storage.StoreWriter(cfg.out).pending_shards():  # a finished extension decodes nothing
+                record_drift(cfg.out, decoder.drift, console)
 
         return run_locked(cfg.out, d, prepare,
                           lambda: _extend_pending(cfg, source, index, ensemble, backend, decoder.hw_load, pcfg.policy, d, console))
     finally:
         shutdown(d)
-
-
-def _record_drift(cfg: ExtendConfig, drift: dict, console: Console) -> None:
-    """--allow-decoder-mismatch: the new store records that its new crops were decoded by another decoder than STORE's."""
-    writer = storage.StoreWriter(cfg.out)
-    if not writer.pending_shards():
-        return
-    with writing_store(cfg.out):
-        writer.record_decoder_drift(drift)
-    console.print(f"[yellow]--allow-decoder-mismatch: the new crops are decoded by another decoder than STORE's "
-                  f"(differing: {', '.join(drift['fields'])}); recorded in {cfg.out}'s decoder_drift", soft_wrap=True)
 
 
 def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend,

@@ -32,7 +32,7 @@ from mealkd.core.replay import recorded_hw_load
 from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropBatch, CropStream
-from mealkd.precompute.decoder_drift import ContinuedDecoder, continued_decoder
+from mealkd.precompute.decoder_drift import ContinuedDecoder, continued_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
@@ -152,10 +152,7 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
         if d.is_main:
             decoder = _check_existing(cfg, settings, backend)
             if decoder is not None and decoder.drift is not None:
-                with writing_store(cfg.out):
-                    storage.StoreWriter(cfg.out).record_decoder_drift(decoder.drift)
-                console.print(f"[yellow]--allow-decoder-mismatch: continuing {cfg.out} with another decoder "
-                              f"(differing: {', '.join(decoder.drift['fields'])}); recorded in the store's decoder_drift", soft_wrap=True)
+                record_drift(cfg.out, decoder.drift, console)
         return
     sizes, excluded = _probe_all(cfg, index, backend, d, console)
     if d.is_main:

@@ -384,14 +384,14 @@ class StoreWriter:
         return True
 
     def record_decoder_drift(self, entry: dict) -> bool:
-        """Append ``entry`` (``{"decoder": record, ...}``) to the store's ``decoder_drift`` list, unless an
-        entry with the same decoder record is there already (a resumed run accepts it again); True if added.
-        One ``zarr.json`` rewrite (atomic on LocalStore); call it from one process."""
+        """Append ``entry`` (``{"decoder": record, ...}``), stamped with the time (``at``), to the store's
+        ``decoder_drift`` list, unless an entry with the same decoder record is there already (a resumed run
+        accepts it again); True if added. One ``zarr.json`` rewrite (atomic on LocalStore); call it from one process."""
         current = self._group.attrs.asdict()
         drift = list(current.get(DECODER_DRIFT) or [])
         if any(old.get("decoder") == entry.get("decoder") for old in drift):
             return False
-        self._group.update_attributes({DECODER_DRIFT: [*drift, dict(entry, at=entry.get("at") or _now())]})
+        self._group.update_attributes({DECODER_DRIFT: [*drift, dict(entry, at=_now())]})
         self.attrs = self._group.attrs.asdict()
         return True
 
