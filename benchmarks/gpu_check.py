@@ -1030,10 +1030,9 @@ def loader_info_rows(ctx: Ctx, trainer, epoch_s: float) -> list[Row]:
     SKIP when --budget-s has no room for their eight epochs, WARN with the error if a variant fails."""
     auto, every = ctx.bench_threads, max(1, min(16, os.cpu_count() or 1))
     variants = [(load, auto) for load in HW_LOADS] + ([(0.0, every)] if every != auto else [])
-    need = 2 * len(variants) * epoch_s + 15
-    if ctx.remaining() < need:
-        reason = f"{ctx.remaining():.0f} s of --budget-s left, under the ~{need:.0f} s its {2 * len(variants)} loader epochs need"
-        return [skip(HW_ROW, reason), skip(THREADS_ROW, reason)]
+    short = fits(ctx, HW_ROW, 2 * len(variants) * epoch_s + 15)  # two loader epochs per variant
+    if short is not None:
+        return [short, skip(THREADS_ROW, short.detail)]
     try:
         rates = loader_rates(ctx, trainer, variants)
     except Exception as err:  # noqa: BLE001 - a measurement, not a check: report and go on
