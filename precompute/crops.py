@@ -44,8 +44,7 @@ class CropStream:
         self.backend = backend
         self.batch_size = batch_size
         self.decode_batch = max(1, min(batch_size, 32))
-        self.hw_load = float(hw_load)
-        self._decode = build_pipeline(decode_graph(backend.decoder, self.hw_load), batch_size=self.decode_batch, backend=backend, num_threads=num_threads)
+        self._decode = build_pipeline(decode_graph(backend.decoder, hw_load), batch_size=self.decode_batch, backend=backend, num_threads=num_threads)
         self._cut = build_pipeline(cut_graph(norms, backend.is_cuda), batch_size=batch_size, backend=backend, num_threads=num_threads)
 
     def _decoded(self, image_ids: list[int]) -> Iterator[list]:
