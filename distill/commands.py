@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mealkd.core.accel import PRECISIONS
-from mealkd.core.options import THREADS, THREADS_HELP
+from mealkd.core.options import STUDENT_SPEC, THREADS, THREADS_HELP
 from mealkd.core.distributed import env_rank
 from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
@@ -19,7 +19,7 @@ from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 @click.command()
 @click.option("--labels", required=True, help="Label store written by `mealkd precompute` (its temperature T is applied: the student is fitted at T with a T² loss scale).")
 @click.option("--data", required=True, help="The training ImageFolder the store was computed on.")
-@click.option("--student", required=True, help="Student spec: torchvision:ARCH, timm:ARCH, ... (as for teachers).")
+@click.option("--student", required=True, type=STUDENT_SPEC, help="Student spec: torchvision:ARCH, timm:ARCH, ... (as for teachers).")
 @click.option("--init", default=None, help="Student initialisation: a checkpoint FILE, 'pretrained' or 'scratch' (required). 'pretrained' with another class count re-initialises the classifier (said on the console and in metrics).")
 @click.option("--out", required=True, help="Run directory: checkpoint.pt (latest), best.pt (best validation top-1), metrics.jsonl, config.json.")
 @click.option("--epochs", default=10, show_default=True, type=int, help="Epochs to train (the cosine schedule spans them).")
@@ -87,7 +87,7 @@ def distill(**kwargs) -> None:
 @click.command()
 @click.option("--data", required=True, help="Validation ImageFolder (class names as in training). Unreadable files are skipped and counted.")
 @click.option("--checkpoint", required=True, help="A mealkd checkpoint (torchvision/timm, TorchScript .pt or ExportedProgram .pt2 student), or a state dict with --student.")
-@click.option("--student", default=None, help="Student spec (only needed for a plain state dict, or a TorchScript/ExportedProgram student's moved .pt/.pt2 file).")
+@click.option("--student", default=None, type=STUDENT_SPEC, help="Student spec (only needed for a plain state dict, or a TorchScript/ExportedProgram student's moved .pt/.pt2 file).")
 @click.option("--image-size", default=None, type=int, help="Crop size S (default: the checkpoint's training size).")
 @click.option("--resize-size", default=None, type=int, help=PROTOCOL_HELP["resize_size"])
 @click.option("--crop-pct", default=None, type=float, help=PROTOCOL_HELP["crop_pct"])
@@ -147,7 +147,7 @@ def plot(run_dir: str, out: str | None) -> None:
 @click.argument("checkpoint")
 @click.option("--format", "fmt", required=True, metavar="state-dict|safetensors|onnx|pt2", help="'state-dict': a plain state dict (torch.load with weights_only=True, then load_state_dict into the architecture); 'safetensors': the same tensors for safetensors.torch.load_file (pip install 'mealkd[export]'); 'onnx': for onnxruntime, dynamic batch, input 'input', output 'logits' (pip install 'mealkd[onnx]'); 'pt2': a torch.export ExportedProgram for torch.export.load, dynamic batch, usable as a FILE.pt2 model spec.")
 @click.option("--out", required=True, help="File to write; FILE.json is written beside it (class names, input size, mean/std, student spec, the check). An existing file is replaced.")
-@click.option("--student", default=None, help="Student spec, only for a plain state dict or a TorchScript/.pt2 student whose file moved (as for evaluate).")
+@click.option("--student", default=None, type=STUDENT_SPEC, help="Student spec, only for a plain state dict or a TorchScript/.pt2 student whose file moved (as for evaluate).")
 @click.option("--image-size", default=None, type=int, help="Input size H = W of the onnx/pt2 graph (default: the checkpoint's training size).")
 @click.option("--weights", default="auto", show_default=True, type=click.Choice(["auto", "raw", "ema"]), help="Which weights of a distill checkpoint: 'raw', 'ema' (a run with --ema-decay), or 'auto' = EMA when the checkpoint has it.")
 def export(checkpoint, fmt, out, student, image_size, weights) -> None:

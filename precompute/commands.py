@@ -5,7 +5,7 @@ import click
 from rich.console import Console
 
 from mealkd.core.accel import PRECISIONS
-from mealkd.core.options import THREADS, THREADS_HELP
+from mealkd.core.options import TEACHER_SPECS, THREADS, THREADS_HELP
 from mealkd.core.signals import stopping_on_signals
 
 
@@ -29,7 +29,7 @@ def compile_options(command):
 
 @click.command()
 @click.option("--data", required=True, help="Training images as an ImageFolder tree: DIR/<class>/<image>.")
-@click.option("--teachers", required=True, help="Comma list of teacher specs: torchvision:ARCH[@FILE.pth], timm:ARCH[@FILE], FILE.pt; "
+@click.option("--teachers", required=True, type=TEACHER_SPECS, help="Comma list of teacher specs: torchvision:ARCH[@FILE.pth], timm:ARCH[@FILE], FILE.pt; "
               "options like :w=0.5 :size=224. A teacher's input size is its :size=N if given, else --image-size, wherever its "
               "weights come from (hub cache or file); only a fixed-size architecture (ViT) keeps its own size. A teacher checkpoint "
               "that records class_names must list them in --data's sorted class order.")
@@ -80,7 +80,7 @@ def precompute(dry_run: bool, **kwargs) -> None:
 @click.command()
 @click.argument("store", metavar="STORE")
 @click.option("--data", default=None, help="The precompute --data tree: recompute sampled crops (with --teachers).")
-@click.option("--teachers", default=None, help="The precompute --teachers specs (with --data).")
+@click.option("--teachers", default=None, type=TEACHER_SPECS, help="The precompute --teachers specs (with --data).")
 @click.option("--sample", default=64, show_default=True, type=int, help="Stored crops recomputed through the teachers.")
 @click.option("--tolerance", default=2e-3, show_default=True, type=float, help="Max allowed |p - p_stored| of a recomputed crop.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where the recomputation runs; 'auto' recomputes on the device kind the store was decoded on.")
@@ -102,7 +102,7 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
 @click.option("--out", required=True, help="The new, extended store (a local path or fsspec URL); STORE is left as it is. "
               "Rerunning the same command continues it.")
 @click.option("--data", required=True, help="The precompute --data tree, unchanged (its fingerprint is checked).")
-@click.option("--teachers", default=None, help="The precompute --teachers specs (same files, options and :w= weights); "
+@click.option("--teachers", default=None, type=TEACHER_SPECS, help="The precompute --teachers specs (same files, options and :w= weights); "
               "default: the specs STORE records. Their weights' sha256 must match the store's.")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Crops per teacher batch.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),

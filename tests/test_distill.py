@@ -601,7 +601,8 @@ def broken(world):
 
 @pytest.mark.parametrize(
     "case",
-    ["incomplete", "fingerprint", "head", "missing-init-file", "unknown-arch", "no-init", "existing-run"],
+    ["incomplete", "fingerprint", "head", "missing-init-file", "missing-student-file", "bad-student-spec", "unknown-arch", "no-init",
+     "existing-run"],
 )
 def test_distill_user_errors(world, broken, straight_run, tmp_path, case, capsys):
     out = tmp_path / "run"
@@ -620,6 +621,12 @@ def test_distill_user_errors(world, broken, straight_run, tmp_path, case, capsys
     elif case == "missing-init-file":
         args[flag["--init"]] = str(tmp_path / "nope.pth")
         needles = ("init file", str(tmp_path / "nope.pth"), "does not exist")
+    elif case == "missing-student-file":  # a TorchScript student is its file: named with its flag while parsing
+        args[flag["--student"]] = str(tmp_path / "moved.pt")
+        needles = ("--student", str(tmp_path / "moved.pt"), "does not exist")
+    elif case == "bad-student-spec":
+        args[flag["--student"]] = "torchvision:resnet18:size=x"
+        needles = ("--student", "bad model spec", "size=")
     elif case == "unknown-arch":
         args[flag["--student"]] = "torchvision:resnet9000"
         needles = ("unknown torchvision architecture 'resnet9000'",)

@@ -77,9 +77,9 @@ CASES = {
     "missing data dir": (lambda f, t: {"--data": t / "no_such_dir"}, lambda f, t: [str(t / "no_such_dir"), "not a directory"]),
     "empty class dir": (lambda f, t: {"--data": f["empty_class"]}, lambda f, t: ["class_9_empty", "no images"]),
     "unknown arch": (lambda f, t: {"--teachers": f"torchvision:resnet999@{f['t3']['resnet']}"}, lambda f, t: ["resnet999"]),
-    "missing weights file": (lambda f, t: {"--teachers": f"torchvision:resnet18@{t / 'missing.pth'}"}, lambda f, t: [str(t / "missing.pth")]),
-    "missing torchscript file": (lambda f, t: {"--teachers": str(t / "missing.pt")}, lambda f, t: [str(t / "missing.pt"), "does not exist"]),
-    "malformed option": (lambda f, t: {"--teachers": f"torchvision:mobilenet_v3_small@{f['t3']['mobile']}:w=abc"}, lambda f, t: ["w=", "'abc'"]),
+    "missing weights file": (lambda f, t: {"--teachers": f"torchvision:resnet18@{t / 'missing.pth'}"}, lambda f, t: ["--teachers", str(t / "missing.pth")]),
+    "missing torchscript file": (lambda f, t: {"--teachers": str(t / "missing.pt")}, lambda f, t: ["--teachers", str(t / "missing.pt"), "does not exist"]),
+    "malformed option": (lambda f, t: {"--teachers": f"torchvision:mobilenet_v3_small@{f['t3']['mobile']}:w=abc"}, lambda f, t: ["--teachers", "w=", "'abc'"]),
     "unknown source": (lambda f, t: {"--teachers": "tv:resnet18"}, lambda f, t: ["'tv'"]),
     "empty list entry": (lambda f, t: {"--teachers": f"{f['t3']['script']},,{f['t3']['script']}"}, lambda f, t: ["empty entry #2"]),
     "teacher vs dataset classes": (
