@@ -22,13 +22,14 @@ import torch
 from mealkd import storage
 from mealkd.core.dali_io import Backend, dali_threads, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
-from mealkd.core.distributed import launched_by_torchrun
+from mealkd.core.distributed import Dist, launched_by_torchrun
 from mealkd.core.probe import probe_images
 from mealkd.core.timing import StageTimes, format_duration
 from mealkd.core.windows import draw_all_windows
 from mealkd.errors import UserError
 from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
+from mealkd.precompute.decoder_drift import job_decoder
 from mealkd.precompute.runner import PrecomputeConfig, _check_existing, _settings, labelled_batches, load_ensemble
 from mealkd.storage.encoding import encode_topk, normalise_rows, to_f16, topk_tv
 from mealkd.storage.schema import DENSE, TOPK, default_images_per_shard, label_row_bytes, parse_encoding, topk_index_dtype
@@ -60,7 +61,9 @@ def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict, b
     at --out, whether the run creates it: only then does it first decode every file to validate it)."""
     if not storage.store_exists(cfg.out):
         return len(index), f"--out {cfg.out} does not exist yet: the run creates it", True
-    _check_existing(cfg, settings, backend)
+    pending, stored = _check_existing(cfg, settings)
+    if pending:  # the same verdict on the decoder as the run's (this one process's)
+        job_decoder(stored, backend, Dist(), allow=cfg.allow_decoder_mismatch, where=f"--out {cfg.out}", command="precompute")
     writer = storage.StoreWriter(cfg.out)
     pending = writer.pending_shards()
     images = writer.images_in(pending)

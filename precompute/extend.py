@@ -37,7 +37,7 @@ from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropStream
-from mealkd.precompute.decoder_drift import continued_decoder, record_drift
+from mealkd.precompute.decoder_drift import job_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
 from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, labelling_times,
@@ -257,16 +257,16 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
                             "or changed); pass the precompute --data tree, unchanged")
         ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
         _check_settings(source, _settings(pcfg, index, ensemble, backend))
-        decoder = continued_decoder(source.attrs.get("decoder"), backend, allow=cfg.allow_decoder_mismatch, where=f"STORE {cfg.store}",
-                                    command="extend")
+        decoder = job_decoder(source.attrs.get("decoder"), backend, d, allow=cfg.allow_decoder_mismatch, where=f"STORE {cfg.store}",
+                              command="extend")
 
         def prepare() -> None:
             if not d.is_main:
                 return
             if not _existing_output(cfg, source, ips):
                 _create_output(cfg, source, ips)
-            if decoder.drift is not None and storage.StoreWriter(cfg.out).pending_shards():  # a finished extension decodes nothing
-                record_drift(cfg.out, decoder.drift, console)
+            if decoder.drifts and storage.StoreWriter(cfg.out).pending_shards():  # a finished extension decodes nothing
+                record_drift(cfg.out, decoder.drifts, console)
 
         return run_locked(cfg.out, d, prepare,
                           lambda: _extend_pending(cfg, source, index, ensemble, backend, decoder.hw_load, pcfg.policy, d, console))

@@ -32,7 +32,7 @@ from mealkd.core.replay import recorded_hw_load
 from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropBatch, CropStream
-from mealkd.precompute.decoder_drift import ContinuedDecoder, continued_decoder, record_drift
+from mealkd.precompute.decoder_drift import job_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
@@ -99,9 +99,10 @@ def _settings(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsem
     )
 
 
-def _check_existing(cfg: PrecomputeConfig, settings: dict, backend: Backend) -> ContinuedDecoder | None:
-    """Check that the store at ``cfg.out`` is this run's; returns the decoder its pending crops are decoded
-    with (None when the store is complete: nothing will be decoded)."""
+def _check_existing(cfg: PrecomputeConfig, settings: dict) -> tuple[bool, dict | None]:
+    """Check that the store at ``cfg.out`` is this run's; returns (whether it has pending shards, its
+    ``decoder`` record), for :func:`~mealkd.precompute.decoder_drift.job_decoder` to judge the decoder
+    the pending crops would be decoded with (a complete store decodes nothing)."""
     store = storage.open_store(cfg.out, require_complete=False)
     wanted = dict(settings, crops_per_image=cfg.crops_per_image)
     differing = [key for key in (*SETTINGS_KEYS, "crops_per_image") if _jsonable(store.attrs.get(key)) != wanted[key]]
@@ -110,10 +111,7 @@ def _check_existing(cfg: PrecomputeConfig, settings: dict, backend: Backend) -> 
             f"--out {cfg.out}: a label store made with different settings ({', '.join(differing)}) is already there; "
             "use another --out, or delete it to start over"
         )
-    if store.done.all():
-        return None
-    return continued_decoder(store.attrs.get("decoder"), backend, allow=cfg.allow_decoder_mismatch, where=f"--out {cfg.out}",
-                             command="precompute")
+    return not bool(store.done.all()), store.attrs.get("decoder")
 
 
 def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: Dist, console: Console) -> tuple[np.ndarray, np.ndarray]:
@@ -149,11 +147,14 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     settings = _settings(cfg, index, ensemble, backend)
     exists = d.broadcast(storage.store_exists(cfg.out) if d.is_main else None)
     if exists:
-        if d.is_main:
-            decoder = _check_existing(cfg, settings, backend)
-            if decoder is not None and decoder.drift is not None:
-                record_drift(cfg.out, decoder.drift, console)
+        pending, stored = d.on_main(lambda: _check_existing(cfg, settings))
+        if pending:
+            decoder = job_decoder(stored, backend, d, allow=cfg.allow_decoder_mismatch, where=f"--out {cfg.out}", command="precompute")
+            if d.is_main and decoder.drifts:
+                record_drift(cfg.out, decoder.drifts, console)
         return
+    # a new store records rank 0's decoder: the other ranks' are judged against it before any work
+    decoder = job_decoder(None, backend, d, allow=cfg.allow_decoder_mismatch, where=f"--out {cfg.out}", command="precompute")
     sizes, excluded = _probe_all(cfg, index, backend, d, console)
     if d.is_main:
         with writing_store(cfg.out):
@@ -169,6 +170,8 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
                 excluded=excluded,
                 images_per_shard=cfg.images_per_shard,
             )
+            if decoder.drifts:
+                record_drift(cfg.out, decoder.drifts, console)
 
 
 def _label_shard(

@@ -98,7 +98,9 @@ def _drift_line(entry: dict) -> str:
     """One decoder_drift entry: which command accepted which other decoder, and when."""
     decoder = entry.get("decoder") or {}
     fields = ", ".join(f"{key} {decoder.get(key)!r}" for key in entry.get("fields") or [])
-    return f"{entry.get('command', '?')} {entry.get('at', '?')}: some crops decoded with {fields} (--allow-decoder-mismatch)"
+    ranks = entry.get("ranks")
+    by = f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
+    return f"{entry.get('command', '?')} {entry.get('at', '?')}: some crops decoded{by} with {fields} (--allow-decoder-mismatch)"
 
 
 def _table(info: dict):

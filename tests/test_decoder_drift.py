@@ -158,3 +158,70 @@ def test_merge_lists_every_input_decoder_that_differs(world, capsys, tmp_path):
     assert attrs["decoder"] == _zarr_group(ref).attrs["decoder"]
     [entry] = attrs["decoder_drift"]
     assert entry["decoder"]["dali_version"] == ELSEWHERE and entry["fields"] == ["dali_version"] and entry["command"].startswith("merge of")
+
+
+def _records(*dali_versions: str) -> list[dict]:
+    """Real decoder records of this machine's CPU decoder, one per rank, with the DALI version each rank
+    reports (what ranks on nodes with different containers record)."""
+    from mealkd.core.dali_io import decoder_record, resolve_backend
+
+    here = decoder_record(resolve_backend("cpu"))
+    return [dict(here, dali_version=v) if v else dict(here) for v in dali_versions]
+
+
+def test_every_rank_of_a_job_is_judged_not_only_rank_0():
+    from mealkd.errors import UserError
+    from mealkd.precompute.decoder_drift import judge_decoders
+
+    kwargs = dict(where="--out S", command="precompute")
+    same = _records("", "", "")
+    assert judge_decoders(None, same, allow=False, **kwargs).drifts == ()
+    assert judge_decoders(same[0], same, allow=False, **kwargs).drifts == ()
+
+    # a new store records rank 0's decoder: ranks 1 and 2, on another container, are named against it
+    mixed = _records("", ELSEWHERE, ELSEWHERE)
+    with pytest.raises(UserError) as refused:
+        judge_decoders(None, mixed, allow=False, **kwargs)
+    message = str(refused.value)
+    assert message.startswith("--out S: the job's ranks decode with different 'cpu' decoders")
+    assert f"'{ELSEWHERE}' on ranks 1, 2" in message and "on rank 0" in message and "--allow-decoder-mismatch" in message
+    [entry] = judge_decoders(None, mixed, allow=True, **kwargs).drifts
+    assert entry == {"decoder": mixed[1], "fields": ["dali_version"], "command": "precompute", "ranks": [1, 2]}
+
+    # a store begun elsewhere: every rank that differs from its record, one entry per distinct decoder
+    stored = _records("9.9.9")[0]
+    three = _records("", ELSEWHERE, "")
+    with pytest.raises(UserError, match="in the store vs .* on ranks 0, 2"):
+        judge_decoders(stored, three, allow=False, **kwargs)
+    entries = judge_decoders(stored, three, allow=True, **kwargs).drifts
+    assert [(e["decoder"]["dali_version"], e["ranks"]) for e in entries] == [(three[0]["dali_version"], [0, 2]), (ELSEWHERE, [1])]
+    # one process: the message and entry as before (no rank numbers)
+    with pytest.raises(UserError, match=f"dali_version '9.9.9' in the store vs '{three[0]['dali_version']}' here"):
+        judge_decoders(stored, three[:1], allow=False, **kwargs)
+    assert "ranks" not in judge_decoders(stored, three[:1], allow=True, **kwargs).drifts[0]
+
+    # another backend on some rank is refused whatever the flag
+    gpu_rank = dict(same[0], backend="mixed")
+    with pytest.raises(UserError, match="rerun with --device cpu"):
+        judge_decoders(same[0], [same[0], gpu_rank], allow=True, **kwargs)
+
+
+def test_two_rank_job_records_which_ranks_decoded_differently(world, capsys, tmp_path):
+    """The collective path under torchrun (gloo): both ranks continue a store begun under another DALI
+    version; with the flag the store lists that decoder once, with the ranks that used it."""
+    import subprocess
+    import sys
+
+    from tests.test_reliability_common import ENV, REPO
+
+    ref = _make_ref(world, capsys)
+    out = _begun_elsewhere(ref, tmp_path / "partial.zarr", done_shards=1, dali_version=ELSEWHERE)
+    args = precompute_args(world["data"], world["teachers"], out, "--allow-decoder-mismatch")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"), *args],
+                          env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "decoded on ranks 0, 1 by another decoder" in proc.stderr
+    [entry] = _zarr_group(out).attrs["decoder_drift"]
+    assert entry["ranks"] == [0, 1] and entry["fields"] == ["dali_version"]
+    got, want = store_arrays(out), store_arrays(ref)
+    assert all(np.array_equal(got[name], want[name]) for name in want)
