@@ -285,10 +285,7 @@ def repair(url: str, shards: set[int]) -> None:
     from mealkd.storage.writer import StoreWriter
 
     with StoreLock(url):
-        writer = StoreWriter(url)
-        for s in sorted(shards):
-            lo, hi = writer.shard_range(s)
-            writer._done[lo:hi] = np.zeros(hi - lo, bool)
+        StoreWriter(url).mark_not_done(sorted(shards))
 
 
 def render(url: str, report: Report, console: Console) -> None:

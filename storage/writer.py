@@ -310,6 +310,7 @@ class StoreWriter:
         summing to 1 for the WHOLE shard; then, after those writes returned (and were fsynced on
         local stores), ``done=True`` for the shard's images."""
         start, stop, windows, flips, probs = self._validate(shard, windows, flips, probs)
+        self._clear_shard(shard)
         self._windows[start:stop] = windows
         kill_point("shard-windows")
         self._flips[start:stop] = flips
@@ -329,6 +330,25 @@ class StoreWriter:
         self._done[start:stop] = np.ones(stop - start, bool)
         kill_point("shard-done")
 
+    def _shard_arrays(self) -> list:
+        """Every array a shard write touches (``done`` aside)."""
+        return [self._windows, self._flips, *self._labels, *([self._fidelity] if self.kind == TOPK else [])]
+
+    @staticmethod
+    def _shard_key(array, shard: int) -> str:
+        """The store key of ``shard``'s one file of ``array`` (see :meth:`_fsync`)."""
+        return f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"
+
+    def _clear_shard(self, shard: int) -> None:
+        """Delete the files a previous write of ``shard`` left, before it is written again. A shard is
+        rewritten whole, but zarr's sharding codec first reads the old file's index: a truncated or torn
+        file (what ``verify --repair`` marks not done) would fail every rewrite."""
+        from zarr.core.sync import sync
+
+        store = self._group.store
+        for array in self._shard_arrays():
+            sync(store.delete(self._shard_key(array, shard)))
+
     def _fsync(self, arrays, shard: int) -> None:
         """fsync ``shard``'s file of each array and their directories (local stores), so ``done`` is
         only written over data that survives a power loss. The file is the array's chunk key at the
@@ -340,8 +360,7 @@ class StoreWriter:
         root = local_path(self.url)
         dirs = set()
         for a in arrays:
-            coords = (shard,) + (0,) * (a.ndim - 1)
-            path = root / a.path / a.metadata.encode_chunk_key(coords)
+            path = root / self._shard_key(a, shard)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # an all-fill-value chunk is not stored
@@ -357,6 +376,17 @@ class StoreWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def mark_not_done(self, shards: Sequence[int]) -> None:
+        """Mark ``shards`` not done (``verify --repair``: a precompute rerun rewrites them) and drop the
+        store's ``completed`` record, which no longer holds."""
+        for shard in sorted(shards):
+            start, stop = self.shard_range(shard)
+            self._done[start:stop] = np.zeros(stop - start, bool)
+        current = self._group.attrs.asdict()
+        if "completed" in current:
+            self._group.attrs.__delitem__("completed")
+            self.attrs = self._group.attrs.asdict()
 
     def finalize(self) -> bool:
         """If every image is done, record ``completed`` (UTC ISO time) and, for top-k,
@@ -418,6 +448,7 @@ class StoreWriter:
                 raise ValueError(f"{arr.path} block must be {want} {arr.dtype}, got {np.shape(have)} {np.asarray(have).dtype}")
         if (self.kind == TOPK) != (fidelity is not None):
             raise ValueError("a fidelity row is required for top-k stores and only for them")
+        self._clear_shard(shard)
         self._windows[start:stop] = windows.astype(np.int32)
         kill_point("shard-windows")
         self._flips[start:stop] = flips
