@@ -40,7 +40,8 @@ from mealkd.precompute.crops import CropStream
 from mealkd.precompute.decoder_drift import job_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
-from mealkd.precompute.runner import (SETTINGS_KEYS, PrecomputeConfig, _jsonable, _settings, labelled_batches, labelling_times,
+from mealkd.precompute.settings import SETTINGS_KEYS, settings_differences
+from mealkd.precompute.runner import (PrecomputeConfig, _settings, labelled_batches, labelling_times,
                                       load_ensemble, pending_for_rank, run_locked, start_line)
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
@@ -127,18 +128,18 @@ def _precompute_config(cfg: ExtendConfig, source: LabelStore, teachers: str) -> 
 
 def _check_settings(source: LabelStore, settings: dict) -> None:
     """The current data/teachers/device must reproduce the source's settings exactly."""
-    differing = [k for k in SETTINGS_KEYS if k in source.attrs and _jsonable(source.attrs.get(k)) != settings[k]]
+    differing = [k for k in SETTINGS_KEYS if k in source.attrs and settings_differences(source.attrs, settings, (k,))]
     if not differing:
         return
-    key = differing[0]
-    flag = _FLAG_OF.get(key, "STORE")
+    flag = _FLAG_OF.get(differing[0], "STORE")
     fixes = {
         "--data": "pass the precompute --data tree, unchanged",
-        "--teachers": "pass the precompute --teachers (same files, specs and :w= weights), or omit --teachers to use the recorded specs",
+        "--teachers": "pass the precompute --teachers (the same weights files and options, in any order, from any path), or omit --teachers to use the recorded specs",
         "--device": "run on the kind of device the store was made with",
         "STORE": "this store's settings cannot be reproduced here",
     }
-    raise UserError(f"{flag}: {', '.join(differing)} differ(s) from what STORE {source.url} records; {fixes[flag]}")
+    phrases = settings_differences(source.attrs, settings, tuple(differing))
+    raise UserError(f"{flag}: this run would not reproduce what STORE {source.url} records ({'; '.join(phrases)}); {fixes[flag]}")
 
 
 def _existing_output(cfg: ExtendConfig, source: LabelStore, ips: int) -> bool:

@@ -8,13 +8,11 @@ partial run left them); rank 0 creates the store and finalises it.
 from __future__ import annotations
 
 import collections
-import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,11 +33,9 @@ from mealkd.precompute.crops import CropBatch, CropStream
 from mealkd.precompute.decoder_drift import job_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock, writing_store
+from mealkd.precompute.settings import SETTINGS_KEYS, jsonable, settings_differences
 from mealkd.errors import UserError
 
-#: the settings a continued run must reproduce exactly (the decoder is compared by precompute.decoder_drift,
-#: which accepts a different GPU or library version with --allow-decoder-mismatch)
-SETTINGS_KEYS = ("class_names", "crop", "teachers", "temperature", "precision", "dataset", "encoding_request")
 
 
 @dataclass
@@ -80,12 +76,8 @@ class PrecomputeConfig:
         storage.parse_encoding(self.encoding)
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
-
-
 def _settings(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend) -> dict:
-    return _jsonable(
+    return jsonable(
         {
             "class_names": index.class_names,
             "crop": cfg.policy.to_dict(),
@@ -104,12 +96,14 @@ def _check_existing(cfg: PrecomputeConfig, settings: dict) -> tuple[bool, dict |
     ``decoder`` record), for :func:`~mealkd.precompute.decoder_drift.job_decoder` to judge the decoder
     the pending crops would be decoded with (a complete store decodes nothing)."""
     store = storage.open_store(cfg.out, require_complete=False)
-    wanted = dict(settings, crops_per_image=cfg.crops_per_image)
-    differing = [key for key in (*SETTINGS_KEYS, "crops_per_image") if _jsonable(store.attrs.get(key)) != wanted[key]]
+    differing = settings_differences(store.attrs, dict(settings, crops_per_image=cfg.crops_per_image), (*SETTINGS_KEYS, "crops_per_image"))
+    recorded_ips = int(store.attrs.get("images_per_shard") or 0)
+    if cfg.images_per_shard is not None and cfg.images_per_shard != recorded_ips:
+        differing.append(f"--images-per-shard {cfg.images_per_shard} (the store: {recorded_ips})")
     if differing:
         raise UserError(
-            f"--out {cfg.out}: a label store made with different settings ({', '.join(differing)}) is already there; "
-            "use another --out, or delete it to start over"
+            f"--out {cfg.out}: a label store made with other settings is already there ({'; '.join(differing)}); "
+            "rerun with the store's values, use another --out, or delete it to start over"
         )
     return not bool(store.done.all()), store.attrs.get("decoder")
 

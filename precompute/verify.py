@@ -41,6 +41,7 @@ from rich.table import Table
 from mealkd import storage
 from mealkd.storage.encoding import decode_topk, encode_topk, to_f32
 from mealkd.errors import UserError
+from mealkd.precompute.settings import teacher_differences
 from mealkd.storage.schema import DENSE
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "skip"
@@ -220,10 +221,10 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     temperature = float(store.attrs.get("temperature", 1.0))
     ensemble = TeacherEnsemble(models, default_size=int(store.attrs["crop"]["image_size"]), temperature=temperature, device=backend.device,
                                class_names=store.class_names, precision=precision)
-    stored_t = [(t.get("spec"), t.get("weights_sha256"), t.get("weight")) for t in store.attrs.get("teachers") or []]
-    given_t = [(t.get("spec"), t.get("weights_sha256"), t.get("weight")) for t in ensemble.describe()]
-    if stored_t != given_t:
-        raise UserError(f"--teachers: not the store's teachers ({', '.join(str(t[0]) for t in stored_t)}, matched by spec, weights sha256 and weight); pass the precompute --teachers")
+    differing = teacher_differences(store.attrs.get("teachers") or [], ensemble.describe())
+    if differing:
+        raise UserError(f"--teachers: not the store's teachers ({'; '.join(differing)}); pass the precompute --teachers "
+                        "(the same weights files and options, in any order, from any path)")
     eligible = np.flatnonzero(store.done & ~store.excluded)
     if eligible.size == 0:
         report.add("recompute", None, "no done images to sample")

@@ -84,7 +84,7 @@ def test_dry_run_errors_are_one_line(world, tmp_path, capsys, monkeypatch):
     args = ["precompute", "--data", str(world["tree"]), "--teachers", world["teachers"], "--out", str(out), "--crops-per-image", str(R + 1),
             "--image-size", str(SIZE), "--device", "cpu", "--num-threads", "1", "--temperature", "4", "--dry-run"]
     code, err = run_main(args, capsys)  # another R than the store at --out: what the real rerun would refuse
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "different settings" in err and "crops_per_image" in err, err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "other settings" in err and f"--crops-per-image {R + 1} (the store: {R}" in err, err
     for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}.items():
         monkeypatch.setenv(key, value)
     code, err = run_main(args, capsys)

@@ -235,7 +235,7 @@ def test_extend_bad_input(world, capsys):
         (_extend_args(world, small, Path(out), 3), ("--crops-per-image 3", "already has 3")),
         (_extend_args(world, small, small), ("--out", "is STORE itself")),
         (_extend_args(world, world["root"] / "nope.zarr", Path(out)), ("STORE", "not a mealkd label store")),
-        (_extend_args(world, small, Path(out)) + ["--teachers", world["t1"]], ("--teachers", "teachers differ")),
+        (_extend_args(world, small, Path(out)) + ["--teachers", world["t1"]], ("--teachers", "1 teacher(s) given, the store has 2")),
         (_extend_args(world, small, Path(out))[:-4] + ["--data", str(other_data), "--batch-size", "4"], ("--data", "not the dataset")),
         (_extend_args(world, top, Path(out), 5, "--images-per-shard", "3"), ("--images-per-shard 3", "multiple of the source's 2")),
         (_extend_args(world, small, Path(out)) + ["--compile"], ("--compile", "TorchScript")),  # the teachers are TorchScript files

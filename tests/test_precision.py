@@ -45,7 +45,7 @@ def test_precision_is_recorded_and_part_of_the_store_settings(world, tmp_path, c
     assert run(capsys, *precompute_args(data, teachers, out, "--precision", "bf16")).returncode == 0
     assert storage.open_store(str(out)).attrs["precision"] == "bf16"
     proc = run(capsys, *precompute_args(data, teachers, out, "--precision", "fp32"))
-    assert_user_error(proc, str(out), "different settings", "precision")
+    assert_user_error(proc, str(out), "other settings", "--precision: the teachers would run in fp32 (the store: bf16)")
     default = tmp_path / "auto.zarr"
     assert run(capsys, *precompute_args(data, teachers, default)).returncode == 0
     assert storage.open_store(str(default)).attrs["precision"] == "fp32"  # auto on CPU

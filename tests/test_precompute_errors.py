@@ -159,12 +159,25 @@ def test_existing_store_with_other_settings_is_refused(files, tmp_path, capsys):
     code, err = run_in_process(base(files, out, **{"--seed": 1}), capsys)
     assert code == 0, err
     before = {name: np.asarray(storage.open_store(str(out))._group[name][:]) for name in ("windows", "probs", "done")}
-    for overrides, what in [({"--seed": 2}, "crop"), ({"--temperature": 2.0}, "temperature"), ({"--crops-per-image": 3}, "crops_per_image"),
-                            ({"--teachers": str(files["t3"]["script"])}, "teachers")]:
+    for overrides, what in [({"--seed": 2}, "--seed 2 (the store: 1)"), ({"--temperature": 2.0}, "--temperature 2.0 (the store: 1.0)"),
+                            ({"--crops-per-image": 3}, "--crops-per-image 3 (the store: 2"), ({"--images-per-shard": 1}, "--images-per-shard 1 (the store: "),
+                            ({"--encoding": "topk:2"}, "--encoding topk:2 (the store: dense)"),
+                            ({"--teachers": str(files["t3"]["script"])}, "--teachers: teacher 1 " + str(files["t3"]["script"]))]:
         code, err = run_in_process(base(files, out, **{"--seed": 1, **overrides}), capsys)
-        assert_one_line_error(code, err, str(out), what, "different settings")
+        assert_one_line_error(code, err, str(out), what, "other settings", "rerun with the store's values")
     after = {name: np.asarray(storage.open_store(str(out))._group[name][:]) for name in before}
     assert all(np.array_equal(before[k], after[k]) for k in before)
+    # the same teacher named otherwise (a relative path from another directory, the default weight written out)
+    # and the same encoding spelled otherwise are the same settings: the rerun continues (here: finds it complete)
+    mobile = Path(files["t3"]["mobile"])
+    cwd = os.getcwd()
+    try:
+        os.chdir(mobile.parent.parent)
+        code, err = run_in_process(base(files, out, **{"--seed": 1, "--teachers": f"torchvision:mobilenet_v3_small@{mobile.parent.name}/{mobile.name}:w=1",
+                                                       "--encoding": "DENSE"}), capsys)
+    finally:
+        os.chdir(cwd)
+    assert code == 0 and "0 images" in err, err
     # another dataset -> the fingerprint differs -> refused too
     code, err = run_in_process(base(files, out, **{"--seed": 1, "--data": files["corrupt"]}) + ["--skip-bad"], capsys)
     assert_one_line_error(code, err, str(out))
