@@ -41,7 +41,7 @@ from mealkd.core.timing import StageTimes, format_duration
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
-from mealkd.distill.evaluate import EvalProtocol, evaluate_models, readable_images
+from mealkd.distill.evaluate import EvalProtocol, class_mapping, evaluate_models, readable_images
 from mealkd.distill.loader import Batch, ReplayLoader
 from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreement
 from mealkd.distill.mixing import MixPolicy, mix
@@ -141,6 +141,8 @@ class Trainer:
         self.protocol.check(self.norm.size)
         # validation: scanned and probed once (rank 0), then evaluated by every rank on its share
         self.val_index = self.dist.on_main(lambda: scan_image_folder(cfg.val, flag="--val")) if cfg.val else None
+        if self.val_index is not None:  # now, not after the first epoch's training
+            class_mapping(self.val_index.class_names, self.class_names, flag="--val")
         self.val_ids = (
             self.dist.on_main(lambda: readable_images(self.val_index, self.backend, flag="--val", console=self.console)) if self.val_index else None
         )

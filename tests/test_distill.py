@@ -602,7 +602,7 @@ def broken(world):
 @pytest.mark.parametrize(
     "case",
     ["incomplete", "fingerprint", "head", "missing-init-file", "missing-student-file", "bad-student-spec", "unknown-arch", "no-init",
-     "existing-run"],
+     "existing-run", "val-classes"],
 )
 def test_distill_user_errors(world, broken, straight_run, tmp_path, case, capsys):
     out = tmp_path / "run"
@@ -634,11 +634,15 @@ def test_distill_user_errors(world, broken, straight_run, tmp_path, case, capsys
         i = args.index("--init")
         del args[i : i + 2]
         needles = ("--init is required", "scratch")
+    elif case == "val-classes":  # found before the first epoch trains, not after it (an ImageNet epoch is hours)
+        args += ["--val", str(make_jpeg_tree(tmp_path / "val4", classes=4, per_class=1))]
+        needles = ("--val", "validation class 'class_3'")
     else:
         args[flag["--out"]] = str(straight_run.result())
         needles = (str(straight_run.out), "holds a checkpoint already", "--resume")
     code, err = run_main(args, capsys)
     assert_one_line_error(code, err, *needles)
+    assert "epoch 1" not in err, err
     assert not (out / "checkpoint.pt").exists()
 
 
