@@ -55,7 +55,7 @@ class RunLog:
         path = self.run_dir / METRICS_NAME
         if not self.enabled or not path.exists():
             return
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+        lines = [line for line in path.read_text().splitlines() if (_epoch_of(line) or last_epoch + 1) <= last_epoch]
         path.write_text("".join(line + "\n" for line in lines))
 
     def epoch_record(self, record: dict, global_step: int) -> None:
@@ -162,3 +162,11 @@ class _PlainProgress:
     def print(self, text: str) -> None:
         if self.log.enabled:
             self.log.console.print(text, soft_wrap=True, highlight=False)
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics line; None for a blank or torn one (a full disk or a kill during the append)."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -220,6 +220,7 @@ class Trainer:
     def _restore(self) -> tuple[int, int, dict | None]:
         """(epochs done, steps done in the next epoch, this rank's saved RNG states and sums in that epoch or None)."""
         ckpt = self.resume_from
+        self.pending_record = None  # a resumed epoch's record whose validation has not run yet
         if ckpt is None:
             return 0, 0, None
         self.model.load_state_dict(ckpt["model"])
@@ -239,6 +240,7 @@ class Trainer:
             self.ema.module.load_state_dict(ckpt["ema"])
             self.ema.n_averaged.fill_(int(ckpt["ema_updates"]))
         self.best = dict(ckpt.get("best") or self.best)
+        self.pending_record = ckpt.get("pending_record")
         step, ranks = int(ckpt.get("epoch_step") or 0), ckpt.get("ranks")
         return int(ckpt["epoch"]), step, (ranks[self.dist.rank] if step else None)
 
@@ -255,15 +257,17 @@ class Trainer:
             "dali_threads": dali_threads(self.cfg.num_threads, self.backend),
         }
 
-    def _checkpoint(self, epoch: int, step: int = 0, ranks: list[dict] | None = None) -> dict:
+    def _checkpoint(self, epoch: int, step: int = 0, ranks: list[dict] | None = None, pending: dict | None = None) -> dict:
         """The checkpoint after ``epoch`` whole epochs and ``step`` steps of the next one (``ranks``: every
-        rank's RNG states and running sums at that step; only when ``step`` > 0)."""
+        rank's RNG states and running sums at that step; only when ``step`` > 0). ``pending``: the training
+        record of epoch ``epoch``, whose validation has not run yet (``--resume`` runs it first)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "version": 1,
             "epoch": epoch,
             "epoch_step": step,
             "ranks": ranks,
+            "pending_record": pending,
             "model": self.model.state_dict(),
             "student_spec": self.cfg.student,
             "num_classes": self.store.num_classes,
@@ -446,10 +450,14 @@ class Trainer:
             for group in self.d_optimizer.param_groups:
                 group["lr"] = self.optimizer.param_groups[0]["lr"]
 
+    def validation_due(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) ends with a validation: every --eval-every epochs and at the end."""
+        return self.val_index is not None and not ((epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs)
+
     def validate(self, epoch: int) -> dict:
-        """Validation top-1/top-5 of the raw weights (and of the EMA weights), every --eval-every epochs and at the end."""
+        """Validation top-1/top-5 of the raw weights (and of the EMA weights), when due (:meth:`validation_due`)."""
         cfg = self.cfg
-        if self.val_index is None or ((epoch + 1) % cfg.eval_every and epoch + 1 != cfg.epochs):
+        if not self.validation_due(epoch):
             return {}
         models = {"val": self.model} | ({"val_ema": self.ema.module} if self.ema is not None else {})
         # one decode of the validation images for the raw and the EMA weights
@@ -463,22 +471,44 @@ class Trainer:
 
     def _save(self, epoch: int, record: dict) -> None:
         """checkpoint.pt every epoch; best.pt when the validation top-1 (EMA weights if any) improves;
-        epoch_NNNN.pt every --keep-every epochs. Each file is written whole or not at all."""
+        epoch_NNNN.pt every --keep-every epochs. Each file is written whole or not at all, best.pt before
+        checkpoint.pt: a checkpoint that records a best always has that best.pt beside it (a failed or
+        killed best.pt write leaves the previous checkpoint, whose resume redoes this epoch's end)."""
         score = record.get("val_ema_top1", record.get("val_top1"))
         improved = score is not None and (self.best["val_top1"] is None or score > self.best["val_top1"])
+        previous = self.best
         if improved:
             self.best = {"val_top1": score, "epoch": epoch + 1}
-        save_atomic(self._checkpoint(epoch + 1), self.checkpoint_path)
-        if improved:
-            copy_atomic(self.checkpoint_path, self.run_dir / BEST_NAME)
+        try:
+            checkpoint = self._checkpoint(epoch + 1)
+            if improved:
+                save_atomic(checkpoint, self.run_dir / BEST_NAME)
+                copy_atomic(self.run_dir / BEST_NAME, self.checkpoint_path)
+            else:
+                save_atomic(checkpoint, self.checkpoint_path)
+        except BaseException:
+            self.best = previous
+            raise
         if self.cfg.keep_every and (epoch + 1) % self.cfg.keep_every == 0:
             copy_atomic(self.checkpoint_path, self.run_dir / f"epoch_{epoch + 1:04d}.pt")
 
+    def _save_before_validation(self, epoch: int, record: dict) -> None:
+        """Save epoch ``epoch``'s training, its record pending, before its validation runs (collective): a stop
+        signal or a crash while validating (ImageNet's 50,000 images, twice with EMA, outlast a 30 s grace
+        period) then costs the validation only, which ``--resume`` runs first."""
+        if self.dist.is_main:
+            self._write(lambda: save_atomic(self._checkpoint(epoch + 1, pending=record), self.checkpoint_path), f"epoch {epoch + 1}")
+            self.saved_at = time.monotonic()
+        self.dist.barrier()
+
     def run(self) -> list[dict]:
         cfg = self.cfg
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--out {self.run_dir}: is a file, not a run directory; choose another --out")
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.log.trim(self.start_epoch)
+            # an epoch saved with its validation pending may have logged its line already: it is logged again
+            self.log.trim(self.start_epoch - (1 if self.pending_record is not None else 0))
             self.log.write_config({"config": as_record(cfg), "run_info": self.run_info, "labels_url": self.store.url,
                                    "started_epoch": self.start_epoch, "val_protocol": self.protocol.describe(self.norm.size)})
         records = []
@@ -490,11 +520,9 @@ class Trainer:
         try:
             with GracefulStop(self.dist, due) as stop, self.log.progress(cfg.epochs, cfg.batch_size) as progress:
                 wall: list[float] = []  # this process's seconds per epoch (training, validation, checkpoint): the ETA
-                for epoch in range(self.start_epoch, cfg.epochs):
-                    epoch_started = time.perf_counter()
-                    resumed = epoch == self.start_epoch and self.start_step > 0  # the checkpoint resumed from is inside this epoch
-                    first = self.start_step if resumed else 0
-                    record = self.train_epoch(epoch, progress.epoch(epoch, steps, done=first), stop, first, self.rank_state if resumed else None)
+
+                def end_epoch(epoch: int, record: dict, started: float | None) -> None:
+                    """Validate (when due), log, save; ``started``: when the epoch began (None: not a whole epoch)."""
                     record.update(self.validate(epoch))
                     if self.dist.is_main:
                         def finish_epoch() -> None:
@@ -504,11 +532,28 @@ class Trainer:
 
                         self._write(finish_epoch, f"epoch {epoch + 1}")
                         self.saved_at = time.monotonic()
-                        if not resumed:  # a partial epoch says little about a whole one
-                            wall.append(time.perf_counter() - epoch_started)
+                        if started is not None:  # a partial epoch says little about a whole one
+                            wall.append(time.perf_counter() - started)
                         progress.print(_format_record(record) + _eta(wall, cfg.epochs - epoch - 1))
                     self.dist.barrier()
                     records.append(record)
+
+                if self.pending_record is not None:  # stopped between an epoch's training and its validation
+                    end_epoch(self.start_epoch - 1, dict(self.pending_record), None)
+                for epoch in range(self.start_epoch, cfg.epochs):
+                    epoch_started = time.perf_counter()
+                    resumed = epoch == self.start_epoch and self.start_step > 0  # the checkpoint resumed from is inside this epoch
+                    first = self.start_step if resumed else 0
+                    record = self.train_epoch(epoch, progress.epoch(epoch, steps, done=first), stop, first, self.rank_state if resumed else None)
+                    if self.validation_due(epoch):
+                        self._save_before_validation(epoch, record)
+                        if stop.at_epoch_end():
+                            raise StopRequested(
+                                f"distill: stopped by {stop.signal_name} after epoch {epoch + 1}/{cfg.epochs}'s training; {self.checkpoint_path} "
+                                "holds it: rerun the same command with --resume to validate it and continue" if self.dist.is_main else "",
+                                stop.agreed_signum,
+                            )
+                    end_epoch(epoch, record, None if resumed else epoch_started)
                     if epoch + 1 < cfg.epochs and stop.at_epoch_end():
                         raise StopRequested(
                             f"distill: stopped by {stop.signal_name} after epoch {epoch + 1}/{cfg.epochs}; {self.checkpoint_path} holds it: "

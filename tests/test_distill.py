@@ -315,7 +315,8 @@ def test_resume_after_kill_matches_straight_run(world, straight_run):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, cwd=REPO)
     inode, landed, deadline = None, 0, time.monotonic() + 240
     try:
-        while landed < 2:  # every save is a new file renamed into place: count inode changes
+        while landed < 3:  # every save is a new file renamed into place: count inode changes (2 per epoch with --val:
+            # the training, then the validation; the 3rd is epoch 2's training)
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.monotonic() < deadline
             try:
@@ -357,7 +358,7 @@ STEPS = USABLE // 4  # steps per epoch of distill_args' runs (batch 4, one proce
     "sig,at_step,stopped_at",
     [
         ("TERM", STEPS + 2, (1, 2)),  # inside epoch 2: the checkpoint holds 1 epoch + 2 steps
-        ("USR1", 2 * STEPS, (2, 0)),  # at epoch 2's last step: the epoch ends, is saved, and the run stops there
+        ("USR1", 2 * STEPS, (2, 0)),  # at epoch 2's last step: its training is saved and the run stops before validating
     ],
 )
 def test_stop_signal_saves_the_step_and_resume_matches_straight_run(world, straight_run, tmp_path, sig, at_step, stopped_at):
@@ -378,6 +379,9 @@ def test_stop_signal_saves_the_step_and_resume_matches_straight_run(world, strai
     assert (ckpt["epoch"], ckpt["epoch_step"]) == stopped_at
     assert ckpt["scheduler"]["last_epoch"] == at_step  # the step it was in was finished, no later one begun
     assert (len(ckpt["ranks"]) if stopped_at[1] else ckpt["ranks"]) == (1 if stopped_at[1] else None)
+    if not stopped_at[1]:  # an epoch's end: its validation is left to the resume (it could outlast a grace period)
+        assert ckpt["pending_record"]["epoch"] == stopped_at[0] and "val_top1" not in ckpt["pending_record"]
+        assert "training" in last and len((out / "metrics.jsonl").read_text().splitlines()) == stopped_at[0] - 1
 
     resumed = cli_run([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
