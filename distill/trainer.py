@@ -450,6 +450,17 @@ class Trainer:
             for group in self.d_optimizer.param_groups:
                 group["lr"] = self.optimizer.param_groups[0]["lr"]
 
+    def _share_rank0_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics) of the student and its EMA. DDP sends
+        rank 0's buffers at the start of each forward, so each rank's last training forward left its own
+        statistics: the ranks would validate different models, none exactly the one rank 0 saves, and
+        the logged accuracy (and best.pt's choice) would be a mix of them."""
+        if not self.dist.active:
+            return
+        for module in (self.model, *([self.ema.module] if self.ema is not None else [])):
+            for buffer in module.buffers():
+                torch_dist.broadcast(buffer, src=0)
+
     def validation_due(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (0-based) ends with a validation: every --eval-every epochs and at the end."""
         return self.val_index is not None and not ((epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs)
@@ -459,6 +470,7 @@ class Trainer:
         cfg = self.cfg
         if not self.validation_due(epoch):
             return {}
+        self._share_rank0_buffers()
         models = {"val": self.model} | ({"val_ema": self.ema.module} if self.ema is not None else {})
         # one decode of the validation images for the raw and the EMA weights
         results = evaluate_models(models, self.val_index, self.class_names, self.norm, self.backend, batch_size=cfg.batch_size,

@@ -512,6 +512,48 @@ WORKER = textwrap.dedent(
 )
 
 
+# Each rank saves the weights it validates (the student and its EMA, as handed to evaluate_models).
+VALIDATED = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import mealkd.distill.trainer as trainer
+
+    original = trainer.evaluate_models
+
+    def evaluate_models(models, *args, **kwargs):
+        rank = int(os.environ.get("RANK", 0))
+        torch.save({name: m.state_dict() for name, m in models.items()}, os.path.join(sys.argv[sys.argv.index("--out") + 1], f"validated{rank}.pt"))
+        return original(models, *args, **kwargs)
+
+    trainer.evaluate_models = evaluate_models
+    from mealkd import cli
+    cli.main(sys.argv[1:])
+    """
+)
+
+
+def test_every_rank_validates_the_weights_rank_0_saves(world, tmp_path):
+    """DDP sends rank 0's BatchNorm statistics at the start of each forward, so after an epoch each rank's
+    last forward has left its own: two ranks validated two different models, neither the saved one.
+    Now every rank validates rank 0's buffers: the student and the EMA weights validated on both ranks
+    are bit-identical and equal the checkpoint's (mobilenet_v3_small: BatchNorm)."""
+    worker = tmp_path / "validated.py"
+    worker.write_text(VALIDATED)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+                           *distill_args(world, out, "--val", str(world["val"]), "--ema-decay", "0.5", epochs=1)],
+                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = [torch.load(out / f"validated{r}.pt", weights_only=False) for r in range(2)]
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    assert any("running_mean" in name for name in ckpt["model"])
+    assert_same_tensors(seen[0]["val"], seen[1]["val"], "validated students")
+    assert_same_tensors(seen[0]["val_ema"], seen[1]["val_ema"], "validated EMA weights")
+    assert_same_tensors(seen[0]["val"], ckpt["model"], "validated vs saved student")
+    assert_same_tensors(seen[0]["val_ema"], ckpt["ema"], "validated vs saved EMA")
+
+
 def test_ddp_two_ranks_match_one_process(world, tmp_path):
     """2 ranks x batch 4 vs 1 process x batch 8 on 24 images (3 global batches of the same 8 images
     per step: the loader's rank r takes positions r, r+2, ... of the same permutation). The student
