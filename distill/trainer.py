@@ -369,18 +369,20 @@ class Trainer:
             sums += state["sums"].to(self.device)
         steps_total = self.loader.steps_per_epoch()
         steps, crops = start_step, 0
+        lr, d_lr = self.optimizer.param_groups[0]["lr"], self.d_optimizer.param_groups[0]["lr"] if self.d_optimizer is not None else None
         times = StageTimes()  # the training thread's wait for the loader (input-bound if large)
         started = time.perf_counter()
         for batch in times.waiting(self.loader.epoch(epoch, start_step), "loader"):
             weight, first, last = self._accumulation(steps)
             if batch.images.shape[0] != self.batch_crops[steps]:
                 raise RuntimeError(f"batch {steps} holds {batch.images.shape[0]} crops, the loader planned {self.batch_crops[steps]}")
+            # the lrs this step trains with (its optimiser step then moves the schedule on to the next step's)
+            lr, d_lr = self.optimizer.param_groups[0]["lr"], self.d_optimizer.param_groups[0]["lr"] if self.d_optimizer is not None else None
             sums += self.train_step(batch, weight=weight, first=first, last=last)
             kill_point("distill-step")
             steps += 1
             crops += batch.images.shape[0]
             means = None
-            lr = self.optimizer.param_groups[0]["lr"]
             if self.log.wants_means(steps, steps_total):
                 means = dict(zip(SUMS, (sums / steps).tolist()))
                 self.log.scalars(means, lr, int(self.scheduler.last_epoch))
@@ -407,8 +409,8 @@ class Trainer:
             "d_loss": means["d_loss"],
             "d_acc": means["d_acc"],
             "teacher_agreement": means["agreement"],
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "d_lr": self.d_optimizer.param_groups[0]["lr"] if self.d_optimizer is not None else None,
+            "lr": lr,  # of the epoch's last step
+            "d_lr": d_lr,
             "temperature": self.temperature,
             "crops_per_s": crops * self.dist.world_size / max(elapsed, 1e-9),
             "seconds": elapsed,

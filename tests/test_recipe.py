@@ -219,7 +219,9 @@ def test_resume_continues_the_recorded_run_without_its_flags_or_init_file(recipe
     assert code == 0, err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
-    cosine = [0.02 * (1 + np.cos(np.pi * e / 3)) / 2 for e in (1, 2, 3)]  # per-step cosine: the lr after each epoch's last step
+    steps = CLASSES * PER_CLASS // 8  # per epoch (batch 8)
+    # per-step cosine: the lr each epoch's last step trained with (not the one after it: the last epoch's would be 0)
+    cosine = [0.02 * (1 + np.cos(np.pi * (e * steps - 1) / (3 * steps))) / 2 for e in (1, 2, 3)]
     assert [r["lr"] for r in records] == pytest.approx(cosine)
     assert "val_top1" in records[-1] and "val_top1" not in records[0]
     config = json.loads((out / "config.json").read_text())
