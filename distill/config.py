@@ -116,6 +116,8 @@ class DistillConfig:
         parse_d_lr(self.d_lr)
         if self.d_optimizer not in ("adam", "sgd"):
             raise UserError(f"--d-optimizer {self.d_optimizer}: use 'adam' or 'sgd'")
+        if not 0 <= self.momentum < 1:
+            raise UserError(f"--momentum {self.momentum}: must lie in [0, 1), e.g. 0.9")
         if self.weight_decay < 0 or self.hard_label_weight < 0:
             raise UserError("--weight-decay/--hard-label-weight: must be >= 0")
         if self.image_size is not None and self.image_size < 1:

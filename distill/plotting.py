@@ -23,6 +23,14 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     except ImportError:
         raise UserError("plot needs matplotlib: pip install 'mealkd[plot]'") from None
     records = read_metrics(run_dir)
+    out = out or run_dir / "curves.png"
+    formats = plt.gcf().canvas.get_supported_filetypes()
+    plt.close("all")
+    if out.suffix.lstrip(".").lower() not in formats:
+        raise UserError(f"--out {out}: matplotlib cannot write '{out.suffix or 'no suffix'}' files; use one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}, e.g. curves.png")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the directory {out.parent} does not exist; create it or choose another --out")
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [r["loss"] for r in records], marker="o", label="soft CE to ensemble")
@@ -34,12 +42,13 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     ax_acc.plot(epochs, [r["teacher_agreement"] for r in records], marker="o", label="agreement with teacher argmax")
     if any("val_top1" in r for r in records):
         ax_acc.plot(epochs, [r.get("val_top1") for r in records], marker="s", label="val top-1")
+    if any("val_ema_top1" in r for r in records):  # what best.pt is chosen by when the run keeps an EMA
+        ax_acc.plot(epochs, [r.get("val_ema_top1") for r in records], marker="^", label="val top-1 (EMA weights)")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_title("accuracy")
     ax_acc.set_ylim(0, 1)
     ax_acc.legend()
     fig.tight_layout()
-    out = out or run_dir / "curves.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

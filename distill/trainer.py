@@ -132,6 +132,10 @@ class Trainer:
         # --grad-accum-steps N: the gradients of N consecutive batches make one optimiser step, each batch's loss
         # weighted by its share of the group's crops, so a group equals one batch N times larger (BatchNorm aside)
         self.batch_crops = self.loader.batch_crops()
+        if min(self.batch_crops) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            last = " (the epoch's last batch, here)" if cfg.batch_size * cfg.crops_per_step > 1 else ""
+            raise UserError(f"--batch-size {cfg.batch_size}: the student's BatchNorm layers cannot train on a batch of one crop{last}; "
+                            f"use --batch-size {3 if cfg.batch_size == 2 else 2} or more")
         self.accum = cfg.grad_accum_steps
         self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=self.optimizer_steps_per_epoch, epochs=cfg.epochs,
                                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)

@@ -648,7 +648,7 @@ def broken(world):
 @pytest.mark.parametrize(
     "case",
     ["incomplete", "fingerprint", "head", "missing-init-file", "missing-student-file", "bad-student-spec", "unknown-arch", "no-init",
-     "existing-run", "val-classes"],
+     "existing-run", "val-classes", "negative-momentum", "batch-of-one", "out-is-a-file"],
 )
 def test_distill_user_errors(world, broken, straight_run, tmp_path, case, capsys):
     out = tmp_path / "run"
@@ -680,6 +680,16 @@ def test_distill_user_errors(world, broken, straight_run, tmp_path, case, capsys
         i = args.index("--init")
         del args[i : i + 2]
         needles = ("--init is required", "scratch")
+    elif case == "negative-momentum":  # was torch's ValueError traceback
+        args += ["--momentum", "-1"]
+        needles = ("--momentum -1.0", "[0, 1)")
+    elif case == "batch-of-one":  # was a BatchNorm traceback once training had started
+        args[flag["--batch-size"]] = "1"
+        needles = ("--batch-size 1", "BatchNorm", "--batch-size 2 or more")
+    elif case == "out-is-a-file":  # was a FileExistsError traceback
+        args[flag["--out"]] = str(tmp_path / "a-file")
+        (tmp_path / "a-file").write_text("not a run")
+        needles = ("--out", "is a file")
     elif case == "val-classes":  # found before the first epoch trains, not after it (an ImageNet epoch is hours)
         args += ["--val", str(make_jpeg_tree(tmp_path / "val4", classes=4, per_class=1))]
         needles = ("--val", "validation class 'class_3'")
@@ -690,6 +700,8 @@ def test_distill_user_errors(world, broken, straight_run, tmp_path, case, capsys
     assert_one_line_error(code, err, *needles)
     assert "epoch 1" not in err, err
     assert not (out / "checkpoint.pt").exists()
+    if case == "out-is-a-file":
+        assert (tmp_path / "a-file").read_text() == "not a run"
 
 
 def test_user_error_exit_path_in_a_subprocess(world, broken):
@@ -714,3 +726,12 @@ def test_plot_writes_png(straight_run, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
     code, err = run_main(["plot", str(tmp_path / "not-a-run")], capsys)
     assert_one_line_error(code, err, "no metrics.jsonl", "--out directory of a distill run")
+    # an --out matplotlib cannot write, or in a missing directory: one line each (were tracebacks), nothing written
+    code, err = run_main(["plot", str(run), "--out", str(tmp_path / "curves.foo")], capsys)
+    assert_one_line_error(code, err, "curves.foo", "'.foo'", ".png")
+    code, err = run_main(["plot", str(run), "--out", str(tmp_path / "nodir" / "curves.png")], capsys)
+    assert_one_line_error(code, err, "nodir", "does not exist")
+    # evaluate's sizes are checked too (--batch-size 0 was DALI's traceback; --image-size 0 was ignored)
+    for flag in ("--batch-size", "--image-size"):
+        code, err = run_main(["evaluate", "--data", str(tmp_path), "--checkpoint", str(run / "checkpoint.pt"), flag, "0"], capsys)
+        assert_one_line_error(code, err, f"{flag} 0", ">= 1")
