@@ -17,6 +17,28 @@ from mealkd.errors import UserError
 CHECKPOINT_FORMAT = "mealkd-checkpoint"
 
 
+def share_as_umask_allows(path: str | Path) -> None:
+    """Give ``path`` the permissions a plainly created file gets (0666 less the umask). ``mkstemp`` (and
+    safetensors) create files for their owner only, so a checkpoint or export was unreadable by the
+    teammates and evaluation jobs of a shared cluster, while ``torch.save`` to a path is not."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it, which would briefly
+    change it for every other thread)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary handle whose bytes replace ``path`` only when the block completes: a temp file in the same
@@ -25,6 +47,7 @@ def _atomic_file(path: Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        share_as_umask_allows(tmp)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

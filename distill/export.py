@@ -35,6 +35,7 @@ import torch
 
 from mealkd.core.checkpoint_io import load_torch_file
 from mealkd.core.models import file_sha256
+from mealkd.distill.checkpoint import share_as_umask_allows
 from mealkd.distill.checkpoint_eval import load_student
 from mealkd.errors import UserError
 
@@ -80,6 +81,7 @@ def _write_atomic(out: Path, write) -> None:
     tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
     try:
         write(tmp)
+        share_as_umask_allows(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

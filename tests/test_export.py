@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,22 @@ def test_state_dict_and_safetensors_load_into_torchvision_exactly(trained):
 
     with safe_open(str(out), framework="pt") as handle:
         assert json.loads(handle.metadata()["class_names"]) == trained["ckpt"]["class_names"]
+
+
+def test_checkpoints_and_exports_are_shared_as_the_umask_allows(trained):
+    """mkstemp and safetensors create owner-only (0600) files: a run's checkpoint and its exports were
+    unreadable by teammates and separate evaluation jobs on a shared cluster. Now they get 0666 less the
+    umask, like the run's other files (config.json, metrics.jsonl)."""
+    import stat
+
+    pytest.importorskip("safetensors.torch", reason="safetensors is in the test extra: pip install -e '.[test]'")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    shared = 0o666 & ~mask
+    run_dir = trained["checkpoint"].parent
+    files = [trained["checkpoint"], run_dir / "config.json"]
+    files += [export(trained, fmt, name)[0] for fmt, name in (("safetensors", "shared.safetensors"), ("state-dict", "shared.pth"))]
+    assert {str(f): oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {str(f): oct(shared) for f in files}
 
 
 def test_pt2_loads_with_torch_export_and_is_a_model_spec(trained):
