@@ -29,7 +29,7 @@ from mealkd.errors import UserError
               "(each batch's loss weighted by its share of the step's crops): the global batch is --batch-size x processes x this, "
               "in the memory of one --batch-size; e.g. MEAL V2's 512 on 2 GPUs: --batch-size 64 --grad-accum-steps 4. The schedule "
               "counts optimiser steps; BatchNorm still normalises each batch alone.")
-@click.option("--lr", default=0.01, show_default=True, type=float, help="Peak student learning rate for the GLOBAL batch (--batch-size x processes); scale it linearly with the global batch (e.g. SGD 0.1 per 256 images). MEAL V2 used 0.01 for a pretrained student.")
+@click.option("--lr", default=0.01, show_default=True, type=float, help="Peak student learning rate for the GLOBAL batch (--batch-size x processes x --grad-accum-steps); scale it linearly with the global batch (e.g. SGD 0.1 per 256 images). MEAL V2 used 0.01 for a pretrained student.")
 @click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum (student; D too with --d-optimizer sgd).")
 @click.option("--weight-decay", default=0.0, show_default=True, type=float, help="MEAL V2 uses 0.")
 @click.option("--schedule", default="cos", show_default=True, help="'cos' (cosine to 0, updated every step) or 'step:M1,M2' (lr x 0.1 at those epochs).")
@@ -67,7 +67,7 @@ from mealkd.errors import UserError
 @click.option("--checkpoint-minutes", default=30.0, show_default=True, type=float, help="Also write RUN/checkpoint.pt inside an epoch when this "
               "many minutes passed since the last one (with each rank's RNG states: --resume continues from that step exactly), so a crash "
               "costs at most this much work; 0: only at the end of each epoch.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint exactly as recorded (from the step it stopped at, after SIGTERM/SIGUSR1/Ctrl-C, which save that step): training flags left out take their recorded values; a changed one is refused (start a new run with --init RUN/checkpoint.pt instead). --val, --device and --num-threads may change. Without a checkpoint in --out a new run starts.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint exactly as recorded (from the step it stopped at, after SIGTERM/SIGUSR1/Ctrl-C, which save that step): training flags left out take their recorded values; a changed one is refused (start a new run with --init RUN/checkpoint.pt instead). Operational flags may change: --val and its protocol, --device, --precision, --deterministic, --num-threads, --compile, --channels-last, --log-every, --tensorboard, --eval-every, --keep-every, --checkpoint-minutes. Without a checkpoint in --out a new run starts.")
 def distill(**kwargs) -> None:
     """Stage two: train a student from a label store (MEAL V2 recipe, DALI crop replay)."""
     from mealkd.distill.config import TRAINING_FLAGS

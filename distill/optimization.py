@@ -6,7 +6,7 @@ Schedules (``--schedule``), after ``--warmup-epochs`` of linear warm-up from lr/
 * ``step:M1,M2,...``: lr x 0.1 at the start of each milestone epoch (MEAL V2's ImageNet recipe
   is 180 epochs with step decays).
 
-``--lr`` is the learning rate of the GLOBAL batch (``--batch-size`` x number of processes). When
+``--lr`` is the learning rate of the GLOBAL batch (``--batch-size`` x number of processes x ``--grad-accum-steps``). When
 changing the global batch, scale it linearly (Goyal et al., 2017): e.g. SGD lr 0.1 per 256
 images, so batch 64 on 8 GPUs (512) -> 0.2. MEAL V2 used 0.01 for a pretrained ResNet-50 student.
 """
