@@ -40,6 +40,23 @@ def _refusal(err: BaseException) -> str:
     return m.group(1).strip()[:200] if m else _first_line(err)
 
 
+#: how files torch.save never writes begin, and what they are
+_OTHER_FORMATS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"\x08", "probably an ONNX model"),
+                  (b"\x7fELF", "a program"), (b"{", "JSON text"))
+
+
+def _not_torch(path: Path) -> str | None:
+    """What ``path`` is when it cannot be a ``torch.save`` file (those are zip archives, or pickles in the
+    legacy format), else None."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return None
+    if not head:
+        return "it is empty"
+    return next((f"it is {name}" for magic, name in _OTHER_FORMATS if head.startswith(magic)), "neither a zip archive nor a pickle")
+
+
 def load_torch_file(path: str | os.PathLike, what: str) -> Any:
     """``torch.load`` of ``path`` onto the CPU under mealkd's policy (module docstring).
 
@@ -51,6 +68,9 @@ def load_torch_file(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path}: file not found; check the path")
+    kind = _not_torch(path)
+    if kind is not None:  # before torch.load, whose refusal would read as "holds Python objects ... trust it"
+        raise UserError(f"{what} {path}: not a PyTorch file ({kind}); pass a checkpoint or weights file saved by torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -1,13 +1,16 @@
 """Load a trained student from a checkpoint and evaluate it."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from mealkd.core.checkpoint_io import load_torch_file
 from mealkd.core.accel import apply_numerics, resolve_precision
 from mealkd.core.dali_io import resolve_backend
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.models import FILE_SOURCES, load_model, parse_spec
+from mealkd.core.models.spec import rest_is_pt2
 from mealkd.core.replay import Normalization
 from mealkd.distill.checkpoint import is_checkpoint
 from mealkd.distill.evaluate import EvalProtocol, evaluate, readable_images
@@ -15,6 +18,38 @@ from mealkd.errors import UserError
 
 
 WEIGHTS = ("auto", "raw", "ema")
+EXPORT_FORMAT = "mealkd-export"  # the sidecar record ``mealkd export`` writes beside each file
+
+
+def sidecar_path(out: str | os.PathLike) -> Path:
+    """``FILE.json`` beside an export ``FILE`` (the whole name plus '.json': model.onnx -> model.onnx.json)."""
+    return Path(str(out) + ".json")
+
+
+def export_record(path: str) -> dict:
+    """The sidecar record of an exported file (class names, input size, mean/std, student spec), or {}."""
+    try:
+        record = json.loads(sidecar_path(os.path.expanduser(path)).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("format") == EXPORT_FORMAT else {}
+
+
+def _record_norm(record: dict) -> Normalization | None:
+    if not record.get("input_size"):
+        return None
+    return Normalization(size=int(record["input_size"]), mean=tuple(record["mean"]), std=tuple(record["std"]))
+
+
+def _load_exported_program(checkpoint: str, weights: str, flag: str):
+    """``mealkd export --format pt2``'s file is a whole model: evaluated as it is, with its sidecar's classes and sizes."""
+    record = export_record(checkpoint)
+    loaded = load_model(parse_spec(checkpoint), init="weights")
+    loaded.weights_kind = record.get("weights", "raw")
+    if weights == "ema" and loaded.weights_kind != "ema":
+        raise UserError(f"--weights ema: {flag} {checkpoint} holds the {loaded.weights_kind} weights it was exported with; "
+                        "export the checkpoint with --weights ema to evaluate those")
+    return loaded, record.get("class_names"), _record_norm(record)
 
 
 def load_student(checkpoint: str, *, student: str | None = None, num_classes: int | None = None, flag: str = "--checkpoint",
@@ -27,9 +62,12 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
     The architecture comes from ``student`` or the checkpoint's own student spec; for a TorchScript
     (.pt) or ExportedProgram (.pt2) student that is its file, into which the checkpoint's state dict is
     loaded. ``flag`` names the checkpoint in error messages."""
+    if student is None and rest_is_pt2(checkpoint):
+        return _load_exported_program(checkpoint, weights, flag)
     raw = load_torch_file(checkpoint, flag)
     is_ours = is_checkpoint(raw)
-    spec_text = student or (raw.get("student_spec") if is_ours else None)
+    record = {} if is_ours else export_record(checkpoint)  # a state dict from `mealkd export` says what it is beside it
+    spec_text = student or (raw.get("student_spec") if is_ours else record.get("student_spec"))
     if spec_text is None:
         raise UserError(f"{flag} {checkpoint}: a plain state dict needs --student ARCH spec (e.g. torchvision:resnet18)")
     spec = parse_spec(spec_text)
@@ -44,8 +82,10 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
     loaded.weights_kind = "ema" if ema is not None and weights in ("auto", "ema") else "raw"
     if loaded.weights_kind == "ema":
         loaded.module.load_state_dict(ema)
-    norm = Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["norm"].items()}) if is_ours else None
-    class_names = raw.get("class_names") if is_ours else None
+    if not is_ours and record:
+        loaded.weights_kind = record.get("weights", loaded.weights_kind)
+    norm = Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw["norm"].items()}) if is_ours else _record_norm(record)
+    class_names = raw.get("class_names") if is_ours else record.get("class_names")
     return loaded, class_names, norm
 
 
@@ -67,7 +107,7 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
     size = image_size or (norm.size if norm else loaded.input_size)
     if size is None:
         raise UserError("--image-size: the checkpoint does not record its training size; pass --image-size")
-    norm = Normalization(size=size, mean=tuple(loaded.mean), std=tuple(loaded.std))
+    norm = Normalization(size=size, mean=tuple(norm.mean if norm else loaded.mean), std=tuple(norm.std if norm else loaded.std))
     protocol.check(size)
     backend = resolve_backend(device)
     # a bad value is a one-line error before any work; fp32 on a GPU means no TF32 either (the policy of core.accel),

@@ -36,7 +36,7 @@ import torch
 from mealkd.core.checkpoint_io import load_torch_file
 from mealkd.core.models import file_sha256
 from mealkd.distill.checkpoint import share_as_umask_allows
-from mealkd.distill.checkpoint_eval import load_student
+from mealkd.distill.checkpoint_eval import load_student, sidecar_path
 from mealkd.errors import UserError
 
 FORMATS = ("state-dict", "safetensors", "onnx", "pt2")
@@ -47,11 +47,6 @@ _EXTRAS = {"safetensors": ("export", ("safetensors",)), "onnx": ("onnx", ("onnx"
 
 class ExportMismatch(RuntimeError):
     """The exported file, loaded back, does not compute what the checkpoint's model computes."""
-
-
-def sidecar_path(out: str | os.PathLike) -> Path:
-    """``FILE.json`` beside an export ``FILE`` (the whole name plus '.json': model.onnx -> model.onnx.json)."""
-    return Path(str(out) + ".json")
 
 
 def _missing(modules: tuple[str, ...]) -> list[str]:

@@ -182,6 +182,22 @@ def test_pt2_teacher_in_precompute(trained, tmp_path):
     assert record["source"] == "export" and record["input_size"] == 12
 
 
+def test_exported_files_evaluate_like_their_checkpoint(trained, capsys):
+    """`evaluate --checkpoint` of an exported .pt2 (a whole model) and of an exported state dict, with no
+    --student or --image-size: the sidecar says what they are. Before, the .pt2 failed ("data.pkl: file not
+    found") and the state dict needed both flags. The same images get the same top-1 as the checkpoint."""
+    want = run(capsys, "evaluate", "--data", str(trained["data"]), "--checkpoint", str(trained["checkpoint"]), "--device", "cpu", "--json")
+    assert want.returncode == 0, want.stderr
+    want = json.loads(want.stdout)
+    for fmt, name in (("pt2", "eval.pt2"), ("state-dict", "eval.pth")):
+        out, _ = export(trained, fmt, name)
+        got = run(capsys, "evaluate", "--data", str(trained["data"]), "--checkpoint", str(out), "--device", "cpu", "--json")
+        assert got.returncode == 0, (fmt, got.stderr)
+        got = json.loads(got.stdout)
+        assert (got["top1"], got["top5"], got["images"]) == (want["top1"], want["top5"], want["images"]), (fmt, got, want)
+        assert got["protocol"] == want["protocol"], fmt
+
+
 def test_pt2_student_distils_and_evaluates(trained, tmp_path, capsys):
     """A .pt2 student (used as-is, like TorchScript): trains from its own weights, its checkpoint evaluates
     and loads back into the program; init scratch is refused in one line."""

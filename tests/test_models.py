@@ -166,9 +166,14 @@ def test_torchvision_file_errors(tmp_path):
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match="garbage.pth") as e:
+    with pytest.raises(UserError, match="garbage.pth.*not a PyTorch file") as e:
         load_model(f"torchvision:resnet18@{garbage}")
     one_line_error(e)
+    image = tmp_path / "photo.jpg"  # told what it is, not "holds Python objects ... if you trust it, set MEALKD_TRUST_CHECKPOINTS=1"
+    image.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 64)
+    with pytest.raises(UserError, match=r"photo.jpg: not a PyTorch file \(it is a JPEG image\)") as e:
+        load_model("torchvision:resnet18", num_classes=3, init=str(image))
+    assert "TRUST" not in str(e.value)
 
     other = tmp_path / "other.pth"  # a squeezenet state dict given to resnet18
     torch.save(torchvision.models.squeezenet1_1(num_classes=3).state_dict(), other)
