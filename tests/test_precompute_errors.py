@@ -311,3 +311,18 @@ def test_compile_errors(teachers, backend, culprits, files, tmp_path, capsys):
     code, err = run_in_process(base(files, out, **{"--teachers": spec, "--compile-backend": backend}) + ["--compile"], capsys)
     assert_one_line_error(code, err, *culprits)
     assert not storage.store_exists(str(out))
+
+
+def test_skip_bad_refuses_a_store_with_nothing_to_train_on(files, tmp_path, capsys):
+    """--skip-bad with every file unreadable, or every file of one class: one line, no store (it used to
+    be a 'complete' store of zero usable images, exit 0, that verify passed)."""
+    for name, junk in (("all", "class_*"), ("one class", "class_1")):
+        data = make_jpeg_tree(tmp_path / name, classes=3, per_class=2, seed=4, min_side=24, max_side=32)
+        for path in data.glob(f"{junk}/*.jpg"):
+            path.write_bytes(b"not an image")
+        out = tmp_path / f"{name}.zarr"
+        argv = base(files, out, **{"--data": data, "--teachers": files["t3"]["script"]}) + ["--skip-bad"]
+        code, err = run_in_process(argv, capsys)
+        needles = ["none of its 6 image file(s)", "nothing to train on"] if name == "all" else ["class 'class_1'", "nothing to train on"]
+        assert_one_line_error(code, err, str(data), *needles)
+        assert not storage.store_exists(str(out))
