@@ -56,6 +56,14 @@ def sample_ids(num_images: int, crops_per_image: int, batch_size: int) -> np.nda
     return np.unique(np.linspace(0, num_images - 1, min(num_images, max(1, want))).round().astype(np.int64))
 
 
+def timed_window(batches: int) -> int:
+    """How many of ``batches`` labelled batches are warm-up, left out of the rate: ``WARMUP_BATCHES`` when
+    at least one batch is left to time, else none (every batch timed, start-up included: a sample too
+    small to time warm batches; before, the clock then restarted after the last batch and the rate was
+    its crops over a few microseconds)."""
+    return WARMUP_BATCHES if batches > WARMUP_BATCHES else 0
+
+
 def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict, backend: Backend) -> tuple[int, str, bool]:
     """(images a run with ``cfg`` (whose store ``settings`` these are) would still label, a note on the store
     at --out, whether the run creates it: only then does it first decode every file to validate it)."""
@@ -70,15 +78,17 @@ def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict, b
     return images, f"--out {cfg.out} exists with these settings: {len(pending)} of {writer.num_shards} shards pending", False
 
 
-def encoding_fits(probs: np.ndarray, num_classes: int) -> list[EncodingFit]:
-    """Dense fp16 and top-k for the candidate K below C: raw bytes per crop and the total variation between
-    the sampled float32 rows and the rows the store would return for them."""
+def encoding_fits(probs: np.ndarray, num_classes: int, requested: str = "dense") -> list[EncodingFit]:
+    """Dense fp16 and top-k for the candidate K below C and the ``requested`` encoding's K (any K, so the
+    one the run would use is always measured): raw bytes per crop and the total variation between the
+    sampled float32 rows and the rows the store would return for them."""
     rows = probs.reshape(-1, num_classes).astype(np.float32)
     dense = normalise_rows(to_f16(rows))
     tv = 0.5 * np.abs(dense - rows).sum(1)
     fits = [EncodingFit("dense", sum(label_row_bytes(DENSE, None, num_classes)), float(tv.mean()), float(tv.max()))]
     index_dtype = topk_index_dtype(num_classes)
-    for k in CANDIDATE_K:
+    kind, k_requested = parse_encoding(requested)
+    for k in sorted(set(CANDIDATE_K) | ({k_requested} if kind == TOPK else set())):
         if k >= num_classes:
             break
         total, worst, n = topk_tv(rows, *encode_topk(rows, k, index_dtype))
@@ -147,20 +157,14 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     times = StageTimes()
     if backend.is_cuda:
         torch.cuda.reset_peak_memory_stats(backend.device)
-    batches, timed_crops, clock = 0, 0, time.perf_counter()
+    ends, crops = [time.perf_counter()], []  # the clock before the first batch, then after each one
     labelled = labelled_batches(stream.batches(ids.tolist(), list(range(len(ids))), windows, flips), ensemble, times=times)
     for batch, rows in labelled:
         probs[batch.rows, batch.crops] = rows
-        batches += 1
-        if batches == WARMUP_BATCHES:
-            clock = time.perf_counter()  # the clock starts after the warm-up batches
-        elif batches > WARMUP_BATCHES:
-            timed_crops += len(batch.rows)
-    warm = batches > WARMUP_BATCHES
-    if not warm:  # too few images for a warm-up: every batch is timed
-        timed_crops = int(good.sum()) * cfg.crops_per_image
-    seconds = time.perf_counter() - clock
-    crops_per_s = timed_crops / max(seconds, 1e-9)
+        ends.append(time.perf_counter())
+        crops.append(len(batch.rows))
+    warmup = timed_window(len(crops))
+    crops_per_s = sum(crops[warmup:]) / max(ends[-1] - ends[warmup], 1e-9)
 
     kind, _ = parse_encoding(cfg.encoding)
     bytes_ = stored_bytes(cfg, index, ensemble, settings, ids, sizes, windows, flips, probs)
@@ -171,11 +175,12 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         "store": store_note,
         "crops": total_crops,
         "crops_per_image": cfg.crops_per_image,
-        "sample_images": int(len(good)),
+        "sample_images": int(good.sum()),
         "sample_unreadable": int((~good).sum()),
+        "skip_bad": cfg.skip_bad,
         "sample_crops": int(len(ids)) * cfg.crops_per_image,
-        "timed_batches": max(0, batches - WARMUP_BATCHES) if warm else batches,
-        "warmup_batches": WARMUP_BATCHES if warm else 0,
+        "timed_batches": len(crops) - warmup,
+        "warmup_batches": warmup,
         "device": torch.cuda.get_device_name(backend.device) if backend.is_cuda else f"CPU, {torch.get_num_threads()} torch threads",
         "dali_threads": dali_threads(cfg.num_threads, backend),
         "teachers": [{"spec": t["spec"], "folded": f} for t, f in zip(ensemble.describe(), ensemble.folded)],
@@ -191,7 +196,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         + (bytes_["fixed"] if creates else 0),
         "encoding": cfg.encoding,
         "encoding_kind": kind,
-        "fits": [fit.__dict__ for fit in encoding_fits(probs, ensemble.num_classes)],
+        "fits": [fit.__dict__ for fit in encoding_fits(probs, ensemble.num_classes, cfg.encoding)],
     }
 
 
@@ -220,8 +225,10 @@ def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
         f"work: {r['pending_images']:,} of {r['images']:,} images x {r['crops_per_image']:,} crops = {r['crops']:,} crops to label",
         f"teachers: {teachers}; {r['precision']} on {r['device']}" + (f"; torch.compile ({r['compiled']})" if r.get("compiled") else "")
         + f"; {r['dali_threads']} DALI threads",
-        f"measured: {r['crops_per_s']:,.0f} crops/s over {r['timed_batches']} batches after {r['warmup_batches']} untimed warm-up batches "
-        f"({r['sample_images']} images sampled"
+        f"measured: {r['crops_per_s']:,.0f} crops/s over {r['timed_batches']} batches "
+        + (f"after {r['warmup_batches']} untimed warm-up batches " if r["warmup_batches"] else
+           f"(every batch timed, start-up included: too few for {WARMUP_BATCHES} untimed warm-up batches and a timed one) ")
+        + f"({r['sample_images']} images sampled"
         + (f", {r['sample_unreadable']} more unreadable" if r["sample_unreadable"] else "") + ")"
         + (f"; peak GPU memory {r['peak_gpu_mib']:,.0f} MiB" if r["peak_gpu_mib"] is not None else ""),
         time_line,
@@ -229,8 +236,12 @@ def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
         f"{b['windows_per_crop']:,.1f} B/crop, paths and the rest {b['rest_per_image']:,.0f} B/image, as written for the sample)",
         "label encodings on the sampled crops (total variation between the teachers' float32 rows and what the store returns):",
     ]
+    if r["sample_unreadable"]:
+        lines.insert(4, f"unreadable: {r['sample_unreadable']} sampled file(s) cannot be decoded; "
+                     + ("the run will exclude every such file (--skip-bad)" if r["skip_bad"] else
+                        "the run will stop on them after validating every file: fix or remove them, or pass --skip-bad"))
     for fit in r["fits"]:
-        chosen = "  <- --encoding" if fit["encoding"] == r["encoding"] or (fit["encoding"] == "dense" and r["encoding_kind"] == DENSE) else ""
+        chosen = "  <- --encoding" if parse_encoding(fit["encoding"]) == parse_encoding(r["encoding"]) else ""
         lines.append(f"  {fit['encoding']:>9}: {fit['raw_bytes_per_crop']:>6,} B/crop before compression, mean TV {fit['mean_tv']:.4f}, "
                      f"max {fit['max_tv']:.4f}{chosen}")
     return lines
