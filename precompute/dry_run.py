@@ -132,6 +132,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     if launched_by_torchrun():
         raise UserError("--dry-run: measures one process; run it without torchrun (it prints the time for several processes too)")
     cfg.validate()
+    storage.check_output(cfg.out)  # what the run refuses first, the dry run refuses too
     backend = resolve_backend(cfg.device)
     index = scan_image_folder(cfg.data)
     ensemble = load_ensemble(cfg, index, backend)

@@ -259,6 +259,7 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
     backend = resolve_backend(cfg.device)
     d = init_distributed(backend.device)
     try:
+        d.on_main(lambda: storage.check_output(cfg.out))  # before the scan and the hours of validation decode
         index = scan_image_folder(cfg.data)
         ensemble = load_ensemble(cfg, index, backend)
         return run_locked(cfg.out, d, lambda: _prepare_store(cfg, index, ensemble, backend, d, console),

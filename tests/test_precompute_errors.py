@@ -326,3 +326,26 @@ def test_skip_bad_refuses_a_store_with_nothing_to_train_on(files, tmp_path, caps
         needles = ["none of its 6 image file(s)", "nothing to train on"] if name == "all" else ["class 'class_1'", "nothing to train on"]
         assert_one_line_error(code, err, str(data), *needles)
         assert not storage.store_exists(str(out))
+
+
+def test_bad_out_is_refused_before_the_dataset_is_validated(files, tmp_path, capsys):
+    """--out a file, a non-empty directory that is not a store, or below a file: one line naming --out,
+    before the validation decode (the tree here has a corrupt file, which validation would report first;
+    the run used to find the file only when writing, as 'writing the label store failed (File exists)');
+    the dry run says the same, and merge / import-fkd check their --out first too."""
+    a_file = tmp_path / "a_file.zarr"
+    a_file.write_text("x")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("someone's files")
+    cases = {a_file: "a file is there", occupied: "not a label store is already there", a_file / "s.zarr": f"{a_file} is a file"}
+    for out, what in cases.items():
+        for extra in ([], ["--dry-run"]):
+            code, err = run_in_process(base(files, out, **{"--data": files["corrupt"]}) + extra, capsys)
+            assert_one_line_error(code, err, f"--out {out}", what)
+    assert a_file.read_text() == "x" and [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    missing = tmp_path / "no_such"
+    code, err = run_in_process(["merge", str(missing / "a.zarr"), str(missing / "b.zarr"), "--out", str(occupied)], capsys)
+    assert_one_line_error(code, err, f"--out {occupied}", "not a label store")
+    code, err = run_in_process(["import-fkd", str(missing), "--data", str(missing), "--out", str(a_file)], capsys)
+    assert_one_line_error(code, err, f"--out {a_file}", "a file is there")
