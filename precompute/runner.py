@@ -8,6 +8,7 @@ partial run left them); rank 0 creates the store and finalises it.
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,6 +73,8 @@ class PrecomputeConfig:
             raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
         if self.images_per_shard is not None and self.images_per_shard < 1:
             raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):  # NaN fails '> 0'; NaN or inf would blame the teachers' weights
+            raise UserError(f"--temperature {self.temperature}: must be a finite number > 0")
         self.policy.validate()
         storage.parse_encoding(self.encoding)
 

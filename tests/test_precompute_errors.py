@@ -105,6 +105,10 @@ CASES = {
     "ratio negative": (lambda f, t: {"--ratio": "-1 2"}, lambda f, t: ["--ratio -1.0 2.0"]),
     "flip prob > 1": (lambda f, t: {"--flip-prob": 1.5}, lambda f, t: ["--flip-prob 1.5"]),
     "temperature 0": (lambda f, t: {"--temperature": 0}, lambda f, t: ["--temperature 0"]),
+    "temperature nan": (lambda f, t: {"--temperature": "nan"}, lambda f, t: ["--temperature nan", "finite"]),
+    "temperature inf": (lambda f, t: {"--temperature": "inf"}, lambda f, t: ["--temperature inf", "finite"]),
+    "ratio inf": (lambda f, t: {"--ratio": "1 inf"}, lambda f, t: ["--ratio 1.0 inf", "finite"]),
+    "image size too big": (lambda f, t: {"--image-size": 100000}, lambda f, t: ["--image-size 100000", "4096"]),
     "bad encoding": (lambda f, t: {"--encoding": "sparse"}, lambda f, t: ["sparse"]),
     "corrupt jpeg": (lambda f, t: {"--data": f["corrupt"]}, lambda f, t: ["class_1/img_001.jpg", "--skip-bad"]),
 }
@@ -349,3 +353,11 @@ def test_bad_out_is_refused_before_the_dataset_is_validated(files, tmp_path, cap
     assert_one_line_error(code, err, f"--out {occupied}", "not a label store")
     code, err = run_in_process(["import-fkd", str(missing), "--data", str(missing), "--out", str(a_file)], capsys)
     assert_one_line_error(code, err, f"--out {a_file}", "a file is there")
+
+
+def test_inspect_negative_sample_is_one_line(files, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    code, err = run_in_process(base(files, out), capsys)
+    assert code == 0, err
+    code, err = run_in_process(["inspect", str(out), "--sample", "-5"], capsys)  # was numpy's ValueError traceback
+    assert_one_line_error(code, err, "--sample -5", ">= 0")
