@@ -137,6 +137,10 @@ def test_control_the_base_arguments_work(files, tmp_path, capsys):
     code, err = run_in_process(base(files, out), capsys)
     assert code == 0, err
     assert storage.open_store(str(out)).done.all()
+    # stderr is not a terminal (a log file): the final line stays one line for a job script's grep (Rich
+    # used to hard-wrap it at 80 columns: "store \n/path is complete")
+    assert len(f"store {out} is complete") > 60
+    assert [line for line in err.splitlines() if line.endswith(f"store {out} is complete")], err
 
 
 def test_skip_bad_records_excluded_image(files, tmp_path, capsys):
