@@ -116,7 +116,7 @@ def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: 
     mine = np.arange(d.rank, len(index), d.world_size)
     reasons_mine: dict[int, str] = {}
     with make_progress(console, RateColumn("images"), enabled=d.is_main) as progress:
-        task = progress.add_task("validate", total=len(mine))
+        task = progress.add_task(rank_share("validate", d), total=len(mine))
         sizes_mine, bad_mine = probe_images(
             index, mine, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads,
             progress=lambda n: progress.advance(task, n), reasons=reasons_mine,
@@ -285,12 +285,32 @@ def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[
     with StoreLock(out) if d.is_main else nullcontext():
         prepare()
         d.barrier()
-        summary = label()
+        summary = job_summary(label(), d)
         d.barrier()
         if d.is_main:
             with writing_store(out):
                 summary["complete"] = storage.StoreWriter(out).finalize()
     return summary
+
+
+def rank_share(what: str, d: Dist) -> str:
+    """A progress bar's name: rank 0 draws its own share only, and says so when there are other ranks."""
+    return what if d.world_size == 1 else f"{what} (rank 0 of {d.world_size})"
+
+
+#: summary counts that add up over ranks (the labelling seconds are the slowest rank's)
+_JOB_SUMS = ("images", "crops", "shards_written", "fp32_fallbacks")
+
+
+def job_summary(mine: dict, d: Dist) -> dict:
+    """This rank's labelling summary with the job's totals (collective): the counts summed over ranks and
+    ``labelling_s`` the slowest rank's, so the rate is the job's (rank 0 printed its own share as the job's);
+    ``thread_s`` stays this rank's (``time_report`` says whose)."""
+    ranks = d.gather({key: mine.get(key, 0) for key in (*_JOB_SUMS, "labelling_s")})
+    if len(ranks) == 1:
+        return mine
+    totals = {key: sum(r[key] for r in ranks) for key in _JOB_SUMS}
+    return {**mine, **totals, "labelling_s": max(r["labelling_s"] for r in ranks), "processes": len(ranks)}
 
 
 def labelling_times(started: float, times: StageTimes) -> dict:
@@ -300,12 +320,16 @@ def labelling_times(started: float, times: StageTimes) -> dict:
 
 
 def time_report(summary: dict) -> str:
-    """One line: this rank's labelling rate and where its labelling thread spent the time. On a GPU a
-    thread that waits long for crops is input-bound (more DALI threads help); on a CPU the crops are
-    cut in turn with the teachers, by design, so the wait is their cost, not a hint."""
+    """One line: the job's labelling rate (its crops over the slowest rank's seconds) and where rank 0's
+    labelling thread spent the time. On a GPU a thread that waits long for crops is input-bound (more
+    DALI threads help); on a CPU the crops are cut in turn with the teachers, by design, so the wait is
+    their cost, not a hint."""
     seconds, spent = summary["labelling_s"], summary["thread_s"]
     waits = [f"{spent[name]:.2f} s for {what}" for name, what in (("crops", "crops"), ("gpu", "the GPU"), ("writes", "shard writes")) if name in spent]
-    line = (f"{summary['crops'] / max(seconds, 1e-9):,.0f} crops/s over {seconds:.2f} s of labelling; the labelling thread waited "
+    processes = summary.get("processes", 1)
+    whose = "the labelling thread" if processes == 1 else "rank 0's labelling thread"
+    line = (f"{summary['crops'] / max(seconds, 1e-9):,.0f} crops/s"
+            + ("" if processes == 1 else f" by {processes} processes") + f" over {seconds:.2f} s of labelling; {whose} waited "
             f"{', '.join(waits)} and spent {spent.get('teachers', 0.0):.2f} s in the teachers")
     if "gpu" in spent and spent.get("crops", 0.0) > 0.2 * seconds:
         line += f"; input-bound: raise --num-threads ({summary['dali_threads']} now)" if "dali_threads" in summary else "; input-bound: raise --num-threads"
@@ -348,7 +372,7 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     times = StageTimes()
     started = time.perf_counter()
     with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:
-        task = progress.add_task("teachers", total=total_images, crops_per_image=cfg.crops_per_image)
+        task = progress.add_task(rank_share("teachers", d), total=total_images, crops_per_image=cfg.crops_per_image)
 
         def on_crops(n: int) -> None:
             nonlocal crops_done
