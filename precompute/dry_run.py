@@ -32,12 +32,14 @@ from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.decoder_drift import job_decoder
 from mealkd.precompute.runner import PrecomputeConfig, _check_existing, _settings, labelled_batches, load_ensemble
 from mealkd.storage.encoding import encode_topk, normalise_rows, to_f16, topk_tv
-from mealkd.storage.schema import DENSE, TOPK, default_images_per_shard, label_row_bytes, parse_encoding, topk_index_dtype
+from mealkd.storage.schema import DENSE, TOPK, busiest_rank_images, default_images_per_shard, label_row_bytes, parse_encoding, topk_index_dtype
 
 #: teacher batches run before the clock starts (cuDNN autotuning, allocator growth), then the timed ones
 WARMUP_BATCHES, TIMED_BATCHES = 3, 24
 #: top-k encodings whose fidelity is reported beside the requested one
 CANDIDATE_K = (5, 10, 20, 50, 100)
+#: GPU counts the time is also estimated for (on a GPU)
+GPU_COUNTS = (8, 64)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,18 @@ def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict, b
     pending = writer.pending_shards()
     images = writer.images_in(pending)
     return images, f"--out {cfg.out} exists with these settings: {len(pending)} of {writer.num_shards} shards pending", False
+
+
+def pending_shard_images(cfg: PrecomputeConfig, index: DatasetIndex, num_classes: int, creates: bool, processes: int) -> list[int]:
+    """Images of each shard a job of ``processes`` would label: a new store's shards as that job would size
+    them, an existing store's pending ones (its recorded size)."""
+    if not creates:
+        writer = storage.StoreWriter(cfg.out)
+        return [int(stop - start) for start, stop in map(writer.shard_range, writer.pending_shards())]
+    kind, k = parse_encoding(cfg.encoding)
+    n = len(index)
+    ips = cfg.images_per_shard or default_images_per_shard(n, cfg.crops_per_image, num_classes, kind, k, processes)
+    return [min(ips, n - start) for start in range(0, n, ips)]
 
 
 def encoding_fits(probs: np.ndarray, num_classes: int, requested: str = "dense") -> list[EncodingFit]:
@@ -189,6 +203,9 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         "compiled": cfg.compile_backend if cfg.compile else None,
         "crops_per_s": crops_per_s,
         "teacher_hours": total_crops / max(crops_per_s, 1e-9) / 3600,
+        # per GPU count: the busiest rank's share of the images (ranks label whole shards, every G-th)
+        "busiest_share": {g: busiest_rank_images(pending_shard_images(cfg, index, ensemble.num_classes, creates, g), g) / max(todo, 1)
+                          for g in GPU_COUNTS},
         "validation_hours": todo * probe_s / sampled / 3600 if creates else 0.0,
         "peak_gpu_mib": torch.cuda.max_memory_allocated(backend.device) / 2**20 if backend.is_cuda else None,
         "thread_s": {name: round(sec, 3) for name, sec in times.seconds.items()},
@@ -201,6 +218,11 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     }
 
 
+def gpu_hours(result: dict, gpus: int) -> float:
+    """The job's hours on ``gpus`` processes: the busiest rank's teacher time + an even share of validation."""
+    return result["teacher_hours"] * result["busiest_share"][gpus] + result["validation_hours"] / gpus
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -209,9 +231,11 @@ def _size(n: float) -> str:
     return f"{n:,.1f} TB"
 
 
-def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
+def report_lines(result: dict) -> list[str]:
     """The dry run's findings as lines for the terminal. Times for several processes are shown on a GPU
-    only: there each process has its own GPU and labels its own shards; CPU processes share the cores."""
+    only: there each process has its own GPU and labels its own shards; CPU processes share the cores.
+    Such a job takes as long as its busiest rank's whole shards (not the images / G a rank would label
+    if work split evenly), plus its share of the validation decode."""
     r, b = result, result["bytes"]
     teachers = ", ".join(f"{t['spec']}{' (BatchNorm folded)' if t['folded'] else ''}" for t in r["teachers"])
     total = r["teacher_hours"] + r["validation_hours"]
@@ -220,7 +244,7 @@ def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
         time_line += (f" (teachers {format_duration(3600 * r['teacher_hours'])}, "
                       f"validation decode of every file {format_duration(3600 * r['validation_hours'])})")
     if r["peak_gpu_mib"] is not None:
-        time_line += "; " + ", ".join(f"{g} GPUs: {format_duration(3600 * total / g)}" for g in gpus)
+        time_line += "; " + ", ".join(f"{g} GPUs: {format_duration(3600 * gpu_hours(r, g))}" for g in r["busiest_share"])
     lines = [
         f"dry run: nothing was written. {r['store']}",
         f"work: {r['pending_images']:,} of {r['images']:,} images x {r['crops_per_image']:,} crops = {r['crops']:,} crops to label",

@@ -184,6 +184,7 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
                 encoding=cfg.encoding,
                 excluded=excluded,
                 images_per_shard=cfg.images_per_shard,
+                processes=d.world_size,
             )
             if decoder.drifts:
                 record_drift(cfg.out, decoder.drifts, console)
@@ -348,6 +349,12 @@ def start_line(command: str, out: str, ensemble: TeacherEnsemble, backend: Backe
             f"store {out} ({state})")
 
 
+def idle_warning(shards: int, processes: int) -> str:
+    """Why some ranks will do nothing: a rank labels whole shards, and there are fewer than ranks."""
+    return (f"{shards} shard(s) to label for {processes} processes: {processes - shards} process(es) will idle; "
+            "a new store made with a smaller --images-per-shard spreads the work")
+
+
 def pending_for_rank(pending: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's share of the pending shards: every world_size-th, so counts differ by at most one."""
     return list(pending[rank::world_size])
@@ -362,6 +369,8 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     pending = d.broadcast(writer.pending_shards() if d.is_main else None)
     mine = pending_for_rank(pending, d.rank, d.world_size)
     total_images = writer.images_in(mine)
+    if d.is_main and len(pending) < d.world_size:
+        console.print(f"[yellow]precompute[/]: {idle_warning(len(pending), d.world_size)}", soft_wrap=True)
     if d.is_main:
         console.print(start_line("precompute", cfg.out, ensemble, backend, d, cfg.num_threads, writer, pending, cfg.crops_per_image),
                       soft_wrap=True, highlight=False, markup=False)

@@ -142,8 +142,11 @@ def _check_writable(directory, url: str, flag: str) -> None:
 
 def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: np.ndarray,
                  sizes: np.ndarray, crops_per_image: int, num_classes: int, encoding: str,
-                 excluded: np.ndarray | None = None, images_per_shard: int | None = None) -> None:
+                 excluded: np.ndarray | None = None, images_per_shard: int | None = None, processes: int = 1) -> None:
     """Create the group, its attributes and all arrays (empty labels, done=False).
+
+    ``processes``: how many processes will label it (sizes the default shard, see
+    ``schema.default_images_per_shard``).
 
     ``attributes``: everything the caller knows (class_names, crop policy, teachers, temperature,
     dataset {num_images, fingerprint}, decoder backend, dali version, ...). create_store adds
@@ -182,7 +185,7 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     if ds_n is not None and ds_n != n:
         raise ValueError(f"attributes dataset.num_images={ds_n} but {n} paths")
     if images_per_shard is None:
-        ips = default_images_per_shard(n, r, c, kind, k)
+        ips = default_images_per_shard(n, r, c, kind, k, processes)
     else:
         ips = int(images_per_shard)
         if ips < 1:

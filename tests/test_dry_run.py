@@ -120,6 +120,8 @@ def test_small_sample_unreadable_file_and_any_requested_k(tmp_path, capsys):
     # every batch is in the timed window, so it lasts at least the teachers' own seconds (rounded to 1 ms)
     assert 0 < result["crops_per_s"] <= 30 / max(result["thread_s"]["teachers"] - 1e-3, 1e-4), result
     assert result["sample_images"] == 15 and result["sample_unreadable"] == 1
+    # 16 images in one shard (the inner chunk's 1024 images is the floor): one GPU of 8 or 64 labels them all
+    assert result["busiest_share"] == {8: 1.0, 64: 1.0}
     argv = ["precompute", "--data", str(tree), "--teachers", teacher, "--out", str(tmp_path / "s.zarr"), "--crops-per-image", "2",
             "--image-size", str(SIZE), "--batch-size", "10", "--device", "cpu", "--num-threads", "1", "--dry-run"]
     for encoding, marked in (("topk:3", "topk:3:"), ("TOPK:5", "topk:5:")):
