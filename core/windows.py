@@ -14,6 +14,10 @@ import numpy as np
 
 from mealkd.errors import UserError
 
+#: largest crop size accepted: S x S crops of every image are cut, stored windows resized to S and teachers
+#: run at S; far beyond any model's input (EfficientNet-L2 takes 800), and a typo like 100000 would
+#: otherwise end in an allocator traceback
+MAX_IMAGE_SIZE = 4096
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 times before falling back to a centre crop
 DRAWS_PER_CROP = 4 * ATTEMPTS + 1  # (scale, log-ratio, top, left) per attempt + the flip draw
 
@@ -27,14 +31,14 @@ class CropPolicy:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.image_size <= 0:
-            raise UserError(f"--image-size {self.image_size}: must be a positive number of pixels")
+        if not 0 < self.image_size <= MAX_IMAGE_SIZE:
+            raise UserError(f"--image-size {self.image_size}: must be a number of pixels from 1 to {MAX_IMAGE_SIZE}")
         lo, hi = self.scale
         if not (0 < lo <= hi <= 1):
             raise UserError(f"--scale {lo} {hi}: need 0 < MIN <= MAX <= 1 (fractions of the image area)")
         rlo, rhi = self.ratio
-        if not (0 < rlo <= rhi):
-            raise UserError(f"--ratio {rlo} {rhi}: need 0 < MIN <= MAX (aspect ratios w/h)")
+        if not (0 < rlo <= rhi and math.isfinite(rhi)):  # NaN fails every comparison; inf passes them
+            raise UserError(f"--ratio {rlo} {rhi}: need 0 < MIN <= MAX, finite numbers (aspect ratios w/h)")
         if not (0 <= self.flip_prob <= 1):
             raise UserError(f"--flip-prob {self.flip_prob}: must be within [0, 1]")
         if self.seed < 0:

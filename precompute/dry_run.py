@@ -32,12 +32,14 @@ from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.decoder_drift import job_decoder
 from mealkd.precompute.runner import PrecomputeConfig, _check_existing, _settings, labelled_batches, load_ensemble
 from mealkd.storage.encoding import encode_topk, normalise_rows, to_f16, topk_tv
-from mealkd.storage.schema import DENSE, TOPK, default_images_per_shard, label_row_bytes, parse_encoding, topk_index_dtype
+from mealkd.storage.schema import DENSE, TOPK, busiest_rank_images, default_images_per_shard, label_row_bytes, parse_encoding, topk_index_dtype
 
 #: teacher batches run before the clock starts (cuDNN autotuning, allocator growth), then the timed ones
 WARMUP_BATCHES, TIMED_BATCHES = 3, 24
 #: top-k encodings whose fidelity is reported beside the requested one
 CANDIDATE_K = (5, 10, 20, 50, 100)
+#: GPU counts the time is also estimated for (on a GPU)
+GPU_COUNTS = (8, 64)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,14 @@ def sample_ids(num_images: int, crops_per_image: int, batch_size: int) -> np.nda
     return np.unique(np.linspace(0, num_images - 1, min(num_images, max(1, want))).round().astype(np.int64))
 
 
+def timed_window(batches: int) -> int:
+    """How many of ``batches`` labelled batches are warm-up, left out of the rate: ``WARMUP_BATCHES`` when
+    at least one batch is left to time, else none (every batch timed, start-up included: a sample too
+    small to time warm batches; before, the clock then restarted after the last batch and the rate was
+    its crops over a few microseconds)."""
+    return WARMUP_BATCHES if batches > WARMUP_BATCHES else 0
+
+
 def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict, backend: Backend) -> tuple[int, str, bool]:
     """(images a run with ``cfg`` (whose store ``settings`` these are) would still label, a note on the store
     at --out, whether the run creates it: only then does it first decode every file to validate it)."""
@@ -70,15 +80,29 @@ def pending_images(cfg: PrecomputeConfig, index: DatasetIndex, settings: dict, b
     return images, f"--out {cfg.out} exists with these settings: {len(pending)} of {writer.num_shards} shards pending", False
 
 
-def encoding_fits(probs: np.ndarray, num_classes: int) -> list[EncodingFit]:
-    """Dense fp16 and top-k for the candidate K below C: raw bytes per crop and the total variation between
-    the sampled float32 rows and the rows the store would return for them."""
+def pending_shard_images(cfg: PrecomputeConfig, index: DatasetIndex, num_classes: int, creates: bool, processes: int) -> list[int]:
+    """Images of each shard a job of ``processes`` would label: a new store's shards as that job would size
+    them, an existing store's pending ones (its recorded size)."""
+    if not creates:
+        writer = storage.StoreWriter(cfg.out)
+        return [int(stop - start) for start, stop in map(writer.shard_range, writer.pending_shards())]
+    kind, k = parse_encoding(cfg.encoding)
+    n = len(index)
+    ips = cfg.images_per_shard or default_images_per_shard(n, cfg.crops_per_image, num_classes, kind, k, processes)
+    return [min(ips, n - start) for start in range(0, n, ips)]
+
+
+def encoding_fits(probs: np.ndarray, num_classes: int, requested: str = "dense") -> list[EncodingFit]:
+    """Dense fp16 and top-k for the candidate K below C and the ``requested`` encoding's K (any K, so the
+    one the run would use is always measured): raw bytes per crop and the total variation between the
+    sampled float32 rows and the rows the store would return for them."""
     rows = probs.reshape(-1, num_classes).astype(np.float32)
     dense = normalise_rows(to_f16(rows))
     tv = 0.5 * np.abs(dense - rows).sum(1)
     fits = [EncodingFit("dense", sum(label_row_bytes(DENSE, None, num_classes)), float(tv.mean()), float(tv.max()))]
     index_dtype = topk_index_dtype(num_classes)
-    for k in CANDIDATE_K:
+    kind, k_requested = parse_encoding(requested)
+    for k in sorted(set(CANDIDATE_K) | ({k_requested} if kind == TOPK else set())):
         if k >= num_classes:
             break
         total, worst, n = topk_tv(rows, *encode_topk(rows, k, index_dtype))
@@ -122,6 +146,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     if launched_by_torchrun():
         raise UserError("--dry-run: measures one process; run it without torchrun (it prints the time for several processes too)")
     cfg.validate()
+    storage.check_output(cfg.out)  # what the run refuses first, the dry run refuses too
     backend = resolve_backend(cfg.device)
     index = scan_image_folder(cfg.data)
     ensemble = load_ensemble(cfg, index, backend)
@@ -147,20 +172,14 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
     times = StageTimes()
     if backend.is_cuda:
         torch.cuda.reset_peak_memory_stats(backend.device)
-    batches, timed_crops, clock = 0, 0, time.perf_counter()
+    ends, crops = [time.perf_counter()], []  # the clock before the first batch, then after each one
     labelled = labelled_batches(stream.batches(ids.tolist(), list(range(len(ids))), windows, flips), ensemble, times=times)
     for batch, rows in labelled:
         probs[batch.rows, batch.crops] = rows
-        batches += 1
-        if batches == WARMUP_BATCHES:
-            clock = time.perf_counter()  # the clock starts after the warm-up batches
-        elif batches > WARMUP_BATCHES:
-            timed_crops += len(batch.rows)
-    warm = batches > WARMUP_BATCHES
-    if not warm:  # too few images for a warm-up: every batch is timed
-        timed_crops = int(good.sum()) * cfg.crops_per_image
-    seconds = time.perf_counter() - clock
-    crops_per_s = timed_crops / max(seconds, 1e-9)
+        ends.append(time.perf_counter())
+        crops.append(len(batch.rows))
+    warmup = timed_window(len(crops))
+    crops_per_s = sum(crops[warmup:]) / max(ends[-1] - ends[warmup], 1e-9)
 
     kind, _ = parse_encoding(cfg.encoding)
     bytes_ = stored_bytes(cfg, index, ensemble, settings, ids, sizes, windows, flips, probs)
@@ -171,11 +190,12 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         "store": store_note,
         "crops": total_crops,
         "crops_per_image": cfg.crops_per_image,
-        "sample_images": int(len(good)),
+        "sample_images": int(good.sum()),
         "sample_unreadable": int((~good).sum()),
+        "skip_bad": cfg.skip_bad,
         "sample_crops": int(len(ids)) * cfg.crops_per_image,
-        "timed_batches": max(0, batches - WARMUP_BATCHES) if warm else batches,
-        "warmup_batches": WARMUP_BATCHES if warm else 0,
+        "timed_batches": len(crops) - warmup,
+        "warmup_batches": warmup,
         "device": torch.cuda.get_device_name(backend.device) if backend.is_cuda else f"CPU, {torch.get_num_threads()} torch threads",
         "dali_threads": dali_threads(cfg.num_threads, backend),
         "teachers": [{"spec": t["spec"], "folded": f} for t, f in zip(ensemble.describe(), ensemble.folded)],
@@ -183,6 +203,9 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         "compiled": cfg.compile_backend if cfg.compile else None,
         "crops_per_s": crops_per_s,
         "teacher_hours": total_crops / max(crops_per_s, 1e-9) / 3600,
+        # per GPU count: the busiest rank's share of the images (ranks label whole shards, every G-th)
+        "busiest_share": {g: busiest_rank_images(pending_shard_images(cfg, index, ensemble.num_classes, creates, g), g) / max(todo, 1)
+                          for g in GPU_COUNTS},
         "validation_hours": todo * probe_s / sampled / 3600 if creates else 0.0,
         "peak_gpu_mib": torch.cuda.max_memory_allocated(backend.device) / 2**20 if backend.is_cuda else None,
         "thread_s": {name: round(sec, 3) for name, sec in times.seconds.items()},
@@ -191,8 +214,13 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         + (bytes_["fixed"] if creates else 0),
         "encoding": cfg.encoding,
         "encoding_kind": kind,
-        "fits": [fit.__dict__ for fit in encoding_fits(probs, ensemble.num_classes)],
+        "fits": [fit.__dict__ for fit in encoding_fits(probs, ensemble.num_classes, cfg.encoding)],
     }
+
+
+def gpu_hours(result: dict, gpus: int) -> float:
+    """The job's hours on ``gpus`` processes: the busiest rank's teacher time + an even share of validation."""
+    return result["teacher_hours"] * result["busiest_share"][gpus] + result["validation_hours"] / gpus
 
 
 def _size(n: float) -> str:
@@ -203,9 +231,11 @@ def _size(n: float) -> str:
     return f"{n:,.1f} TB"
 
 
-def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
+def report_lines(result: dict) -> list[str]:
     """The dry run's findings as lines for the terminal. Times for several processes are shown on a GPU
-    only: there each process has its own GPU and labels its own shards; CPU processes share the cores."""
+    only: there each process has its own GPU and labels its own shards; CPU processes share the cores.
+    Such a job takes as long as its busiest rank's whole shards (not the images / G a rank would label
+    if work split evenly), plus its share of the validation decode."""
     r, b = result, result["bytes"]
     teachers = ", ".join(f"{t['spec']}{' (BatchNorm folded)' if t['folded'] else ''}" for t in r["teachers"])
     total = r["teacher_hours"] + r["validation_hours"]
@@ -214,14 +244,16 @@ def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
         time_line += (f" (teachers {format_duration(3600 * r['teacher_hours'])}, "
                       f"validation decode of every file {format_duration(3600 * r['validation_hours'])})")
     if r["peak_gpu_mib"] is not None:
-        time_line += "; " + ", ".join(f"{g} GPUs: {format_duration(3600 * total / g)}" for g in gpus)
+        time_line += "; " + ", ".join(f"{g} GPUs: {format_duration(3600 * gpu_hours(r, g))}" for g in r["busiest_share"])
     lines = [
         f"dry run: nothing was written. {r['store']}",
         f"work: {r['pending_images']:,} of {r['images']:,} images x {r['crops_per_image']:,} crops = {r['crops']:,} crops to label",
         f"teachers: {teachers}; {r['precision']} on {r['device']}" + (f"; torch.compile ({r['compiled']})" if r.get("compiled") else "")
         + f"; {r['dali_threads']} DALI threads",
-        f"measured: {r['crops_per_s']:,.0f} crops/s over {r['timed_batches']} batches after {r['warmup_batches']} untimed warm-up batches "
-        f"({r['sample_images']} images sampled"
+        f"measured: {r['crops_per_s']:,.0f} crops/s over {r['timed_batches']} batches "
+        + (f"after {r['warmup_batches']} untimed warm-up batches " if r["warmup_batches"] else
+           f"(every batch timed, start-up included: too few for {WARMUP_BATCHES} untimed warm-up batches and a timed one) ")
+        + f"({r['sample_images']} images sampled"
         + (f", {r['sample_unreadable']} more unreadable" if r["sample_unreadable"] else "") + ")"
         + (f"; peak GPU memory {r['peak_gpu_mib']:,.0f} MiB" if r["peak_gpu_mib"] is not None else ""),
         time_line,
@@ -229,8 +261,12 @@ def report_lines(result: dict, gpus: tuple[int, ...] = (8, 64)) -> list[str]:
         f"{b['windows_per_crop']:,.1f} B/crop, paths and the rest {b['rest_per_image']:,.0f} B/image, as written for the sample)",
         "label encodings on the sampled crops (total variation between the teachers' float32 rows and what the store returns):",
     ]
+    if r["sample_unreadable"]:
+        lines.insert(4, f"unreadable: {r['sample_unreadable']} sampled file(s) cannot be decoded; "
+                     + ("the run will exclude every such file (--skip-bad)" if r["skip_bad"] else
+                        "the run will stop on them after validating every file: fix or remove them, or pass --skip-bad"))
     for fit in r["fits"]:
-        chosen = "  <- --encoding" if fit["encoding"] == r["encoding"] or (fit["encoding"] == "dense" and r["encoding_kind"] == DENSE) else ""
+        chosen = "  <- --encoding" if parse_encoding(fit["encoding"]) == parse_encoding(r["encoding"]) else ""
         lines.append(f"  {fit['encoding']:>9}: {fit['raw_bytes_per_crop']:>6,} B/crop before compression, mean TV {fit['mean_tv']:.4f}, "
                      f"max {fit['max_tv']:.4f}{chosen}")
     return lines

@@ -250,6 +250,7 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
     backend = resolve_backend(("cpu" if stored_backend == "cpu" else "cuda") if cfg.device == "auto" else cfg.device)
     d = init_distributed(backend.device)
     try:
+        d.on_main(lambda: storage.check_output(cfg.out))
         teachers = cfg.teachers or ",".join(str(t.get("spec")) for t in source.attrs.get("teachers") or [])
         pcfg = _precompute_config(cfg, source, teachers)
         index = scan_image_folder(cfg.data)

@@ -234,6 +234,7 @@ def run_import(cfg: ImportConfig, console: Console | None = None) -> dict:
     """Create (or continue) the store at ``cfg.out`` from FKD's label files; returns a summary."""
     console = console or Console(stderr=True)
     cfg.validate()
+    storage.check_output(cfg.out)
     index = scan_image_folder(cfg.data)
     root = label_root(Path(cfg.label_dir).expanduser(), index.root, index.class_names)
     num_classes = len(index.class_names)

@@ -226,6 +226,7 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     if any(same_location(u, cfg.out) for u in cfg.stores):
         raise UserError(f"--out {cfg.out}: is one of the input stores; merge writes a new store, choose another --out")
+    storage.check_output(cfg.out)
     stores = _open_inputs(cfg)
     weights = _store_weights(cfg, stores)
     encoding = _output_encoding(cfg, stores)

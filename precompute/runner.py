@@ -8,6 +8,7 @@ partial run left them); rank 0 creates the store and finalises it.
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,6 +73,8 @@ class PrecomputeConfig:
             raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
         if self.images_per_shard is not None and self.images_per_shard < 1:
             raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):  # NaN fails '> 0'; NaN or inf would blame the teachers' weights
+            raise UserError(f"--temperature {self.temperature}: must be a finite number > 0")
         self.policy.validate()
         storage.parse_encoding(self.encoding)
 
@@ -113,7 +116,7 @@ def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: 
     mine = np.arange(d.rank, len(index), d.world_size)
     reasons_mine: dict[int, str] = {}
     with make_progress(console, RateColumn("images"), enabled=d.is_main) as progress:
-        task = progress.add_task("validate", total=len(mine))
+        task = progress.add_task(rank_share("validate", d), total=len(mine))
         sizes_mine, bad_mine = probe_images(
             index, mine, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads,
             progress=lambda n: progress.advance(task, n), reasons=reasons_mine,
@@ -131,9 +134,27 @@ def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: 
                         "fix or remove them, or pass --skip-bad to exclude them")
     excluded = np.zeros(len(index), dtype=bool)
     excluded[bad] = True
+    _refuse_nothing_to_train_on(index, excluded, bad, reasons)
     if bad and d.is_main:
         console.print(f"[yellow]--skip-bad: excluding {len(bad)} unreadable file(s), e.g. {escape(describe_unreadable(index, bad, reasons, limit=1))}", soft_wrap=True)
     return sizes, excluded
+
+
+def _refuse_nothing_to_train_on(index: DatasetIndex, excluded: np.ndarray, bad: list[int], reasons: dict[int, str]) -> None:
+    """--skip-bad may leave out some images, not all, nor all of a class: such a store would be 'complete'
+    and verify, yet hold nothing (or nothing of that class) for a student to learn from."""
+    if excluded.all():
+        raise UserError(f"--data {index.root}: none of its {len(index)} image file(s) can be decoded, e.g. "
+                        f"{describe_unreadable(index, bad, reasons, limit=1)}; --skip-bad would leave nothing to train on: "
+                        "point --data at a folder of readable images")
+    readable = np.bincount(index.targets[~excluded], minlength=len(index.class_names))
+    empty = np.flatnonzero(readable == 0)
+    if len(empty):
+        lost = [i for i in bad if index.targets[i] == empty[0]]
+        raise UserError(f"--data {index.root}: every image of class '{index.class_names[empty[0]]}' is unreadable, e.g. "
+                        f"{describe_unreadable(index, lost, reasons, limit=1)}"
+                        + (f" (and of {len(empty) - 1} more class(es))" if len(empty) > 1 else "")
+                        + "; --skip-bad would leave the class with nothing to train on: fix those files or remove the class directory")
 
 
 def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend, d: Dist, console: Console) -> None:
@@ -163,6 +184,7 @@ def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
                 encoding=cfg.encoding,
                 excluded=excluded,
                 images_per_shard=cfg.images_per_shard,
+                processes=d.world_size,
             )
             if decoder.drifts:
                 record_drift(cfg.out, decoder.drifts, console)
@@ -241,6 +263,7 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
     backend = resolve_backend(cfg.device)
     d = init_distributed(backend.device)
     try:
+        d.on_main(lambda: storage.check_output(cfg.out))  # before the scan and the hours of validation decode
         index = scan_image_folder(cfg.data)
         ensemble = load_ensemble(cfg, index, backend)
         return run_locked(cfg.out, d, lambda: _prepare_store(cfg, index, ensemble, backend, d, console),
@@ -263,12 +286,32 @@ def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[
     with StoreLock(out) if d.is_main else nullcontext():
         prepare()
         d.barrier()
-        summary = label()
+        summary = job_summary(label(), d)
         d.barrier()
         if d.is_main:
             with writing_store(out):
                 summary["complete"] = storage.StoreWriter(out).finalize()
     return summary
+
+
+def rank_share(what: str, d: Dist) -> str:
+    """A progress bar's name: rank 0 draws its own share only, and says so when there are other ranks."""
+    return what if d.world_size == 1 else f"{what} (rank 0 of {d.world_size})"
+
+
+#: summary counts that add up over ranks (the labelling seconds are the slowest rank's)
+_JOB_SUMS = ("images", "crops", "shards_written", "fp32_fallbacks")
+
+
+def job_summary(mine: dict, d: Dist) -> dict:
+    """This rank's labelling summary with the job's totals (collective): the counts summed over ranks and
+    ``labelling_s`` the slowest rank's, so the rate is the job's (rank 0 printed its own share as the job's);
+    ``thread_s`` stays this rank's (``time_report`` says whose)."""
+    ranks = d.gather({key: mine.get(key, 0) for key in (*_JOB_SUMS, "labelling_s")})
+    if len(ranks) == 1:
+        return mine
+    totals = {key: sum(r[key] for r in ranks) for key in _JOB_SUMS}
+    return {**mine, **totals, "labelling_s": max(r["labelling_s"] for r in ranks), "processes": len(ranks)}
 
 
 def labelling_times(started: float, times: StageTimes) -> dict:
@@ -278,12 +321,16 @@ def labelling_times(started: float, times: StageTimes) -> dict:
 
 
 def time_report(summary: dict) -> str:
-    """One line: this rank's labelling rate and where its labelling thread spent the time. On a GPU a
-    thread that waits long for crops is input-bound (more DALI threads help); on a CPU the crops are
-    cut in turn with the teachers, by design, so the wait is their cost, not a hint."""
+    """One line: the job's labelling rate (its crops over the slowest rank's seconds) and where rank 0's
+    labelling thread spent the time. On a GPU a thread that waits long for crops is input-bound (more
+    DALI threads help); on a CPU the crops are cut in turn with the teachers, by design, so the wait is
+    their cost, not a hint."""
     seconds, spent = summary["labelling_s"], summary["thread_s"]
     waits = [f"{spent[name]:.2f} s for {what}" for name, what in (("crops", "crops"), ("gpu", "the GPU"), ("writes", "shard writes")) if name in spent]
-    line = (f"{summary['crops'] / max(seconds, 1e-9):,.0f} crops/s over {seconds:.2f} s of labelling; the labelling thread waited "
+    processes = summary.get("processes", 1)
+    whose = "the labelling thread" if processes == 1 else "rank 0's labelling thread"
+    line = (f"{summary['crops'] / max(seconds, 1e-9):,.0f} crops/s"
+            + ("" if processes == 1 else f" by {processes} processes") + f" over {seconds:.2f} s of labelling; {whose} waited "
             f"{', '.join(waits)} and spent {spent.get('teachers', 0.0):.2f} s in the teachers")
     if "gpu" in spent and spent.get("crops", 0.0) > 0.2 * seconds:
         line += f"; input-bound: raise --num-threads ({summary['dali_threads']} now)" if "dali_threads" in summary else "; input-bound: raise --num-threads"
@@ -302,6 +349,12 @@ def start_line(command: str, out: str, ensemble: TeacherEnsemble, backend: Backe
             f"store {out} ({state})")
 
 
+def idle_warning(shards: int, processes: int) -> str:
+    """Why some ranks will do nothing: a rank labels whole shards, and there are fewer than ranks."""
+    return (f"{shards} shard(s) to label for {processes} processes: {processes - shards} process(es) will idle; "
+            "a new store made with a smaller --images-per-shard spreads the work")
+
+
 def pending_for_rank(pending: list[int], rank: int, world_size: int) -> list[int]:
     """This rank's share of the pending shards: every world_size-th, so counts differ by at most one."""
     return list(pending[rank::world_size])
@@ -316,6 +369,8 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     pending = d.broadcast(writer.pending_shards() if d.is_main else None)
     mine = pending_for_rank(pending, d.rank, d.world_size)
     total_images = writer.images_in(mine)
+    if d.is_main and len(pending) < d.world_size:
+        console.print(f"[yellow]precompute[/]: {idle_warning(len(pending), d.world_size)}", soft_wrap=True)
     if d.is_main:
         console.print(start_line("precompute", cfg.out, ensemble, backend, d, cfg.num_threads, writer, pending, cfg.crops_per_image),
                       soft_wrap=True, highlight=False, markup=False)
@@ -326,7 +381,7 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     times = StageTimes()
     started = time.perf_counter()
     with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:
-        task = progress.add_task("teachers", total=total_images, crops_per_image=cfg.crops_per_image)
+        task = progress.add_task(rank_share("teachers", d), total=total_images, crops_per_image=cfg.crops_per_image)
 
         def on_crops(n: int) -> None:
             nonlocal crops_done

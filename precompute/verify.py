@@ -323,8 +323,8 @@ def run_verify(url: str, *, data: str | None = None, teachers: str | None = None
     damaged = sorted(report.damaged_shards)
     if damaged and do_repair:
         repair(url, set(damaged))
-        console.print(f"[yellow]repaired[/]: shards {_shards_text(damaged)} marked not done; rerun `mealkd precompute` with the same arguments to rewrite them")
+        console.print(f"[yellow]repaired[/]: shards {_shards_text(damaged)} marked not done; rerun `mealkd precompute` with the same arguments to rewrite them", soft_wrap=True)
     elif damaged:
-        console.print(f"[red]damaged shards[/]: {_shards_text(damaged)}; run `mealkd verify {url} --repair`, then rerun `mealkd precompute` with the same arguments")
-    console.print("[green]verify: all checks passed[/]" if report.ok else "[red]verify: FAILED[/]")
+        console.print(f"[red]damaged shards[/]: {_shards_text(damaged)}; run `mealkd verify {url} --repair`, then rerun `mealkd precompute` with the same arguments", soft_wrap=True)
+    console.print("[green]verify: all checks passed[/]" if report.ok else "[red]verify: FAILED[/]", soft_wrap=True)
     return 0 if report.ok else 1

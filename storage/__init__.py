@@ -6,9 +6,9 @@ See ``storage.schema`` for the layout and sharding choice, ``storage.writer`` fo
 from mealkd.storage.encoding import decode_topk, encode_topk
 from mealkd.storage.reader import LabelStore, open_store, store_exists
 from mealkd.storage.schema import FORMAT, VERSION, parse_encoding
-from mealkd.storage.writer import StoreWriter, create_store
+from mealkd.storage.writer import StoreWriter, check_output, create_store
 
 __all__ = [
-    "FORMAT", "VERSION", "parse_encoding", "store_exists", "create_store", "StoreWriter",
+    "FORMAT", "VERSION", "parse_encoding", "store_exists", "check_output", "create_store", "StoreWriter",
     "open_store", "LabelStore", "encode_topk", "decode_topk",
 ]

@@ -5,6 +5,7 @@ import json
 
 import click
 
+from mealkd.errors import UserError
 from mealkd.storage.lineage import describe_lineage, teacher_tv_bound
 from mealkd.storage.reader import open_store
 from mealkd.storage.schema import DECODER_DRIFT
@@ -170,6 +171,8 @@ def inspect(store: str, sample: int, as_json: bool) -> None:
     encoding, completeness, size on disk, label statistics, and what extend/merge recorded."""
     from rich.console import Console
 
+    if sample < 0:
+        raise UserError(f"--sample {sample}: must be >= 0 (the number of stored crops sampled for the label statistics)")
     info = summary(store, sample)
     if as_json:
         click.echo(json.dumps(info))

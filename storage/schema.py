@@ -38,7 +38,8 @@ Sharding / chunking choice
   raw fp16, 531 MB of float32 input per write) -> 965 shards; files = 4 per shard (probs,
   windows, flips, done; topk: topk_idx, topk_val, windows, flips, done, fidelity) + a handful for
   the create-time arrays, i.e. ~3.9k files (~5.8k for top-k), of which the 965 label shards hold
-  ~all the bytes. With R=8: 16384 images/shard (the cap) -> 79 shards.
+  ~all the bytes. With R=8: 16384 images/shard (the cap) -> 79 shards. A store made by a job of P > 1 processes
+  gets at most ~N / 4P images per shard (:func:`default_images_per_shard`): R=8 on 64 GPUs -> 256 shards.
 * ``windows`` / ``flips`` are sharded too: shard ``(ips, R, 4)`` / ``(ips, R)`` (still one file per
   image shard), **inner chunk** ``(ips, 1, 4)`` / ``(ips, 1)``: one crop slot of the whole shard
   (:func:`crop_inner_chunks`). Stage two reads one slot per image per epoch (``slot_crops``), so it
@@ -84,6 +85,8 @@ TARGET_SHARD_BYTES = 256 * 2**20
 TARGET_INNER_BYTES = 32 * 2**10
 MAX_CHUNK_IMAGES = 1024
 MAX_IMAGES_PER_SHARD = 16384
+#: a store made by a multi-process job gets (by default) about this many shards per process
+SHARDS_PER_PROCESS = 4
 META_CHUNK = 1 << 17
 
 #: attribute listing the decoders, other than the one ``decoder`` records, that decoded some of the
@@ -161,15 +164,31 @@ def label_row_bytes(kind: str, k: int | None, num_classes: int) -> list[int]:
 
 
 def default_images_per_shard(num_images: int, crops_per_image: int, num_classes: int,
-                             kind: str, k: int | None) -> int:
-    """``TARGET_SHARD_BYTES`` of dense fp16 labels, a multiple of every label array's inner chunk."""
+                             kind: str, k: int | None, processes: int = 1) -> int:
+    """``TARGET_SHARD_BYTES`` of dense fp16 labels, a multiple of every label array's inner chunk.
+
+    For a store made by a job of several ``processes``, at most about N / (``SHARDS_PER_PROCESS`` x
+    processes) images (rounded up to the inner chunk, never below one): rank r labels every processes-th
+    shard, so few big shards leave ranks idle (ImageNet at R = 8 on 64 GPUs: 79 shards, the busiest rank
+    1.64x the mean; now 256 shards, 1.00x). Labels do not depend on the shard size except through the
+    teacher batches' composition, and the store records the size, so a resume at another world size keeps it."""
     align = max(chunk_images_for(b) for b in label_row_bytes(kind, k, num_classes))
     per_image = 2 * crops_per_image * num_classes
     ips = max(1, TARGET_SHARD_BYTES // per_image)
     ips = min(ips, MAX_IMAGES_PER_SHARD)
     ips = max(align, ips // align * align)
     # never bigger than the dataset (rounded up to the alignment)
-    return min(ips, max(align, -(-num_images // align) * align))
+    ips = min(ips, max(align, -(-num_images // align) * align))
+    if processes > 1:
+        per_process = -(-num_images // (SHARDS_PER_PROCESS * processes))
+        ips = min(ips, max(align, -(-per_process // align) * align))
+    return ips
+
+
+def busiest_rank_images(shard_images: list[int], processes: int) -> int:
+    """Images the busiest of ``processes`` ranks labels when rank r takes every processes-th of the shards
+    (``shard_images``: each shard's image count, in order): what a job's time is set by."""
+    return max(sum(shard_images[r::processes]) for r in range(processes)) if shard_images else 0
 
 
 # ---------------------------------------------------------------------------------- stores

@@ -99,10 +99,54 @@ def _unfinished_create(url: str) -> bool:
         return False
 
 
+def check_output(url: str, flag: str = "--out") -> None:
+    """Refuse, before any work (a store-writing command may decode every image first: hours), a local
+    output path no store can be written at: a file, a non-empty directory that is neither a label store
+    nor a killed create's leftover, or a new path whose nearest existing parent is a file or cannot be
+    written. A store already there passes (its settings are the caller's to check). Remote URLs pass:
+    their preflight and first write say what is wrong."""
+    if not is_local(url):
+        return
+    path = local_path(url)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{flag} {url}: a file is there, not a label store (a store is a directory); "
+                            f"choose a new {flag} path or delete the file")
+        if _has_store_format(path) or _unfinished_create(url):
+            return
+        if any(path.iterdir()):
+            raise UserError(f"{flag} {url}: a directory that is not a label store is already there; "
+                            f"choose a new {flag} path or delete it first")
+        _check_writable(path, url, flag)
+        return
+    parent = next(p for p in path.parents if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"{flag} {url}: cannot be created: {parent} is a file, not a directory; choose another {flag} path")
+    _check_writable(parent, url, flag)
+
+
+def _has_store_format(path) -> bool:
+    """A mealkd store's group metadata is there (versions and damage are the reader's to judge)."""
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_writable(directory, url: str, flag: str) -> None:
+    if not os.access(directory, os.W_OK | os.X_OK):
+        read_only = os.statvfs(directory).f_flag & os.ST_RDONLY
+        raise UserError(f"{flag} {url}: cannot write there ({'Read-only file system' if read_only else 'Permission denied'}: "
+                        f"{directory}); choose a writable location")
+
+
 def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: np.ndarray,
                  sizes: np.ndarray, crops_per_image: int, num_classes: int, encoding: str,
-                 excluded: np.ndarray | None = None, images_per_shard: int | None = None) -> None:
+                 excluded: np.ndarray | None = None, images_per_shard: int | None = None, processes: int = 1) -> None:
     """Create the group, its attributes and all arrays (empty labels, done=False).
+
+    ``processes``: how many processes will label it (sizes the default shard, see
+    ``schema.default_images_per_shard``).
 
     ``attributes``: everything the caller knows (class_names, crop policy, teachers, temperature,
     dataset {num_images, fingerprint}, decoder backend, dali version, ...). create_store adds
@@ -141,7 +185,7 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     if ds_n is not None and ds_n != n:
         raise ValueError(f"attributes dataset.num_images={ds_n} but {n} paths")
     if images_per_shard is None:
-        ips = default_images_per_shard(n, r, c, kind, k)
+        ips = default_images_per_shard(n, r, c, kind, k, processes)
     else:
         ips = int(images_per_shard)
         if ips < 1:

@@ -60,3 +60,35 @@ def test_scan_matches_the_walk_rules(tmp_path):
     assert not any("hidden" in p or ".cache" in p or p.endswith(".txt") for p in index.paths)
     assert index.paths[:3] == ["a_class/img 1.jpg", "a_class/img_10.jpg", "a_class/img_2.jpg"]
     assert np.array_equal(index.read_bytes(index.paths.index("a_class/via_link/m.jpg")), np.zeros(21, np.uint8))
+
+
+def test_broken_links_and_link_loops_are_one_line_errors(tmp_path, capsys):
+    """A broken image link, a directory link back up the tree, or a loop of links: one UserError naming
+    the link (and where a broken one points), not a FileNotFoundError / 'too many levels' traceback; the
+    scan is every command's, so precompute's CLI says the same."""
+    import pytest
+
+    from mealkd.errors import UserError
+    from tests.test_reliability_common import assert_user_error, precompute_args, run, tiny_teacher
+
+    root = tmp_path / "data"
+    (root / "c0").mkdir(parents=True)
+    (root / "c0" / "ok.jpg").write_bytes(b"\xff" * 4)
+    cases = {
+        "broken": (lambda: os.symlink(tmp_path / "gone.jpg", root / "c0" / "broken.jpg"),
+                   ["--data", str(root / "c0" / "broken.jpg"), "broken symbolic link", str(tmp_path / "gone.jpg")]),
+        "up the tree": (lambda: os.symlink("..", root / "c0" / "up"), [str(root / "c0" / "up"), "symbolic link loop", str(root)]),
+        "loop of links": (lambda: (os.symlink("b.jpg", root / "c0" / "a.jpg"), os.symlink("a.jpg", root / "c0" / "b.jpg")),
+                          ["loop of symbolic links", str(root / "c0")]),
+    }
+    for name, (make, needles) in cases.items():
+        for link in (root / "c0").iterdir():
+            if link.is_symlink():
+                link.unlink()
+        make()
+        with pytest.raises(UserError) as err:
+            scan_image_folder(root)
+        assert all(needle in str(err.value) for needle in needles), (name, str(err.value))
+    teacher = tiny_teacher(tmp_path / "t.pt", classes=1)
+    proc = run(capsys, *precompute_args(root, str(teacher), tmp_path / "s.zarr"))
+    assert_user_error(proc, "--data", "loop of symbolic links")

@@ -101,3 +101,33 @@ def test_dry_run_measures_compiled_teachers(world, tmp_path):
     assert eager["compiled"] is None and compiled["compiled"] == "aot_eager" and compiled["crops_per_s"] > 0
     for a, b in zip(eager["fits"], compiled["fits"]):
         assert a["encoding"] == b["encoding"] and a["mean_tv"] == pytest.approx(b["mean_tv"], abs=1e-4)
+
+
+def test_small_sample_unreadable_file_and_any_requested_k(tmp_path, capsys):
+    """A sample of exactly WARMUP_BATCHES batches is timed whole (the clock used to restart after its last
+    batch: 189,650 crops/s); the unreadable sampled file is not counted as sampled and the report says the
+    run stops on it; the requested top-k is measured and marked for any K and spelling."""
+    from mealkd.precompute.dry_run import WARMUP_BATCHES
+    from tests.test_reliability_common import run, tiny_teacher
+
+    tree = make_jpeg_tree(tmp_path / "train", classes=8, per_class=2, seed=1)
+    (tree / "class_3" / "img_001.jpg").write_bytes(b"not an image")
+    teacher = str(tiny_teacher(tmp_path / "t.pt", classes=8))
+    cfg = PrecomputeConfig(data=str(tree), teachers=teacher, out=str(tmp_path / "s.zarr"), crops_per_image=2, image_size=SIZE,
+                           batch_size=10, device="cpu", num_threads=1, encoding="topk:3")
+    result = run_dry_run(cfg)  # 15 readable images x 2 crops = 3 batches of 10
+    assert result["timed_batches"] == WARMUP_BATCHES and result["warmup_batches"] == 0
+    # every batch is in the timed window, so it lasts at least the teachers' own seconds (rounded to 1 ms)
+    assert 0 < result["crops_per_s"] <= 30 / max(result["thread_s"]["teachers"] - 1e-3, 1e-4), result
+    assert result["sample_images"] == 15 and result["sample_unreadable"] == 1
+    # 16 images in one shard (the inner chunk's 1024 images is the floor): one GPU of 8 or 64 labels them all
+    assert result["busiest_share"] == {8: 1.0, 64: 1.0}
+    argv = ["precompute", "--data", str(tree), "--teachers", teacher, "--out", str(tmp_path / "s.zarr"), "--crops-per-image", "2",
+            "--image-size", str(SIZE), "--batch-size", "10", "--device", "cpu", "--num-threads", "1", "--dry-run"]
+    for encoding, marked in (("topk:3", "topk:3:"), ("TOPK:5", "topk:5:")):
+        proc = run(capsys, *argv, "--encoding", encoding)
+        assert proc.returncode == 0, proc.stderr
+        assert "every batch timed" in proc.stderr and "(15 images sampled, 1 more unreadable)" in proc.stderr
+        assert "the run will stop on them" in proc.stderr and "--skip-bad" in proc.stderr
+        chosen = [line for line in proc.stderr.splitlines() if "<- --encoding" in line]
+        assert len(chosen) == 1 and chosen[0].strip().startswith(marked), proc.stderr

@@ -38,7 +38,9 @@ def test_resumed_two_rank_precompute_balances_pending_shards(tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"), *args],
                          env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "2 images, 6 crops labelled by this run" in run.stderr  # rank 0 labelled shard 1 (rank 1 shard 3)
+    # rank 0 labelled shard 1, rank 1 shard 3: the summary is the job's (it used to print rank 0's share)
+    assert "4 images, 12 crops labelled by this run" in run.stderr, run.stderr[-3000:]
+    assert "crops/s by 2 processes over" in run.stderr and "teachers (rank 0 of 2)" in run.stderr
     assert_same_store(partial, ref)
 
 

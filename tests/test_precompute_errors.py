@@ -105,6 +105,10 @@ CASES = {
     "ratio negative": (lambda f, t: {"--ratio": "-1 2"}, lambda f, t: ["--ratio -1.0 2.0"]),
     "flip prob > 1": (lambda f, t: {"--flip-prob": 1.5}, lambda f, t: ["--flip-prob 1.5"]),
     "temperature 0": (lambda f, t: {"--temperature": 0}, lambda f, t: ["--temperature 0"]),
+    "temperature nan": (lambda f, t: {"--temperature": "nan"}, lambda f, t: ["--temperature nan", "finite"]),
+    "temperature inf": (lambda f, t: {"--temperature": "inf"}, lambda f, t: ["--temperature inf", "finite"]),
+    "ratio inf": (lambda f, t: {"--ratio": "1 inf"}, lambda f, t: ["--ratio 1.0 inf", "finite"]),
+    "image size too big": (lambda f, t: {"--image-size": 100000}, lambda f, t: ["--image-size 100000", "4096"]),
     "bad encoding": (lambda f, t: {"--encoding": "sparse"}, lambda f, t: ["sparse"]),
     "corrupt jpeg": (lambda f, t: {"--data": f["corrupt"]}, lambda f, t: ["class_1/img_001.jpg", "--skip-bad"]),
 }
@@ -133,6 +137,10 @@ def test_control_the_base_arguments_work(files, tmp_path, capsys):
     code, err = run_in_process(base(files, out), capsys)
     assert code == 0, err
     assert storage.open_store(str(out)).done.all()
+    # stderr is not a terminal (a log file): the final line stays one line for a job script's grep (Rich
+    # used to hard-wrap it at 80 columns: "store \n/path is complete")
+    assert len(f"store {out} is complete") > 60
+    assert [line for line in err.splitlines() if line.endswith(f"store {out} is complete")], err
 
 
 def test_skip_bad_records_excluded_image(files, tmp_path, capsys):
@@ -311,3 +319,49 @@ def test_compile_errors(teachers, backend, culprits, files, tmp_path, capsys):
     code, err = run_in_process(base(files, out, **{"--teachers": spec, "--compile-backend": backend}) + ["--compile"], capsys)
     assert_one_line_error(code, err, *culprits)
     assert not storage.store_exists(str(out))
+
+
+def test_skip_bad_refuses_a_store_with_nothing_to_train_on(files, tmp_path, capsys):
+    """--skip-bad with every file unreadable, or every file of one class: one line, no store (it used to
+    be a 'complete' store of zero usable images, exit 0, that verify passed)."""
+    for name, junk in (("all", "class_*"), ("one class", "class_1")):
+        data = make_jpeg_tree(tmp_path / name, classes=3, per_class=2, seed=4, min_side=24, max_side=32)
+        for path in data.glob(f"{junk}/*.jpg"):
+            path.write_bytes(b"not an image")
+        out = tmp_path / f"{name}.zarr"
+        argv = base(files, out, **{"--data": data, "--teachers": files["t3"]["script"]}) + ["--skip-bad"]
+        code, err = run_in_process(argv, capsys)
+        needles = ["none of its 6 image file(s)", "nothing to train on"] if name == "all" else ["class 'class_1'", "nothing to train on"]
+        assert_one_line_error(code, err, str(data), *needles)
+        assert not storage.store_exists(str(out))
+
+
+def test_bad_out_is_refused_before_the_dataset_is_validated(files, tmp_path, capsys):
+    """--out a file, a non-empty directory that is not a store, or below a file: one line naming --out,
+    before the validation decode (the tree here has a corrupt file, which validation would report first;
+    the run used to find the file only when writing, as 'writing the label store failed (File exists)');
+    the dry run says the same, and merge / import-fkd check their --out first too."""
+    a_file = tmp_path / "a_file.zarr"
+    a_file.write_text("x")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("someone's files")
+    cases = {a_file: "a file is there", occupied: "not a label store is already there", a_file / "s.zarr": f"{a_file} is a file"}
+    for out, what in cases.items():
+        for extra in ([], ["--dry-run"]):
+            code, err = run_in_process(base(files, out, **{"--data": files["corrupt"]}) + extra, capsys)
+            assert_one_line_error(code, err, f"--out {out}", what)
+    assert a_file.read_text() == "x" and [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    missing = tmp_path / "no_such"
+    code, err = run_in_process(["merge", str(missing / "a.zarr"), str(missing / "b.zarr"), "--out", str(occupied)], capsys)
+    assert_one_line_error(code, err, f"--out {occupied}", "not a label store")
+    code, err = run_in_process(["import-fkd", str(missing), "--data", str(missing), "--out", str(a_file)], capsys)
+    assert_one_line_error(code, err, f"--out {a_file}", "a file is there")
+
+
+def test_inspect_negative_sample_is_one_line(files, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    code, err = run_in_process(base(files, out), capsys)
+    assert code == 0, err
+    code, err = run_in_process(["inspect", str(out), "--sample", "-5"], capsys)  # was numpy's ValueError traceback
+    assert_one_line_error(code, err, "--sample -5", ">= 0")

@@ -370,3 +370,29 @@ def test_extend_and_recompute_on_an_old_layout_store(tmp_path, capsys):
         assert zarr.open_group(str(out), mode="r")["windows"].chunks[1] == 1
     for name, arr in extended["new"].items():
         assert np.array_equal(arr, extended["old"][name]), name
+
+
+def test_default_shard_size_gives_every_process_about_four_shards(tmp_path):
+    """A store made by a multi-process job gets about 4 shards per process by default (rounded to the inner
+    chunk, never below it), so its busiest rank labels about the mean; one process keeps the old size, and
+    the size is recorded in the store."""
+    import numpy as np
+
+    from mealkd.storage import create_store, open_store
+    from mealkd.storage.schema import DENSE, busiest_rank_images, default_images_per_shard
+
+    n = 1_281_167  # ImageNet
+    assert default_images_per_shard(n, 100, 1000, DENSE, None) == default_images_per_shard(n, 100, 1000, DENSE, None, 8) == 1328
+    # R = 8 on 64 GPUs: 79 shards (busiest rank 1.64x the mean) before; R = 100 already has 965 shards
+    for r, processes, bound in ((8, 64, 1.01), (8, 8, 1.03), (100, 64, 1.07)):
+        ips = default_images_per_shard(n, r, 1000, DENSE, None, processes)
+        shards = [min(ips, n - start) for start in range(0, n, ips)]
+        assert ips % 16 == 0 and len(shards) >= 3.9 * processes
+        assert busiest_rank_images(shards, processes) / (n / processes) < bound, (r, processes, ips)
+    assert default_images_per_shard(120, 3, 1000, DENSE, None, 2) == 16  # 8 shards, not 1 of 128 images
+    assert default_images_per_shard(120, 3, 3, DENSE, None, 2) == 1024  # never below the inner chunk
+    url = str(tmp_path / "s.zarr")
+    create_store(url, attributes={}, paths=[f"c/{i}.jpg" for i in range(120)], targets=np.zeros(120, np.int32),
+                 sizes=np.full((120, 2), 8), crops_per_image=3, num_classes=1000, encoding="dense", processes=2)
+    store = open_store(url, require_complete=False)
+    assert store.images_per_shard == 16 and store.num_shards == 8
