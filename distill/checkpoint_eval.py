@@ -52,6 +52,24 @@ def _load_exported_program(checkpoint: str, weights: str, flag: str):
     return loaded, record.get("class_names"), _record_norm(record)
 
 
+def ema_weights(raw: object) -> dict | None:
+    """The EMA weights of a loaded distill checkpoint (a run with --ema-decay), else None."""
+    return raw.get("ema") if is_checkpoint(raw) else None
+
+
+def init_from_ema(loaded, init: str, choice: str) -> str:
+    """``distill --init FILE --init-weights choice``: load ``init``'s EMA weights into ``loaded`` (built with
+    its raw weights) when ``choice`` asks for them ('auto': when the file has them); returns which
+    weights the student starts from, 'raw' or 'ema'."""
+    ema = ema_weights(load_torch_file(init, "--init"))
+    if choice == "ema" and ema is None:
+        raise UserError(f"--init-weights ema: --init {init} holds no EMA weights (its run had no --ema-decay); use --init-weights raw")
+    if ema is None or choice == "raw":
+        return "raw"
+    loaded.module.load_state_dict(ema)
+    return "ema"
+
+
 def load_student(checkpoint: str, *, student: str | None = None, num_classes: int | None = None, flag: str = "--checkpoint",
                  weights: str = "auto"):
     """(LoadedModel, class names or None, training Normalization or None) from a checkpoint file.
@@ -76,7 +94,7 @@ def load_student(checkpoint: str, *, student: str | None = None, num_classes: in
         raise UserError(f"{flag} {checkpoint}: its student is the {kind} file {spec.weights_file}, which is not there "
                         f"(moved, or a relative path from another directory); pass it with --student PATH{suffix}")
     loaded = load_model(spec, num_classes=raw["num_classes"] if is_ours else num_classes, init=checkpoint)  # None: read from the file
-    ema = raw.get("ema") if is_ours else None
+    ema = ema_weights(raw)
     if weights == "ema" and ema is None:
         raise UserError(f"--weights ema: {checkpoint} holds no EMA weights (the run had no --ema-decay); use --weights raw")
     loaded.weights_kind = "ema" if ema is not None and weights in ("auto", "ema") else "raw"

@@ -22,6 +22,9 @@ from mealkd.errors import UserError
 @click.option("--data", required=True, help="The training ImageFolder the store was computed on.")
 @click.option("--student", required=True, type=STUDENT_SPEC, help="Student spec: torchvision:ARCH, timm:ARCH, ... (as for teachers).")
 @click.option("--init", default=None, help="Student initialisation: a checkpoint FILE, 'pretrained' or 'scratch' (required). 'pretrained' with another class count re-initialises the classifier (said on the console and in metrics).")
+@click.option("--init-weights", default="auto", show_default=True, type=click.Choice(["auto", "raw", "ema"]),
+              help="With --init FILE, a distill checkpoint that holds EMA weights (a run with --ema-decay): 'auto' = its EMA weights "
+              "(what its validation and best.pt chose, and what evaluate and export use by default), 'raw', or 'ema'.")
 @click.option("--out", required=True, help="Run directory: checkpoint.pt (latest), best.pt (best validation top-1), metrics.jsonl, config.json.")
 @click.option("--epochs", default=10, show_default=True, type=int, help="Epochs to train (the cosine schedule spans them).")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Images per step per process.")

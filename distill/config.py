@@ -26,6 +26,7 @@ D_LR_STUDENT = "student"
 TRAINING_FLAGS: dict[str, str] = {
     "student": "--student",
     "init": "--init",
+    "init_weights": "--init-weights",
     "epochs": "--epochs",
     "batch_size": "--batch-size",
     "lr": "--lr",
@@ -58,6 +59,7 @@ class DistillConfig:
     student: str
     out: str
     init: str | None = None
+    init_weights: str = "auto"  # --init FILE with EMA weights: auto (= EMA when there) | raw | ema
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.01
@@ -105,6 +107,8 @@ class DistillConfig:
                 "--init is required: MEAL V2 needs a good student initialisation; pass a checkpoint FILE, "
                 "'pretrained' (torchvision weights from the local hub cache) or 'scratch'"
             )
+        if self.init_weights not in ("auto", "raw", "ema"):
+            raise UserError(f"--init-weights {self.init_weights}: choose auto, raw or ema")
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--crops-per-image-step", self.crops_per_step),
                             ("--grad-accum-steps", self.grad_accum_steps)):
             if value < 1:

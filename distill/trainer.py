@@ -35,12 +35,13 @@ from mealkd.core.accel import apply_numerics, autocast_for, compiled, needs_grad
 from mealkd.core.dali_io import dali_threads, decoder_differences, decoder_record, resolve_backend
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
-from mealkd.core.models import load_model, parse_spec
+from mealkd.core.models import INIT_MODES, load_model, parse_spec
 from mealkd.core.replay import Normalization, recorded_hw_load
 from mealkd.core.timing import StageTimes, format_duration
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
+from mealkd.distill.checkpoint_eval import init_from_ema
 from mealkd.distill.evaluate import EvalProtocol, class_mapping, evaluate_models, readable_images
 from mealkd.distill.loader import Batch, ReplayLoader
 from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreement
@@ -215,11 +216,15 @@ class Trainer:
         """The student: from ``--init`` for a fresh run, from the checkpoint's weights on resume (so a
         since-deleted ``--init`` file does not matter)."""
         spec = parse_spec(self.cfg.student)
-        if self.resume_from is None:
-            init = self.cfg.init
-        else:  # a TorchScript student is its own file; its trained weights are loaded in _restore
+        self.init_weights = "raw"
+        if self.resume_from is not None:
+            self.init_weights = (self.resume_from.get("run_info") or {}).get("init_weights", "raw")  # a TorchScript student is its own file; its trained weights are loaded in _restore
             init = "weights" if spec.source == "torchscript" else str(self.checkpoint_path)
-        return load_model(spec, num_classes=self.store.num_classes, init=init)
+            return load_model(spec, num_classes=self.store.num_classes, init=init)
+        loaded = load_model(spec, num_classes=self.store.num_classes, init=self.cfg.init)
+        if self.cfg.init not in INIT_MODES:  # a file: a distill checkpoint's EMA weights are what its validation chose
+            self.init_weights = init_from_ema(loaded, self.cfg.init, self.cfg.init_weights)
+        return loaded
 
     def _restore(self) -> tuple[int, int, dict | None]:
         """(epochs done, steps done in the next epoch, this rank's saved RNG states and sums in that epoch or None)."""
@@ -259,6 +264,7 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.dist.world_size,
             "dali_threads": dali_threads(self.cfg.num_threads, self.backend),
+            "init_weights": getattr(self, "init_weights", "raw"),
         }
 
     def _checkpoint(self, epoch: int, step: int = 0, ranks: list[dict] | None = None, pending: dict | None = None) -> dict:
@@ -587,7 +593,7 @@ class Trainer:
         """One line on what this run trains and how (printed at its start: a cluster log then says it all)."""
         cfg, world, accum = self.cfg, self.dist.world_size, self.accum
         batch = f"{world} process(es) x batch {cfg.batch_size}" + (f" x {accum} accumulated" if accum > 1 else "")
-        start = f"resumed at epoch {self.start_epoch + 1}" + (f" step {self.start_step}" if self.start_step else "") if self.resume_from else f"--init {cfg.init}"
+        start = f"resumed at epoch {self.start_epoch + 1}" + (f" step {self.start_step}" if self.start_step else "") if self.resume_from else f"--init {cfg.init}" + (" (its EMA weights)" if self.init_weights == "ema" else "")
         return (f"distill: {cfg.student} ({start}) on {len(self.loader.usable):,} images, {cfg.crops_per_step} stored "
                 f"crop{'s' if cfg.crops_per_step > 1 else ''} per image per step, store T={self.temperature:g}; {batch} = global batch {cfg.batch_size * world * accum:,}, "
                 f"{self.optimizer_steps_per_epoch:,} optimiser steps per epoch, lr {cfg.lr:g} ({cfg.opt}, {cfg.schedule}); "

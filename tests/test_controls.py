@@ -94,6 +94,20 @@ def test_ema_is_validated_saved_and_resumed_exactly(recipe, tmp_path):
     exported = torch.load(tmp_path / "ema.pth", weights_only=True)
     assert all(torch.equal(exported[k], a["ema"][k]) for k in exported)
 
+    # --init from such a checkpoint starts from its EMA weights (what its validation chose) unless told
+    # otherwise; it used to take the raw ones silently
+    student = "torchvision:mobilenet_v3_small"
+    for choice, want in (("auto", a["ema"]), ("ema", a["ema"]), ("raw", a["model"])):
+        trainer = Trainer(config(recipe, tmp_path / f"from-{choice}", student=student, init=ckpt, init_weights=choice))
+        try:
+            assert all(torch.equal(v, want[k]) for k, v in trainer.model.state_dict().items()), choice
+            assert trainer.run_info["init_weights"] == ("raw" if choice == "raw" else "ema")
+            assert ("(its EMA weights)" in trainer.describe()) == (choice != "raw")
+        finally:
+            trainer.close()
+    with pytest.raises(UserError, match="--init-weights ema: --init .*ema.pth holds no EMA weights"):
+        Trainer(config(recipe, tmp_path / "from-plain", student=student, init=str(tmp_path / "ema.pth"), init_weights="ema"))
+
 
 def first_batch(recipe, tmp_path):
     """The first training batch (6 images) the real loader yields for the recipe store."""
