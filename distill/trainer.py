@@ -138,6 +138,9 @@ class Trainer:
             raise UserError(f"--batch-size {cfg.batch_size}: the student's BatchNorm layers cannot train on a batch of one crop{last}; "
                             f"use --batch-size {3 if cfg.batch_size == 2 else 2} or more")
         self.accum = cfg.grad_accum_steps
+        if self.accum > len(self.batch_crops):  # one short step per epoch, not the global batch the lr was scaled for
+            raise UserError(f"--grad-accum-steps {self.accum}: an epoch has only {len(self.batch_crops)} batch(es) per process, so each "
+                            f"optimiser step would see {len(self.batch_crops)}, not {self.accum}; use at most {len(self.batch_crops)}")
         self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=self.optimizer_steps_per_epoch, epochs=cfg.epochs,
                                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)
         self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
@@ -537,7 +540,7 @@ class Trainer:
                                    "started_epoch": self.start_epoch, "val_protocol": self.protocol.describe(self.norm.size)})
         records = []
         steps = self.loader.steps_per_epoch()
-        if self.dist.is_main:
+        if self.dist.is_main and (self.start_epoch < cfg.epochs or self.pending_record is not None):  # else nothing to train
             self.console.print(self.describe(), soft_wrap=True, highlight=False, markup=False)
         self.saved_at = time.monotonic()  # rank 0: when the last checkpoint was written (--checkpoint-minutes)
         due = (lambda: time.monotonic() - self.saved_at >= cfg.checkpoint_minutes * 60) if cfg.checkpoint_minutes > 0 else (lambda: False)

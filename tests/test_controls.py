@@ -290,8 +290,14 @@ def test_a_stop_inside_an_accumulation_group_saves_at_its_end_and_resumes_exactl
     assert changed.returncode == 2 and "--grad-accum-steps 1" in changed.stderr and "--grad-accum-steps 2" in changed.stderr
 
 
-def test_grad_accum_steps_below_one_is_one_line(recipe, tmp_path, capsys):
+def test_grad_accum_steps_below_one_or_above_an_epoch_is_one_line(recipe, tmp_path, capsys):
     code, _, err = run_main(cli_args(recipe, tmp_path / "run", "--grad-accum-steps", "0", init="scratch"), capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0] == "error: --grad-accum-steps 0: must be >= 1", err
     assert not (tmp_path / "run").exists()
+    # 24 images at batch 8: 3 batches per epoch; 5 would make one 3-batch step per epoch while the start line
+    # announced a global batch of 40 (the lr scaled for it): refused
+    code, _, err = run_main(cli_args(recipe, tmp_path / "run", "--grad-accum-steps", "5", init="scratch"), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines[-1].startswith("error: --grad-accum-steps 5: an epoch has only 3 batch(es) per process"), err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
