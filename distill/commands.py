@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mealkd.core.accel import PRECISIONS
@@ -82,7 +83,7 @@ def distill(**kwargs) -> None:
     if env_rank() != 0:  # under torchrun: one summary line, from rank 0
         return
     if records:
-        Console(stderr=True).print(f"[green]distill[/]: {len(records)} epoch(s) trained; checkpoint in {kwargs['out']}")
+        Console(stderr=True).print(f"[green]distill[/]: {len(records)} epoch(s) trained; checkpoint in {escape(str(kwargs['out']))}", soft_wrap=True)
     else:
         Console(stderr=True).print(f"[green]distill[/]: the run in {kwargs['out']} has trained all its epochs already; nothing to do "
                                    f"(to train on, start a new run from it: --init {kwargs['out']}/checkpoint.pt --out NEW_DIR)", soft_wrap=True)
