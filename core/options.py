@@ -61,8 +61,10 @@ class ModelSpecs(click.ParamType):
             raise UserError(f"{flag}: {e}") from None
         for spec in specs:
             needed = spec.weights_file and (self.many or spec.source in FILE_SOURCES)
-            if needed and not os.path.isfile(os.path.expanduser(spec.weights_file)):
-                raise UserError(f"{flag}: {spec.weights_file} (in {spec.text}) does not exist: check the path")
+            path = os.path.expanduser(spec.weights_file or "")
+            if needed and not os.path.isfile(path):
+                problem = "is a directory, not a weights file" if os.path.isdir(path) else "does not exist: check the path"
+                raise UserError(f"{flag}: {spec.weights_file} (in {spec.text}) {problem}")
         return text
 
 

@@ -79,6 +79,8 @@ CASES = {
     "unknown arch": (lambda f, t: {"--teachers": f"torchvision:resnet999@{f['t3']['resnet']}"}, lambda f, t: ["resnet999"]),
     "missing weights file": (lambda f, t: {"--teachers": f"torchvision:resnet18@{t / 'missing.pth'}"}, lambda f, t: ["--teachers", str(t / "missing.pth")]),
     "missing torchscript file": (lambda f, t: {"--teachers": str(t / "missing.pt")}, lambda f, t: ["--teachers", str(t / "missing.pt"), "does not exist"]),
+    "state dict as a bare teacher": (lambda f, t: {"--teachers": str(f["t3"]["mobile"])}, lambda f, t: ["state dict or checkpoint", "torchvision:ARCH@"]),
+    "weights path is a directory": (lambda f, t: {"--teachers": f"torchvision:resnet18@{t}"}, lambda f, t: ["--teachers", "is a directory"]),
     "malformed option": (lambda f, t: {"--teachers": f"torchvision:mobilenet_v3_small@{f['t3']['mobile']}:w=abc"}, lambda f, t: ["--teachers", "w=", "'abc'"]),
     "unknown source": (lambda f, t: {"--teachers": "tv:resnet18"}, lambda f, t: ["'tv'"]),
     "empty list entry": (lambda f, t: {"--teachers": f"{f['t3']['script']},,{f['t3']['script']}"}, lambda f, t: ["empty entry #2"]),

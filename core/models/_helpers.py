@@ -82,8 +82,7 @@ def _resolve_init(init: str) -> str:
 
 def class_mismatch(spec: ModelSpec, have: int, want: int) -> UserError:
     return UserError(f"model {spec.text} predicts {have} classes but the dataset/store has {want}: "
-                     f"use weights trained on these {want} classes (ARCH@FILE.pth), or init=pretrained "
-                     "to re-initialise a student's head")
+                     f"use weights trained on these {want} classes, their outputs in the dataset's sorted class order")
 
 
 def resolve_meta(spec: ModelSpec, size: int | None, mean: Any, std: Any):
