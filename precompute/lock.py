@@ -35,8 +35,8 @@ class StoreLock:
             os.close(self._fd)
             self._fd = None
             raise UserError(
-                f"--out {self.path.with_suffix('')}: another precompute run (pid {holder}) is writing this store; "
-                "wait for it to finish or choose another --out"
+                f"--out {self.path.with_suffix('')}: another mealkd process (pid {holder}: a precompute, extend, merge, "
+                "import-fkd or verify --repair) is writing this store; wait for it to finish or choose another --out"
             ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)

@@ -218,7 +218,7 @@ def test_cli_processes_one_line_errors(files, tmp_path):
     runs = {
         "missing": (base(files, tmp_path / "a.zarr", **{"--data": tmp_path / "nope"}), [str(tmp_path / "nope")]),
         "corrupt": (base(files, tmp_path / "b.zarr", **{"--data": files["corrupt"]}), ["class_1/img_001.jpg", "unreadable"]),
-        "locked": (base(files, locked), [str(locked), f"pid {os.getpid()}", "another precompute run"]),
+        "locked": (base(files, locked), [str(locked), f"pid {os.getpid()}", "another mealkd process"]),
     }
     with StoreLock(str(locked)):
         procs = {

@@ -323,7 +323,7 @@ def test_two_precompute_runs_on_one_store(env, tmp_path, reference):
     assert codes in ([0, 0], [0, 2]), results  # the loser either waits out nothing (store complete) or is refused
     for rc, err in results:
         if rc == 2:
-            assert_user_error(subprocess.CompletedProcess([], rc, "", err), "another precompute run", "wait")
+            assert_user_error(subprocess.CompletedProcess([], rc, "", err), "another mealkd process", "wait")
     assert_same_store(out, reference())
 
 
