@@ -262,7 +262,9 @@ def test_torchrun_two_processes_identical_to_one(env, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "complete" in proc.stderr
-    assert "crops/s over" in proc.stderr and "s for crops" in proc.stderr, proc.stderr[-1000:]  # rank 0's time report
+    # the job's totals (both ranks' crops), and rank 0's time report
+    assert "24 images, 72 crops labelled by this run" in proc.stderr, proc.stderr[-1000:]
+    assert "crops/s by 2 processes over" in proc.stderr and "rank 0's labelling thread waited" in proc.stderr, proc.stderr[-1000:]
     assert_same_store(out, env["ref"])
 
 
