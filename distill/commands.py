@@ -35,8 +35,12 @@ from mealkd.errors import UserError
               "counts optimiser steps; BatchNorm still normalises each batch alone.")
 @click.option("--lr", default=0.01, show_default=True, type=float, help="Peak student learning rate for the GLOBAL batch (--batch-size x processes x --grad-accum-steps); scale it linearly with the global batch (e.g. SGD 0.1 per 256 images). MEAL V2 used 0.01 for a pretrained student.")
 @click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum (student; D too with --d-optimizer sgd).")
-@click.option("--weight-decay", default=0.0, show_default=True, type=float, help="MEAL V2 uses 0.")
-@click.option("--schedule", default="cos", show_default=True, help="'cos' (cosine to 0, updated every step) or 'step:M1,M2' (lr x 0.1 at those epochs).")
+@click.option("--weight-decay", default=0.0, show_default=True, type=float, help="MEAL V2 uses 0. Applies to weight matrices and kernels; see --norm-bias-weight-decay.")
+@click.option("--norm-bias-weight-decay", default=0.0, show_default=True, type=float,
+              help="Weight decay of 1-D parameters (normalisation weights and every bias), as timm excludes them by default; "
+              "pass --weight-decay's value to decay them alike.")
+@click.option("--schedule", default="cos", show_default=True, help="'cos' (cosine to --min-lr, updated every step) or 'step:M1,M2' (lr x 0.1 at those epochs).")
+@click.option("--min-lr", default=0.0, show_default=True, type=float, help="Where --schedule cos ends (timm's --min-lr).")
 @click.option("--image-size", default=None, type=int, help="Training resolution (default: the store's crop size).")
 @click.option("--crops-per-image-step", "crops_per_step", default=1, show_default=True, type=int, help="K crops per image per step, decoded once (FKD multi-crop); at most the store's crops per image.")
 @click.option("--discriminator", default="meal-v2", show_default=True, type=click.Choice(["meal-v2", "adversarial", "off"]), help="MEAL V2's discriminator, an MLP on the outputs (1000 -> 125 -> 15 -> 2 for 1000 classes, as the official) that tells teacher rows from student rows. 'meal-v2': its BCE is added to the student's loss, so D and the student minimise the same BCE, as in the official code; 'adversarial': a gradient reversal makes the student maximise it; 'off' disables it. The official D sees logits and has a ReLU on its output (its D-loss cannot fall below log 2 on half the elements); here D sees centred log-probabilities (the logits up to softmax's shift, all a store keeps) and has no output ReLU; with a topk:K store the student's row is cut to its top K with a flat tail like the stored rows, so D cannot win on that artefact.")

@@ -32,6 +32,8 @@ TRAINING_FLAGS: dict[str, str] = {
     "lr": "--lr",
     "momentum": "--momentum",
     "weight_decay": "--weight-decay",
+    "norm_bias_weight_decay": "--norm-bias-weight-decay",
+    "min_lr": "--min-lr",
     "schedule": "--schedule",
     "image_size": "--image-size",
     "crops_per_step": "--crops-per-image-step",
@@ -65,7 +67,9 @@ class DistillConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 0.0
+    norm_bias_weight_decay: float | None = 0.0  # 1-D parameters (norm weights, biases); None: as --weight-decay
     schedule: str = "cos"
+    min_lr: float = 0.0  # the cosine's end
     image_size: int | None = None
     crops_per_step: int = 1
     discriminator: str = "meal-v2"
@@ -124,6 +128,12 @@ class DistillConfig:
             raise UserError(f"--momentum {self.momentum}: must lie in [0, 1), e.g. 0.9")
         if self.weight_decay < 0 or self.hard_label_weight < 0:
             raise UserError("--weight-decay/--hard-label-weight: must be >= 0")
+        if self.norm_bias_weight_decay is not None and self.norm_bias_weight_decay < 0:
+            raise UserError(f"--norm-bias-weight-decay {self.norm_bias_weight_decay}: must be >= 0")
+        if not 0 <= self.min_lr < self.lr:
+            raise UserError(f"--min-lr {self.min_lr}: must be >= 0 and below --lr {self.lr}")
+        if self.min_lr > 0 and self.schedule != "cos":
+            raise UserError(f"--min-lr {self.min_lr}: it is where --schedule cos ends; --schedule {self.schedule} drops 10x at its milestones")
         if self.image_size is not None and self.image_size < 1:
             raise UserError(f"--image-size {self.image_size}: must be >= 1")
         parse_milestones(self.schedule)
@@ -169,6 +179,11 @@ def parse_d_lr(value: str | float) -> float | None:
     return lr
 
 
+#: what a run recorded before a training flag existed did, when that differs from the flag's default: such a
+#: run resumes as it trained (its optimiser state has one parameter group; its --init took the raw weights)
+LEGACY = {"norm_bias_weight_decay": None, "init_weights": "raw"}
+
+
 def _canonical(name: str, value: Any) -> Any:
     """A flag's value in a form where equal settings compare equal (1e-4 == '0.0001')."""
     if value is None:
@@ -201,7 +216,7 @@ def resumed_config(cfg: DistillConfig, recorded: dict, explicit: set[str] | None
     defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
     merged: dict[str, Any] = {}
     for name, flag in TRAINING_FLAGS.items():
-        was = recorded.get(name, defaults[name])
+        was = recorded.get(name, LEGACY.get(name, defaults[name]))
         now = getattr(cfg, name)
         if name in given and _canonical(name, now) != _canonical(name, was):
             raise UserError(

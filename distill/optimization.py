@@ -2,7 +2,7 @@
 
 Schedules (``--schedule``), after ``--warmup-epochs`` of linear warm-up from lr/100 to lr:
 
-* ``cos``: cosine from lr to 0 over the remaining steps, updated every step (not every epoch);
+* ``cos``: cosine from lr to ``--min-lr`` (default 0) over the remaining steps, updated every step (not every epoch);
 * ``step:M1,M2,...``: lr x 0.1 at the start of each milestone epoch (MEAL V2's ImageNet recipe
   is 180 epochs with step decays).
 
@@ -36,33 +36,49 @@ def parse_milestones(text: str) -> list[int] | None:
     raise UserError(f"--schedule {text}: use 'cos' or 'step:M1,M2' (epochs where the lr drops 10x)")
 
 
-def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: float, milestones: list[int] | None) -> float:
-    """The multiplier of ``--lr`` at global training step ``step`` (0-based)."""
+def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: float, milestones: list[int] | None,
+              floor: float = 0.0) -> float:
+    """The multiplier of ``--lr`` at global training step ``step`` (0-based); ``floor``: the cosine's end
+    (``--min-lr`` / ``--lr``)."""
     total = max(1, epochs * steps_per_epoch)
     warmup = min(total, round(warmup_epochs * steps_per_epoch))
     if step < warmup:
         return WARMUP_START + (1.0 - WARMUP_START) * step / warmup
     if milestones is None:
         progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     epoch = step // steps_per_epoch
     return 0.1 ** sum(epoch >= m for m in milestones)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, epochs: int, warmup_epochs: float,
-                   schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+                   schedule: str, min_lr_factor: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step LambdaLR for the schedule (call ``.step()`` after every optimiser step)."""
     milestones = parse_milestones(schedule)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_epochs=warmup_epochs, milestones=milestones)
+        optimizer, lambda step: lr_factor(step, steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_epochs=warmup_epochs,
+                                          milestones=milestones, floor=min_lr_factor)
     )
 
 
-def make_optimizer(kind: str, params, *, lr: float, momentum: float, weight_decay: float, on_cuda: bool) -> torch.optim.Optimizer:
-    """SGD with momentum (MEAL V2) or AdamW (ViT/timm students); fused kernels on CUDA."""
+def param_groups(model: torch.nn.Module, weight_decay: float, norm_bias_weight_decay: float | None) -> list[dict]:
+    """The student's parameters for the optimiser: ``weight_decay`` on weight matrices and kernels, and
+    ``norm_bias_weight_decay`` on 1-D parameters (normalisation weights and every bias), as timm does by
+    default: decaying LayerNorm/BatchNorm scales and biases costs accuracy (ViTs with AdamW). One group
+    when the two agree (``None``: the same; how runs recorded before this option train)."""
+    params = list(model.parameters())
+    if norm_bias_weight_decay is None or norm_bias_weight_decay == weight_decay:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": norm_bias_weight_decay}]
+
+
+def make_optimizer(kind: str, groups: list[dict], *, lr: float, momentum: float, on_cuda: bool) -> torch.optim.Optimizer:
+    """SGD with momentum (MEAL V2) or AdamW (ViT/timm students) over ``groups`` (:func:`param_groups`);
+    fused kernels on CUDA."""
     fused = {"fused": True} if on_cuda else {}  # one kernel for the whole update instead of one per tensor
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **fused)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
+        return torch.optim.AdamW(groups, lr=lr, **fused)
     raise UserError(f"--opt {kind}: choose one of {', '.join(OPTIMIZERS)}")

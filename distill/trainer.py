@@ -46,7 +46,7 @@ from mealkd.distill.evaluate import EvalProtocol, class_mapping, evaluate_models
 from mealkd.distill.loader import Batch, ReplayLoader
 from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreement
 from mealkd.distill.mixing import MixPolicy, mix
-from mealkd.distill.optimization import make_optimizer, make_scheduler
+from mealkd.distill.optimization import make_optimizer, make_scheduler, param_groups
 from mealkd.distill.preemption import GracefulStop
 from mealkd.distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog
 from mealkd.errors import StopRequested, UserError
@@ -112,7 +112,7 @@ class Trainer:
         self.loss = DistillLoss(cfg.hard_label_weight, temperature=self.temperature)
         self.mix_policy = MixPolicy(cutmix=cfg.cutmix, mixup=cfg.mixup, cutmix_alpha=cfg.cutmix_alpha, mixup_alpha=cfg.mixup_alpha)
         self.disc = DiscriminatorLoss(self.store.num_classes, mode=cfg.discriminator, topk=self.store.topk).to(self.device)
-        self.optimizer = make_optimizer(cfg.opt, model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        self.optimizer = make_optimizer(cfg.opt, param_groups(model, cfg.weight_decay, cfg.norm_bias_weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                                         on_cuda=self.backend.is_cuda)
         self.d_lr_fixed = cfg.d_lr_value()  # None: D follows the student's lr
         self.d_optimizer = make_discriminator_optimizer(
@@ -142,7 +142,7 @@ class Trainer:
             raise UserError(f"--grad-accum-steps {self.accum}: an epoch has only {len(self.batch_crops)} batch(es) per process, so each "
                             f"optimiser step would see {len(self.batch_crops)}, not {self.accum}; use at most {len(self.batch_crops)}")
         self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=self.optimizer_steps_per_epoch, epochs=cfg.epochs,
-                                        warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule)
+                                        warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule, min_lr_factor=cfg.min_lr / cfg.lr)
         self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
         self.best = {"val_top1": None, "epoch": None}
         self.protocol = EvalProtocol.from_flags(cfg.resize_size, cfg.crop_pct, cfg.interpolation)

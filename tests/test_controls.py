@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -45,6 +46,44 @@ def test_adamw_warmup_and_per_step_schedule_in_a_real_run(recipe, tmp_path):
     # the lr each epoch's last step trained with
     want = [1e-3 * lr_factor((e + 1) * steps - 1, steps_per_epoch=steps, epochs=3, warmup_epochs=1.0, milestones=None) for e in range(3)]
     assert [r["lr"] for r in records] == pytest.approx(want)
+
+
+def test_norm_and_bias_parameters_skip_weight_decay_and_cosine_ends_at_min_lr(recipe, tmp_path):
+    """timm's defaults a ViT user expects: --weight-decay decays weight matrices and kernels, not the 1-D
+    normalisation weights and biases (--norm-bias-weight-decay, default 0); --min-lr is where the cosine ends.
+    A run recorded before these flags existed resumes with one parameter group, as it trained."""
+    trainer = Trainer(config(recipe, tmp_path / "run", student=STUDENT, init="scratch", opt="adamw", weight_decay=0.05, epochs=2, lr=1e-3,
+                             min_lr=1e-4))
+    try:
+        decayed, plain = trainer.optimizer.param_groups
+        assert (decayed["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)
+        assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
+        norm_and_bias = {id(p) for name, p in trainer.model.named_parameters() if name.endswith("bias") or p.ndim == 1}
+        assert {id(p) for p in plain["params"]} == norm_and_bias and norm_and_bias
+        steps = trainer.optimizer_steps_per_epoch
+        records = trainer.run()
+    finally:
+        trainer.close()
+    want_last = 1e-3 * lr_factor(2 * steps - 1, steps_per_epoch=steps, epochs=2, warmup_epochs=0.0, milestones=None, floor=0.1)
+    assert records[-1]["lr"] == pytest.approx(want_last) and want_last > 1e-4  # the last step's lr, above the floor
+    assert lr_factor(10**6, steps_per_epoch=steps, epochs=2, warmup_epochs=0.0, milestones=None, floor=0.1) == pytest.approx(0.1)
+    trainer = Trainer(config(recipe, tmp_path / "alike", student=STUDENT, init="scratch", opt="adamw", weight_decay=0.05, norm_bias_weight_decay=0.05))
+    try:
+        assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [0.05]
+    finally:
+        trainer.close()
+    from pathlib import Path
+
+    from mealkd.distill.config import as_record, resumed_config
+
+    recorded = as_record(config(recipe, tmp_path / "old", weight_decay=0.05))
+    del recorded["norm_bias_weight_decay"], recorded["min_lr"]
+    resumed = resumed_config(config(recipe, tmp_path / "old", resume=True), recorded, set(), Path(tmp_path / "old" / "checkpoint.pt"))
+    assert (resumed.norm_bias_weight_decay, resumed.min_lr, resumed.weight_decay) == (None, 0.0, 0.05)
+    for bad, needle in ((dict(min_lr=0.5, lr=0.1), "--min-lr 0.5"), (dict(min_lr=1e-4, schedule="step:1"), "--schedule step:1"),
+                        (dict(norm_bias_weight_decay=-1.0), "--norm-bias-weight-decay -1.0")):
+        with pytest.raises(UserError, match=re.escape(needle)):
+            config(recipe, tmp_path / "bad", **bad).validate()
 
 
 def test_clip_grad_bounds_the_update(recipe, tmp_path):
