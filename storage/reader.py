@@ -173,7 +173,10 @@ class LabelStore:
             lo, hi = shard * ips, min((shard + 1) * ips, self.num_images)
             if not done[lo:hi].all():
                 continue
-            out += [(a.path.rsplit("/", 1)[-1], shard) for a in self._label_arrays]
+            # a top-k:1 index block of class 0 only was not written by writers before 2026-11-27: its
+            # absence reads back as those zeros, so it is not required (its values file still is)
+            out += [(name, shard) for name in (a.path.rsplit("/", 1)[-1] for a in self._label_arrays)
+                    if not (name == "topk_idx" and self.topk == 1)]
             if not excluded[lo:hi].all():
                 out.append(("windows", shard))
             if flip_prob > 0:

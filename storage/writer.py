@@ -288,16 +288,17 @@ class StoreWriter:
         self._done = self._group["done"]
         self.num_images = int(self._done.shape[0])
         self.num_shards = -(-self.num_images // self.images_per_shard)
-        # write_empty_chunks: a done shard has a file in every array it wrote, even an all-False
-        # flips block, so a missing file always means damage (LabelStore.missing_chunks)
+        # write_empty_chunks: a done shard has a file in every array it wrote, even an all-False flips
+        # block or an all-zero top-1 index block (top-k:1, every crop's top class 0), so a missing file
+        # always means damage (LabelStore.missing_chunks)
         every = {"write_empty_chunks": True}
         self._windows = self._group["windows"].with_config(every)
         self._flips = self._group["flips"].with_config(every)
         if self.kind == DENSE:
-            self._labels = [self._group["probs"]]
+            self._labels = [self._group["probs"].with_config(every)]
         else:
-            self._labels = [self._group["topk_idx"], self._group["topk_val"]]
-            self._fidelity = self._group["fidelity"]
+            self._labels = [self._group["topk_idx"].with_config(every), self._group["topk_val"].with_config(every)]
+            self._fidelity = self._group["fidelity"].with_config(every)
             self._excluded = np.asarray(self._group["excluded"][:], bool)
             self._index_dtype = self._labels[0].dtype
 

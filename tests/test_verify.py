@@ -135,3 +135,35 @@ def test_user_errors(made, tmp_path, capsys):
     make_jpeg_tree(tmp_path / "other_data", classes=3, per_class=2, seed=1)
     assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(tmp_path / "other_data"), "--teachers", teachers), "--data", "fingerprint")
     assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--sample", "0"), "--sample")
+
+
+class ClassZeroTeacher(torch.nn.Module):
+    """Every crop's top class is class 0 (as every crop of a shard of class 0's images may well be)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[4.0, 1.0, 0.0]]).expand(x.shape[0], 3) + 0 * x.mean()
+
+
+def test_a_top1_store_whose_top_class_is_class_0_is_complete_and_readable(made, tmp_path, capsys):
+    """top-k:1 rows whose index is 0 everywhere make an all-zero index block, which zarr did not write (its
+    fill value): the store was called complete, then refused as damaged by every reader, and --repair plus
+    a rerun wrote it the same way again. Every block is written now; a store written before (no index file
+    for such a shard) reads back as the zeros it held."""
+    root, data, _ = made
+    teacher = tmp_path / "zero.pt"
+    torch.jit.script(ClassZeroTeacher()).save(str(teacher))
+    out = tmp_path / "top1.zarr"
+    assert run(capsys, *precompute_args(data, str(teacher), out, "--encoding", "topk:1")).returncode == 0
+    assert run(capsys, "verify", str(out)).returncode == 0
+    store = zarr.open_group(str(out), mode="r")
+    assert store["topk_idx"].nchunks_initialized == store["topk_idx"].nchunks  # every shard's index file is there
+    for path in sorted((out / "topk_idx" / "c").rglob("*")):  # a store written before: no index files
+        if path.is_file():
+            path.unlink()
+    proc = run(capsys, "verify", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from mealkd import storage
+
+    labels = storage.open_store(str(out))
+    rows = labels.slot_labels(0)  # what distill reads: class 0 on top, as labelled
+    assert rows.shape == (labels.num_images, 3) and (rows.argmax(1) == 0).all()
