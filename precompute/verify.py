@@ -32,6 +32,8 @@ data/teachers).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +44,7 @@ from mealkd import storage
 from mealkd.storage.encoding import decode_topk, encode_topk, to_f32
 from mealkd.errors import UserError
 from mealkd.precompute.settings import teacher_differences
+from mealkd.storage.lineage import teacher_tv_bound, writing_command
 from mealkd.storage.schema import DENSE
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "skip"
@@ -187,6 +190,7 @@ def check_integrity(url: str, report: Report) -> storage.LabelStore:
 DRIFT_MEAN_TV = 0.02         # mean total variation 0.5 * sum|p - p_stored| over the sampled crops
 DRIFT_MIN_AGREEMENT = 0.98   # top-1 agreement over sampled crops whose recomputed top-2 margin is >= 0.05
 DAMAGE_TV = 0.25             # a single crop this far off is damage whatever the conditions
+MERGED_ROUNDING_TV = 0.01    # a merged store's crop beyond its history's TV bound under its own conditions (fp16 rounding)
 _TIE_MARGIN = 0.05
 
 
@@ -215,7 +219,11 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     stored_precision = store.attrs.get("precision") or "fp32"
     backend = resolve_backend("cpu" if device == "auto" and stored_decoder == "cpu" else device)  # recompute where the store was made
     precision = stored_precision if backend.is_cuda else "fp32"
-    exact = backend.decoder == stored_decoder and precision == stored_precision == "fp32"
+    # a store merged from top-k inputs holds a mixture of their truncated rows: no recomputation of the teachers
+    # equals it, but its history bounds how far it may be from their exact ensemble (storage.lineage)
+    merged_bound = teacher_tv_bound(store.attrs, "max_tv") if store.attrs.get("merged_from") else None
+    same_conditions = backend.decoder == stored_decoder and precision == stored_precision == "fp32"
+    exact = same_conditions and merged_bound is None
     specs = parse_spec_list(teachers)
     models = [load_model(spec, num_classes=store.num_classes) for spec in specs]
     temperature = float(store.attrs.get("temperature", 1.0))
@@ -263,7 +271,16 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     conditions = (f"store: {stored_decoder} decoder, {stored_precision} teachers; recomputed: {backend.decoder}, {precision}")
     report.recompute = {"samples": int(len(images)), "max_abs_diff": max_diff, "top1_agreement": float(agree.mean()),
                         "mean_tv": float(tv.mean()), "max_tv": float(tv.max()), "exact_conditions": exact}
-    if exact:
+    if merged_bound is not None:
+        tv = 0.5 * np.abs(fresh - stored).sum(axis=1)  # to the exact ensemble: within the bound, plus rounding or drift
+        slack = MERGED_ROUNDING_TV if same_conditions else DAMAGE_TV
+        damaged = tv > merged_bound + slack
+        ok = not damaged.any() and float(tv.mean()) <= merged_bound + min(slack, DRIFT_MEAN_TV)
+        report.recompute.update(mean_tv=float(tv.mean()), max_tv=float(tv.max()))
+        detail = (f"{len(images)} crops of a store merged from top-k inputs, vs the teachers' exact ensemble ({conditions}): mean TV "
+                  f"{tv.mean():.4f}, max {tv.max():.4f}; its history bounds a crop's TV by {merged_bound:.4f} (the mean by "
+                  f"{teacher_tv_bound(store.attrs):.4f}): a crop above {merged_bound + slack:.4f} is damage")
+    elif exact:
         real_disagreement = ~agree & (margin > tolerance)
         damaged = (diff > tolerance) | real_disagreement
         ok = not damaged.any()
@@ -309,8 +326,10 @@ def run_verify(url: str, *, data: str | None = None, teachers: str | None = None
         raise UserError("--data and --teachers go together: pass both to recompute sampled crops, or neither for the integrity checks only")
     if sample < 1:
         raise UserError(f"--sample {sample}: must be >= 1")
-    if tolerance <= 0:
-        raise UserError(f"--tolerance {tolerance}: must be > 0")
+    if not (tolerance > 0 and math.isfinite(tolerance)):  # NaN passes '<= 0' and every comparison after it
+        raise UserError(f"--tolerance {tolerance}: must be a finite number > 0")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be >= 0")
     report = Report()
     store = check_integrity(url, report)
     if data is not None:
@@ -321,10 +340,11 @@ def run_verify(url: str, *, data: str | None = None, teachers: str | None = None
                             batch_size=batch_size, report=report)
     render(url, report, console)
     damaged = sorted(report.damaged_shards)
+    rewrite = writing_command(store.attrs)  # extend, merge and import-fkd rewrite the stores they wrote
     if damaged and do_repair:
         repair(url, set(damaged))
-        console.print(f"[yellow]repaired[/]: shards {_shards_text(damaged)} marked not done; rerun `mealkd precompute` with the same arguments to rewrite them", soft_wrap=True)
+        console.print(f"[yellow]repaired[/]: shards {_shards_text(damaged)} marked not done; rerun `{rewrite}` with the same arguments to rewrite them", soft_wrap=True)
     elif damaged:
-        console.print(f"[red]damaged shards[/]: {_shards_text(damaged)}; run `mealkd verify {url} --repair`, then rerun `mealkd precompute` with the same arguments", soft_wrap=True)
+        console.print(f"[red]damaged shards[/]: {_shards_text(damaged)}; run `mealkd verify {url} --repair`, then rerun `{rewrite}` with the same arguments", soft_wrap=True)
     console.print("[green]verify: all checks passed[/]" if report.ok else "[red]verify: FAILED[/]", soft_wrap=True)
     return 0 if report.ok else 1

@@ -6,7 +6,7 @@ import json
 import click
 
 from mealkd.errors import UserError
-from mealkd.storage.lineage import describe_lineage, teacher_tv_bound
+from mealkd.storage.lineage import describe_lineage, teacher_tv_bound, writing_command
 from mealkd.storage.reader import open_store
 from mealkd.storage.schema import DECODER_DRIFT
 
@@ -131,7 +131,7 @@ def _table(info: dict):
         if fid and info["fidelity_reference"]:
             enc += f" (vs {info['fidelity_reference']})"
     table.add_row("encoding", enc)
-    state = "complete" if info["complete"] else "INCOMPLETE (rerun precompute to finish)"
+    state = "complete" if info["complete"] else f"INCOMPLETE (rerun {writing_command(info).split()[-1]} to finish)"
     table.add_row("completeness", f"{info['images_done']}/{info['num_images']} images done, {state}")
     table.add_row("shards", f"{info['num_shards']} x {info['images_per_shard']} images")
     nbytes = info["bytes_on_disk"]

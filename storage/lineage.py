@@ -23,6 +23,18 @@ LINEAGE_KEYS = ("extended_from", "merged_from")
 NOT_INHERITED = (*RESERVED_ATTRS, "completed", "fidelity", "fidelity_reference", *LINEAGE_KEYS)
 
 
+def writing_command(attrs: dict) -> str:
+    """The command that wrote (and, rerun with the same arguments, finishes or rewrites) a store with
+    these attributes: what incomplete or repaired stores tell the user to rerun."""
+    if attrs.get("extended_from"):
+        return "mealkd extend"
+    if attrs.get("merged_from"):
+        return "mealkd merge"
+    if attrs.get("imported"):
+        return "mealkd import-fkd"
+    return "mealkd precompute"
+
+
 def same_location(a: str, b: str) -> bool:
     """True if two store URLs name the same place (local paths resolved)."""
     if is_local(a) and is_local(b):
@@ -82,15 +94,15 @@ def describe_lineage(attrs: dict) -> list[str]:
     return lines
 
 
-def teacher_tv_bound(node: dict) -> float | None:
-    """Upper bound on the mean total variation between a store's decoded rows and its teachers'
-    exact (dense, float) ensemble rows: its own measured top-k loss plus, for a merged store, each
-    input's bound weighted by its share (triangle inequality; TV is convex in a mixture). None if
-    no step of its history lost anything (dense all the way; fp16 rounding aside)."""
+def teacher_tv_bound(node: dict, stat: str = "mean_tv") -> float | None:
+    """Upper bound on the mean (``stat="max_tv"``: per-crop) total variation between a store's decoded
+    rows and its teachers' exact (dense, float) ensemble rows: its own measured top-k loss plus, for a
+    merged store, each input's bound weighted by its share (triangle inequality; TV is convex in a
+    mixture). None if no step of its history lost anything (dense all the way; fp16 rounding aside)."""
     kind = (node.get("label_encoding") or {}).get("kind")
     fid = node.get("fidelity") or {}
-    own = float(fid.get("mean_tv", 0.0)) if kind == "topk" else 0.0
-    inputs = [(float(src.get("share", 0.0)), teacher_tv_bound(src)) for src in node.get("merged_from") or []]
+    own = float(fid.get(stat, 0.0)) if kind == "topk" else 0.0
+    inputs = [(float(src.get("share", 0.0)), teacher_tv_bound(src, stat)) for src in node.get("merged_from") or []]
     total = own + sum(share * (bound or 0.0) for share, bound in inputs)
     lossy = kind == "topk" or any(bound is not None for _, bound in inputs)
     return total if lossy else None

@@ -31,6 +31,7 @@ import numpy as np
 
 from mealkd.storage import remote
 from mealkd.storage.encoding import decode_topk, normalise_rows
+from mealkd.storage.lineage import writing_command
 from mealkd.errors import UserError
 from mealkd.storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, zarr_store
 from mealkd.storage.writer import _open_group
@@ -77,7 +78,7 @@ def open_store(url: str, *, require_complete: bool = True, fingerprint: str | No
         if not done.all():
             raise UserError(
                 f"{url}: label store incomplete ({int(done.sum())}/{done.size} images done); "
-                f"rerun `mealkd precompute` with the same arguments to finish it"
+                f"rerun `{writing_command(store.attrs)}` with the same arguments to finish it"
             )
     if check_files:
         missing = store._reading(store.missing_chunks)
@@ -141,7 +142,7 @@ class LabelStore:
     def damaged(self, detail: str) -> UserError:
         return UserError(
             f"{self.url}: label store damaged ({detail}); run `mealkd verify {self.url}` to list the damage, "
-            f"then `mealkd verify {self.url} --repair` and rerun `mealkd precompute` with the same arguments to rewrite it"
+            f"then `mealkd verify {self.url} --repair` and rerun `{writing_command(self.attrs)}` with the same arguments to rewrite it"
         )
 
     def _reading(self, thunk):

@@ -176,6 +176,20 @@ def test_topk_merge_keeps_the_union_of_supports_and_records_its_fidelity(world, 
     want = (normalise_rows(store_arrays(dense_a)["probs"]) + 0.5 * decode_topk(gb["topk_idx"], gb["topk_val"], CLASSES)) / 1.5
     np.testing.assert_allclose(normalise_rows(store_arrays(mixed)["probs"]), want, atol=1e-3)
 
+    # verify recomputes such a store's crops through all its teachers: a mixture of truncated rows never equals
+    # their exact ensemble, so it is judged against the bound its history gives (it used to FAIL forever,
+    # healthy); labels that are wrong still fail and name their shard
+    for merged in (out, mixed):
+        proc = run(capsys, "verify", str(merged), "--data", str(world["data"]), "--teachers", world["both"], "--sample", "30")
+        assert proc.returncode == 0 and "merged from top-k inputs" in proc.stdout.replace("\n", " "), proc.stdout
+    import zarr
+
+    group = zarr.open_group(str(mixed), mode="r+")
+    rows = np.asarray(group["probs"][0:2])
+    group["probs"][0:2] = rows[..., ::-1]  # shard 0's rows reversed: another class on top
+    proc = run(capsys, "verify", str(mixed), "--data", str(world["data"]), "--teachers", world["both"], "--sample", "30")
+    assert proc.returncode == 1 and "damaged shards: 0" in proc.stdout, proc.stdout
+
 
 def test_merge_killed_anywhere_then_rerun_equals_uninterrupted(world, capsys):
     rng = random.Random(SEED + 1)

@@ -135,6 +135,26 @@ def test_user_errors(made, tmp_path, capsys):
     make_jpeg_tree(tmp_path / "other_data", classes=3, per_class=2, seed=1)
     assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(tmp_path / "other_data"), "--teachers", teachers), "--data", "fingerprint")
     assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--sample", "0"), "--sample")
+    # --tolerance nan passed every comparison (a store of wrong labels verified); --seed -1 was numpy's traceback
+    for flag, value in (("--tolerance", "nan"), ("--tolerance", "inf"), ("--seed", "-1")):
+        assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(data), "--teachers", teachers, flag, value), flag)
+
+
+def test_damage_and_incompleteness_name_the_command_that_wrote_the_store(made, tmp_path, capsys):
+    """A damaged or incomplete extended store is rewritten by rerunning `mealkd extend`, not precompute
+    (whose rerun on it is refused): verify --repair, the readers' damage line and inspect say so."""
+    root, data, teachers = made
+    out = tmp_path / "r4.zarr"
+    assert run(capsys, "extend", str(root / "dense.zarr"), "--crops-per-image", "4", "--data", str(data), "--out", str(out)).returncode == 0
+    next(p for p in sorted((out / "probs" / "c" / "1").rglob("*")) if p.is_file()).unlink()
+    proc = run(capsys, "verify", str(out), "--repair")
+    assert proc.returncode == 1 and "rerun `mealkd extend` with the same arguments" in proc.stdout.replace("\n", " "), proc.stdout
+    assert "(rerun extend to finish)" in run(capsys, "inspect", str(out)).stdout.replace("\n", " ")
+    proc = run(capsys, "distill", "--labels", str(out), "--data", str(data), "--student", "torchvision:mobilenet_v3_small", "--init", "scratch",
+               "--out", str(tmp_path / "run"), "--device", "cpu")
+    assert_user_error(proc, "incomplete", "rerun `mealkd extend`")
+    assert run(capsys, "extend", str(root / "dense.zarr"), "--crops-per-image", "4", "--data", str(data), "--out", str(out)).returncode == 0
+    assert run(capsys, "verify", str(out)).returncode == 0
 
 
 class ClassZeroTeacher(torch.nn.Module):
