@@ -36,6 +36,7 @@ from mealkd.core.distributed import Dist, init_distributed, shutdown
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
+from mealkd.core.models.spec import with_weight
 from mealkd.precompute.crops import CropStream
 from mealkd.precompute.decoder_drift import job_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
@@ -105,6 +106,12 @@ def _shard_size(cfg: ExtendConfig, source: LabelStore) -> int:
     if source.topk is None and ips == default_images_per_shard(n, r, c, DENSE, None):
         return default_images_per_shard(n, cfg.crops_per_image, c, DENSE, None)
     return ips
+
+
+def recorded_specs(attrs: dict) -> str:
+    """``--teachers`` as the store records them, each with its recorded weight (a store merged with
+    ``--weights`` before 2026-11-27 kept each spec's own ``:w=``, not the teacher's weight in the merge)."""
+    return ",".join(with_weight(str(t.get("spec")), float(t.get("weight", 1.0))) for t in attrs.get("teachers") or [])
 
 
 def _precompute_config(cfg: ExtendConfig, source: LabelStore, teachers: str) -> PrecomputeConfig:
@@ -251,7 +258,7 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
     d = init_distributed(backend.device)
     try:
         d.on_main(lambda: storage.check_output(cfg.out))
-        teachers = cfg.teachers or ",".join(str(t.get("spec")) for t in source.attrs.get("teachers") or [])
+        teachers = cfg.teachers or recorded_specs(source.attrs)
         pcfg = _precompute_config(cfg, source, teachers)
         index = scan_image_folder(cfg.data)
         if index.fingerprint != (source.attrs.get("dataset") or {}).get("fingerprint"):

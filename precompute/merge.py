@@ -29,6 +29,7 @@ from rich.console import Console
 
 from mealkd import storage
 from mealkd.core.dali_io import decoder_differences
+from mealkd.core.models.spec import with_weight
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.errors import UserError
@@ -155,7 +156,9 @@ def _effective_teachers(stores: list[LabelStore], weights: list[float]) -> list[
         teachers = s.attrs.get("teachers") or []
         total = sum(float(t.get("weight", 1.0)) for t in teachers) or 1.0
         for t in teachers:
-            out.append(dict(t, weight=w * float(t.get("weight", 1.0)) / total))
+            weight = w * float(t.get("weight", 1.0)) / total
+            # the spec with its weight in the merged ensemble: the store's recorded specs rebuild that ensemble
+            out.append(dict(t, weight=weight, spec=with_weight(t["spec"], weight) if t.get("spec") else t.get("spec")))
     return out
 
 

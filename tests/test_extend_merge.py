@@ -143,6 +143,11 @@ def test_dense_merge_equals_one_precompute_with_both_teachers(world, capsys):
     rows = normalise_rows(store_arrays(weighted)["probs"])
     mix = (2 * normalise_rows(store_arrays(a)["probs"]) + normalise_rows(store_arrays(b)["probs"])) / 3
     np.testing.assert_allclose(rows, mix, atol=1e-3)
+    # its recorded specs carry those weights, so they rebuild its ensemble: extend (which takes them by
+    # default) grows it; it was refused with "teacher 1 ...: weight 1.0 (the store: 2.0) ... omit --teachers"
+    assert [t["spec"].rsplit(":", 1)[-1] for t in _attrs(weighted)["teachers"]] == ["w=2.0", "w=1.0"]
+    proc = run(capsys, *_extend_args(world, weighted, world["root"] / "merged-2-1-r5.zarr"))
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_topk_merge_keeps_the_union_of_supports_and_records_its_fidelity(world, capsys):

@@ -156,6 +156,25 @@ def parse_spec(text: str) -> ModelSpec:
                      weights_enum=weights_enum, **opts)
 
 
+def with_weight(text: str, weight: float) -> str:
+    """``text`` with its ``:w=`` option set to ``weight`` (its other options and their order kept): the spec
+    of a teacher whose weight in an ensemble changed (``mealkd merge --weights``), which rebuilds that
+    ensemble when given back (``extend``, ``verify`` use a store's recorded specs). A recorded teacher that
+    is not a model spec (``imported:fkd``) is returned as it is."""
+    try:
+        spec = parse_spec(text)
+    except UserError:
+        return text
+    if spec.weight == float(weight):
+        return spec.text
+    parts = spec.text.split(":")
+    options: list[str] = []
+    while len(parts) > 1 and _OPTION_RE.match(parts[-1]):
+        options.insert(0, parts.pop())
+    options = [o for o in options if _OPTION_RE.match(o).group(1) != "w"]  # type: ignore[union-attr]
+    return ":".join([*parts, *options, f"w={float(weight)!r}"])
+
+
 def parse_spec_list(text: str) -> list[ModelSpec]:
     """Split a comma-separated ``--teachers`` value into specs. Paths may not contain ','."""
     if not isinstance(text, str) or not text.strip():
