@@ -137,6 +137,9 @@ def _store_weights(cfg: MergeConfig, stores: list[LabelStore]) -> list[float]:
             raise UserError(f"--weights {cfg.weights}: {len(weights)} weight(s) for {len(stores)} stores; give one per store, in order")
     if not all(math.isfinite(w) and w > 0 for w in weights):
         raise UserError(f"--weights {cfg.weights or weights}: every weight must be a positive number")
+    if not math.isfinite(sum(weights)):  # each share is weight / sum: an infinite sum makes them 0 and every row NaN
+        raise UserError(f"--weights {cfg.weights or weights}: the weights' sum overflows (inf); only their ratios matter, "
+                        "so scale them down, e.g. 1,1")
     return weights
 
 

@@ -284,3 +284,14 @@ def test_merge_bad_input(world, capsys):
     assert run(capsys, "precompute", "--data", str(other), "--teachers", world["t2"], "--out", str(foreign), "--crops-per-image", "3",
                "--image-size", "16", "--batch-size", "4", "--images-per-shard", "2", "--device", "cpu").returncode == 0
     assert_user_error(run(capsys, "merge", str(a), str(foreign), "--out", str(out)), "foreign.zarr", "different dataset")
+
+
+def test_merge_weights_that_overflow_are_one_line_and_nothing_is_written(world, capsys):
+    """Each weight finite, their sum not (1e308 + 1e308 = inf): the shares would be 0 and every merged row
+    NaN; refused before --out is created (it was a 'probs contain NaN/inf' traceback and a half-written store)."""
+    a = _pre(capsys, world, world["t1"], "only-t1.zarr")
+    b = _pre(capsys, world, world["t2"], "only-t2.zarr")
+    out = world["root"] / "never-overflow.zarr"
+    assert_user_error(run(capsys, "merge", str(a), str(b), "--out", str(out), "--weights", "1e308,1e308"),
+                      "--weights 1e308,1e308", "sum")
+    assert not out.exists()
