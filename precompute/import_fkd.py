@@ -196,6 +196,9 @@ def _check_existing(cfg: ImportConfig, index: DatasetIndex) -> None:
     if cfg.teacher_name is not None:
         checks.append(("--teacher-name", (attrs.get("teachers") or [{}])[0].get("name"), cfg.teacher_name))
     differing = [f"{flag} {have!r} in the store" for flag, have, want in checks if have != want]
+    recorded_ips = int(attrs.get("images_per_shard") or 0)
+    if cfg.images_per_shard is not None and cfg.images_per_shard != recorded_ips:  # as precompute: None keeps the store's
+        differing.append(f"--images-per-shard {cfg.images_per_shard} (the store: {recorded_ips})")
     if differing:
         raise UserError(f"--out {cfg.out}: an import with other settings is already there ({'; '.join(differing)}); "
                         "use another --out, or delete it to start over")

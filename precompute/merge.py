@@ -242,6 +242,10 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict:
             if not _is_this_merge(out, stores, weights, encoding):
                 raise UserError(f"--out {cfg.out}: a different label store is already there (not this merge of these stores "
                                 "with these weights and encoding); choose another --out or delete it")
+            if cfg.images_per_shard is not None and cfg.images_per_shard != out.images_per_shard:
+                raise UserError(f"--out {cfg.out}: this merge, begun with other settings, is already there (--images-per-shard "
+                                f"{cfg.images_per_shard} (the store: {out.images_per_shard})); rerun with the store's values, "
+                                "use another --out, or delete it to start over")
         else:
             _check_compatible(stores, console)
             _warn_shared_teachers(stores, console)

@@ -295,3 +295,22 @@ def test_merge_weights_that_overflow_are_one_line_and_nothing_is_written(world, 
     assert_user_error(run(capsys, "merge", str(a), str(b), "--out", str(out), "--weights", "1e308,1e308"),
                       "--weights 1e308,1e308", "sum")
     assert not out.exists()
+
+
+def test_rerun_with_another_images_per_shard_is_refused_naming_both_values(world, capsys):
+    """A rerun of extend / merge whose --images-per-shard differs from the store's: one line naming the
+    flag and both values, as precompute (merge used to keep the store's silently; extend blamed the crop count)."""
+    small = _pre(capsys, world, world["both"], "r3-dense.zarr", 3)
+    ext = world["root"] / "ext-dense.zarr"
+    if not ext.exists():
+        assert run(capsys, *_extend_args(world, small, ext)).returncode == 0
+    ips = _attrs(ext)["images_per_shard"]
+    assert_user_error(run(capsys, *_extend_args(world, small, ext, 5, "--images-per-shard", str(ips + 1))),
+                      f"--images-per-shard {ips + 1} (the store: {ips})", str(ext))
+    a, b = _pre(capsys, world, world["t1"], "only-t1.zarr"), _pre(capsys, world, world["t2"], "only-t2.zarr")
+    merged = world["root"] / "merged.zarr"
+    if not merged.exists():
+        assert run(capsys, "merge", str(a), str(b), "--out", str(merged), "--images-per-shard", "2").returncode == 0
+    assert_user_error(run(capsys, "merge", str(a), str(b), "--out", str(merged), "--images-per-shard", "3"),
+                      "--images-per-shard 3 (the store: 2)", str(merged))
+    assert run(capsys, "merge", str(a), str(b), "--out", str(merged)).returncode == 0  # omitted: the store's

@@ -278,6 +278,14 @@ def test_rerun_with_other_settings_is_refused(world, capsys):
     assert_one_line_error(code, err, "--image-size", "--out")
 
 
+def test_rerun_with_another_images_per_shard_is_refused(world, capsys):
+    """The store was made with 4 images per shard: a rerun asking for 5 names the flag and both values
+    (it used to continue with the store's 4 silently)."""
+    code, err = run_main(["import-fkd", str(world["labels"]), "--data", str(world["tree"]), "--out", str(world["store"]),
+                          "--image-size", str(SIZE), "--teacher-name", "test teacher", "--images-per-shard", "5"], capsys)
+    assert_one_line_error(code, err, "--images-per-shard 5 (the store: 4)", "--out")
+
+
 def test_kill_during_import_then_rerun_equals_uninterrupted(world, tmp_path):
     out = tmp_path / "killed.zarr"
     args = [sys.executable, str(REPO / "cli.py"), "import-fkd", str(world["labels"]), "--data", str(world["tree"]), "--out", str(out),
