@@ -70,7 +70,7 @@ class ScanResult:
     excluded: np.ndarray  # (N,) bool
     crops: int  # R
     k: int
-    label_dtype: str
+    label_dtype: str  # the files' own dtype ("float16", "float32"), or "mixed: float16, float32"
     flip_rate: float
     clamped: int
     unreadable_images: int
@@ -120,7 +120,8 @@ def _scan(cfg: ImportConfig, index: DatasetIndex, root: Path, console: Console) 
     excluded = np.zeros(n, bool)
     excluded[bad_images] = True
     bad_labels: list[tuple[Path, str]] = []
-    shape: tuple[int, int, str] | None = None  # (R, k, dtype) of the first good file
+    shape: tuple[int, int] | None = None  # (R, k) of the first good file
+    dtypes: set[str] = set()  # the good files' own label dtypes (read_label_file widens the values to float32)
     flips_on = flips_total = clamped = 0
     with make_progress(console, RateColumn("files")) as progress:
         task = progress.add_task("check label files", total=n)
@@ -132,8 +133,8 @@ def _scan(cfg: ImportConfig, index: DatasetIndex, root: Path, console: Console) 
             try:
                 labels = read_label_file(path, num_classes)
                 if shape is None:
-                    shape = (labels.crops, labels.k, str(labels.val.dtype))
-                elif (labels.crops, labels.k) != shape[:2]:
+                    shape = (labels.crops, labels.k)
+                elif (labels.crops, labels.k) != shape:
                     raise BadLabelFile(f"holds {labels.crops} crops with top-{labels.k}, the other files {shape[0]} with top-{shape[1]}")
                 _, n_clamped = convert(labels, int(sizes[i, 0]), int(sizes[i, 1]))
             except BadLabelFile as err:
@@ -141,6 +142,7 @@ def _scan(cfg: ImportConfig, index: DatasetIndex, root: Path, console: Console) 
                 excluded[i] = True
                 continue
             clamped += n_clamped
+            dtypes.add(labels.dtype)
             flips_on += int(labels.flips.sum())
             flips_total += labels.crops
     if bad_labels and not cfg.skip_bad:
@@ -153,7 +155,8 @@ def _scan(cfg: ImportConfig, index: DatasetIndex, root: Path, console: Console) 
         console.print(f"[yellow]--skip-bad: excluding {len(bad_images)} image(s) and {len(bad_labels)} label file(s), e.g. "
                       f"{escape(_describe(bad_labels, 1) if bad_labels else describe_unreadable(index, bad_images, reasons, limit=1))}",
                       soft_wrap=True)
-    r, k, dtype = shape
+    r, k = shape
+    dtype = dtypes.pop() if len(dtypes) == 1 else "mixed: " + ", ".join(sorted(dtypes))
     if k >= num_classes:
         raise UserError(f"LABEL_DIR {cfg.label_dir}: the files hold top-{k} labels but --data has {num_classes} classes; "
                         "point --data at the dataset the labels were made for")

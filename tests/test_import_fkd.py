@@ -204,6 +204,20 @@ def test_store_attributes_record_the_import(world):
     assert a["fidelity"]["rows"] == 0 and "completed" in a
 
 
+def test_label_dtype_is_the_files_own(world, tmp_path):
+    """FKD's --use_fp16 files hold fp16 arrays: the store records float16 (it said float32, the dtype after
+    reading widened them); the test world's files are mixed, and say so."""
+    assert storage.open_store(str(world["store"])).attrs["imported"]["label_dtype"] == "mixed: float16, float32"
+    labels = tmp_path / "fp16_labels"
+    for i, (coords, flips, top) in world["saved"].items():
+        path = labels / world["tree"].name / Path(world["index"].paths[i]).with_suffix(".tar")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([np.float16(coords), flips, np.float16(top)], path)
+    out = tmp_path / "fp16.zarr"
+    run_import(ImportConfig(label_dir=str(labels), data=str(world["tree"]), out=str(out), image_size=SIZE, num_threads=1))
+    assert storage.open_store(str(out)).attrs["imported"]["label_dtype"] == "float16"
+
+
 def test_verify_passes_on_imported_store(world, capsys):
     code, _ = run_main(["verify", str(world["store"])], capsys)
     assert code in (0, None)
