@@ -280,6 +280,24 @@ def test_bad_label_file_is_one_line_then_skip_bad_excludes_it(world, copy_labels
     assert store.attrs["imported"]["excluded"]["bad_label_files"] == 1
 
 
+def test_image_size_and_skip_bad_leaving_nothing_to_train_on_are_refused(world, copy_labels, tmp_path, capsys):
+    """precompute's guards: --image-size above 4096, and --skip-bad that would exclude every image of a class
+    (here: its label files are missing) or every image; one line, no store (both used to be accepted)."""
+    base = ["import-fkd", str(copy_labels), "--data", str(world["tree"]), "--num-threads", "1", "--skip-bad"]
+    out = tmp_path / "x.zarr"
+    code, err = run_main([*base, "--out", str(out), "--image-size", "5000"], capsys)
+    assert_one_line_error(code, err, "--image-size 5000", "from 1 to 4096")
+    for path in (copy_labels / world["tree"].name / "class_1").iterdir():
+        path.unlink()
+    code, err = run_main([*base, "--out", str(out), "--image-size", str(SIZE)], capsys)
+    assert_one_line_error(code, err, "class 'class_1'", "label file", "nothing to train on")
+    for path in (copy_labels / world["tree"].name).glob("*/*.tar"):
+        path.unlink()
+    code, err = run_main([*base, "--out", str(out), "--image-size", str(SIZE)], capsys)
+    assert_one_line_error(code, err, str(world["tree"]), f"none of its {CLASSES * PER_CLASS} image file(s)", "nothing to train on")
+    assert not out.exists()
+
+
 def test_label_dir_without_the_classes(world, tmp_path, capsys):
     (tmp_path / "empty" / "other").mkdir(parents=True)
     code, err = run_main(["import-fkd", str(tmp_path / "empty"), "--data", str(world["tree"]), "--out", str(tmp_path / "x.zarr")], capsys)
