@@ -100,8 +100,21 @@ def _differences(a: LabelStore, b: LabelStore) -> str | None:
     return None
 
 
+def _imported(s: LabelStore) -> bool:
+    """Whether the store's crops were read from label files (import-fkd), not drawn from a seed."""
+    crop = s.attrs.get("crop") or {}
+    return crop.get("policy") == "imported" or crop.get("reproducible") is False
+
+
 def _check_compatible(stores: list[LabelStore], console: Console) -> None:
     first = stores[0]
+    imported = [s for s in stores if _imported(s)]
+    if imported and len(imported) < len(stores):  # compared as attributes it read 'crop seed 0 (vs None)'
+        i, p = imported[0], next(s for s in stores if not _imported(s))
+        source = str((i.attrs.get("crop") or {}).get("source") or "label files").upper()
+        raise UserError(f"STORES: {i.url} holds crops imported from {source} label files, {p.url} crops drawn by mealkd's seeded "
+                        f"crop generator (seed {(p.attrs.get('crop') or {}).get('seed')}); imported crops cannot match seeded ones: "
+                        "merge an imported store only with stores of the same imported crops")
     for s in stores[1:]:
         diff = _differences(first, s)
         if diff:

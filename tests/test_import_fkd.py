@@ -345,6 +345,24 @@ def test_extend_refuses_an_imported_store_in_one_line(world, tmp_path, capsys):
     assert not (tmp_path / "x.zarr").exists()
 
 
+def test_merge_with_a_seeded_store_says_the_crops_were_imported(world, tmp_path, capsys):
+    """An imported store and a precompute store of the same images: one line saying that one store's crops
+    were imported (FKD) and cannot match seeded crops (it said 'has crop seed 0 (vs None)'), either order."""
+    from tests.test_reliability_common import tiny_teacher
+
+    seeded = tmp_path / "seeded.zarr"
+    code, err = run_main(["precompute", "--data", str(world["tree"]), "--teachers", str(tiny_teacher(tmp_path / "t.pt", CLASSES)),
+                          "--out", str(seeded), "--crops-per-image", "1", "--image-size", str(SIZE), "--batch-size", "8",
+                          "--device", "cpu", "--num-threads", "1"], capsys)
+    assert code in (0, None), err
+    out = tmp_path / "merged.zarr"
+    for stores in ([world["store"], seeded], [seeded, world["store"]]):
+        code, err = run_main(["merge", *map(str, stores), "--out", str(out)], capsys)
+        assert_one_line_error(code, err, f"{world['store']} holds crops imported from FKD", f"{seeded} crops drawn by", "seed 0")
+        assert "vs None" not in err
+    assert not out.exists()
+
+
 def test_inspect_shows_what_the_import_recorded(world, capsys):
     import json as _json
 
