@@ -25,6 +25,7 @@ import numpy as np
 from mealkd.core.dali_io import Backend, build_pipeline, run_batches
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.replay import probe_graph
+from mealkd.errors import UserError
 
 ProgressFn = Callable[[int], None]
 log = logging.getLogger(__name__)
@@ -194,3 +195,24 @@ def describe_unreadable(index: DatasetIndex, bad: list[int], reasons: dict[int, 
     """'PATH (reason), PATH (reason) and N more' for a one-line message."""
     named = ", ".join(f"{index.root / index.paths[i]}" + (f" ({reasons[i]})" if reasons.get(i) else "") for i in bad[:limit])
     return named + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+
+
+def refuse_nothing_to_train_on(index: DatasetIndex, excluded: np.ndarray, bad: list[int], reasons: dict[int, str], *,
+                               none_usable: str = "can be decoded", unusable: str = "unreadable",
+                               fix_all: str = "point --data at a folder of readable images",
+                               fix_class: str = "fix those files or remove the class directory") -> None:
+    """--skip-bad may leave out some images, not all, nor all of a class: such a store would be 'complete'
+    and verify, yet hold nothing (or nothing of that class) for a student to learn from. ``bad``: the
+    excluded image ids, ``reasons`` why (both named in the message); the wording defaults to
+    precompute's (undecodable images), import-fkd passes its own (images or their label files)."""
+    if excluded.all():
+        raise UserError(f"--data {index.root}: none of its {len(index)} image file(s) {none_usable}, e.g. "
+                        f"{describe_unreadable(index, bad, reasons, limit=1)}; --skip-bad would leave nothing to train on: {fix_all}")
+    readable = np.bincount(index.targets[~excluded], minlength=len(index.class_names))
+    empty = np.flatnonzero(readable == 0)
+    if len(empty):
+        lost = [i for i in bad if index.targets[i] == empty[0]]
+        raise UserError(f"--data {index.root}: every image of class '{index.class_names[empty[0]]}' is {unusable}, e.g. "
+                        f"{describe_unreadable(index, lost, reasons, limit=1)}"
+                        + (f" (and of {len(empty) - 1} more class(es))" if len(empty) > 1 else "")
+                        + f"; --skip-bad would leave the class with nothing to train on: {fix_class}")

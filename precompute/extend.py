@@ -155,11 +155,13 @@ def _existing_output(cfg: ExtendConfig, source: LabelStore, ips: int) -> bool:
         return False
     out = storage.open_store(cfg.out, require_complete=False)
     origin = out.attrs.get("extended_from") or {}
-    same = (origin.get("store_id") == source.store_id and out.crops_per_image == cfg.crops_per_image
-            and (cfg.images_per_shard is None or out.images_per_shard == ips))
-    if not same:
+    if origin.get("store_id") != source.store_id or out.crops_per_image != cfg.crops_per_image:
         raise UserError(f"--out {cfg.out}: a different label store is already there (not the extension of STORE to "
                         f"{cfg.crops_per_image} crops per image); choose another --out or delete it")
+    if cfg.images_per_shard is not None and out.images_per_shard != ips:
+        raise UserError(f"--out {cfg.out}: this extension, begun with other settings, is already there (--images-per-shard "
+                        f"{ips} (the store: {out.images_per_shard})); rerun with the store's values, use another --out, "
+                        "or delete it to start over")
     return True
 
 

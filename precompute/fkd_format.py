@@ -51,12 +51,14 @@ class BadLabelFile(Exception):
 @dataclass(frozen=True)
 class FkdLabels:
     """One image's FKD labels, widened: coords float64 (R, 4), flips bool (R,), idx int64 (R, k),
-    val float32 (R, k)."""
+    val float32 (R, k); ``dtype``: the file's own dtype of its labels array (e.g. ``"float16"`` for
+    FKD's ``--use_fp16``), before widening."""
 
     coords: np.ndarray
     flips: np.ndarray
     idx: np.ndarray
     val: np.ndarray
+    dtype: str = "float32"
 
     @property
     def crops(self) -> int:
@@ -146,6 +148,7 @@ def read_label_file(path: Path, num_classes: int) -> FkdLabels:
     if labels.ndim != 3 or labels.shape[:2] != (r, 2) or labels.shape[2] < 1:
         raise BadLabelFile(f"labels have shape {labels.shape}, not ({r}, 2, k) top-k indices and values "
                            "(FKD's 'hard' labels carry no probabilities and are not supported)")
+    stored_dtype = str(labels.dtype)
     coords = coords.astype(np.float64)
     if not np.isfinite(coords).all():
         raise BadLabelFile("coords hold NaN/inf")
@@ -168,7 +171,7 @@ def read_label_file(path: Path, num_classes: int) -> FkdLabels:
     mass = val.sum(axis=1, dtype=np.float64)
     if mass.max() > MAX_MASS:
         raise BadLabelFile(f"top-k values sum to {mass.max():.4f} > 1: not softmax probabilities")
-    return FkdLabels(coords=coords, flips=flips, idx=idx, val=val)
+    return FkdLabels(coords=coords, flips=flips, idx=idx, val=val, dtype=stored_dtype)
 
 
 def overshoot_tolerance(side: int) -> int:

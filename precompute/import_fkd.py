@@ -29,7 +29,8 @@ from rich.markup import escape
 from mealkd import storage
 from mealkd.core.dali_io import decoder_record, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
-from mealkd.core.probe import describe_unreadable, probe_images
+from mealkd.core.probe import describe_unreadable, probe_images, refuse_nothing_to_train_on
+from mealkd.core.windows import MAX_IMAGE_SIZE
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.fkd_format import BadLabelFile, convert, label_file, label_root, read_label_file
 from mealkd.precompute.lock import StoreLock, writing_store
@@ -56,8 +57,8 @@ class ImportConfig:
     images_per_shard: int | None = None
 
     def validate(self) -> None:
-        if self.image_size < 1:
-            raise UserError(f"--image-size {self.image_size}: must be a positive number of pixels")
+        if not 0 < self.image_size <= MAX_IMAGE_SIZE:  # precompute's bound (CropPolicy.validate)
+            raise UserError(f"--image-size {self.image_size}: must be a number of pixels from 1 to {MAX_IMAGE_SIZE}")
         if self.images_per_shard is not None and self.images_per_shard < 1:
             raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:
@@ -70,7 +71,7 @@ class ScanResult:
     excluded: np.ndarray  # (N,) bool
     crops: int  # R
     k: int
-    label_dtype: str
+    label_dtype: str  # the files' own dtype ("float16", "float32"), or "mixed: float16, float32"
     flip_rate: float
     clamped: int
     unreadable_images: int
@@ -120,7 +121,9 @@ def _scan(cfg: ImportConfig, index: DatasetIndex, root: Path, console: Console) 
     excluded = np.zeros(n, bool)
     excluded[bad_images] = True
     bad_labels: list[tuple[Path, str]] = []
-    shape: tuple[int, int, str] | None = None  # (R, k, dtype) of the first good file
+    bad_label_ids: list[int] = []  # the images of bad_labels
+    shape: tuple[int, int] | None = None  # (R, k) of the first good file
+    dtypes: set[str] = set()  # the good files' own label dtypes (read_label_file widens the values to float32)
     flips_on = flips_total = clamped = 0
     with make_progress(console, RateColumn("files")) as progress:
         task = progress.add_task("check label files", total=n)
@@ -132,28 +135,35 @@ def _scan(cfg: ImportConfig, index: DatasetIndex, root: Path, console: Console) 
             try:
                 labels = read_label_file(path, num_classes)
                 if shape is None:
-                    shape = (labels.crops, labels.k, str(labels.val.dtype))
-                elif (labels.crops, labels.k) != shape[:2]:
+                    shape = (labels.crops, labels.k)
+                elif (labels.crops, labels.k) != shape:
                     raise BadLabelFile(f"holds {labels.crops} crops with top-{labels.k}, the other files {shape[0]} with top-{shape[1]}")
                 _, n_clamped = convert(labels, int(sizes[i, 0]), int(sizes[i, 1]))
             except BadLabelFile as err:
                 bad_labels.append((path, str(err)))
+                bad_label_ids.append(i)
                 excluded[i] = True
                 continue
             clamped += n_clamped
+            dtypes.add(labels.dtype)
             flips_on += int(labels.flips.sum())
             flips_total += labels.crops
     if bad_labels and not cfg.skip_bad:
         raise UserError(f"LABEL_DIR {cfg.label_dir}: {len(bad_labels)} label file(s) missing or unreadable: {_describe(bad_labels)}; "
                         "fix them, or pass --skip-bad to exclude those images")
-    if shape is None:
-        raise UserError(f"LABEL_DIR {cfg.label_dir}: no usable label file for any image of --data "
-                        f"(e.g. {_describe(bad_labels, 1) or 'none'}); check that it holds FKD's labels for this dataset")
+    label_reasons = {i: f"its label file {path}: {why}" for i, (path, why) in zip(bad_label_ids, bad_labels)}
+    refuse_nothing_to_train_on(index, excluded, sorted(bad_images + bad_label_ids), {**reasons, **label_reasons},
+                               none_usable="can be imported (each is unreadable or its label file missing or bad)",
+                               unusable="unusable (unreadable, or its label file missing or bad)",
+                               fix_all="point --data and LABEL_DIR at a dataset and its FKD labels",
+                               fix_class="fix those files or remove the class directory")
+    assert shape is not None  # some image kept (refused above otherwise), so its label file was read
     if bad_labels or bad_images:
         console.print(f"[yellow]--skip-bad: excluding {len(bad_images)} image(s) and {len(bad_labels)} label file(s), e.g. "
                       f"{escape(_describe(bad_labels, 1) if bad_labels else describe_unreadable(index, bad_images, reasons, limit=1))}",
                       soft_wrap=True)
-    r, k, dtype = shape
+    r, k = shape
+    dtype = dtypes.pop() if len(dtypes) == 1 else "mixed: " + ", ".join(sorted(dtypes))
     if k >= num_classes:
         raise UserError(f"LABEL_DIR {cfg.label_dir}: the files hold top-{k} labels but --data has {num_classes} classes; "
                         "point --data at the dataset the labels were made for")
@@ -196,6 +206,9 @@ def _check_existing(cfg: ImportConfig, index: DatasetIndex) -> None:
     if cfg.teacher_name is not None:
         checks.append(("--teacher-name", (attrs.get("teachers") or [{}])[0].get("name"), cfg.teacher_name))
     differing = [f"{flag} {have!r} in the store" for flag, have, want in checks if have != want]
+    recorded_ips = int(attrs.get("images_per_shard") or 0)
+    if cfg.images_per_shard is not None and cfg.images_per_shard != recorded_ips:  # as precompute: None keeps the store's
+        differing.append(f"--images-per-shard {cfg.images_per_shard} (the store: {recorded_ips})")
     if differing:
         raise UserError(f"--out {cfg.out}: an import with other settings is already there ({'; '.join(differing)}); "
                         "use another --out, or delete it to start over")

@@ -101,8 +101,21 @@ def _differences(a: LabelStore, b: LabelStore) -> str | None:
     return None
 
 
+def _imported(s: LabelStore) -> bool:
+    """Whether the store's crops were read from label files (import-fkd), not drawn from a seed."""
+    crop = s.attrs.get("crop") or {}
+    return crop.get("policy") == "imported" or crop.get("reproducible") is False
+
+
 def _check_compatible(stores: list[LabelStore], console: Console) -> None:
     first = stores[0]
+    imported = [s for s in stores if _imported(s)]
+    if imported and len(imported) < len(stores):  # compared as attributes it read 'crop seed 0 (vs None)'
+        i, p = imported[0], next(s for s in stores if not _imported(s))
+        source = str((i.attrs.get("crop") or {}).get("source") or "label files").upper()
+        raise UserError(f"STORES: {i.url} holds crops imported from {source} label files, {p.url} crops drawn by mealkd's seeded "
+                        f"crop generator (seed {(p.attrs.get('crop') or {}).get('seed')}); imported crops cannot match seeded ones: "
+                        "merge an imported store only with stores of the same imported crops")
     for s in stores[1:]:
         diff = _differences(first, s)
         if diff:
@@ -138,6 +151,9 @@ def _store_weights(cfg: MergeConfig, stores: list[LabelStore]) -> list[float]:
             raise UserError(f"--weights {cfg.weights}: {len(weights)} weight(s) for {len(stores)} stores; give one per store, in order")
     if not all(math.isfinite(w) and w > 0 for w in weights):
         raise UserError(f"--weights {cfg.weights or weights}: every weight must be a positive number")
+    if not math.isfinite(sum(weights)):  # each share is weight / sum: an infinite sum makes them 0 and every row NaN
+        raise UserError(f"--weights {cfg.weights or weights}: the weights' sum overflows (inf); only their ratios matter, "
+                        "so scale them down, e.g. 1,1")
     return weights
 
 
@@ -242,6 +258,10 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict:
             if not _is_this_merge(out, stores, weights, encoding):
                 raise UserError(f"--out {cfg.out}: a different label store is already there (not this merge of these stores "
                                 "with these weights and encoding); choose another --out or delete it")
+            if cfg.images_per_shard is not None and cfg.images_per_shard != out.images_per_shard:
+                raise UserError(f"--out {cfg.out}: this merge, begun with other settings, is already there (--images-per-shard "
+                                f"{cfg.images_per_shard} (the store: {out.images_per_shard})); rerun with the store's values, "
+                                "use another --out, or delete it to start over")
         else:
             _check_compatible(stores, console)
             _warn_shared_teachers(stores, console)

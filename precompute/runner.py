@@ -25,7 +25,7 @@ from mealkd.core.dali_io import Backend, dali_threads, decoder_record, resolve_b
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, shutdown
 from mealkd.core.models import load_model, parse_spec_list
-from mealkd.core.probe import describe_unreadable, probe_images
+from mealkd.core.probe import describe_unreadable, probe_images, refuse_nothing_to_train_on
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.replay import recorded_hw_load
 from mealkd.core.timing import StageTimes
@@ -134,27 +134,10 @@ def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: 
                         "fix or remove them, or pass --skip-bad to exclude them")
     excluded = np.zeros(len(index), dtype=bool)
     excluded[bad] = True
-    _refuse_nothing_to_train_on(index, excluded, bad, reasons)
+    refuse_nothing_to_train_on(index, excluded, bad, reasons)
     if bad and d.is_main:
         console.print(f"[yellow]--skip-bad: excluding {len(bad)} unreadable file(s), e.g. {escape(describe_unreadable(index, bad, reasons, limit=1))}", soft_wrap=True)
     return sizes, excluded
-
-
-def _refuse_nothing_to_train_on(index: DatasetIndex, excluded: np.ndarray, bad: list[int], reasons: dict[int, str]) -> None:
-    """--skip-bad may leave out some images, not all, nor all of a class: such a store would be 'complete'
-    and verify, yet hold nothing (or nothing of that class) for a student to learn from."""
-    if excluded.all():
-        raise UserError(f"--data {index.root}: none of its {len(index)} image file(s) can be decoded, e.g. "
-                        f"{describe_unreadable(index, bad, reasons, limit=1)}; --skip-bad would leave nothing to train on: "
-                        "point --data at a folder of readable images")
-    readable = np.bincount(index.targets[~excluded], minlength=len(index.class_names))
-    empty = np.flatnonzero(readable == 0)
-    if len(empty):
-        lost = [i for i in bad if index.targets[i] == empty[0]]
-        raise UserError(f"--data {index.root}: every image of class '{index.class_names[empty[0]]}' is unreadable, e.g. "
-                        f"{describe_unreadable(index, lost, reasons, limit=1)}"
-                        + (f" (and of {len(empty) - 1} more class(es))" if len(empty) > 1 else "")
-                        + "; --skip-bad would leave the class with nothing to train on: fix those files or remove the class directory")
 
 
 def _prepare_store(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: TeacherEnsemble, backend: Backend, d: Dist, console: Console) -> None:

@@ -416,9 +416,11 @@ class LabelStore:
 
     def label_stats(self, sample: int = 4096, seed: int = 0) -> dict:
         """Mean top-1 probability, mean entropy (nats) and top-1 == target rate over a random
-        sample of (image, crop) pairs of done, non-excluded images."""
+        sample of (image, crop) pairs of done, non-excluded images; NaN with ``samples`` 0 when none are
+        sampled (no finished image, or ``sample`` 0: ``inspect --sample 0``), without numpy's
+        empty-mean warnings."""
         eligible = np.nonzero(self.done & ~self.excluded)[0]
-        if eligible.size == 0:
+        if eligible.size == 0 or sample <= 0:
             return {"samples": 0, "mean_top1": float("nan"), "mean_entropy": float("nan"),
                     "top1_matches_target": float("nan")}
         rng = np.random.default_rng(seed)

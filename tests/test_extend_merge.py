@@ -303,3 +303,33 @@ def test_merge_bad_input(world, capsys):
     assert run(capsys, "precompute", "--data", str(other), "--teachers", world["t2"], "--out", str(foreign), "--crops-per-image", "3",
                "--image-size", "16", "--batch-size", "4", "--images-per-shard", "2", "--device", "cpu").returncode == 0
     assert_user_error(run(capsys, "merge", str(a), str(foreign), "--out", str(out)), "foreign.zarr", "different dataset")
+
+
+def test_merge_weights_that_overflow_are_one_line_and_nothing_is_written(world, capsys):
+    """Each weight finite, their sum not (1e308 + 1e308 = inf): the shares would be 0 and every merged row
+    NaN; refused before --out is created (it was a 'probs contain NaN/inf' traceback and a half-written store)."""
+    a = _pre(capsys, world, world["t1"], "only-t1.zarr")
+    b = _pre(capsys, world, world["t2"], "only-t2.zarr")
+    out = world["root"] / "never-overflow.zarr"
+    assert_user_error(run(capsys, "merge", str(a), str(b), "--out", str(out), "--weights", "1e308,1e308"),
+                      "--weights 1e308,1e308", "sum")
+    assert not out.exists()
+
+
+def test_rerun_with_another_images_per_shard_is_refused_naming_both_values(world, capsys):
+    """A rerun of extend / merge whose --images-per-shard differs from the store's: one line naming the
+    flag and both values, as precompute (merge used to keep the store's silently; extend blamed the crop count)."""
+    small = _pre(capsys, world, world["both"], "r3-dense.zarr", 3)
+    ext = world["root"] / "ext-dense.zarr"
+    if not ext.exists():
+        assert run(capsys, *_extend_args(world, small, ext)).returncode == 0
+    ips = _attrs(ext)["images_per_shard"]
+    assert_user_error(run(capsys, *_extend_args(world, small, ext, 5, "--images-per-shard", str(ips + 1))),
+                      f"--images-per-shard {ips + 1} (the store: {ips})", str(ext))
+    a, b = _pre(capsys, world, world["t1"], "only-t1.zarr"), _pre(capsys, world, world["t2"], "only-t2.zarr")
+    merged = world["root"] / "merged.zarr"
+    if not merged.exists():
+        assert run(capsys, "merge", str(a), str(b), "--out", str(merged), "--images-per-shard", "2").returncode == 0
+    assert_user_error(run(capsys, "merge", str(a), str(b), "--out", str(merged), "--images-per-shard", "3"),
+                      "--images-per-shard 3 (the store: 2)", str(merged))
+    assert run(capsys, "merge", str(a), str(b), "--out", str(merged)).returncode == 0  # omitted: the store's

@@ -204,6 +204,20 @@ def test_store_attributes_record_the_import(world):
     assert a["fidelity"]["rows"] == 0 and "completed" in a
 
 
+def test_label_dtype_is_the_files_own(world, tmp_path):
+    """FKD's --use_fp16 files hold fp16 arrays: the store records float16 (it said float32, the dtype after
+    reading widened them); the test world's files are mixed, and say so."""
+    assert storage.open_store(str(world["store"])).attrs["imported"]["label_dtype"] == "mixed: float16, float32"
+    labels = tmp_path / "fp16_labels"
+    for i, (coords, flips, top) in world["saved"].items():
+        path = labels / world["tree"].name / Path(world["index"].paths[i]).with_suffix(".tar")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([np.float16(coords), flips, np.float16(top)], path)
+    out = tmp_path / "fp16.zarr"
+    run_import(ImportConfig(label_dir=str(labels), data=str(world["tree"]), out=str(out), image_size=SIZE, num_threads=1))
+    assert storage.open_store(str(out)).attrs["imported"]["label_dtype"] == "float16"
+
+
 def test_verify_passes_on_imported_store(world, capsys):
     code, _ = run_main(["verify", str(world["store"])], capsys)
     assert code in (0, None)
@@ -266,6 +280,24 @@ def test_bad_label_file_is_one_line_then_skip_bad_excludes_it(world, copy_labels
     assert store.attrs["imported"]["excluded"]["bad_label_files"] == 1
 
 
+def test_image_size_and_skip_bad_leaving_nothing_to_train_on_are_refused(world, copy_labels, tmp_path, capsys):
+    """precompute's guards: --image-size above 4096, and --skip-bad that would exclude every image of a class
+    (here: its label files are missing) or every image; one line, no store (both used to be accepted)."""
+    base = ["import-fkd", str(copy_labels), "--data", str(world["tree"]), "--num-threads", "1", "--skip-bad"]
+    out = tmp_path / "x.zarr"
+    code, err = run_main([*base, "--out", str(out), "--image-size", "5000"], capsys)
+    assert_one_line_error(code, err, "--image-size 5000", "from 1 to 4096")
+    for path in (copy_labels / world["tree"].name / "class_1").iterdir():
+        path.unlink()
+    code, err = run_main([*base, "--out", str(out), "--image-size", str(SIZE)], capsys)
+    assert_one_line_error(code, err, "class 'class_1'", "label file", "nothing to train on")
+    for path in (copy_labels / world["tree"].name).glob("*/*.tar"):
+        path.unlink()
+    code, err = run_main([*base, "--out", str(out), "--image-size", str(SIZE)], capsys)
+    assert_one_line_error(code, err, str(world["tree"]), f"none of its {CLASSES * PER_CLASS} image file(s)", "nothing to train on")
+    assert not out.exists()
+
+
 def test_label_dir_without_the_classes(world, tmp_path, capsys):
     (tmp_path / "empty" / "other").mkdir(parents=True)
     code, err = run_main(["import-fkd", str(tmp_path / "empty"), "--data", str(world["tree"]), "--out", str(tmp_path / "x.zarr")], capsys)
@@ -276,6 +308,14 @@ def test_rerun_with_other_settings_is_refused(world, capsys):
     code, err = run_main(["import-fkd", str(world["labels"]), "--data", str(world["tree"]), "--out", str(world["store"]),
                           "--image-size", str(SIZE + 1)], capsys)
     assert_one_line_error(code, err, "--image-size", "--out")
+
+
+def test_rerun_with_another_images_per_shard_is_refused(world, capsys):
+    """The store was made with 4 images per shard: a rerun asking for 5 names the flag and both values
+    (it used to continue with the store's 4 silently)."""
+    code, err = run_main(["import-fkd", str(world["labels"]), "--data", str(world["tree"]), "--out", str(world["store"]),
+                          "--image-size", str(SIZE), "--teacher-name", "test teacher", "--images-per-shard", "5"], capsys)
+    assert_one_line_error(code, err, "--images-per-shard 5 (the store: 4)", "--out")
 
 
 def test_kill_during_import_then_rerun_equals_uninterrupted(world, tmp_path):
@@ -303,6 +343,24 @@ def test_extend_refuses_an_imported_store_in_one_line(world, tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "imported" in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_merge_with_a_seeded_store_says_the_crops_were_imported(world, tmp_path, capsys):
+    """An imported store and a precompute store of the same images: one line saying that one store's crops
+    were imported (FKD) and cannot match seeded crops (it said 'has crop seed 0 (vs None)'), either order."""
+    from tests.test_reliability_common import tiny_teacher
+
+    seeded = tmp_path / "seeded.zarr"
+    code, err = run_main(["precompute", "--data", str(world["tree"]), "--teachers", str(tiny_teacher(tmp_path / "t.pt", CLASSES)),
+                          "--out", str(seeded), "--crops-per-image", "1", "--image-size", str(SIZE), "--batch-size", "8",
+                          "--device", "cpu", "--num-threads", "1"], capsys)
+    assert code in (0, None), err
+    out = tmp_path / "merged.zarr"
+    for stores in ([world["store"], seeded], [seeded, world["store"]]):
+        code, err = run_main(["merge", *map(str, stores), "--out", str(out)], capsys)
+        assert_one_line_error(code, err, f"{world['store']} holds crops imported from FKD", f"{seeded} crops drawn by", "seed 0")
+        assert "vs None" not in err
+    assert not out.exists()
 
 
 def test_inspect_shows_what_the_import_recorded(world, capsys):

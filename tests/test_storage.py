@@ -333,6 +333,19 @@ def test_cli_inspect(tmp_path):
         assert needle in out, (needle, out)
 
 
+def test_cli_inspect_sample_zero_samples_nothing_without_warnings(tmp_path):
+    """--sample 0 (valid: no label statistics) on a complete store: no numpy 'Mean of empty slice'
+    RuntimeWarnings (label_stats averaged an empty sample), and the JSON says 0 samples."""
+    url = str(tmp_path / "s.zarr")
+    new_store(url, n=16, r=2, c=5, ips=8)
+    fill(url, make_data(16, 2, 5))
+    storage.StoreWriter(url).finalize()
+    for extra in ((), ("--json",)):
+        proc = run_cli("inspect", url, "--sample", "0", *extra)
+        assert proc.returncode == 0 and "Warning" not in proc.stderr and "empty slice" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout)["labels"] == {"samples": 0, "mean_top1": None, "mean_entropy": None, "top1_matches_target": None}
+
+
 @pytest.mark.parametrize("encoding", ["dense", "topk:5"])
 def test_raw_fast_path_matches_zarr_path(tmp_path, encoding):
     url = str(tmp_path / "s.zarr")
