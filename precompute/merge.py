@@ -172,7 +172,7 @@ def _effective_teachers(stores: list[LabelStore], weights: list[float]) -> list[
         teachers = s.attrs.get("teachers") or []
         total = sum(float(t.get("weight", 1.0)) for t in teachers) or 1.0
         for t in teachers:
-            weight = w * float(t.get("weight", 1.0)) / total
+            weight = w * (float(t.get("weight", 1.0)) / total)  # the share first: a huge --weights times a weight > 1 is not inf
             # the spec with its weight in the merged ensemble: the store's recorded specs rebuild that ensemble
             out.append(dict(t, weight=weight, spec=with_weight(t["spec"], weight) if t.get("spec") else t.get("spec")))
     return out

@@ -141,7 +141,7 @@ def _table(info: dict):
         table.add_row("labels", f"mean top-1 prob {stats['mean_top1']:.4f}, mean entropy {stats['mean_entropy']:.4f} nats, "
                                 f"top-1 = target {stats['top1_matches_target']:.1%} ({stats['samples']} sampled crops)")
     else:
-        table.add_row("labels", "no finished images yet")
+        table.add_row("labels", "none sampled (--sample 0)" if info["images_done"] else "no finished images yet")
     table.add_row("dataset fingerprint", str(info["dataset"].get("fingerprint", "-")))
     crop = info["crop"]
     table.add_row("crop policy", json.dumps(crop) if crop is not None else "-")

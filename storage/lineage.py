@@ -23,6 +23,11 @@ LINEAGE_KEYS = ("extended_from", "merged_from")
 NOT_INHERITED = (*RESERVED_ATTRS, "completed", "fidelity", "fidelity_reference", *LINEAGE_KEYS)
 
 
+def _count(value: Any) -> int:
+    """A count recorded as a number (import-fkd writes counts), or as a list of what was counted."""
+    return len(value) if isinstance(value, (list, tuple)) else int(value or 0)
+
+
 def writing_command(attrs: dict) -> str:
     """The command that wrote (and, rerun with the same arguments, finishes or rewrites) a store with
     these attributes: what incomplete or repaired stores tell the user to rerun."""
@@ -74,8 +79,8 @@ def describe_lineage(attrs: dict) -> list[str]:
             lines.append(f"{pad}imported from {imp.get('format', '?').upper()} labels at {imp.get('label_dir')}: "
                          f"{imp.get('crops_per_image')} crops/image, top-{imp.get('topk')} ({imp.get('label_dtype')}), "
                          f"{imp.get('clamped_windows', 0)} window(s) clamped at the border, "
-                         f"{len(skipped.get('bad_label_files') or [])} bad label file(s) and "
-                         f"{len(skipped.get('unreadable_images') or [])} unreadable image(s) excluded; crops not reproducible")
+                         f"{_count(skipped.get('bad_label_files'))} bad label file(s) and "
+                         f"{_count(skipped.get('unreadable_images'))} unreadable image(s) excluded; crops not reproducible")
         ext = node.get("extended_from")
         if ext:
             lines.append(f"{pad}extended from {str(ext.get('store_id'))[:12]} ({ext.get('crops_per_image')} crops/image) at {ext.get('path')}")

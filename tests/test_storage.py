@@ -343,6 +343,8 @@ def test_cli_inspect_sample_zero_samples_nothing_without_warnings(tmp_path):
     for extra in ((), ("--json",)):
         proc = run_cli("inspect", url, "--sample", "0", *extra)
         assert proc.returncode == 0 and "Warning" not in proc.stderr and "empty slice" not in proc.stderr, proc.stderr
+        if not extra:
+            assert "none sampled (--sample 0)" in proc.stdout and "no finished images" not in proc.stdout, proc.stdout
     assert json.loads(proc.stdout)["labels"] == {"samples": 0, "mean_top1": None, "mean_entropy": None, "top1_matches_target": None}
 
 
