@@ -18,6 +18,12 @@ from mealkd.errors import UserError
 #: run at S; far beyond any model's input (EfficientNet-L2 takes 800), and a typo like 100000 would
 #: otherwise end in an allocator traceback
 MAX_IMAGE_SIZE = 4096
+def check_image_size(size: int, flag: str = "--image-size") -> None:
+    """A crop or input size of 1 to MAX_IMAGE_SIZE pixels, else a one-line UserError naming ``flag``."""
+    if not 0 < size <= MAX_IMAGE_SIZE:
+        raise UserError(f"{flag} {size}: must be a number of pixels from 1 to {MAX_IMAGE_SIZE}")
+
+
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 times before falling back to a centre crop
 DRAWS_PER_CROP = 4 * ATTEMPTS + 1  # (scale, log-ratio, top, left) per attempt + the flip draw
 
@@ -31,8 +37,7 @@ class CropPolicy:
     seed: int = 0
 
     def validate(self) -> None:
-        if not 0 < self.image_size <= MAX_IMAGE_SIZE:
-            raise UserError(f"--image-size {self.image_size}: must be a number of pixels from 1 to {MAX_IMAGE_SIZE}")
+        check_image_size(self.image_size)
         lo, hi = self.scale
         if not (0 < lo <= hi <= 1):
             raise UserError(f"--scale {lo} {hi}: need 0 < MIN <= MAX <= 1 (fractions of the image area)")

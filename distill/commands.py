@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mealkd.core.accel import PRECISIONS
+from mealkd.core.windows import check_image_size
 from mealkd.core.options import STUDENT_SPEC, THREADS, THREADS_HELP
 from mealkd.core.distributed import env_rank
 from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
@@ -120,9 +121,10 @@ def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, inter
     from mealkd.distill.checkpoint_eval import evaluate_checkpoint
     from mealkd.distill.protocol import EvalProtocol
 
-    for flag, value in (("--batch-size", batch_size), ("--image-size", image_size)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} {value}: must be >= 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be >= 1")
+    if image_size is not None:
+        check_image_size(image_size)
     protocol = EvalProtocol.from_flags(resize_size, crop_pct, interpolation)
     result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device,
                                  precision=precision, per_class=per_class, console=Console(stderr=True), protocol=protocol, weights=weights,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mealkd.core.windows import check_image_size
 from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 from mealkd.distill.optimization import OPTIMIZERS, parse_milestones
 from mealkd.errors import UserError
@@ -134,8 +135,8 @@ class DistillConfig:
             raise UserError(f"--min-lr {self.min_lr}: must be >= 0 and below --lr {self.lr}")
         if self.min_lr > 0 and self.schedule != "cos":
             raise UserError(f"--min-lr {self.min_lr}: it is where --schedule cos ends; --schedule {self.schedule} drops 10x at its milestones")
-        if self.image_size is not None and self.image_size < 1:
-            raise UserError(f"--image-size {self.image_size}: must be >= 1")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
         parse_milestones(self.schedule)
         if self.opt not in OPTIMIZERS:
             raise UserError(f"--opt {self.opt}: choose one of {', '.join(OPTIMIZERS)}")

@@ -30,7 +30,7 @@ from mealkd import storage
 from mealkd.core.dali_io import decoder_record, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.probe import describe_unreadable, probe_images, refuse_nothing_to_train_on
-from mealkd.core.windows import MAX_IMAGE_SIZE
+from mealkd.core.windows import check_image_size
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.fkd_format import BadLabelFile, convert, label_file, label_root, read_label_file
 from mealkd.precompute.lock import StoreLock, writing_store
@@ -57,8 +57,7 @@ class ImportConfig:
     images_per_shard: int | None = None
 
     def validate(self) -> None:
-        if not 0 < self.image_size <= MAX_IMAGE_SIZE:  # precompute's bound (CropPolicy.validate)
-            raise UserError(f"--image-size {self.image_size}: must be a number of pixels from 1 to {MAX_IMAGE_SIZE}")
+        check_image_size(self.image_size)  # precompute's bound
         if self.images_per_shard is not None and self.images_per_shard < 1:
             raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
         if self.num_threads is not None and self.num_threads < 1:

@@ -732,6 +732,23 @@ def test_plot_writes_png(straight_run, tmp_path, capsys):
     code, err = run_main(["plot", str(run), "--out", str(tmp_path / "nodir" / "curves.png")], capsys)
     assert_one_line_error(code, err, "nodir", "does not exist")
     # evaluate's sizes are checked too (--batch-size 0 was DALI's traceback; --image-size 0 was ignored)
-    for flag in ("--batch-size", "--image-size"):
-        code, err = run_main(["evaluate", "--data", str(tmp_path), "--checkpoint", str(run / "checkpoint.pt"), flag, "0"], capsys)
-        assert_one_line_error(code, err, f"{flag} 0", ">= 1")
+    for flag, value, needle in (("--batch-size", "0", ">= 1"), ("--image-size", "0", "from 1 to 4096"), ("--image-size", "100000", "from 1 to 4096")):
+        code, err = run_main(["evaluate", "--data", str(tmp_path), "--checkpoint", str(run / "checkpoint.pt"), flag, value], capsys)
+        assert_one_line_error(code, err, f"{flag} {value}", needle)
+    # distill's --image-size and a model spec's :size= have precompute's bound too
+    code, err = run_main(distill_args_for_bounds(run, "--image-size", "100000"), capsys)
+    assert_one_line_error(code, err, "--image-size 100000", "from 1 to 4096")
+    code, err = run_main(distill_args_for_bounds(run, "--student", "torchvision:resnet18:size=100000"), capsys)
+    assert_one_line_error(code, err, "--student", "size= needs a number of pixels from 1 to 4096")
+
+
+def distill_args_for_bounds(run: Path, flag: str, value: str) -> list[str]:
+    """A distill command of the straight run's store and data with one flag replaced (``run``: its run directory)."""
+    config = json.loads((run / "config.json").read_text())["config"]
+    args = ["distill", "--labels", config["labels"], "--data", config["data"], "--student", config["student"], "--init", "scratch",
+            "--out", str(run.parent / "bounds"), "--device", "cpu"]
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args

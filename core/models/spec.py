@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from mealkd.core.windows import MAX_IMAGE_SIZE
 from mealkd.errors import UserError
 
 
@@ -81,8 +82,8 @@ def _parse_option(text: str, key: str, value: str) -> tuple[str, Any]:
             raise _bad(text, f"w= must be a finite number > 0, got {value!r}")
         return "weight", w
     if key == "size":
-        if not re.fullmatch(r"\d+", value.strip()) or int(value) <= 0:
-            raise _bad(text, f"size= needs a positive integer, got {value!r}")
+        if not re.fullmatch(r"\d+", value.strip()) or not 0 < int(value) <= MAX_IMAGE_SIZE:
+            raise _bad(text, f"size= needs a number of pixels from 1 to {MAX_IMAGE_SIZE}, got {value!r}")
         return "size", int(value)
     if key in ("mean", "std"):
         return key, _parse_triple(text, key, value)
