@@ -35,8 +35,9 @@ def stopping_on_signals(command: str) -> Iterator[None]:
     def stop(signum: int, frame: FrameType | None) -> None:
         for s in STOP_SIGNALS:  # a second signal acts at once
             signal.signal(s, previous[s])
-        message = (f"{command}: stopped by {signal.Signals(signum).name}; the shards finished so far are kept (the store is "
-                   "incomplete): rerun the same command to continue") if is_main else ""
+        # the stop may come before the store exists (while the images are validated): say nothing of its state
+        message = (f"{command}: stopped by {signal.Signals(signum).name}; shards already finished are kept: rerun the same "
+                   "command to continue") if is_main else ""
         raise StopRequested(message, signum)
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
