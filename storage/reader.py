@@ -33,7 +33,7 @@ from mealkd.storage import remote
 from mealkd.storage.encoding import decode_topk, normalise_rows
 from mealkd.storage.lineage import writing_command
 from mealkd.errors import UserError
-from mealkd.storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, zarr_store
+from mealkd.storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, shard_file_key, zarr_store
 from mealkd.storage.writer import _open_group
 
 
@@ -202,11 +202,7 @@ class LabelStore:
             arrays[name] = self._group[name]  # opened once: each open reads its zarr.json
         missing = []
         for name, shard in required:
-            arr = arrays[name]
-            # the chunk grid is the shard grid for a sharded array, the chunk (= shard) for a plain
-            # one: the key is the shard's one file either way
-            key = f"{name}/" + arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
-            if key not in present[name]:
+            if shard_file_key(arrays[name], shard) not in present[name]:
                 missing.append((name, shard))
         return missing
 

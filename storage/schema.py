@@ -194,6 +194,13 @@ def busiest_rank_images(shard_images: list[int], processes: int) -> int:
 # ---------------------------------------------------------------------------------- stores
 
 
+def shard_file_key(array, shard: int) -> str:
+    """The store key of image shard ``shard``'s one file of ``array`` (an array of a label store): the chunk
+    grid is the shard grid for a sharded array and the chunk (= the shard) for a plain one (windows/flips
+    of older stores), so the key names the shard's one file either way."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"
+
+
 def is_local(url: str | os.PathLike) -> bool:
     u = str(url)
     return "://" not in u or u.startswith("file://")

@@ -38,7 +38,7 @@ from mealkd.faults import kill_point
 from mealkd.storage.schema import (
     DECODER_DRIFT, DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for, crop_inner_chunks,
     default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,
-    topk_index_dtype, zarr_store,
+    shard_file_key, topk_index_dtype, zarr_store,
 )
 
 
@@ -379,11 +379,6 @@ class StoreWriter:
         """Every array a shard write touches (``done`` aside)."""
         return [self._windows, self._flips, *self._labels, *([self._fidelity] if self.kind == TOPK else [])]
 
-    @staticmethod
-    def _shard_key(array, shard: int) -> str:
-        """The store key of ``shard``'s one file of ``array`` (see :meth:`_fsync`)."""
-        return f"{array.path}/{array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))}"
-
     def _clear_shard(self, shard: int) -> None:
         """Delete the files a previous write of ``shard`` left, before it is written again. A shard is
         rewritten whole, but zarr's sharding codec first reads the old file's index: a truncated or torn
@@ -392,20 +387,17 @@ class StoreWriter:
 
         store = self._group.store
         for array in self._shard_arrays():
-            sync(store.delete(self._shard_key(array, shard)))
+            sync(store.delete(shard_file_key(array, shard)))
 
     def _fsync(self, arrays, shard: int) -> None:
         """fsync ``shard``'s file of each array and their directories (local stores), so ``done`` is
-        only written over data that survives a power loss. The file is the array's chunk key at the
-        shard's grid position: for a sharded array (labels; windows/flips since they are slot-chunked)
-        zarr's chunk grid is the shard grid, for a plain-chunked one (windows/flips of older stores)
-        the chunk is the shard, so the key names the one file either way."""
+        only written over data that survives a power loss (the file: ``schema.shard_file_key``)."""
         if not is_local(self.url):
             return
         root = local_path(self.url)
         dirs = set()
         for a in arrays:
-            path = root / self._shard_key(a, shard)
+            path = root / shard_file_key(a, shard)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # an all-fill-value chunk is not stored
