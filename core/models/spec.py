@@ -95,6 +95,16 @@ def rest_is_pt2(path: str) -> bool:
     return path.lower().endswith(_EXPORT_SUFFIXES)
 
 
+def _split_options(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """(the spec before its options, its ``(key, value)`` options in order). Options are the trailing
+    ``:key=value`` segments; the first segment is never an option."""
+    parts = text.split(":")
+    options: list[tuple[str, str]] = []
+    while len(parts) > 1 and _OPTION_RE.match(parts[-1]):
+        options.insert(0, _OPTION_RE.match(parts.pop()).groups())  # type: ignore[union-attr]
+    return ":".join(parts), options
+
+
 def parse_spec(text: str) -> ModelSpec:
     """Parse one spec (see the module docstring). UserError on anything malformed."""
     if not isinstance(text, str):
@@ -105,16 +115,13 @@ def parse_spec(text: str) -> ModelSpec:
     if "\n" in raw or "," in raw:
         raise _bad(raw, "one spec may not contain ',' or a newline (use parse_spec_list for lists; "
                    "paths may not contain ',')")
-    parts = raw.split(":")
+    body, options = _split_options(raw)
     opts: dict[str, Any] = {}
-    # Options are the trailing ':key=value' segments; the first segment is never an option.
-    while len(parts) > 1 and _OPTION_RE.match(parts[-1]):
-        key, value = _OPTION_RE.match(parts.pop()).groups()  # type: ignore[union-attr]
+    for key, value in reversed(options):  # last first, as they were always read
         name, parsed = _parse_option(raw, key, value)
         if name in opts:
             raise _bad(raw, f"option {key!r} given twice")
         opts[name] = parsed
-    body = ":".join(parts)
     if not body:
         raise _bad(raw, "no model before the options")
 
@@ -168,12 +175,8 @@ def with_weight(text: str, weight: float) -> str:
         return text
     if spec.weight == float(weight):
         return spec.text
-    parts = spec.text.split(":")
-    options: list[str] = []
-    while len(parts) > 1 and _OPTION_RE.match(parts[-1]):
-        options.insert(0, parts.pop())
-    options = [o for o in options if _OPTION_RE.match(o).group(1) != "w"]  # type: ignore[union-attr]
-    return ":".join([*parts, *options, f"w={float(weight)!r}"])
+    body, options = _split_options(spec.text)
+    return ":".join([body, *(f"{key}={value}" for key, value in options if key != "w"), f"w={float(weight)!r}"])
 
 
 def parse_spec_list(text: str) -> list[ModelSpec]:
