@@ -41,7 +41,7 @@ from mealkd.precompute.crops import CropStream
 from mealkd.precompute.decoder_drift import job_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
-from mealkd.precompute.settings import SETTINGS_KEYS, settings_differences
+from mealkd.precompute.settings import SETTINGS_KEYS, other_settings, settings_differences, shard_size_difference
 from mealkd.precompute.runner import (PrecomputeConfig, _settings, labelled_batches, labelling_times,
                                       load_ensemble, pending_for_rank, run_locked, start_line)
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
@@ -158,10 +158,9 @@ def _existing_output(cfg: ExtendConfig, source: LabelStore, ips: int) -> bool:
     if origin.get("store_id") != source.store_id or out.crops_per_image != cfg.crops_per_image:
         raise UserError(f"--out {cfg.out}: a different label store is already there (not the extension of STORE to "
                         f"{cfg.crops_per_image} crops per image); choose another --out or delete it")
-    if cfg.images_per_shard is not None and out.images_per_shard != ips:
-        raise UserError(f"--out {cfg.out}: this extension, begun with other settings, is already there (--images-per-shard "
-                        f"{ips} (the store: {out.images_per_shard})); rerun with the store's values, use another --out, "
-                        "or delete it to start over")
+    differing = shard_size_difference(None if cfg.images_per_shard is None else ips, out.images_per_shard)
+    if differing:
+        raise other_settings(cfg.out, "this extension, begun with other settings", differing)
     return True
 
 

@@ -34,6 +34,7 @@ from mealkd.core.windows import check_image_size
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.fkd_format import BadLabelFile, convert, label_file, label_root, read_label_file
 from mealkd.precompute.lock import StoreLock, writing_store
+from mealkd.precompute.settings import shard_size_difference
 from mealkd.storage.encoding import to_f16
 from mealkd.errors import UserError
 from mealkd.storage.schema import topk_index_dtype
@@ -205,9 +206,7 @@ def _check_existing(cfg: ImportConfig, index: DatasetIndex) -> None:
     if cfg.teacher_name is not None:
         checks.append(("--teacher-name", (attrs.get("teachers") or [{}])[0].get("name"), cfg.teacher_name))
     differing = [f"{flag} {have!r} in the store" for flag, have, want in checks if have != want]
-    recorded_ips = int(attrs.get("images_per_shard") or 0)
-    if cfg.images_per_shard is not None and cfg.images_per_shard != recorded_ips:  # as precompute: None keeps the store's
-        differing.append(f"--images-per-shard {cfg.images_per_shard} (the store: {recorded_ips})")
+    differing += shard_size_difference(cfg.images_per_shard, int(attrs.get("images_per_shard") or 0))
     if differing:
         raise UserError(f"--out {cfg.out}: an import with other settings is already there ({'; '.join(differing)}); "
                         "use another --out, or delete it to start over")

@@ -32,6 +32,7 @@ from mealkd.core.dali_io import decoder_differences
 from mealkd.core.models.spec import with_weight
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.precompute.lock import StoreLock, writing_store
+from mealkd.precompute.settings import other_settings, shard_size_difference
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
 from mealkd.storage.reader import LabelStore
@@ -258,10 +259,9 @@ def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict:
             if not _is_this_merge(out, stores, weights, encoding):
                 raise UserError(f"--out {cfg.out}: a different label store is already there (not this merge of these stores "
                                 "with these weights and encoding); choose another --out or delete it")
-            if cfg.images_per_shard is not None and cfg.images_per_shard != out.images_per_shard:
-                raise UserError(f"--out {cfg.out}: this merge, begun with other settings, is already there (--images-per-shard "
-                                f"{cfg.images_per_shard} (the store: {out.images_per_shard})); rerun with the store's values, "
-                                "use another --out, or delete it to start over")
+            differing = shard_size_difference(cfg.images_per_shard, out.images_per_shard)
+            if differing:
+                raise other_settings(cfg.out, "this merge, begun with other settings", differing)
         else:
             _check_compatible(stores, console)
             _warn_shared_teachers(stores, console)

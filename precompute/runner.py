@@ -34,7 +34,7 @@ from mealkd.precompute.crops import CropBatch, CropStream
 from mealkd.precompute.decoder_drift import job_decoder, record_drift
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock, writing_store
-from mealkd.precompute.settings import SETTINGS_KEYS, jsonable, settings_differences
+from mealkd.precompute.settings import SETTINGS_KEYS, jsonable, other_settings, settings_differences, shard_size_difference
 from mealkd.errors import UserError
 
 
@@ -100,14 +100,9 @@ def _check_existing(cfg: PrecomputeConfig, settings: dict) -> tuple[bool, dict |
     the pending crops would be decoded with (a complete store decodes nothing)."""
     store = storage.open_store(cfg.out, require_complete=False)
     differing = settings_differences(store.attrs, dict(settings, crops_per_image=cfg.crops_per_image), (*SETTINGS_KEYS, "crops_per_image"))
-    recorded_ips = int(store.attrs.get("images_per_shard") or 0)
-    if cfg.images_per_shard is not None and cfg.images_per_shard != recorded_ips:
-        differing.append(f"--images-per-shard {cfg.images_per_shard} (the store: {recorded_ips})")
+    differing += shard_size_difference(cfg.images_per_shard, store.images_per_shard)
     if differing:
-        raise UserError(
-            f"--out {cfg.out}: a label store made with other settings is already there ({'; '.join(differing)}); "
-            "rerun with the store's values, use another --out, or delete it to start over"
-        )
+        raise other_settings(cfg.out, "a label store made with other settings", differing)
     return not bool(store.done.all()), store.attrs.get("decoder")
 
 

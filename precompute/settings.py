@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from mealkd import storage
+from mealkd.errors import UserError
 
 #: the settings a continued run must reproduce (the decoder is judged by precompute.decoder_drift,
 #: which accepts a different GPU or library version with --allow-decoder-mismatch)
@@ -91,6 +92,19 @@ def settings_differences(stored: dict, wanted: dict, keys: tuple[str, ...] = SET
         else:
             phrases.append(f"--{key.replace('_', '-')} {want} (the store: {have})")
     return phrases
+
+
+def shard_size_difference(requested: int | None, recorded: int) -> list[str]:
+    """``--images-per-shard`` given with another value than the store's, as a phrase ([] when it is left out,
+    which keeps the store's, or equal): precompute, extend, merge and import-fkd refuse such a rerun."""
+    return [] if requested is None or int(requested) == int(recorded) else [f"--images-per-shard {requested} (the store: {recorded})"]
+
+
+def other_settings(out: str, what: str, phrases: list[str]) -> UserError:
+    """The refusal of a rerun whose ``--out`` holds ``what`` (e.g. "this merge, begun with other settings"),
+    the differences named by ``phrases``."""
+    return UserError(f"--out {out}: {what} is already there ({'; '.join(phrases)}); rerun with the store's values, "
+                     "use another --out, or delete it to start over")
 
 
 def _value(value: Any) -> str:
