@@ -39,8 +39,6 @@ class ModelSpecs(click.ParamType):
     ``@FILE`` is not checked: ``--init`` or a resumed checkpoint may supersede it). The value stays the
     text the user gave (configs and stores record it)."""
 
-    name = "SPECS"
-
     def __init__(self, many: bool):
         self.many = many
         self.name = "SPECS" if many else "SPEC"

@@ -18,6 +18,8 @@ from mealkd.errors import UserError
 #: run at S; far beyond any model's input (EfficientNet-L2 takes 800), and a typo like 100000 would
 #: otherwise end in an allocator traceback
 MAX_IMAGE_SIZE = 4096
+
+
 def check_image_size(size: int, flag: str = "--image-size") -> None:
     """A crop or input size of 1 to MAX_IMAGE_SIZE pixels, else a one-line UserError naming ``flag``."""
     if not 0 < size <= MAX_IMAGE_SIZE:
