@@ -267,7 +267,7 @@ class Trainer:
             "device": str(self.device),
             "world_size": self.dist.world_size,
             "dali_threads": dali_threads(self.cfg.num_threads, self.backend),
-            "init_weights": getattr(self, "init_weights", "raw"),
+            "init_weights": self.init_weights,
         }
 
     def _checkpoint(self, epoch: int, step: int = 0, ranks: list[dict] | None = None, pending: dict | None = None) -> dict:
@@ -361,6 +361,10 @@ class Trainer:
         """Optimiser steps per epoch: the epoch's batches in groups of --grad-accum-steps (the last may be shorter)."""
         return -(-len(self.batch_crops) // self.accum)
 
+    def _lrs(self) -> tuple[float, float | None]:
+        """The student's and the discriminator's current learning rates (None: no discriminator)."""
+        return self.optimizer.param_groups[0]["lr"], self.d_optimizer.param_groups[0]["lr"] if self.d_optimizer is not None else None
+
     def _accumulation(self, step: int) -> tuple[float, bool, bool]:
         """(loss weight, first, last) of the epoch's batch ``step`` within its --grad-accum-steps group."""
         start = step - step % self.accum
@@ -382,15 +386,14 @@ class Trainer:
             sums += state["sums"].to(self.device)
         steps_total = self.loader.steps_per_epoch()
         steps, crops = start_step, 0
-        lr, d_lr = self.optimizer.param_groups[0]["lr"], self.d_optimizer.param_groups[0]["lr"] if self.d_optimizer is not None else None
+        lr, d_lr = self._lrs()
         times = StageTimes()  # the training thread's wait for the loader (input-bound if large)
         started = time.perf_counter()
         for batch in times.waiting(self.loader.epoch(epoch, start_step), "loader"):
             weight, first, last = self._accumulation(steps)
             if batch.images.shape[0] != self.batch_crops[steps]:
                 raise RuntimeError(f"batch {steps} holds {batch.images.shape[0]} crops, the loader planned {self.batch_crops[steps]}")
-            # the lrs this step trains with (its optimiser step then moves the schedule on to the next step's)
-            lr, d_lr = self.optimizer.param_groups[0]["lr"], self.d_optimizer.param_groups[0]["lr"] if self.d_optimizer is not None else None
+            lr, d_lr = self._lrs()  # what this step trains with (its optimiser step then moves the schedule on)
             sums += self.train_step(batch, weight=weight, first=first, last=last)
             kill_point("distill-step")
             steps += 1
@@ -406,11 +409,7 @@ class Trainer:
             if decision is not None and (decision.stop or decision.save) and steps < steps_total:
                 self._save_inside_epoch(epoch, steps, sums)
                 if decision.stop:
-                    raise StopRequested(
-                        f"distill: stopped by {stop.signal_name} after step {steps}/{steps_total} of epoch {epoch + 1}; {self.checkpoint_path} "
-                        "holds that point: rerun the same command with --resume to continue from the next step" if self.dist.is_main else "",
-                        stop.agreed_signum,
-                    )
+                    raise self._stopped(stop, f"step {steps}/{steps_total} of epoch {epoch + 1}", "that point", "continue from the next step")
         elapsed = time.perf_counter() - started
         if self.dist.active:  # log the epoch's global means, not rank 0's shard (every rank runs the same steps)
             torch_dist.all_reduce(sums)
@@ -434,6 +433,13 @@ class Trainer:
         if self.head_reinitialized:
             record["head_reinitialized"] = True
         return record
+
+    def _stopped(self, stop: GracefulStop, after: str, holds: str, then: str) -> StopRequested:
+        """The agreed stop after ``after`` (its checkpoint just written): one line on rank 0, naming what the
+        checkpoint ``holds`` and what ``--resume`` does ``then``; an empty message elsewhere."""
+        message = (f"distill: stopped by {stop.signal_name} after {after}; {self.checkpoint_path} holds {holds}: "
+                   f"rerun the same command with --resume to {then}")
+        return StopRequested(message if self.dist.is_main else "", stop.agreed_signum)
 
     def _save_inside_epoch(self, epoch: int, steps: int, sums: torch.Tensor) -> None:
         """Save the run after ``steps`` steps of ``epoch``, with every rank's RNG states and running sums,
@@ -575,18 +581,10 @@ class Trainer:
                     if self.validation_due(epoch):
                         self._save_before_validation(epoch, record)
                         if stop.at_epoch_end():
-                            raise StopRequested(
-                                f"distill: stopped by {stop.signal_name} after epoch {epoch + 1}/{cfg.epochs}'s training; {self.checkpoint_path} "
-                                "holds it: rerun the same command with --resume to validate it and continue" if self.dist.is_main else "",
-                                stop.agreed_signum,
-                            )
+                            raise self._stopped(stop, f"epoch {epoch + 1}/{cfg.epochs}'s training", "it", "validate it and continue")
                     end_epoch(epoch, record, None if resumed else epoch_started)
                     if epoch + 1 < cfg.epochs and stop.at_epoch_end():
-                        raise StopRequested(
-                            f"distill: stopped by {stop.signal_name} after epoch {epoch + 1}/{cfg.epochs}; {self.checkpoint_path} holds it: "
-                            "rerun the same command with --resume to continue" if self.dist.is_main else "",
-                            stop.agreed_signum,
-                        )
+                        raise self._stopped(stop, f"epoch {epoch + 1}/{cfg.epochs}", "it", "continue")
         finally:
             self.loader.close()
             self.log.close()
