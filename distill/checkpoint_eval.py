@@ -61,10 +61,12 @@ def init_from_ema(loaded, init: str, choice: str) -> str:
     """``distill --init FILE --init-weights choice``: load ``init``'s EMA weights into ``loaded`` (built with
     its raw weights) when ``choice`` asks for them ('auto': when the file has them); returns which
     weights the student starts from, 'raw' or 'ema'."""
+    if choice == "raw":  # what load_model loaded: the file is not read a second time
+        return "raw"
     ema = ema_weights(load_torch_file(init, "--init"))
     if choice == "ema" and ema is None:
         raise UserError(f"--init-weights ema: --init {init} holds no EMA weights (its run had no --ema-decay); use --init-weights raw")
-    if ema is None or choice == "raw":
+    if ema is None:
         return "raw"
     loaded.module.load_state_dict(ema)
     return "ema"
