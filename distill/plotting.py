@@ -20,12 +20,12 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise UserError("plot needs matplotlib: pip install 'mealkd[plot]'") from None
     records = read_metrics(run_dir)
     out = out or run_dir / "curves.png"
-    formats = plt.gcf().canvas.get_supported_filetypes()
-    plt.close("all")
+    formats = FigureCanvasBase.get_supported_filetypes()  # what savefig writes (without a figure made and closed to ask)
     if out.suffix.lstrip(".").lower() not in formats:
         raise UserError(f"--out {out}: matplotlib cannot write '{out.suffix or 'no suffix'}' files; use one of "
                         f"{', '.join('.' + f for f in sorted(formats))}, e.g. curves.png")

@@ -55,7 +55,7 @@ class RunLog:
         path = self.run_dir / METRICS_NAME
         if not self.enabled or not path.exists():
             return
-        lines = [line for line in path.read_text().splitlines() if (_epoch_of(line) or last_epoch + 1) <= last_epoch]
+        lines = [line for line in path.read_text().splitlines() if (epoch := _epoch_of(line)) is not None and epoch <= last_epoch]
         path.write_text("".join(line + "\n" for line in lines))
 
     def epoch_record(self, record: dict, global_step: int) -> None:
