@@ -22,13 +22,21 @@ METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.json"
 TENSORBOARD_DIR = "tensorboard"
 BAR_REFRESH_EVERY = 10  # steps between bar refreshes on a terminal
+D_KEYS = ("d_loss", "d_acc")  # the discriminator's metrics: 0 in metrics.jsonl with --discriminator off (scripts read them)
+
+
+def d_text(d_loss: float, d_acc: float) -> str:
+    """The discriminator's part of a progress or epoch line."""
+    return f"  D {d_loss:.3f} (acc {d_acc:.0%})"
 
 
 class RunLog:
     """Rank 0's record of a run; every method is a no-op on other ranks (``enabled=False``)."""
 
-    def __init__(self, run_dir: Path, console: Console, *, enabled: bool, log_every: int, tensorboard: bool):
+    def __init__(self, run_dir: Path, console: Console, *, enabled: bool, log_every: int, tensorboard: bool,
+                 discriminator: bool = True):
         self.run_dir = run_dir
+        self.discriminator = discriminator  # False: --discriminator off, so lines and TensorBoard leave D's zeros out
         self.console = console
         self.enabled = enabled
         self.log_every = max(1, log_every)
@@ -66,7 +74,7 @@ class RunLog:
             handle.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch" and (self.discriminator or key not in D_KEYS):
                     self._writer.add_scalar(f"epoch/{key}", value, record["epoch"])
             self._writer.add_scalar("epoch/global_step", global_step, record["epoch"])
             self._writer.flush()
@@ -92,7 +100,8 @@ class RunLog:
     def scalars(self, means: dict, lr: float, global_step: int) -> None:
         if self._writer is not None:
             for key, value in means.items():
-                self._writer.add_scalar(f"step/{key}", value, global_step)
+                if self.discriminator or key not in D_KEYS:
+                    self._writer.add_scalar(f"step/{key}", value, global_step)
             self._writer.add_scalar("step/lr", lr, global_step)
 
 
@@ -102,7 +111,7 @@ class _BarProgress:
         columns = (
             RateColumn("crops", "crops_per_step"),
             TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("D {task.fields[d_loss]:.3f} ({task.fields[d_acc]:.0%})"),
+            *([TextColumn("D {task.fields[d_loss]:.3f} ({task.fields[d_acc]:.0%})")] if log.discriminator else []),
             TextColumn("agree {task.fields[agree]:.1%}"),
         )
         self.progress = make_progress(log.console, *columns, enabled=log.enabled)
@@ -151,8 +160,9 @@ class _PlainProgress:
             elapsed = max(time.perf_counter() - started, 1e-9)
             left = elapsed / max(1, done - first) * (steps - done)  # the steps of this epoch still to run, at this session's pace
             self.log.console.print(
-                f"epoch {epoch + 1}/{self.epochs} step {done}/{steps}: loss {means['loss']:.4f}  D {means['d_loss']:.3f} "
-                f"(acc {means['d_acc']:.0%})  agree {means['agreement']:.1%}  lr {lr:.3g}  {seen / elapsed:.0f} crops/s  "
+                f"epoch {epoch + 1}/{self.epochs} step {done}/{steps}: loss {means['loss']:.4f}"
+                + (d_text(means["d_loss"], means["d_acc"]) if self.log.discriminator else "")
+                + f"  agree {means['agreement']:.1%}  lr {lr:.3g}  {seen / elapsed:.0f} crops/s  "
                 f"epoch ends in {format_duration(left)}",
                 soft_wrap=True, highlight=False,
             )

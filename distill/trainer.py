@@ -48,7 +48,7 @@ from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreeme
 from mealkd.distill.mixing import MixPolicy, mix
 from mealkd.distill.optimization import make_optimizer, make_scheduler, param_groups
 from mealkd.distill.preemption import GracefulStop
-from mealkd.distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog
+from mealkd.distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog, d_text
 from mealkd.errors import StopRequested, UserError
 from mealkd.faults import kill_point
 
@@ -143,7 +143,8 @@ class Trainer:
                             f"optimiser step would see {len(self.batch_crops)}, not {self.accum}; use at most {len(self.batch_crops)}")
         self.scheduler = make_scheduler(self.optimizer, steps_per_epoch=self.optimizer_steps_per_epoch, epochs=cfg.epochs,
                                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule, min_lr_factor=cfg.min_lr / cfg.lr)
-        self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard)
+        self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard,
+                         discriminator=self.disc.enabled)
         self.best = {"val_top1": None, "epoch": None}
         self.protocol = EvalProtocol.from_flags(cfg.resize_size, cfg.crop_pct, cfg.interpolation)
         self.protocol.check(self.norm.size)
@@ -567,7 +568,7 @@ class Trainer:
                         self.saved_at = time.monotonic()
                         if started is not None:  # a partial epoch says little about a whole one
                             wall.append(time.perf_counter() - started)
-                        progress.print(_format_record(record) + _eta(wall, cfg.epochs - epoch - 1))
+                        progress.print(_format_record(record, self.disc.enabled) + _eta(wall, cfg.epochs - epoch - 1))
                     self.dist.barrier()
                     records.append(record)
 
@@ -611,9 +612,9 @@ def _eta(wall: list[float], epochs_left: int) -> str:
     return f"  ({epochs_left} epoch{'s' if epochs_left > 1 else ''} left, ~{format_duration(sum(wall) / len(wall) * epochs_left)})"
 
 
-def _format_record(record: dict) -> str:
-    text = (f"epoch {record['epoch']}: loss {record['loss']:.4f}  D {record['d_loss']:.3f} (acc {record['d_acc']:.0%})  "
-            f"agree {record['teacher_agreement']:.1%}  {record['crops_per_s']:.0f} crops/s")
+def _format_record(record: dict, discriminator: bool) -> str:
+    text = (f"epoch {record['epoch']}: loss {record['loss']:.4f}" + (d_text(record["d_loss"], record["d_acc"]) if discriminator else "")
+            + f"  agree {record['teacher_agreement']:.1%}  {record['crops_per_s']:.0f} crops/s")
     if "val_top1" in record:
         text += f"  val top-1 {record['val_top1']:.2%} top-5 {record['val_top5']:.2%}"
     if "val_ema_top1" in record:
