@@ -309,8 +309,7 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
         for shard in mine:
             with writing_store(cfg.out):
                 extender.build(shard, on_crops)
-            start, stop = writer.shard_range(shard)
-            images_done += stop - start
+            images_done += writer.images_in([shard])
             progress.update(task, completed=images_done)
     return {"shards_written": len(mine), "images": total_images, "crops": crops_done, "rank": d.rank,
             "fp32_fallbacks": ensemble.fp32_fallbacks, "dali_threads": dali_threads(cfg.num_threads, backend),

@@ -377,7 +377,7 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
                     with writing_store(cfg.out), times.stage("writes"):
                         in_flight.result()
                 in_flight = pool.submit(writer.write_shard, shard, windows, flips, probs)
-                images_done += stop - start
+                images_done += writer.images_in([shard])
                 progress.update(task, completed=images_done)
             if in_flight is not None:
                 with writing_store(cfg.out), times.stage("writes"):

@@ -299,8 +299,8 @@ class StoreWriter:
         else:
             self._labels = [self._group["topk_idx"].with_config(every), self._group["topk_val"].with_config(every)]
             self._fidelity = self._group["fidelity"].with_config(every)
-            self._excluded = np.asarray(self._group["excluded"][:], bool)
             self._index_dtype = self._labels[0].dtype
+        self._excluded = np.asarray(self._group["excluded"][:], bool)
 
     # ------------------------------------------------------------------ shards
     def shard_range(self, shard: int) -> tuple[int, int]:
@@ -311,8 +311,9 @@ class StoreWriter:
         return start, min(start + self.images_per_shard, self.num_images)
 
     def images_in(self, shards: list[int]) -> int:
-        """How many images ``shards`` hold together (the work of labelling them)."""
-        return sum(stop - start for start, stop in map(self.shard_range, shards))
+        """How many images of ``shards`` get labels (the work of labelling them): those not excluded at the
+        store's creation (unreadable files keep placeholder rows, and no crop of theirs is labelled)."""
+        return sum(int((~self._excluded[start:stop]).sum()) for start, stop in map(self.shard_range, shards))
 
     def done_mask(self) -> np.ndarray:
         return np.asarray(self._done[:], bool)

@@ -155,6 +155,10 @@ def test_skip_bad_records_excluded_image(files, tmp_path, capsys):
     assert store.excluded.tolist() == [i == bad for i in range(len(store.paths))]
     assert store.done.all()
     assert not store.windows[bad].any() and store.sizes[bad].tolist() == [0, 0]
+    # the start line and the summary count what is labelled: the excluded image has no crop
+    n, r = len(store.paths) - 1, store.crops_per_image
+    assert f"precompute: {n:,} images x {r} crops = {n * r:,} crops to label" in err, err
+    assert f"precompute: {n} images, {n * r} crops labelled by this run" in err, err
     good = ~store.excluded
     assert (store.windows[good][..., 2:] > 0).all()
     probs = np.asarray(store._group["probs"][:], np.float32)
