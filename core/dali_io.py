@@ -296,16 +296,32 @@ def run_batches(pipe: Pipeline, feeds: Iterable[Feed], convert: Callable[[tuple]
         return True
 
     in_flight = schedule_next()
-    while in_flight:
-        converted = convert(pipe.share_outputs())
-        pipe.release_outputs()  # free the single buffer so the next batch runs while the caller works
+    try:
+        while in_flight:
+            converted = convert(pipe.share_outputs())
+            pipe.release_outputs()  # free the single buffer so the next batch runs while the caller works
+            fed.popleft()
+            if ahead:
+                in_flight = schedule_next()
+                yield converted
+            else:
+                yield converted
+                in_flight = schedule_next()
+    finally:
+        _drain(pipe, fed)
+
+
+def _drain(pipe: Pipeline, fed: collections.deque) -> None:
+    """Take and drop the outputs of runs scheduled but never consumed (the caller stopped early: ``break``,
+    an error, ``next(iter(...))``), so the pipeline's next loop starts with its own first batch, not this
+    loop's leftover."""
+    while fed:
+        try:
+            pipe.share_outputs()
+            pipe.release_outputs()
+        except RuntimeError:  # a batch nobody asked for could not be decoded: not this loop's error, nor the next one's
+            pass
         fed.popleft()
-        if ahead:
-            in_flight = schedule_next()
-            yield converted
-        else:
-            yield converted
-            in_flight = schedule_next()
 
 
 def to_samples(tensor_list: Any, device: torch.device) -> list[Any]:

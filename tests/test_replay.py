@@ -313,3 +313,23 @@ def test_crops_are_the_stored_window_in_pil_terms(stage_one):
                 if x + h <= sizes[i][1] and y + w <= sizes[i][0] and (h != w or x != y):
                     transposed = pil_crop(index.root / index.paths[i], (x, y, w, h), bool(flips[i, c]), norm)
                     assert (dali - transposed).abs().mean() > 0.05
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_loop_stopped_early_leaves_nothing_for_the_next_loop(ahead):
+    """A pipeline is reused across epochs and shards: a loop abandoned after one batch (break, an error,
+    ``next(iter(...))``) must not leave its scheduled-ahead batch to be yielded by the next loop."""
+    from nvidia.dali import fn, types
+
+    pipe = build_pipeline(lambda: fn.external_source(name="x", dtype=types.INT32), batch_size=2, backend=CPU, num_threads=1)
+
+    def feeds(first: int, batches: int):
+        return ({"x": [np.array([first + b], np.int32)] * 2} for b in range(batches))
+
+    def values(outs) -> int:
+        return int(np.array(outs[0][0])[0])
+
+    first = run_batches(pipe, feeds(0, 3), values, ahead=ahead)
+    assert next(first) == 0
+    first.close()  # what a break or a dropped iterator does
+    assert list(run_batches(pipe, feeds(100, 3), values, ahead=ahead)) == [100, 101, 102]
