@@ -478,7 +478,9 @@ def stop_inside_epoch_2(store: Path, batch: int) -> tuple[str, int]:
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from mealkd.distill.run_log import read_records
+
+    return read_records(run)
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:

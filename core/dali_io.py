@@ -319,8 +319,8 @@ def _drain(pipe: Pipeline, fed: collections.deque) -> None:
         try:
             pipe.share_outputs()
             pipe.release_outputs()
-        except RuntimeError:  # a batch nobody asked for could not be decoded: not this loop's error, nor the next one's
-            pass
+        except (RuntimeError, StopIteration):  # the loop ended on a failed batch: DALI has nothing left to hand out
+            return
         fed.popleft()
 
 

@@ -31,6 +31,7 @@ from mealkd.distill.checkpoint import load_checkpoint
 from mealkd.distill.evaluate import evaluate
 from mealkd.distill.checkpoint_eval import evaluate_checkpoint
 from mealkd.distill.trainer import DistillConfig, run_distill
+from mealkd.distill.run_log import METRICS_NAME, read_records
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 
 
@@ -296,8 +297,8 @@ def _plot(results: dict, path: Path, runs: Path) -> None:
     ax_bar.set_ylim(max(0.0, min(means) - 0.1), 1.0)
     ax_bar.set_ylabel("val top-1")
     ax_bar.set_title("held-out accuracy")
-    for run in sorted(runs.glob("*/metrics.jsonl")):
-        records = [json.loads(line) for line in run.read_text().splitlines() if line.strip()]
+    for run in sorted(runs.glob(f"*/{METRICS_NAME}")):
+        records = read_records(run.parent)
         ax_curve.plot([r["epoch"] for r in records], [r.get("val_top1", float("nan")) for r in records], marker="o", label=run.parent.name)
     ax_curve.set_xlabel("distill epoch")
     ax_curve.set_ylabel("val top-1")

@@ -1,4 +1,4 @@
-"""Atomic checkpoints: write a temp file, fsync it, rename over the old one, fsync the directory."""
+"""Atomic files (checkpoints, exports, a run's logs): write a temp file, fsync it, rename over the old one, fsync the directory."""
 from __future__ import annotations
 
 import os
@@ -40,28 +40,35 @@ def _umask() -> int:
 
 
 @contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary handle whose bytes replace ``path`` only when the block completes: a temp file in the same
-    folder, fsync, rename over ``path``, fsync of the folder. On any error the temp file is removed and
-    ``path`` is untouched."""
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp path (same folder, same suffix, so writers that look at it behave) whose file replaces ``path``
+    only when the block completes: fsync, rename over ``path``, fsync of the folder, the umask's permissions.
+    On any error the temp file is removed and ``path`` is untouched. The one way distill writes a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
+        yield tmp
         share_as_umask_allows(tmp)
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle whose bytes replace ``path`` only when the block completes (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield handle
 
 
 def save_atomic(obj: Any, path: Path) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 
 from mealkd.core.checkpoint_io import load_torch_file
 from mealkd.core.models import file_sha256
-from mealkd.distill.checkpoint import share_as_umask_allows
+from mealkd.distill.checkpoint import atomic_path
 from mealkd.distill.checkpoint_eval import load_student, sidecar_path
 from mealkd.errors import UserError
 
@@ -72,15 +71,9 @@ def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_atomic(out: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``out`` (same suffix, so writers that look at it behave)."""
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
-    try:
+    """``write(tmp_path)``, then the file replaces ``out`` (:func:`~mealkd.distill.checkpoint.atomic_path`)."""
+    with atomic_path(out) as tmp:
         write(tmp)
-        share_as_umask_allows(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _export_pt2(model, example: torch.Tensor, spec_text: str):

@@ -1,17 +1,19 @@
 """`mealkd plot`: curves from a run's metrics.jsonl (matplotlib is an optional extra)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from mealkd.distill.run_log import METRICS_NAME, read_records
 from mealkd.errors import UserError
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"RUN_DIR {run_dir}: no metrics.jsonl there; pass the --out directory of a distill run")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not (run_dir / METRICS_NAME).is_file():
+        raise UserError(f"RUN_DIR {run_dir}: no {METRICS_NAME} there; pass the --out directory of a distill run")
+    records = read_records(run_dir)
+    if not records:
+        raise UserError(f"RUN_DIR {run_dir}: {METRICS_NAME} has no finished epoch yet; plot again after the run's first epoch")
+    return records
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:

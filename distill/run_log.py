@@ -7,7 +7,6 @@ running means are read from the device only when a line or the bar is refreshed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from rich.progress import TextColumn
 
 from mealkd.core.progress import RateColumn, make_progress
 from mealkd.core.timing import format_duration
+from mealkd.distill.checkpoint import atomic_path
 from mealkd.errors import UserError
 
 METRICS_NAME = "metrics.jsonl"
@@ -54,9 +54,8 @@ class RunLog:
         """RUN/config.json: the run's full configuration and facts, rewritten at every (re)start."""
         if not self.enabled:
             return
-        tmp = self.run_dir / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / CONFIG_NAME)
+        with atomic_path(self.run_dir / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
 
     def trim(self, last_epoch: int) -> None:
         """Drop metric lines of epochs after ``last_epoch`` (from a run killed after logging them)."""
@@ -64,7 +63,8 @@ class RunLog:
         if not self.enabled or not path.exists():
             return
         lines = [line for line in path.read_text().splitlines() if (epoch := _epoch_of(line)) is not None and epoch <= last_epoch]
-        path.write_text("".join(line + "\n" for line in lines))
+        with atomic_path(path) as tmp:  # a kill during the rewrite keeps the old log, not half of it
+            tmp.write_text("".join(line + "\n" for line in lines))
 
     def epoch_record(self, record: dict, global_step: int) -> None:
         """Append the epoch's metrics line (and TensorBoard scalars)."""
@@ -172,6 +172,15 @@ class _PlainProgress:
     def print(self, text: str) -> None:
         if self.log.enabled:
             self.log.console.print(text, soft_wrap=True, highlight=False)
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """The epoch records of RUN/metrics.jsonl, without blank or torn lines (a full disk or a kill during the
+    append); [] if there is none."""
+    path = run_dir / METRICS_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if _epoch_of(line) is not None]
 
 
 def _epoch_of(line: str) -> int | None:

@@ -726,6 +726,16 @@ def test_plot_writes_png(straight_run, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
     code, err = run_main(["plot", str(tmp_path / "not-a-run")], capsys)
     assert_one_line_error(code, err, "no metrics.jsonl", "--out directory of a distill run")
+    # a log torn by a kill or a full disk mid-append is plotted without its torn line (was a JSON traceback)
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text() + '{"epoch": 9, "lo')
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plot", str(torn)])
+    assert exit_.value.code == 0 and (torn / "curves.png").is_file()
+    (torn / "metrics.jsonl").write_text("")  # the run's first epoch has not ended
+    code, err = run_main(["plot", str(torn)], capsys)
+    assert_one_line_error(code, err, "no finished epoch yet")
     # an --out matplotlib cannot write, or in a missing directory: one line each (were tracebacks), nothing written
     code, err = run_main(["plot", str(run), "--out", str(tmp_path / "curves.foo")], capsys)
     assert_one_line_error(code, err, "curves.foo", "'.foo'", ".png")
