@@ -92,3 +92,58 @@ def test_broken_links_and_link_loops_are_one_line_errors(tmp_path, capsys):
     teacher = tiny_teacher(tmp_path / "t.pt", classes=1)
     proc = run(capsys, *precompute_args(root, str(teacher), tmp_path / "s.zarr"))
     assert_user_error(proc, "--data", "loop of symbolic links")
+
+
+def test_what_would_drop_images_in_silence_is_one_line(tmp_path):
+    """A class or a folder of images behind a link to nothing (a disk not mounted), a directory that cannot
+    be read, and a name that is not UTF-8 (the store records UTF-8 names): each was skipped in silence or a
+    traceback; now one UserError naming the path."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    from mealkd.errors import UserError
+
+    def tree(name: str) -> Path:
+        root = tmp_path / name
+        (root / "c0" / "sub").mkdir(parents=True)
+        (root / "c0" / "ok.jpg").write_bytes(b"\xff" * 4)
+        (root / "c0" / "sub" / "deep.jpg").write_bytes(b"\xff" * 4)
+        return root
+
+    root = tree("class_link")
+    os.symlink("/nonexistent/mount/c1", root / "c1")
+    with pytest.raises(UserError, match=r"c1 is a broken symbolic link \(it points to /nonexistent/mount/c1\)"):
+        scan_image_folder(root)
+    root = tree("folder_link")
+    os.symlink("/nonexistent/mount/more", root / "c0" / "more")
+    with pytest.raises(UserError, match="more is a broken symbolic link"):
+        scan_image_folder(root)
+    root = tree("latin1")
+    (root / "c0" / os.fsdecode(b"caf\xe9.jpg")).write_bytes(b"\xff" * 4)
+    with pytest.raises(UserError, match=r"caf\\xe9.jpg: the name is not UTF-8") as err:
+        scan_image_folder(root)
+    assert "convmv" in str(err.value)
+    root = tree("latin1_class")
+    (root / os.fsdecode(b"th\xe9")).mkdir()
+    with pytest.raises(UserError, match="the name is not UTF-8"):
+        scan_image_folder(root)
+    # an unreadable folder: root reads everything, so the scan runs as an unprivileged user (a user namespace)
+    root = tree("unreadable")
+    (root / "c0" / "sub").chmod(0)
+    unshare = shutil.which("unshare")
+    try:
+        probe = subprocess.run([unshare, "-U", "true"], capture_output=True) if unshare else None
+        if probe is None or probe.returncode != 0:
+            pytest.skip("needs unshare -U to scan as an unprivileged user")
+        code = ("import sys; from mealkd.core.dataset import scan_image_folder\n"
+                "from mealkd.errors import UserError\n"
+                f"try: scan_image_folder({str(root)!r})\n"
+                "except UserError as err: print(err); sys.exit(2)")
+        done = subprocess.run([unshare, "-U", sys.executable, "-c", code], capture_output=True, text=True)
+    finally:
+        (root / "c0" / "sub").chmod(0o755)
+    assert done.returncode == 2, done.stderr
+    assert f"{root / 'c0' / 'sub'} cannot be read (Permission denied); fix its permissions" in done.stdout, done.stdout
