@@ -264,7 +264,7 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
         index = scan_image_folder(cfg.data)
         if index.fingerprint != (source.attrs.get("dataset") or {}).get("fingerprint"):
             raise UserError(f"--data {cfg.data}: not the dataset STORE was made from (fingerprint differs: files added, removed "
-                            "or changed); pass the precompute --data tree, unchanged")
+                            f"or changed: {storage.dataset_difference(source.paths, index.paths)}); pass the precompute --data tree, unchanged")
         ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
         _check_settings(source, _settings(pcfg, index, ensemble, backend))
         decoder = job_decoder(source.attrs.get("decoder"), backend, d, allow=cfg.allow_decoder_mismatch, where=f"STORE {cfg.store}",

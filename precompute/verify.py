@@ -214,7 +214,8 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     index = scan_image_folder(data)
     have = (store.attrs.get("dataset") or {}).get("fingerprint")
     if have != index.fingerprint:
-        raise UserError(f"--data {data}: not the dataset this store was computed on (fingerprint {str(have)[:12]} != {index.fingerprint[:12]}); pass the precompute --data")
+        raise UserError(f"--data {data}: not the dataset this store was computed on (fingerprint {str(have)[:12]} != {index.fingerprint[:12]}: "
+                        f"{storage.dataset_difference(store.paths, index.paths)}); pass the precompute --data")
     stored_decoder = (store.attrs.get("decoder") or {}).get("backend") or "cpu"
     stored_precision = store.attrs.get("precision") or "fp32"
     backend = resolve_backend("cpu" if device == "auto" and stored_decoder == "cpu" else device)  # recompute where the store was made

@@ -24,6 +24,7 @@ forked worker process keeps working there.
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from functools import cached_property
 from typing import Sequence
 
@@ -46,22 +47,42 @@ def store_exists(url: str) -> bool:
     return attrs.get("format") == FORMAT
 
 
+def dataset_difference(stored: Sequence[str], found: Sequence[str]) -> str:
+    """What differs between a store's image paths and a dataset's whose fingerprint is not the store's,
+    for the refusal: the first file only one side has (and how many), a hint when the names differ only
+    in Unicode normalisation (a copy made on macOS writes NFD), else that the same files changed size."""
+    have, seen = set(stored), set(found)
+    gone = [p for p in stored if p not in seen]
+    new = [p for p in found if p not in have]
+    parts = []
+    if gone:
+        parts.append(f"{gone[0]!r} of the store is not in the dataset" + (f" ({len(gone):,} such files)" if len(gone) > 1 else ""))
+    if new:
+        parts.append(f"{new[0]!r} is not in the store" + (f" ({len(new):,} such files)" if len(new) > 1 else ""))
+    if gone and new and unicodedata.normalize("NFC", gone[0]) == unicodedata.normalize("NFC", new[0]):
+        parts.append("the names differ only in Unicode normalisation (a copy made on macOS?): rename to the store's form (NFC)")
+    return "; ".join(parts) or "the same files, but some changed size"
+
+
 def open_store(url: str, *, require_complete: bool = True, fingerprint: str | None = None,
-               class_names: Sequence[str] | None = None, check_files: bool = True) -> "LabelStore":
+               class_names: Sequence[str] | None = None, check_files: bool = True,
+               dataset_paths: Sequence[str] | None = None) -> "LabelStore":
     """Open and validate a label store; one-line UserError for: not a mealkd store, unknown/newer
-    version, incomplete (when ``require_complete``), dataset fingerprint mismatch, class-name
-    mismatch, and (``check_files``) a done shard whose chunk file is missing (zarr would silently
-    read fill values, i.e. all-zero labels, in its place). Unreadable chunks and all-zero label
-    rows of done images are refused later, when read (see ``LabelStore.damaged``)."""
+    version, incomplete (when ``require_complete``), dataset fingerprint mismatch (naming what differs
+    when ``dataset_paths``, the dataset's image paths, are given), class-name mismatch, and
+    (``check_files``) a done shard whose chunk file is missing (zarr would silently read fill values,
+    i.e. all-zero labels, in its place). Unreadable chunks and all-zero label rows of done images are
+    refused later, when read (see ``LabelStore.damaged``)."""
     url = str(url)
     group, attrs = _open_group(url, read_only=True)
     store = LabelStore(url, group, attrs)
     if fingerprint is not None:
         have = (attrs.get("dataset") or {}).get("fingerprint")
         if have != fingerprint:
+            detail = "" if dataset_paths is None else f": {dataset_difference(store.paths, dataset_paths)}"
             raise UserError(
                 f"{url}: dataset fingerprint {str(have)[:12]} of the store != {str(fingerprint)[:12]} of the "
-                f"dataset (files added, removed or changed since precompute); point at the dataset used "
+                f"dataset (files added, removed or changed since precompute{detail}); point at the dataset used "
                 f"for precompute or rerun `mealkd precompute`"
             )
     if class_names is not None:

@@ -160,8 +160,21 @@ def test_dataset_changed_after_precompute_is_refused_by_distill(env, tmp_path, c
     else:
         (data / "class_1" / "img_001.jpg").unlink()
     proc = run(capsys, *distill_args(reference(), data, tmp_path / "run", "--epochs", "1"))
-    assert_user_error(proc, "fingerprint", "rerun `mealkd precompute`")
+    named = {"class added": "'class_3/img_000.jpg' is not in the store", "file rewritten": "the same files, but some changed size",
+             "file added": "'class_0/img_100.jpg' is not in the store", "file removed": "'class_1/img_001.jpg' of the store is not in the dataset"}
+    assert_user_error(proc, "fingerprint", named[change], "rerun `mealkd precompute`")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_dataset_difference_names_the_file_and_a_unicode_normalisation():
+    from mealkd.storage import dataset_difference
+
+    stored = ["caf\u00e9/a.jpg", "caf\u00e9/b.jpg", "dog/c.jpg"]
+    nfd = ["cafe\u0301/a.jpg", "cafe\u0301/b.jpg", "dog/c.jpg"]  # what a copy made on macOS writes
+    said = dataset_difference(stored, nfd)
+    assert said.startswith("'caf\u00e9/a.jpg' of the store is not in the dataset (2 such files); 'cafe\u0301/a.jpg' is not in the store (2 such")
+    assert "Unicode normalisation" in said
+    assert dataset_difference(stored, stored[:2]) == "'dog/c.jpg' of the store is not in the dataset"
 
 
 def test_file_corrupted_in_place_after_precompute_is_named_not_a_traceback(env, tmp_path, reference):
