@@ -23,7 +23,7 @@ from mealkd import storage
 from mealkd.core.dali_io import Backend, dali_threads, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import Dist, launched_by_torchrun
-from mealkd.core.probe import probe_images
+from mealkd.core.probe import describe_unreadable, probe_images
 from mealkd.core.timing import StageTimes, format_duration
 from mealkd.core.windows import draw_all_windows
 from mealkd.errors import UserError
@@ -156,7 +156,8 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
 
     sampled = len(ids)
     started = time.perf_counter()
-    sizes, bad = probe_images(index, ids, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads)
+    reasons: dict[int, str] = {}
+    sizes, bad = probe_images(index, ids, backend, batch_size=min(64, cfg.batch_size), num_threads=cfg.num_threads, reasons=reasons)
     probe_s = time.perf_counter() - started
     good = ~np.isin(ids, bad)
     if not good.any():
@@ -192,6 +193,7 @@ def run_dry_run(cfg: PrecomputeConfig) -> dict:
         "crops_per_image": cfg.crops_per_image,
         "sample_images": int(good.sum()),
         "sample_unreadable": int((~good).sum()),
+        "unreadable_named": describe_unreadable(index, sorted(bad), reasons, limit=5) if bad else "",
         "skip_bad": cfg.skip_bad,
         "sample_crops": int(len(ids)) * cfg.crops_per_image,
         "timed_batches": len(crops) - warmup,
@@ -262,7 +264,7 @@ def report_lines(result: dict) -> list[str]:
         "label encodings on the sampled crops (total variation between the teachers' float32 rows and what the store returns):",
     ]
     if r["sample_unreadable"]:
-        lines.insert(4, f"unreadable: {r['sample_unreadable']} sampled file(s) cannot be decoded; "
+        lines.insert(4, f"unreadable: {r['sample_unreadable']} sampled file(s) cannot be decoded ({r['unreadable_named']}); "
                      + ("the run will exclude every such file (--skip-bad)" if r["skip_bad"] else
                         "the run will stop on them after validating every file: fix or remove them, or pass --skip-bad"))
     for fit in r["fits"]:

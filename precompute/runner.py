@@ -131,7 +131,8 @@ def _probe_all(cfg: PrecomputeConfig, index: DatasetIndex, backend: Backend, d: 
     excluded[bad] = True
     refuse_nothing_to_train_on(index, excluded, bad, reasons)
     if bad and d.is_main:
-        console.print(f"[yellow]--skip-bad: excluding {len(bad)} unreadable file(s), e.g. {escape(describe_unreadable(index, bad, reasons, limit=1))}", soft_wrap=True)
+        console.print(f"[yellow]--skip-bad: excluding {len(bad)} unreadable file(s): {escape(describe_unreadable(index, bad, reasons, limit=10))}"
+                      + (f" (`mealkd inspect {escape(cfg.out)}` lists them all)" if len(bad) > 10 else ""), soft_wrap=True)
     return sizes, excluded
 
 

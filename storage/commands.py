@@ -48,6 +48,9 @@ def _teachers(value, crop_size) -> str:
     return "\n".join(lines)
 
 
+EXCLUDED_SHOWN = 10  # excluded images the table names (--json lists every one)
+
+
 def summary(store: str, sample: int) -> dict:
     """Everything ``inspect`` shows, as one JSON-able dict (``inspect --json`` prints it)."""
     s = open_store(store, require_complete=False)
@@ -69,6 +72,7 @@ def summary(store: str, sample: int) -> dict:
         "class_names": s.class_names,
         "num_images": s.num_images,
         "excluded": int(s.excluded.sum()),
+        "excluded_paths": [path for path, out in zip(s.paths, s.excluded.tolist()) if out] if s.excluded.any() else [],
         "crops_per_image": s.crops_per_image,
         "encoding": {"kind": s.encoding, "k": s.topk,
                      "index_dtype": None if s.topk is None else ("uint16" if s.num_classes <= 65535 else "int32")},
@@ -118,7 +122,9 @@ def _table(info: dict):
     table.add_row("classes", f"{info['num_classes']} ({head})")
     excl = info["excluded"]
     why = "unreadable image or label file" if info.get("imported") else "unreadable"
-    table.add_row("images", f"{info['num_images']}" + (f" ({excl} excluded: {why})" if excl else ""))
+    shown = info["excluded_paths"][:EXCLUDED_SHOWN]
+    listed = ", ".join(shown) + (f" and {excl - len(shown)} more (inspect --json lists all)" if excl > len(shown) else "")
+    table.add_row("images", f"{info['num_images']}" + (f" ({excl} excluded: {why}: {listed})" if excl else ""))
     table.add_row("crops per image", str(info["crops_per_image"]))
     enc_info, fid = info["encoding"], info["fidelity"]
     enc = "dense fp16 rows" if enc_info["k"] is None else f"top-{enc_info['k']} ({enc_info['index_dtype']} index + fp16 value)"

@@ -129,5 +129,6 @@ def test_small_sample_unreadable_file_and_any_requested_k(tmp_path, capsys):
         assert proc.returncode == 0, proc.stderr
         assert "every batch timed" in proc.stderr and "(15 images sampled, 1 more unreadable)" in proc.stderr
         assert "the run will stop on them" in proc.stderr and "--skip-bad" in proc.stderr
+        assert "cannot be decoded (" in proc.stderr and "class_3/img_001.jpg" in proc.stderr  # named, as the README says
         chosen = [line for line in proc.stderr.splitlines() if "<- --encoding" in line]
         assert len(chosen) == 1 and chosen[0].strip().startswith(marked), proc.stderr

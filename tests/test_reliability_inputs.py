@@ -90,6 +90,11 @@ def test_skip_bad_excludes_exactly_the_bad_files_and_distill_skips_them(env, tmp
     arrays = store_arrays(out)
     excluded = {p for p, e in zip(arrays["paths"].tolist(), arrays["excluded"]) if e}
     assert excluded == {f"class_2/{n}" for n in BAD_FILES}
+    assert all(f"class_2/{n}" in proc.stderr for n in BAD_FILES), proc.stderr  # every one named (only the first was)
+    shown = run(capsys, "inspect", str(out))
+    assert shown.returncode == 0 and all(n in shown.stdout for n in BAD_FILES), shown.stdout
+    listed = json.loads(run(capsys, "inspect", str(out), "--json").stdout)["excluded_paths"]
+    assert sorted(listed) == sorted(excluded)
     assert arrays["done"].all() and (arrays["windows"][arrays["excluded"]] == 0).all()
     assert run(capsys, "verify", str(out)).returncode == 0
     proc = run(capsys, *distill_args(out, data, tmp_path / "run", "--epochs", "1"))
