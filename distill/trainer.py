@@ -72,6 +72,18 @@ class Trainer:
         self.cfg = cfg
         self.backend = resolve_backend(cfg.device)
         self.dist: Dist = init_distributed(self.backend.device)
+        try:
+            self._open_data(cfg)
+            self._build_student(cfg)
+            self._build_training(cfg)
+            self._build_validation(cfg)
+            self.start_epoch, self.start_step, self.rank_state = self._restore()
+        except BaseException:  # a refused run (any check below) releases the process group and the loader's threads too
+            self.close()
+            raise
+
+    def _open_data(self, cfg: DistillConfig) -> None:
+        """The dataset, the label store and the checks that they go together and with this job."""
         self.device = self.backend.device
         self.precision = resolve_precision(cfg.precision, self.device)
         apply_numerics(self.device, self.precision, deterministic=cfg.deterministic, fixed_shapes=True)
@@ -85,6 +97,9 @@ class Trainer:
         self._check_decoder()
         self.class_names = self.store.class_names
         self.temperature = self.store.temperature
+
+    def _build_student(self, cfg: DistillConfig) -> None:
+        """The student (from --init or a checkpoint), its input normalisation, DDP, --compile and EMA wrappers."""
         self.student = self._load_student()
         self.head_reinitialized = bool(
             (self.resume_from.get("run_info") or {}).get("head_reinitialized") if self.resume_from is not None else self.student.head_reinitialized
@@ -110,6 +125,10 @@ class Trainer:
             self.forward_model = compiled(self.ddp_model, cfg.compile_backend, what=f"the student {cfg.student}",
                                           instead="drop --compile, or train an architecture spec (torchvision:ARCH, timm:ARCH)")
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+
+    def _build_training(self, cfg: DistillConfig) -> None:
+        """Losses, D, both optimisers, the loader of stored crops, the schedule and the run's log."""
+        model = self.model
         self.loss = DistillLoss(cfg.hard_label_weight, temperature=self.temperature)
         self.mix_policy = MixPolicy(cutmix=cfg.cutmix, mixup=cfg.mixup, cutmix_alpha=cfg.cutmix_alpha, mixup_alpha=cfg.mixup_alpha)
         self.disc = DiscriminatorLoss(self.store.num_classes, mode=cfg.discriminator, topk=self.store.topk).to(self.device)
@@ -146,17 +165,19 @@ class Trainer:
                                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule, min_lr_factor=cfg.min_lr / cfg.lr)
         self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard,
                          discriminator=self.disc.enabled)
+
+    def _build_validation(self, cfg: DistillConfig) -> None:
+        """--val: scanned and probed once (rank 0) now, not after the first epoch's training; every rank
+        then evaluates its share."""
         self.best = {"val_top1": None, "epoch": None}
         self.protocol = EvalProtocol.from_flags(cfg.resize_size, cfg.crop_pct, cfg.interpolation)
         self.protocol.check(self.norm.size)
-        # validation: scanned and probed once (rank 0), then evaluated by every rank on its share
         self.val_index = self.dist.on_main(lambda: scan_image_folder(cfg.val, flag="--val")) if cfg.val else None
         if self.val_index is not None:  # now, not after the first epoch's training
             class_mapping(self.val_index.class_names, self.class_names, flag="--val")
         self.val_ids = (
             self.dist.on_main(lambda: readable_images(self.val_index, self.backend, flag="--val", console=self.console)) if self.val_index else None
         )
-        self.start_epoch, self.start_step, self.rank_state = self._restore()
 
     # -- checkpoints --------------------------------------------------------------------------
     @property
@@ -603,6 +624,10 @@ class Trainer:
                 f"{self.device} {self.precision}, {dali_threads(cfg.num_threads, self.backend)} DALI threads")
 
     def close(self) -> None:
+        """Release what the run holds: the loader's threads and TensorBoard writer (also after a failed start), the process group."""
+        for part in ("loader", "log"):
+            if hasattr(self, part):
+                getattr(self, part).close()
         shutdown(self.dist)
 
 

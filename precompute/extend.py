@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from mealkd import storage
@@ -255,6 +256,9 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
     source = _open_source(cfg)
     ips = _shard_size(cfg, source)
     stored_backend = (source.attrs.get("decoder") or {}).get("backend") or "cpu"
+    if cfg.device == "auto" and stored_backend != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"STORE {cfg.store}: its crops were decoded on a GPU (DALI backend '{stored_backend}') and this machine has "
+                        "none, so --device auto cannot decode the new crops as the old ones were; extend it on a GPU machine")
     backend = resolve_backend(("cpu" if stored_backend == "cpu" else "cuda") if cfg.device == "auto" else cfg.device)
     d = init_distributed(backend.device)
     try:

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from tests.test_reliability_common import assert_user_error, precompute_args, run, store_arrays, tiny_world
@@ -116,6 +117,10 @@ def test_another_backend_is_refused_even_when_accepted(world, capsys, tmp_path):
               "--device", "cpu", "--allow-decoder-mismatch"]
     assert_user_error(run(capsys, *extend), f"STORE {source}", "'mixed'", "--device cuda")
     assert not (tmp_path / "r5.zarr").exists()
+    if not torch.cuda.is_available():  # --device auto follows the store's GPU decoder: on a machine without one, say so
+        auto = [a for a in extend if a not in ("--device", "cpu", "--allow-decoder-mismatch")]
+        assert_user_error(run(capsys, *auto), f"STORE {source}", "decoded on a GPU (DALI backend 'mixed')", "extend it on a GPU machine")
+        assert not (tmp_path / "r5.zarr").exists()
 
 
 def test_dry_run_on_a_store_begun_elsewhere_asks_for_the_flag(world, capsys, tmp_path):
