@@ -254,8 +254,8 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
         comparable = fresh
         compared = "all classes"
     else:
-        idx = np.stack([np.asarray(store._group["topk_idx"][i, k]) for i, k in zip(images, crops)]).astype(np.int64)
-        val = to_f32(np.stack([np.asarray(store._group["topk_val"][i, k]) for i, k in zip(images, crops)]))
+        idx, val = store.encoded(images, crops)  # as stored: one read per touched chunk, not one per crop
+        idx, val = idx.astype(np.int64), to_f32(val)
         diff = np.abs(np.take_along_axis(fresh, idx, axis=1) - val).max(axis=1)
         stored = decode_topk(idx, val, store.num_classes)
         fresh_idx, fresh_val = encode_topk(fresh, store.topk, idx.dtype)

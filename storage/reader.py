@@ -346,23 +346,28 @@ class LabelStore:
             return None
 
     def labels(self, image_ids: np.ndarray, crop_ids: np.ndarray) -> np.ndarray:
-        """float32 (B, C) probability rows for (image_ids[i], crop_ids[i]); random access.
+        """float32 (B, C) probability rows for (image_ids[i], crop_ids[i]); random access (:meth:`encoded`, decoded)."""
+        ii = self._check_ids(image_ids, self.num_images, "image id")
+        if ii.size == 0:
+            return np.empty((0, self.num_classes), np.float32)
+        return self._decode(self.encoded(image_ids, crop_ids))
+
+    def encoded(self, image_ids: np.ndarray, crop_ids: np.ndarray) -> list[np.ndarray]:
+        """The rows for (image_ids[i], crop_ids[i]) as stored: [fp16 probs] or [top-k indices, fp16 values].
 
         Chunk-aware: ids are grouped by crop slot; each slot's unique images are read with one
-        orthogonal selection (every touched inner chunk read once), slots concurrently."""
+        orthogonal selection (every touched inner chunk read once), slots concurrently. Rows of done
+        images that are all zero are refused as damage."""
         from zarr.core.sync import sync
 
         ii = self._check_ids(image_ids, self.num_images, "image id")
         cc = self._check_ids(crop_ids, self.crops_per_image, "crop id")
         if ii.shape != cc.shape:
             raise ValueError(f"image_ids ({ii.size}) and crop_ids ({cc.size}) differ in length")
-        out = np.empty((ii.size, self.num_classes), np.float32)
-        if ii.size == 0:
-            return out
         if self.fast_path and self._raw is not None:
             raw = self._reading(lambda: [ra.rows(ii, cc) for ra in self._raw])
             self._check_rows(raw, ii)
-            return self._decode(raw)
+            return raw
         groups = []
         for slot in np.unique(cc):
             sel = np.nonzero(cc == slot)[0]
@@ -372,9 +377,13 @@ class LabelStore:
         async def read_all():
             return await asyncio.gather(*[self._read_slot_async(u, s) for s, _, u, _ in groups])
 
+        out: list[np.ndarray] = []
         for (slot, sel, uniq, inv), raw in zip(groups, self._reading(lambda: sync(read_all()))):
             self._check_rows(raw, uniq)
-            out[sel] = self._decode(raw)[inv.reshape(-1)]
+            if not out:
+                out = [np.empty((ii.size, *r.shape[1:]), r.dtype) for r in raw]
+            for whole, part in zip(out, raw):
+                whole[sel] = part[inv.reshape(-1)]
         return out
 
     def slot_labels(self, slot: int, image_ids: np.ndarray | None = None) -> np.ndarray:
