@@ -33,8 +33,18 @@ def stopping_on_signals(command: str) -> Iterator[None]:
     is_main = env_rank() == 0
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        for s in STOP_SIGNALS:  # a second signal acts at once
-            signal.signal(s, previous[s])
+        def again(second: int, frame: FrameType | None) -> None:
+            """The same signal again acts at once (as without this handler); another one is the launcher
+            passing the same request on (torchrun's agent sends SIGINT, then SIGTERM, within a millisecond)
+            and is ignored, so the stop already under way finishes. Handing another signal back to SIG_DFL
+            while it was pending made CPython raise 'OSError: Signal 15 ignored due to race condition'."""
+            if second == signum:
+                for s in STOP_SIGNALS:
+                    signal.signal(s, previous[s])
+                signal.raise_signal(signum)
+
+        for s in STOP_SIGNALS:
+            signal.signal(s, again)
         # the stop may come before the store exists (while the images are validated): say nothing of its state
         message = (f"{command}: stopped by {signal.Signals(signum).name}; shards already finished are kept: rerun the same "
                    "command to continue") if is_main else ""
