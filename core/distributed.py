@@ -85,7 +85,7 @@ class Dist:
     def on_main(self, compute: Callable[[], Any]) -> Any:
         """``compute()`` on rank 0 only, its result sent to every rank (e.g. one dataset scan per job
         instead of one per rank). A UserError on rank 0 is raised on every rank, so no rank is left
-        waiting for a result that never comes."""
+        waiting for a result that never comes; rank 0 prints it, the others only exit (``echoed``)."""
         if not self.active:
             return compute()
         outcome: tuple[str, Any] = ("ok", None)
@@ -96,7 +96,7 @@ class Dist:
                 outcome = ("error", str(err))
         kind, value = self.broadcast(outcome)
         if kind == "error":
-            raise UserError(value)
+            raise UserError(value, echoed=not self.is_main)
         return value
 
     def gather(self, obj: Any) -> list[Any]:
@@ -120,6 +120,19 @@ def init_distributed(device: torch.device) -> Dist:
         dist.init_process_group(backend=default_group_backend(device), timeout=STEP_TIMEOUT, **kwargs)
     cpu_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank(), cpu_group=cpu_group)
+
+
+#: what a collective's error says when the rank at the other end went away (raised and exited, was killed, lost its host)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "[gloo]", "NCCL", "ProcessGroup", "watchdog")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another process of a multi-process job ended:
+    the survivors then see gloo/NCCL errors that say nothing of why, and the useful line is the other
+    rank's, printed above. ``cli.main`` turns these into one line."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    return isinstance(err, dist.DistError) or (isinstance(err, (RuntimeError, OSError)) and any(k in str(err) for k in _PEER_GONE))
 
 
 def seed_for(seed: int, rank: int, epoch: int) -> int:

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="mealkd", standalone_mode=False)
     except UserError as err:
-        click.echo(f"error: {err}", err=True)
+        if not err.echoed:
+            click.echo(f"error: {err}", err=True)
         sys.exit(2)
     except StopRequested as stop:
         if str(stop):
@@ -70,7 +71,24 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a multi-process job losing a process
+        _exit_if_a_peer_ended(err)
+        raise
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _exit_if_a_peer_ended(err: Exception) -> None:
+    """Under torchrun, when one rank stops (a user error, a signal, a kill), the others' collectives fail with
+    gloo/NCCL tracebacks that bury its one useful line: say so in one line instead (exit 1)."""
+    if "torch" not in sys.modules:  # no process group without torch
+        return
+    from mealkd.core.distributed import env_rank, lost_peer
+
+    if lost_peer(err):
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        click.echo(f"error: rank {env_rank()}: another process of this job ended, so this one cannot go on ({first[:200]}); "
+                   "the first error printed by the job says why", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

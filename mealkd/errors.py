@@ -6,7 +6,13 @@ store). ``cli.main`` prints its message as one line and exits with code 2, witho
 
 
 class UserError(Exception):
-    """A problem with the user's input; the message names the culprit and the fix."""
+    """A problem with the user's input; the message names the culprit and the fix. ``echoed``: another
+    rank of the job (rank 0) found the same and prints it, so this rank only exits (one line per job,
+    not one per GPU)."""
+
+    def __init__(self, message: str, *, echoed: bool = False):
+        super().__init__(message)
+        self.echoed = echoed
 
 
 class StopRequested(Exception):

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,7 +262,9 @@ def run_locked(out: str, d: Dist, prepare: Callable[[], None], label: Callable[[
     """The collective skeleton of a store-writing command: rank 0 holds the store lock for the whole run;
     ``prepare`` (create or check the store), every rank labels its pending shards (``label``), rank 0
     finalises; returns this rank's summary with ``complete``."""
-    with StoreLock(out) if d.is_main else nullcontext():
+    with ExitStack() as held:
+        # rank 0 holds the lock; a refusal (another writer) reaches every rank as one line, not a broken collective
+        d.on_main(lambda: held.enter_context(StoreLock(out)) and None)
         prepare()
         d.barrier()
         summary = job_summary(label(), d)

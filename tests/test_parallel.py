@@ -129,3 +129,37 @@ def test_the_index_rank_0_shares_equals_a_local_scan(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(tree)],
                           env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0 and done.stdout.count("ok") == 2, done.stderr[-2000:]
+
+
+def test_a_refusal_on_rank_0_is_one_line_for_the_whole_job(tmp_path):
+    """Another writer holds the store's lock: rank 0's refusal reaches rank 1 through the process group, so
+    the job prints it once and every rank exits 2 (rank 1 printed a gloo 'Connection closed by peer'
+    traceback from the broadcast it was left waiting in)."""
+    import fcntl
+    import os
+
+    data = make_jpeg_tree(tmp_path / "train", classes=2, per_class=2)
+    teacher = tiny_teacher(tmp_path / "t.pt", classes=2)
+    out = tmp_path / "s.zarr"
+    args = precompute_args(data, f"{teacher}:size=16", out)
+    with open(tmp_path / "s.zarr.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write(str(os.getpid()))
+        held.flush()
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"), *args],
+                             env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode != 0
+    assert run.stderr.count(f"another mealkd process (pid {os.getpid()}") == 1, run.stderr[-3000:]
+    assert "gloo" not in run.stderr and "Connection closed" not in run.stderr, run.stderr[-3000:]
+    assert "exitcode  : 2" in run.stderr  # torchrun's report: the first failed rank exited 2, as alone
+
+
+def test_a_collective_broken_by_another_rank_is_recognised(monkeypatch):
+    from mealkd.core.distributed import lost_peer
+
+    gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:41234")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert lost_peer(gone) and lost_peer(torch.distributed.DistBackendError("NCCL communicator was aborted"))
+    assert not lost_peer(RuntimeError("CUDA out of memory")) and not lost_peer(ValueError("[gloo]"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not lost_peer(gone)  # alone: a real error, shown as such
