@@ -6,6 +6,7 @@ only affects the command that needs it.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -42,10 +43,20 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name), attr)
 
 
+#: the commands that split their work over the processes of a torchrun job; the others run in one
+MULTI_PROCESS = ("precompute", "extend", "distill")
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mealkd", message="mealkd %(version)s")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Offline MEAL V2 distillation: teacher-ensemble soft labels in a Zarr store, students trained with DALI."""
+    command = ctx.invoked_subcommand
+    if command not in MULTI_PROCESS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # N copies would each do the whole job: N outputs (N JSON objects on stdout), racing writes, one lock winner
+        raise UserError(f"{command} runs in one process: run it without torchrun (of mealkd's commands only "
+                        f"{', '.join(MULTI_PROCESS)} split their work over processes)", echoed=os.environ.get("RANK", "0") != "0")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -163,3 +163,23 @@ def test_a_collective_broken_by_another_rank_is_recognised(monkeypatch):
     assert not lost_peer(RuntimeError("CUDA out of memory")) and not lost_peer(ValueError("[gloo]"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not lost_peer(gone)  # alone: a real error, shown as such
+
+
+def test_single_process_commands_refuse_torchrun_once(monkeypatch, capsys):
+    """merge, import-fkd, verify, evaluate, export, inspect, plot under a torchrun of N processes ran N whole
+    copies (N JSON objects on stdout, racing --repair writes, merge failing on its own sibling's lock):
+    refused in one line, printed by rank 0 only."""
+    import pytest
+
+    from mealkd import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        for command in (["merge", "a.zarr", "b.zarr", "--out", "c.zarr"], ["evaluate", "--data", "x", "--checkpoint", "y"], ["verify", "s.zarr"]):
+            with pytest.raises(SystemExit) as exit_:
+                cli.main(command)
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2
+            assert (f"error: {command[0]} runs in one process: run it without torchrun" in err) == said, err
+            assert err.count("\n") == (1 if said else 0)
