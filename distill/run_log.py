@@ -86,9 +86,8 @@ class RunLog:
 
     # -- progress -------------------------------------------------------------------------------
     def wants_means(self, step: int, steps: int) -> bool:
-        """Whether step ``step`` (1-based) of ``steps`` shows the running means (so they are read then)."""
-        if not self.enabled:
-            return False
+        """Whether step ``step`` (1-based) of ``steps`` shows the running means (so they are read then). The
+        same on every rank (``plain`` is rank 0's, shared): the means shown are the job's, all-reduced there."""
         every = self.log_every if self.plain else BAR_REFRESH_EVERY
         return step % every == 0 or step == steps or (not self.plain and step == 1)
 

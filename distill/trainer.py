@@ -165,6 +165,7 @@ class Trainer:
                                         warmup_epochs=cfg.warmup_epochs, schedule=cfg.schedule, min_lr_factor=cfg.min_lr / cfg.lr)
         self.log = RunLog(self.run_dir, self.console, enabled=self.dist.is_main, log_every=cfg.log_every, tensorboard=cfg.tensorboard,
                          discriminator=self.disc.enabled)
+        self.log.plain = self.dist.broadcast(self.log.plain)  # every rank reads the means at rank 0's refresh steps
 
     def _build_validation(self, cfg: DistillConfig) -> None:
         """--val: scanned and probed once (rank 0) now, not after the first epoch's training; every rank
@@ -394,6 +395,15 @@ class Trainer:
         stop = min(start + self.accum, len(self.batch_crops))
         return self.batch_crops[step] / sum(self.batch_crops[start:stop]), step == start, step + 1 == stop
 
+    def _job_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of every rank's running sums (collective; every rank runs the same steps, so
+        divided by the steps they are the job's means): what progress lines, TensorBoard and metrics show."""
+        if not self.dist.active:
+            return sums
+        job = sums.clone()
+        torch_dist.all_reduce(job)
+        return job / self.dist.world_size
+
     def train_epoch(self, epoch: int, report, stop: GracefulStop | None = None, start_step: int = 0, state: dict | None = None) -> dict:
         """One epoch from step ``start_step`` (``state``: this rank's RNG states and sums saved at that
         step); ``report(step, crops, means or None, lr)`` is called after every step. A stop agreed
@@ -423,8 +433,9 @@ class Trainer:
             crops += batch.images.shape[0]
             means = None
             if self.log.wants_means(steps, steps_total):
-                means = dict(zip(SUMS, (sums / steps).tolist()))
-                self.log.scalars(means, lr, int(self.scheduler.last_epoch))
+                means = dict(zip(SUMS, (self._job_sums(sums) / steps).tolist()))
+                if last:  # TensorBoard's x is the optimiser step: one point per step, not one per accumulated batch
+                    self.log.scalars(means, lr, int(self.scheduler.last_epoch))
             report(steps, batch.images.shape[0] * self.dist.world_size, means, lr)
             if not last:  # inside a --grad-accum-steps group: a checkpoint holds whole optimiser steps only
                 continue
@@ -434,9 +445,7 @@ class Trainer:
                 if decision.stop:
                     raise self._stopped(stop, f"step {steps}/{steps_total} of epoch {epoch + 1}", "that point", "continue from the next step")
         elapsed = time.perf_counter() - started
-        if self.dist.active:  # log the epoch's global means, not rank 0's shard (every rank runs the same steps)
-            torch_dist.all_reduce(sums)
-            sums /= self.dist.world_size
+        sums = self._job_sums(sums)  # log the epoch's global means, not rank 0's shard
         means = dict(zip(SUMS, (sums / max(1, steps)).tolist()))
         record = {
             "epoch": epoch + 1,
@@ -620,7 +629,8 @@ class Trainer:
         start = f"resumed at epoch {self.start_epoch + 1}" + (f" step {self.start_step}" if self.start_step else "") if self.resume_from else f"--init {cfg.init}" + (" (its EMA weights)" if self.init_weights == "ema" else "")
         return (f"distill: {cfg.student} ({start}) on {len(self.loader.usable):,} images, {cfg.crops_per_step} stored "
                 f"crop{'s' if cfg.crops_per_step > 1 else ''} per image per step, store T={self.temperature:g}; {batch} = global batch {cfg.batch_size * world * accum:,}, "
-                f"{self.optimizer_steps_per_epoch:,} optimiser steps per epoch, lr {cfg.lr:g} ({cfg.opt}, {cfg.schedule}); "
+                f"{self.optimizer_steps_per_epoch:,} optimiser steps per epoch"
+                + (f" ({len(self.batch_crops):,} batches per process, which the progress counts)" if accum > 1 else "") + f", lr {cfg.lr:g} ({cfg.opt}, {cfg.schedule}); "
                 f"{self.device} {self.precision}, {dali_threads(cfg.num_threads, self.backend)} DALI threads")
 
     def close(self) -> None:

@@ -426,7 +426,7 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_pa
         return subprocess.run([sys.executable, *launcher, str(REPO / "cli.py"), *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
     straight = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "cli.py"),
-                                 *distill_args(world, tmp_path / "straight", epochs=2)],
+                                 *distill_args(world, tmp_path / "straight", "--log-every", "1", epochs=2)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
     out = tmp_path / "stopped"
     every_step = ("--checkpoint-minutes", "0.000001")  # saves inside the epoch too: agreed like the stop, every rank at one step
@@ -443,6 +443,12 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     _, err = straight.communicate(timeout=300)
     assert straight.returncode == 0, err
+    # the progress lines show the job's running means (they showed rank 0's share): an epoch's last step line
+    # says what its epoch line says
+    for epoch in (1, 2):
+        step_line = next(line for line in err.splitlines() if line.startswith(f"epoch {epoch}/2 step 3/3: loss "))
+        epoch_line = next(line for line in err.splitlines() if line.startswith(f"epoch {epoch}: loss "))
+        assert step_line.split()[5] == epoch_line.split()[3], (step_line, epoch_line)
     a, b = load_ckpt(tmp_path / "straight" / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
     for key in ("model", "optimizer", "scheduler", "discriminator", "d_optimizer"):
         assert_same_tensors(a[key], b[key], key)
