@@ -44,7 +44,7 @@ from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import writing_store
 from mealkd.precompute.settings import SETTINGS_KEYS, other_settings, settings_differences, shard_size_difference
 from mealkd.precompute.runner import (PrecomputeConfig, _settings, labelled_batches, labelling_times,
-                                      load_ensemble, pending_for_rank, run_locked, start_line)
+                                      load_ensemble, pending_for_rank, rank_share, run_locked, start_line)
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd.errors import UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
@@ -303,7 +303,7 @@ def _extend_pending(cfg: ExtendConfig, source: LabelStore, index: DatasetIndex, 
     crops_done = images_done = 0
     started = time.perf_counter()
     with make_progress(console, RateColumn("images"), RateColumn("crops", "crops_per_image"), enabled=d.is_main) as progress:
-        task = progress.add_task("new crops", total=total_images, crops_per_image=new_per_image)
+        task = progress.add_task(rank_share("new crops", d), total=total_images, crops_per_image=new_per_image)
 
         def on_crops(n: int) -> None:
             nonlocal crops_done

@@ -330,10 +330,11 @@ def start_line(command: str, out: str, ensemble: TeacherEnsemble, backend: Backe
             f"store {out} ({state})")
 
 
-def idle_warning(shards: int, processes: int) -> str:
-    """Why some ranks will do nothing: a rank labels whole shards, and there are fewer than ranks."""
-    return (f"{shards} shard(s) to label for {processes} processes: {processes - shards} process(es) will idle; "
-            "a new store made with a smaller --images-per-shard spreads the work")
+def idle_warning(shards: int, processes: int, total: int) -> str:
+    """Why some ranks will do nothing: a rank labels whole shards, and fewer than ranks are pending (of
+    ``total``). The remedy differs: a store this run creates can still be made with smaller shards."""
+    fix = "a store made with a smaller --images-per-shard spreads the work" if shards == total else "the other shards are done"
+    return f"{shards} of {total} shard(s) to label for {processes} processes: {processes - shards} process(es) will idle ({fix})"
 
 
 def pending_for_rank(pending: list[int], rank: int, world_size: int) -> list[int]:
@@ -350,8 +351,8 @@ def _label_pending(cfg: PrecomputeConfig, index: DatasetIndex, ensemble: Teacher
     pending = d.broadcast(writer.pending_shards() if d.is_main else None)
     mine = pending_for_rank(pending, d.rank, d.world_size)
     total_images = writer.images_in(mine)
-    if d.is_main and len(pending) < d.world_size:
-        console.print(f"[yellow]precompute[/]: {idle_warning(len(pending), d.world_size)}", soft_wrap=True)
+    if d.is_main and 0 < len(pending) < d.world_size:
+        console.print(f"[yellow]precompute[/]: {idle_warning(len(pending), d.world_size, writer.num_shards)}", soft_wrap=True)
     if d.is_main:
         console.print(start_line("precompute", cfg.out, ensemble, backend, d, cfg.num_threads, writer, pending, cfg.crops_per_image),
                       soft_wrap=True, highlight=False, markup=False)
