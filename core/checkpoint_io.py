@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mealkd.errors import UserError
+from mealkd.errors import UserError, first_line
 
 TRUST_ENV = "MEALKD_TRUST_CHECKPOINTS"  # =1: allow full unpickling of files weights_only refuses
 log = logging.getLogger(__name__)
@@ -29,9 +29,7 @@ def trusted() -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    first = lines[0] if lines else type(err).__name__
-    return first.split(". ")[0][:200]  # torch's messages go on for sentences
+    return first_line(err, 1000).split(". ")[0][:200]  # torch's messages go on for sentences
 
 
 def _refusal(err: BaseException) -> str:

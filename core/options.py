@@ -26,6 +26,9 @@ class ThreadCount(click.ParamType):
 
 THREADS = ThreadCount()
 
+#: ``--device``: where a command decodes and runs its models (``core.dali_io.resolve_backend`` reads it)
+DEVICE = click.Choice(["auto", "cpu", "cuda"])
+
 #: the help text of every ``--num-threads``
 THREADS_HELP = ("DALI CPU threads per process, or auto: on a GPU the cores this process may use (an unbound process shares "
                 "the node, and a container's CPU limit, with its other torchrun processes) less 2 for its Python threads, at "

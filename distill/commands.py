@@ -12,9 +12,11 @@ from rich.table import Table
 
 from mealkd.core.accel import PRECISIONS
 from mealkd.core.windows import check_image_size
-from mealkd.core.options import STUDENT_SPEC, THREADS, THREADS_HELP
+from mealkd.core.options import DEVICE, STUDENT_SPEC, THREADS, THREADS_HELP
 from mealkd.core.distributed import env_rank
-from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
+from mealkd.distill.checkpoint_eval import WEIGHTS
+from mealkd.distill.discriminator import D_OPTIMIZERS, DEFAULT_D_LR, DEFAULT_D_OPTIMIZER, MODES
+from mealkd.distill.optimization import OPTIMIZERS
 from mealkd.distill.protocol import INTERPOLATIONS, PROTOCOL_HELP
 from mealkd.errors import UserError
 
@@ -24,7 +26,7 @@ from mealkd.errors import UserError
 @click.option("--data", required=True, help="The training ImageFolder the store was computed on.")
 @click.option("--student", required=True, type=STUDENT_SPEC, help="Student spec: torchvision:ARCH, timm:ARCH, ... (as for teachers).")
 @click.option("--init", default=None, help="Student initialisation: a checkpoint FILE, 'pretrained' or 'scratch' (required). 'pretrained' with another class count re-initialises the classifier (said on the console and in metrics).")
-@click.option("--init-weights", default="auto", show_default=True, type=click.Choice(["auto", "raw", "ema"]),
+@click.option("--init-weights", default="auto", show_default=True, type=click.Choice(WEIGHTS),
               help="With --init FILE, a distill checkpoint that holds EMA weights (a run with --ema-decay): 'auto' = its EMA weights "
               "(what its validation and best.pt chose, and what evaluate and export use by default), 'raw', or 'ema'.")
 @click.option("--out", required=True, help="Run directory: checkpoint.pt (latest), best.pt (best validation top-1), metrics.jsonl, config.json.")
@@ -44,21 +46,21 @@ from mealkd.errors import UserError
 @click.option("--min-lr", default=0.0, show_default=True, type=float, help="Where --schedule cos ends (timm's --min-lr).")
 @click.option("--image-size", default=None, type=int, help="Training resolution (default: the store's crop size).")
 @click.option("--crops-per-image-step", "crops_per_step", default=1, show_default=True, type=int, help="K crops per image per step, decoded once (FKD multi-crop); at most the store's crops per image.")
-@click.option("--discriminator", default="meal-v2", show_default=True, type=click.Choice(["meal-v2", "adversarial", "off"]), help="MEAL V2's discriminator, an MLP on the outputs (1000 -> 125 -> 15 -> 2 for 1000 classes, as the official) that tells teacher rows from student rows. 'meal-v2': its BCE is added to the student's loss, so D and the student minimise the same BCE, as in the official code; 'adversarial': a gradient reversal makes the student maximise it; 'off' disables it. The official D sees logits and has a ReLU on its output (its D-loss cannot fall below log 2 on half the elements); here D sees centred log-probabilities (the logits up to softmax's shift, all a store keeps) and has no output ReLU; with a topk:K store the student's row is cut to its top K with a flat tail like the stored rows, so D cannot win on that artefact.")
-@click.option("--d-optimizer", default=DEFAULT_D_OPTIMIZER, show_default=True, type=click.Choice(["adam", "sgd"]), help="Discriminator optimiser: 'adam' (betas 0.5, 0.999) or 'sgd' (with --momentum). The official code puts D's parameters in the student's SGD; '--d-optimizer sgd --d-lr student' reproduces that. Adam is the default: its step does not depend on D's input scale or on the student's schedule.")
+@click.option("--discriminator", default="meal-v2", show_default=True, type=click.Choice(MODES), help="MEAL V2's discriminator, an MLP on the outputs (1000 -> 125 -> 15 -> 2 for 1000 classes, as the official) that tells teacher rows from student rows. 'meal-v2': its BCE is added to the student's loss, so D and the student minimise the same BCE, as in the official code; 'adversarial': a gradient reversal makes the student maximise it; 'off' disables it. The official D sees logits and has a ReLU on its output (its D-loss cannot fall below log 2 on half the elements); here D sees centred log-probabilities (the logits up to softmax's shift, all a store keeps) and has no output ReLU; with a topk:K store the student's row is cut to its top K with a flat tail like the stored rows, so D cannot win on that artefact.")
+@click.option("--d-optimizer", default=DEFAULT_D_OPTIMIZER, show_default=True, type=click.Choice(D_OPTIMIZERS), help="Discriminator optimiser: 'adam' (betas 0.5, 0.999) or 'sgd' (with --momentum). The official code puts D's parameters in the student's SGD; '--d-optimizer sgd --d-lr student' reproduces that. Adam is the default: its step does not depend on D's input scale or on the student's schedule.")
 @click.option("--d-lr", default=DEFAULT_D_LR, show_default=True, help="Discriminator learning rate: a number (fixed, never scheduled), or 'student': D's lr follows the student's lr and schedule, which is what the official code effectively does (its per-epoch lr reset of every param group overrides its --d_lr). The former default, Adam at 1e-4, left D at log 2 (inert); see docs/benchmarks.md.")
 @click.option("--hard-label-weight", default=0.0, show_default=True, type=float, help="Weight of an extra one-hot cross-entropy on each crop's dataset class, at T = 1 (MEAL V2: 0).")
 @click.option("--val", default=None, help="Validation ImageFolder evaluated after every epoch.")
 @click.option("--resize-size", default=None, type=int, help=PROTOCOL_HELP["resize_size"])
 @click.option("--crop-pct", default=None, type=float, help=PROTOCOL_HELP["crop_pct"])
 @click.option("--interpolation", default=None, type=click.Choice(INTERPOLATIONS), help=PROTOCOL_HELP["interpolation"])
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train; 'auto' picks CUDA when available.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="Where to train; 'auto' picks CUDA when available.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16 with loss scaling), fp32 on CPU. 'fp32' on a GPU also turns TF32 off.")
 @click.option("--deterministic", is_flag=True, help="Deterministic GPU kernels (no cuDNN autotuning, cuBLAS's fixed workspace; an op without a deterministic kernel warns): the same flags on the same GPU and software give the same losses, and a --resume equals an uninterrupted run. Slower; without it, two GPU runs differ in the last bits and small runs drift apart.")
 @click.option("--allow-decoder-mismatch", is_flag=True, help="Train although the store was decoded by another JPEG decoder (CPU vs GPU nvJPEG): the student then sees slightly different pixels than the teachers did.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the student's init, the epoch order and D.")
 @click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
-@click.option("--opt", default="sgd", show_default=True, type=click.Choice(["sgd", "adamw"]), help="Student optimiser: SGD with momentum (MEAL V2) or AdamW (ViT/timm students).")
+@click.option("--opt", default="sgd", show_default=True, type=click.Choice(OPTIMIZERS), help="Student optimiser: SGD with momentum (MEAL V2) or AdamW (ViT/timm students).")
 @click.option("--warmup-epochs", default=0.0, show_default=True, type=float, help="Linear warm-up of the lr from lr/100, in epochs (fractions allowed); the schedule follows it.")
 @click.option("--clip-grad", default=None, type=float, help="Clip the student's gradient norm to this value (after unscaling under fp16).")
 @click.option("--ema-decay", default=None, type=float, help="Keep an exponential moving average of the student's weights with this decay per step (e.g. 0.9998); it is validated beside the raw weights and saved in checkpoints.")
@@ -103,9 +105,9 @@ def distill(**kwargs) -> None:
 @click.option("--crop-pct", default=None, type=float, help=PROTOCOL_HELP["crop_pct"])
 @click.option("--interpolation", default=None, type=click.Choice(INTERPOLATIONS), help=PROTOCOL_HELP["interpolation"])
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Images per batch.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run; 'auto' picks CUDA when available.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="Where to run; 'auto' picks CUDA when available.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Autocast dtype: 'auto' = bf16 on GPUs that support it (else fp16), fp32 on CPU.")
-@click.option("--weights", default="auto", show_default=True, type=click.Choice(["auto", "raw", "ema"]), help="Which weights of a distill checkpoint: 'raw', 'ema' (a run with --ema-decay), or 'auto' = EMA when the checkpoint has it.")
+@click.option("--weights", default="auto", show_default=True, type=click.Choice(WEIGHTS), help="Which weights of a distill checkpoint: 'raw', 'ema' (a run with --ema-decay), or 'auto' = EMA when the checkpoint has it.")
 @click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
 @click.option("--per-class", is_flag=True, help="Also print per-class top-1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (top1, top5, images, unreadable, ...).")
@@ -163,7 +165,7 @@ def plot(run_dir: str, out: str | None) -> None:
 @click.option("--out", required=True, help="File to write; FILE.json is written beside it (class names, input size, mean/std, student spec, the check). An existing file is replaced.")
 @click.option("--student", default=None, type=STUDENT_SPEC, help="Student spec, only for a plain state dict or a TorchScript/.pt2 student whose file moved (as for evaluate).")
 @click.option("--image-size", default=None, type=int, help="Input size H = W of the onnx/pt2 graph (default: the checkpoint's training size).")
-@click.option("--weights", default="auto", show_default=True, type=click.Choice(["auto", "raw", "ema"]), help="Which weights of a distill checkpoint: 'raw', 'ema' (a run with --ema-decay), or 'auto' = EMA when the checkpoint has it.")
+@click.option("--weights", default="auto", show_default=True, type=click.Choice(WEIGHTS), help="Which weights of a distill checkpoint: 'raw', 'ema' (a run with --ema-decay), or 'auto' = EMA when the checkpoint has it.")
 def export(checkpoint, fmt, out, student, image_size, weights) -> None:
     """Export a trained student (CHECKPOINT: RUN/checkpoint.pt) to a file that the standard tools load.
 

@@ -36,7 +36,7 @@ from mealkd.core.checkpoint_io import load_torch_file
 from mealkd.core.models import file_sha256
 from mealkd.distill.checkpoint import atomic_path
 from mealkd.distill.checkpoint_eval import load_student, sidecar_path
-from mealkd.errors import UserError
+from mealkd.errors import UserError, first_line
 
 FORMATS = ("state-dict", "safetensors", "onnx", "pt2")
 TOLERANCE = 1e-5  # max |difference| of the logits of an onnx/pt2 export on the check batch (float32, CPU)
@@ -60,11 +60,6 @@ def _require(fmt: str, modules: tuple[str, ...]) -> None:
                         f"pip install 'mealkd[{extra}]' (or pip install {' '.join(missing)})")
 
 
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:240]
-
-
 def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached, contiguous CPU copies (no shared storage: safetensors refuses shared tensors)."""
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -84,7 +79,7 @@ def _export_pt2(model, example: torch.Tensor, spec_text: str):
     try:
         return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as err:  # noqa: BLE001 - unsupported op, data-dependent control flow, ...
-        raise UserError(f"--format pt2: torch.export cannot export {spec_text} ({_one_line(err)}); "
+        raise UserError(f"--format pt2: torch.export cannot export {spec_text} ({first_line(err)}); "
                         "export --format state-dict instead") from None
 
 
@@ -104,7 +99,7 @@ def _write_onnx(model, example: torch.Tensor, path: Path, spec_text: str) -> str
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"--format onnx: torch.onnx.export failed for {spec_text} ({_one_line(err)}); "
+        raise UserError(f"--format onnx: torch.onnx.export failed for {spec_text} ({first_line(err)}); "
                         "export --format state-dict or pt2 instead") from None
     return "torchscript" if scripted else "dynamo"
 

@@ -5,6 +5,13 @@ store). ``cli.main`` prints its message as one line and exits with code 2, witho
 """
 
 
+def first_line(err: BaseException, limit: int = 240) -> str:
+    """The first non-blank line of ``err``'s message (its type's name if none), at most ``limit`` characters:
+    how a library's multi-line error is quoted inside a one-line UserError."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
 class UserError(Exception):
     """A problem with the user's input; the message names the culprit and the fix. ``echoed``: another
     rank of the job (rank 0) found the same and prints it, so this rank only exits (one line per job,

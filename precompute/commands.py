@@ -5,7 +5,7 @@ import click
 from rich.console import Console
 
 from mealkd.core.accel import PRECISIONS
-from mealkd.core.options import TEACHER_SPECS, THREADS, THREADS_HELP
+from mealkd.core.options import DEVICE, TEACHER_SPECS, THREADS, THREADS_HELP
 from mealkd.core.signals import stopping_on_signals
 
 
@@ -44,7 +44,7 @@ def compile_options(command):
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Crops per teacher batch.")
 @click.option("--temperature", default=1.0, show_default=True, type=float, help="Softmax temperature T of the teachers.")
 @click.option("--encoding", default="dense", show_default=True, help="Label encoding: dense (fp16 vectors) or topk:K.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where decoding (nvJPEG on GPU) and the teachers run; 'auto' picks CUDA when available. The store records the decoder.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="Where decoding (nvJPEG on GPU) and the teachers run; 'auto' picks CUDA when available. The store records the decoder.")
 @click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help="Teachers' autocast dtype: 'auto' = bf16 "
               "on GPUs that support it (else fp16), fp32 on CPU. Recorded in the store; a batch that overflows in fp16/bf16 is rerun in fp32.")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as excluded instead of aborting.")
@@ -83,7 +83,7 @@ def precompute(dry_run: bool, **kwargs) -> None:
 @click.option("--teachers", default=None, type=TEACHER_SPECS, help="The precompute --teachers specs (with --data).")
 @click.option("--sample", default=64, show_default=True, type=int, help="Stored crops recomputed through the teachers.")
 @click.option("--tolerance", default=2e-3, show_default=True, type=float, help="Max allowed |p - p_stored| of a recomputed crop.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="Where the recomputation runs; 'auto' recomputes on the device kind the store was decoded on.")
+@click.option("--device", default="auto", show_default=True, type=DEVICE, help="Where the recomputation runs; 'auto' recomputes on the device kind the store was decoded on.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the crop sample.")
 @click.option("--repair", is_flag=True, help="Mark damaged shards not done, so rerunning precompute rewrites them.")
 def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> int:
@@ -105,7 +105,7 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
 @click.option("--teachers", default=None, type=TEACHER_SPECS, help="The precompute --teachers specs (same files, options and :w= weights); "
               "default: the specs STORE records. Their weights' sha256 must match the store's.")
 @click.option("--batch-size", default=64, show_default=True, type=int, help="Crops per teacher batch.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+@click.option("--device", default="auto", show_default=True, type=DEVICE,
               help="'auto' = the kind of device STORE was decoded on (its crops' pixels depend on it).")
 @click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
 @click.option("--images-per-shard", default=None, type=int, help="Images per shard of the new store (default: sized "

@@ -15,7 +15,7 @@ remote store the same way without extra flags:
 """
 from __future__ import annotations
 
-from mealkd.errors import UserError
+from mealkd.errors import UserError, first_line
 
 _checked: set[str] = set()
 
@@ -65,7 +65,7 @@ def translate(url: str, err: BaseException, fs=None) -> UserError:
     """A one-line UserError for a failed request to the store at ``url``."""
     protocol = url.split("://", 1)[0].lower()
     names = _names(err)
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    first = first_line(err, 160)
     if names & _CREDENTIAL_ERRORS:
         return UserError(f"{url}: no usable credentials for {protocol}:// ({first}); {_credential_hint(protocol)}")
     if "PermissionError" in names:
@@ -92,7 +92,7 @@ def check_remote(url: str) -> None:
     except (ImportError, ValueError) as err:
         protocol = url.split("://", 1)[0]
         hint = "pip install 'mealkd[remote]'" if protocol in ("s3", "s3a") else f"install the fsspec backend for {protocol}://"
-        raise UserError(f"{url}: cannot open this URL with fsspec ({str(err).splitlines()[0][:160]}); {hint}, or use a local path") from None
+        raise UserError(f"{url}: cannot open this URL with fsspec ({first_line(err, 160)}); {hint}, or use a local path") from None
     path = path.rstrip("/")
     try:
         try:

@@ -69,11 +69,6 @@ def describe(model: LoadedModel) -> dict[str, Any]:
     }
 
 
-def one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return (msg[0] if msg else type(e).__name__)[:300]
-
-
 def _resolve_init(init: str) -> str:
     if not isinstance(init, str) or not init:
         raise UserError(f"init must be one of {', '.join(INIT_MODES)} or a checkpoint path, got {init!r}")

@@ -5,10 +5,10 @@ import logging
 import os
 
 from mealkd.core.checkpoint_io import TRUST_ENV
-from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, one_line, read_state_dict, resolve_meta, file_sha256
+from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
 from mealkd.core.models.torchscript_models import _torchscript_classes
-from mealkd.errors import UserError
+from mealkd.errors import UserError, first_line
 
 
 
@@ -72,7 +72,7 @@ def _export_load(spec: ModelSpec):
         return torch.export.load(path), path
     except Exception as e:  # noqa: BLE001
         hint = "" if trusted() else f" (if it holds Python objects that you trust, set {TRUST_ENV}=1)"
-        raise UserError(f"{file} is not a torch.export ExportedProgram file ({one_line(e)}); save one with "
+        raise UserError(f"{file} is not a torch.export ExportedProgram file ({first_line(e, 300)}); save one with "
                         f"torch.export.save, or `mealkd export --format pt2`{hint}") from None
     finally:
         for q, level in zip(quiet, levels):
@@ -96,7 +96,7 @@ def load_exported(spec: ModelSpec, num_classes: int | None, init: str) -> Loaded
     try:
         module = program.module()
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"ExportedProgram {spec.weights_file}: torch cannot turn it into a module ({one_line(e)})") from None
+        raise UserError(f"ExportedProgram {spec.weights_file}: torch cannot turn it into a module ({first_line(e, 300)})") from None
     module.train = types.MethodType(_fixed_mode_train, module)
     module.eval = types.MethodType(lambda self: _fixed_mode_train(self, False), module)
     names: list[str] | None = None

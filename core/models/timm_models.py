@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, find_head, one_line, read_state_dict, resolve_meta, file_sha256
+from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, find_head, read_state_dict, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
-from mealkd.errors import UserError
+from mealkd.errors import UserError, first_line
 
 
 
@@ -50,7 +50,7 @@ def load_timm(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedMode
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"timm could not build {spec.text} ({one_line(e)}): for pretrained "
+            raise UserError(f"timm could not build {spec.text} ({first_line(e, 300)}): for pretrained "
                             f"weights, put them in the local Hugging Face cache or use timm:{arch}@FILE") from None
 
     if init == "scratch":

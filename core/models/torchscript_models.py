@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 import warnings
 
-from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, one_line, read_state_dict, resolve_meta, file_sha256
+from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
-from mealkd.errors import UserError
+from mealkd.errors import UserError, first_line
 
 
 
@@ -28,7 +28,7 @@ def _jit_load(spec: ModelSpec):
         if _holds_pickled_data(path):  # torch.save's archive (a state dict or checkpoint), not torch.jit.save's
             raise UserError(f"{file} is a state dict or checkpoint (torch.save), not a TorchScript file: name its architecture, "
                             f"e.g. torchvision:ARCH@{file}") from None
-        raise UserError(f"{file} is not a TorchScript file ({one_line(e)}); for a state dict, name its "
+        raise UserError(f"{file} is not a TorchScript file ({first_line(e, 300)}); for a state dict, name its "
                         f"architecture: torchvision:ARCH@{file}") from None
 
 
@@ -56,7 +56,7 @@ def _torchscript_classes(module, spec: ModelSpec, size: int | None, kind: str = 
             out = module(torch.zeros(1, 3, probe, probe))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot run {kind} model {file} on a 1x3x{probe}x{probe} float input to "
-                        f"find its class count ({one_line(e)}): pass the input size, e.g. {spec.text}:size=N") from None
+                        f"find its class count ({first_line(e, 300)}): pass the input size, e.g. {spec.text}:size=N") from None
     finally:
         module.train(was_training)
     if isinstance(out, (tuple, list)) and out:

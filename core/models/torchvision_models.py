@@ -11,9 +11,9 @@ from functools import lru_cache
 from typing import Any
 
 from mealkd.core.checkpoint_io import load_torch_file
-from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, find_head, head_classes, one_line, read_state_dict, resolve_meta, file_sha256
+from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, find_head, head_classes, read_state_dict, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
-from mealkd.errors import UserError
+from mealkd.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def _tv_from_hub(spec: ModelSpec, arch: str):
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load hub-cache weights {path} for {spec.text} ({one_line(e)}): "
+        raise UserError(f"cannot load hub-cache weights {path} for {spec.text} ({first_line(e, 300)}): "
                         "replace the file with a good copy of " + w.url) from None
     _strip_aux(model)
     return model, w, path, sha
