@@ -75,7 +75,8 @@ Usage in a training step (one forward, one backward, two optimisers)::
 
 ``d_term`` is the single tensor that carries both D's gradient and the student's gradient;
 do not also backpropagate ``d_loss`` (it is a detached copy for logging).  Under DDP, D's
-gradients must be all-reduced too (wrap ``DiscriminatorLoss``/its discriminator in DDP).
+gradients must be all-reduced too: the trainer does it once per optimiser step, in one collective
+(D is not wrapped in DDP).
 """
 
 from __future__ import annotations

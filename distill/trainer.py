@@ -328,10 +328,14 @@ class Trainer:
     def _reduce_discriminator_grads(self) -> None:
         if not (self.dist.active and self.disc.enabled):
             return
-        for param in self.disc.parameters():
-            if param.grad is not None:
-                torch_dist.all_reduce(param.grad)
-                param.grad /= self.dist.world_size
+        grads = [p.grad for p in self.disc.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for D's few small tensors, not one each
+        torch_dist.all_reduce(flat)
+        flat /= self.dist.world_size
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(part.view_as(grad))
 
     def losses(self, logits: torch.Tensor, batch: Batch) -> tuple[DistillLossParts, DiscriminatorTerms]:
         """The step's loss parts and discriminator terms for ``logits`` of ``batch``: the soft term at the

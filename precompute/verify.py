@@ -227,7 +227,7 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     exact = same_conditions and merged_bound is None
     specs = parse_spec_list(teachers)
     models = [load_model(spec, num_classes=store.num_classes) for spec in specs]
-    temperature = float(store.attrs.get("temperature", 1.0))
+    temperature = store.temperature
     ensemble = TeacherEnsemble(models, default_size=int(store.attrs["crop"]["image_size"]), temperature=temperature, device=backend.device,
                                class_names=store.class_names, precision=precision)
     differing = teacher_differences(store.attrs.get("teachers") or [], ensemble.describe())

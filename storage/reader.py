@@ -2,11 +2,12 @@
 
 Read paths (see docs/architecture.md, section 6.7: zarr random single-row reads are slow, contiguous reads fast):
 
-* ``LabelStore.slot_labels(slot, image_ids)`` - the training fast path: crop slot ``slot`` for many
-  images; every touched inner chunk ``(chunk_images, 1, C)`` is read and decoded once, in image
-  order, and rows are returned in the order asked for.
-* ``LabelStore.labels(image_ids, crop_ids)`` - random access; ids are grouped by inner chunk
-  (image block, crop slot), every touched chunk read once per call.
+* ``LabelStore.slot_encoded(slot, image_ids)`` - the training read (stage two's loader, once per epoch):
+  crop slot ``slot`` for many images, as stored (compact), decoded in small batches later with
+  ``decode``; every touched inner chunk ``(chunk_images, 1, C)`` is read and decoded once, in image
+  order, and rows are returned in the order asked for. ``slot_labels`` is the same, decoded at once.
+* ``LabelStore.labels(image_ids, crop_ids)`` / ``encoded`` - random access; ids are grouped by inner
+  chunk (image block, crop slot), every touched chunk read once per call.
 
 * ``LabelStore.slot_crops(slot, image_ids)`` - the windows and flips of one crop slot (stage two's
   per-epoch read). Their inner chunks are one crop slot of a whole shard (``storage.schema``), so
@@ -153,11 +154,6 @@ class LabelStore:
     @property
     def num_shards(self) -> int:
         return -(-self.num_images // self.images_per_shard)
-
-    @property
-    def chunk_images(self) -> int:
-        """Images per inner chunk of the label array(s) (the slot-read granularity)."""
-        return int(max(a.chunks[0] for a in self._label_arrays))
 
     # ------------------------------------------------------------------ damage
     def damaged(self, detail: str) -> UserError:

@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
+from mealkd import __version__
 from mealkd.errors import UserError
 from mealkd.faults import kill_point
 from mealkd.storage.schema import (
@@ -44,15 +45,6 @@ from mealkd.storage.schema import (
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _mealkd_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("mealkd")
-    except Exception:  # pragma: no cover - not installed
-        return "unknown"
 
 
 def _blosc(shuffle: str = "shuffle", clevel: int = 5):
@@ -193,7 +185,7 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     own = {
         "format": FORMAT, "version": VERSION, "num_classes": c, "crops_per_image": r,
         "label_encoding": encoding_attr(kind, k), "images_per_shard": ips,
-        "created": _now(), "mealkd_version": _mealkd_version(),
+        "created": _now(), "mealkd_version": __version__,
         "store_id": uuid.uuid4().hex,  # this store's identity: two stores over the same images differ here
     }
     for key in RESERVED_ATTRS:

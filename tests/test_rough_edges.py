@@ -30,7 +30,6 @@ from mealkd.distill.checkpoint_eval import evaluate_checkpoint
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.lock import StoreLock
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute
-from mealkd.precompute.verify import run_verify
 from mealkd.errors import UserError
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import REPO, assert_user_error, cli, run, tiny_world
