@@ -191,6 +191,21 @@ def recheck_failed_batch(index: DatasetIndex, ids, backend: Backend) -> tuple[li
     return gone, [i for i in bad if i not in gone], reasons
 
 
+def failed_batch_error(index: DatasetIndex, ids, backend: Backend, err: RuntimeError, *, rerun: str, why_unseen: str = "") -> Exception:
+    """After a DALI batch of a run failed: a UserError naming the files among ``ids`` (the batches in flight)
+    that can no longer be read, or no longer decode though every one did when the label store was made,
+    with ``rerun`` (how to continue); else ``err`` itself. ``why_unseen``: why the command's own checks
+    at its start could not see the change."""
+    gone, bad, reasons = recheck_failed_batch(index, ids, backend)
+    if gone:
+        return UserError(f"--data: {describe_unreadable(index, gone, reasons)} can no longer be read (removed, moved or made "
+                         f"unreadable during the run); restore it and {rerun}")
+    if bad:
+        return UserError(f"--data: {describe_unreadable(index, bad, reasons)} no longer decode(s), though every stored image did when "
+                         f"the label store was made (changed in place{why_unseen}); restore it and {rerun}")
+    return err
+
+
 def describe_unreadable(index: DatasetIndex, bad: list[int], reasons: dict[int, str], limit: int = 3) -> str:
     """'PATH (reason), PATH (reason) and N more' for a one-line message."""
     named = ", ".join(f"{index.root / index.paths[i]}" + (f" ({reasons[i]})" if reasons.get(i) else "") for i in bad[:limit])

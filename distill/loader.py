@@ -29,7 +29,7 @@ import torch
 from mealkd.core.dali_io import Backend, background, batch_failed, build_pipeline, run_batches, to_torch
 from mealkd.core.dataset import DatasetIndex
 from mealkd.core.distributed import Dist
-from mealkd.core.probe import describe_unreadable, recheck_failed_batch
+from mealkd.core.probe import failed_batch_error
 from mealkd.core.replay import FILES, Normalization, recorded_hw_load, replay_graph, window_feed
 from mealkd.storage import LabelStore
 from mealkd.errors import UserError
@@ -205,23 +205,11 @@ class ReplayLoader:
             raise self._undecodable(np.concatenate(list(issued)) if issued else np.zeros(0, np.int64), err) from None
 
     def _undecodable(self, ids: np.ndarray, err: RuntimeError) -> Exception:
-        """A UserError naming the files among ``ids`` (the batches in flight when DALI failed) that can no
-        longer be read or decoded, else ``err`` itself. Every stored image decoded when the store was
-        made, and distill's fingerprint check catches files added, removed or resized before the run,
-        so such a file went away during the run or was rewritten in place with the same size."""
-        gone, bad, reasons = recheck_failed_batch(self.index, ids, self.backend)
-        if not gone and not bad:
-            return err
-        if gone:
-            return UserError(
-                f"--data: {describe_unreadable(self.index, gone, reasons)} can no longer be read (removed, moved or made unreadable "
-                "while the run was going); restore it and rerun with --resume (the last checkpoint is intact)"
-            )
-        return UserError(
-            f"--data: {describe_unreadable(self.index, bad, reasons)} no longer decode(s), though every stored image did when the "
-            "label store was made (the file changed in place with the same size, which the store's fingerprint of sizes cannot "
-            "see); restore it and rerun with --resume (the last checkpoint is intact), or make a new store with precompute --skip-bad"
-        )
+        """Distill's fingerprint check catches files added, removed or resized before the run, so a file
+        of a failed batch went away during the run or was rewritten in place with the same size."""
+        return failed_batch_error(self.index, ids, self.backend, err, why_unseen=" with the same size, which the store's fingerprint "
+                                  "of sizes cannot see", rerun="rerun with --resume (the last checkpoint is intact), or make a new store "
+                                  "with precompute --skip-bad")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -15,9 +15,8 @@ import torch
 
 from mealkd.core.dali_io import Backend, background, batch_failed, build_pipeline, run_batches, to_samples, to_torch
 from mealkd.core.dataset import DatasetIndex
-from mealkd.core.probe import describe_unreadable, recheck_failed_batch
+from mealkd.core.probe import failed_batch_error
 from mealkd.core.replay import FILES, HW_DECODER_LOAD, Normalization, cut_graph, decode_graph, window_feed
-from mealkd.errors import UserError
 
 
 @dataclass
@@ -60,19 +59,8 @@ class CropStream:
         except RuntimeError as err:
             if not batch_failed(err):
                 raise
-            raise self._failed([i for batch in issued for i in batch], err) from None
-
-    def _failed(self, ids: list[int], err: RuntimeError) -> Exception:
-        """A UserError naming the files among ``ids`` that can no longer be read or decoded (every one
-        decoded when the store was created), else ``err``."""
-        gone, bad, reasons = recheck_failed_batch(self.index, ids, self.backend)
-        if gone:
-            return UserError(f"--data: {describe_unreadable(self.index, gone, reasons)} can no longer be read (removed, moved or made "
-                             "unreadable during the run); restore it and rerun the same command (finished shards are kept)")
-        if bad:
-            return UserError(f"--data: {describe_unreadable(self.index, bad, reasons)} no longer decode(s), though it did when the store "
-                             "was created (changed in place); restore it and rerun the same command (finished shards are kept)")
-        return err
+            raise failed_batch_error(self.index, [i for batch in issued for i in batch], self.backend, err,
+                                     rerun="rerun the same command (finished shards are kept)") from None
 
     def _cut_feeds(self, image_ids: list[int], rows: list[int], windows: np.ndarray, flips: np.ndarray, meta: list):
         pending: list[tuple[object, int, int]] = []  # (decoded image, row, crop)
