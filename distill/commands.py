@@ -90,7 +90,9 @@ def distill(**kwargs) -> None:
     if env_rank() != 0:  # under torchrun: one summary line, from rank 0
         return
     if records:
-        Console(stderr=True).print(f"[green]distill[/]: {len(records)} epoch(s) trained; checkpoint in {escape(str(kwargs['out']))}", soft_wrap=True)
+        first, last = records[0]["epoch"], records[-1]["epoch"]  # a resumed run may first end (validate) an epoch trained before
+        span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+        Console(stderr=True).print(f"[green]distill[/]: {span} finished by this run; checkpoint in {escape(str(kwargs['out']))}", soft_wrap=True)
     else:
         Console(stderr=True).print(f"[green]distill[/]: the run in {kwargs['out']} has trained all its epochs already; nothing to do "
                                    f"(to train on, start a new run from it: --init {kwargs['out']}/checkpoint.pt --out NEW_DIR)", soft_wrap=True)

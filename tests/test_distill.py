@@ -385,6 +385,8 @@ def test_stop_signal_saves_the_step_and_resume_matches_straight_run(world, strai
 
     resumed = cli_run([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
+    # the epochs this run ended: a pending epoch's validation included (it said "3 epoch(s) trained")
+    assert f"distill: epochs {stopped_at[0] if not stopped_at[1] else stopped_at[0] + 1}-4 finished by this run" in resumed.stderr, resumed.stderr
     straight = straight_run.result()
     a, b = load_ckpt(straight / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 4 and b["epoch_step"] == 0
