@@ -6,7 +6,8 @@ and plain values (what state dicts, optimiser/scheduler states, RNG states and m
 checkpoints are made of) and loading it never runs code from the file. A file that needs full
 unpickling (arbitrary Python objects) is refused with a one-line error naming the switch
 ``MEALKD_TRUST_CHECKPOINTS=1``; with it set, such a file is loaded with ``weights_only=False``
-(after a warning): only for files you trust, since unpickling can run any code.
+(after a warning): only for files you trust, since unpickling can run any code. A ``.safetensors``
+file (what ``mealkd export --format safetensors`` writes) is read with safetensors, which holds tensors only.
 """
 from __future__ import annotations
 
@@ -14,12 +15,17 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from mealkd.errors import UserError, first_line
 
 TRUST_ENV = "MEALKD_TRUST_CHECKPOINTS"  # =1: allow full unpickling of files weights_only refuses
+#: the ``format`` of a checkpoint ``mealkd distill`` writes (a dict: model, optimiser, norm, class names, ...)
+CHECKPOINT_FORMAT = "mealkd-checkpoint"
+#: the ``format`` of the ``FILE.json`` record ``mealkd export`` writes beside an exported FILE
+EXPORT_FORMAT = "mealkd-export"
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +61,26 @@ def _not_torch(path: Path) -> str | None:
     return next((f"it is {name}" for magic, name in _OTHER_FORMATS if head.startswith(magic)), "neither a zip archive nor a pickle")
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A ``torch.jit.save`` archive: a zip holding the module's code and constants."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_safetensors(path: Path, what: str) -> dict:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"{what} {path}: a safetensors file needs the safetensors package: pip install safetensors") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        raise UserError(f"{what} {path}: cannot read it as a safetensors file ({_first_line(err)}); is the file complete?") from None
+
+
 def load_torch_file(path: str | os.PathLike, what: str) -> Any:
     """``torch.load`` of ``path`` onto the CPU under mealkd's policy (module docstring).
 
@@ -66,6 +92,11 @@ def load_torch_file(path: str | os.PathLike, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path}: file not found; check the path")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path, what)
+    if _is_torchscript(path):  # torch.load's refusal would say "Cannot use weights_only=True with TorchScript archives"
+        raise UserError(f"{what} {path}: a TorchScript file, which is a whole model, not a state dict; give its path as the "
+                        f"model spec itself (e.g. --teachers {path}), without an architecture")
     kind = _not_torch(path)
     if kind is not None:  # before torch.load, whose refusal would read as "holds Python objects ... trust it"
         raise UserError(f"{what} {path}: not a PyTorch file ({kind}); pass a checkpoint or weights file saved by torch.save")

@@ -11,10 +11,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mealkd.core.checkpoint_io import load_torch_file
+from mealkd.core.checkpoint_io import CHECKPOINT_FORMAT, load_torch_file
 from mealkd.errors import UserError
 
-CHECKPOINT_FORMAT = "mealkd-checkpoint"
 
 
 def share_as_umask_allows(path: str | Path) -> None:

@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from mealkd.core.checkpoint_io import load_torch_file
+from mealkd.core.checkpoint_io import EXPORT_FORMAT, load_torch_file
 from mealkd.core.accel import apply_numerics, resolve_precision
 from mealkd.core.dali_io import resolve_backend
 from mealkd.core.dataset import scan_image_folder
@@ -18,7 +18,6 @@ from mealkd.errors import UserError
 
 
 WEIGHTS = ("auto", "raw", "ema")
-EXPORT_FORMAT = "mealkd-export"  # the sidecar record ``mealkd export`` writes beside each file
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:
@@ -127,7 +126,12 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
     size = image_size or (norm.size if norm else loaded.input_size)
     if size is None:
         raise UserError("--image-size: the checkpoint does not record its training size; pass --image-size")
-    norm = Normalization(size=size, mean=tuple(norm.mean if norm else loaded.mean), std=tuple(norm.std if norm else loaded.std))
+    if loaded.size_fixed and size != loaded.input_size:
+        raise UserError(f"--image-size {size}: {checkpoint} takes {loaded.input_size}x{loaded.input_size} images only (exported at a "
+                        "fixed size); drop --image-size")
+    own = loaded.spec.mean is not None or loaded.spec.std is not None  # --student's :mean=/:std= outrank what the file records
+    norm = Normalization(size=size, mean=tuple(loaded.mean if own or not norm else norm.mean),
+                         std=tuple(loaded.std if own or not norm else norm.std))
     protocol.check(size)
     backend = resolve_backend(device)
     # a bad value is a one-line error before any work; fp32 on a GPU means no TF32 either (the policy of core.accel),

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from mealkd.core.checkpoint_io import load_torch_file
+from mealkd.core.checkpoint_io import EXPORT_FORMAT, load_torch_file
 from mealkd.core.models import file_sha256
 from mealkd.distill.checkpoint import atomic_path
 from mealkd.distill.checkpoint_eval import load_student, sidecar_path
@@ -189,7 +189,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
 
     check = _check(fmt, out_path, model, check_batch)
     record = {
-        "format": "mealkd-export",
+        "format": EXPORT_FORMAT,
         "version": 1,
         "export_format": fmt,
         "file": out_path.name,

@@ -110,8 +110,8 @@ class Trainer:
                 f"{self.store.num_classes}: its classifier was re-initialised and starts from random weights",
                 soft_wrap=True,
             )
-        size = cfg.image_size or int(self.store.attrs["crop"]["image_size"])
-        self.norm = Normalization(size=size, mean=tuple(self.student.mean), std=tuple(self.student.std))
+        self.norm = Normalization(size=training_size(self.student, cfg.image_size, int(self.store.attrs["crop"]["image_size"])),
+                                  mean=tuple(self.student.mean), std=tuple(self.student.std))
 
         model = self.student.module.to(self.device)
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and self.backend.is_cuda)
@@ -643,6 +643,17 @@ class Trainer:
             if hasattr(self, part):
                 getattr(self, part).close()
         shutdown(self.dist)
+
+
+def training_size(student, image_size: int | None, crop_size: int) -> int:
+    """The crops' side the student trains on: --image-size, else the student spec's ``:size=``, else the size a
+    fixed-size student takes (a static .pt2, a torchvision ViT), else the store's crop size. A fixed-size
+    student at another size is refused here (it failed in its first step, with a traceback)."""
+    size = image_size or student.spec.size or (student.input_size if student.size_fixed else None) or crop_size
+    if student.size_fixed and size != student.input_size:
+        raise UserError(f"--image-size {size}: the student {student.spec.text} takes {student.input_size}x{student.input_size} images "
+                        "only; drop --image-size, or use a student exported with dynamic H/W (or an architecture spec)")
+    return size
 
 
 def _eta(wall: list[float], epochs_left: int) -> str:

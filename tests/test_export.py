@@ -189,13 +189,19 @@ def test_exported_files_evaluate_like_their_checkpoint(trained, capsys):
     want = run(capsys, "evaluate", "--data", str(trained["data"]), "--checkpoint", str(trained["checkpoint"]), "--device", "cpu", "--json")
     assert want.returncode == 0, want.stderr
     want = json.loads(want.stdout)
-    for fmt, name in (("pt2", "eval.pt2"), ("state-dict", "eval.pth")):
+    formats = [("pt2", "eval.pt2"), ("state-dict", "eval.pth")]
+    if importlib.util.find_spec("safetensors"):
+        formats.append(("safetensors", "eval.safetensors"))  # "not a PyTorch file" before
+    for fmt, name in formats:
         out, _ = export(trained, fmt, name)
         got = run(capsys, "evaluate", "--data", str(trained["data"]), "--checkpoint", str(out), "--device", "cpu", "--json")
         assert got.returncode == 0, (fmt, got.stderr)
         got = json.loads(got.stdout)
         assert (got["top1"], got["top5"], got["images"]) == (want["top1"], want["top5"], want["images"]), (fmt, got, want)
         assert got["protocol"] == want["protocol"], fmt
+    pt2 = trained["root"] / "exports" / "eval.pt2"  # exported at its fixed training size: another size is one line
+    code = run(capsys, "evaluate", "--data", str(trained["data"]), "--checkpoint", str(pt2), "--device", "cpu", "--image-size", "20")
+    assert_user_error(code, "--image-size 20", "images only")
 
 
 def test_pt2_student_distils_and_evaluates(trained, tmp_path, capsys):

@@ -387,3 +387,69 @@ def test_googlenet_roundtrip_without_aux(tmp_path):
     assert teacher.module.transform_input and teacher.class_names == list("abcde")
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(outputs(teacher.module, x), outputs(m, x))
+
+
+def test_weights_files_keep_their_recorded_normalisation_and_say_which_weights_they_took(tmp_path, caplog):
+    """A student trained at mean/std 0.5 stays so when its distill checkpoint or its export is reused as a
+    teacher or as --init (ImageNet's were taken, silently; its labels were then wrong); the spec's own
+    :mean=/:std= still win. A checkpoint with an EMA copy says which weights were loaded; an EMA-only file
+    loads; a TorchScript file given as a state dict is named for what it is; safetensors files load."""
+    from mealkd.core.checkpoint_io import CHECKPOINT_FORMAT, EXPORT_FORMAT
+
+    model = torchvision.models.mobilenet_v3_small(num_classes=3)
+    sd = model.state_dict()
+    half = {"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "model": sd, "norm": half}, ckpt)
+    exported = tmp_path / "exported.pth"
+    torch.save(sd, exported)
+    (tmp_path / "exported.pth.json").write_text(json.dumps({"format": EXPORT_FORMAT, "input_size": 32, **half}))
+    for file in (ckpt, exported):
+        for init in ("weights", str(file)):
+            spec = f"torchvision:mobilenet_v3_small@{file}" if init == "weights" else "torchvision:mobilenet_v3_small"
+            loaded = load_model(parse_spec(spec), init=init, num_classes=3)
+            assert (loaded.mean, loaded.std) == ((0.5,) * 3, (0.5,) * 3), (file, init)
+    own = load_model(parse_spec(f"torchvision:mobilenet_v3_small@{ckpt}:mean=0.1/0.2/0.3"), init="weights")
+    assert own.mean == (0.1, 0.2, 0.3) and own.std == (0.5,) * 3
+    plain = tmp_path / "plain.pth"
+    torch.save(sd, plain)
+    assert load_model(parse_spec(f"torchvision:mobilenet_v3_small@{plain}"), init="weights").mean == tuple(IMAGENET_MEAN)
+
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    both = tmp_path / "timm_style.pth"
+    torch.save({"state_dict": sd, "state_dict_ema": ema}, both)
+    with caplog.at_level("WARNING"):
+        loaded = load_model(parse_spec(f"torchvision:mobilenet_v3_small@{both}"), init="weights")
+    assert torch.equal(loaded.module.state_dict()["classifier.3.weight"], sd["classifier.3.weight"])
+    assert "holds EMA weights too (under 'state_dict_ema'); the raw weights (under 'state_dict') were loaded" in caplog.text
+    only_ema = tmp_path / "ema_only.pth"
+    torch.save({"model_ema": ema}, only_ema)
+    loaded = load_model(parse_spec(f"torchvision:mobilenet_v3_small@{only_ema}"), init="weights")
+    assert torch.equal(loaded.module.state_dict()["classifier.3.weight"], ema["classifier.3.weight"])
+
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(model.eval()), scripted)
+    with pytest.raises(UserError) as err:
+        load_model(parse_spec(f"torchvision:mobilenet_v3_small@{scripted}"), init="weights")
+    assert "a TorchScript file, which is a whole model, not a state dict" in one_line_error(err)
+    safetensors = pytest.importorskip("safetensors.torch")
+    st = tmp_path / "exported.safetensors"
+    safetensors.save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    loaded = load_model(parse_spec(f"torchvision:mobilenet_v3_small@{st}"), init="weights")
+    assert torch.equal(loaded.module.state_dict()["classifier.3.weight"], sd["classifier.3.weight"])
+
+
+def test_a_fixed_size_student_is_refused_at_another_size_in_one_line():
+    from mealkd.core.models import LoadedModel
+    from mealkd.distill.trainer import training_size
+
+    def student(spec: str, size, fixed: bool) -> LoadedModel:
+        return LoadedModel(parse_spec(spec), torch.nn.Identity(), 3, size, (0.5,) * 3, (0.5,) * 3, None, None, size_fixed=fixed)
+
+    assert training_size(student("torchvision:resnet18", None, False), None, 64) == 64  # the store's crops
+    assert training_size(student("torchvision:resnet18:size=48", 48, False), None, 64) == 48  # the spec's :size= (it was ignored)
+    assert training_size(student("torchvision:resnet18", None, False), 40, 64) == 40
+    assert training_size(student("m.pt2", 32, True), None, 64) == 32  # what a static .pt2 takes
+    with pytest.raises(UserError) as err:
+        training_size(student("m.pt2", 32, True), 48, 64)
+    assert "--image-size 48: the student m.pt2 takes 32x32 images only" in one_line_error(err)

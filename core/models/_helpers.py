@@ -3,13 +3,14 @@ unwrapping, strict loading with one-line errors), classifier-head discovery and 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mealkd.core.checkpoint_io import load_torch_file
+from mealkd.core.checkpoint_io import CHECKPOINT_FORMAT, EXPORT_FORMAT, load_torch_file
 from mealkd.core.models.spec import IMAGENET_MEAN, IMAGENET_STD, INIT_MODES, ModelSpec
 from mealkd.errors import UserError
 
@@ -32,6 +33,7 @@ class LoadedModel:
     head_reinitialized: bool = False  # init="pretrained" replaced the classifier (class count differed)
     weights_path: str | None = None   # the file the weights came from (hub cache, @FILE, .pt, init file)
     weights_kind: str = "raw"  # which weights of a distill checkpoint were loaded: 'raw' or 'ema'
+    size_fixed: bool = False  # the module takes input_size x input_size images only (a static .pt2, a torchvision ViT)
 
     @property
     def weight(self) -> float:
@@ -80,13 +82,52 @@ def class_mismatch(spec: ModelSpec, have: int, want: int) -> UserError:
                      f"use weights trained on these {want} classes, their outputs in the dataset's sorted class order")
 
 
-def resolve_meta(spec: ModelSpec, size: int | None, mean: Any, std: Any):
-    m = tuple(float(v) for v in (spec.mean or mean or IMAGENET_MEAN))
-    s = tuple(float(v) for v in (spec.std or std or IMAGENET_STD))
+def resolve_meta(spec: ModelSpec, size: int | None, mean: Any, std: Any, recorded: tuple[Any, Any] = (None, None)):
+    """(input size, mean, std): the spec's own ``:size=``/``:mean=``/``:std=`` first, then what the weights
+    file records (``recorded``: :func:`recorded_norm`), then the architecture's defaults, then ImageNet's."""
+    m = tuple(float(v) for v in (spec.mean or recorded[0] or mean or IMAGENET_MEAN))
+    s = tuple(float(v) for v in (spec.std or recorded[1] or std or IMAGENET_STD))
     return (spec.size if spec.size is not None else size), m, s
 
 
+def recorded_norm(outer: Mapping, path: str) -> tuple[Any, Any]:
+    """(mean, std) that a weights file records for the model it holds: a ``mealkd distill`` checkpoint's
+    ``norm`` (what the student trained with), or the record ``mealkd export`` writes beside a state dict
+    (``FILE.json``); (None, None) if neither. A student trained at mean/std 0.5 stays so when it is
+    reused as a teacher or as ``--init`` (ImageNet's defaults were taken, silently)."""
+    norm = outer.get("norm") if outer and outer.get("format") == CHECKPOINT_FORMAT else None
+    if not isinstance(norm, Mapping):
+        try:
+            with open(path + ".json") as handle:
+                norm = json.load(handle)
+        except (OSError, ValueError):
+            return None, None
+        if not isinstance(norm, Mapping) or norm.get("format") != EXPORT_FORMAT:
+            return None, None
+    mean, std = norm.get("mean"), norm.get("std")
+    ok = all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std))
+    return (tuple(mean), tuple(std)) if ok else (None, None)
+
+
 # ---------------------------------------------------------------- checkpoint files
+#: where training scripts keep a model's weights in a checkpoint dict, and its EMA copy (timm, mealkd, others)
+RAW_KEYS = ("model", "state_dict", "model_state_dict", "model_state")
+EMA_KEYS = ("model_ema", "state_dict_ema", "ema", "ema_state_dict")
+
+
+def _first_state_dict(obj: Mapping, keys: tuple[str, ...]) -> tuple[str, Mapping] | None:
+    """(key, state dict) of the first of ``keys`` under which ``obj`` holds one (a module counts), else None."""
+    import torch
+
+    for key in keys:
+        inner = obj.get(key)
+        if isinstance(inner, torch.nn.Module):
+            inner = inner.state_dict()
+        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            return key, inner
+    return None
+
+
 def read_state_dict(path: str, what: str, spec_text: str):
     """-> (state dict, the checkpoint dict it came from (or {}), resolved path)."""
     import torch
@@ -97,13 +138,17 @@ def read_state_dict(path: str, what: str, spec_text: str):
     obj = load_torch_file(p, what)
     outer: Mapping = {}
     if isinstance(obj, Mapping):
-        for key in ("model", "state_dict", "model_state_dict", "model_state"):
-            inner = obj.get(key)
-            if isinstance(inner, torch.nn.Module):
-                inner = inner.state_dict()
-            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                outer, obj = obj, inner
-                break
+        raw = _first_state_dict(obj, RAW_KEYS)
+        ema = _first_state_dict(obj, EMA_KEYS)
+        if raw is not None:
+            outer, obj = obj, raw[1]
+            ours = outer.get("format") == CHECKPOINT_FORMAT
+            if ema is not None and not (ours and what == "init file"):  # distill's --init-weights chooses for its own checkpoints
+                log.warning("%s %s: holds EMA weights too (under %r); the raw weights (under %r) were loaded%s", what, path, ema[0],
+                            raw[0], ": `mealkd export` it with --weights ema for a file of the EMA weights" if ours else "")
+        elif ema is not None:  # only an EMA copy (a file saved for inference)
+            log.warning("%s %s: loaded the EMA weights under %r (it holds no raw weights)", what, path, ema[0])
+            outer, obj = obj, ema[1]
     elif isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -5,7 +5,7 @@ import logging
 import os
 
 from mealkd.core.checkpoint_io import TRUST_ENV
-from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, resolve_meta, file_sha256
+from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, recorded_norm, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
 from mealkd.core.models.torchscript_models import _torchscript_classes
 from mealkd.errors import UserError, first_line
@@ -100,13 +100,15 @@ def load_exported(spec: ModelSpec, num_classes: int | None, init: str) -> Loaded
     module.train = types.MethodType(_fixed_mode_train, module)
     module.eval = types.MethodType(lambda self: _fixed_mode_train(self, False), module)
     names: list[str] | None = None
+    norm: tuple = recorded_norm({}, path)  # `mealkd export --format pt2` records mean/std beside the file
     if init not in INIT_MODES:
         sd, outer, path = read_state_dict(init, "init file", spec.text)  # weights (and their sha) from the checkpoint
         check_and_load(module, sd, what="init file", path=path, spec_text=spec.text, head=None, want=None)
-    size, mean, std = resolve_meta(spec, recorded, None, None)
+        norm = recorded_norm(outer, path)
+    size, mean, std = resolve_meta(spec, recorded, None, None, norm)
     n = _torchscript_classes(module, spec, size, kind="ExportedProgram")
     if init not in INIT_MODES:
         names = checkpoint_class_names(outer, n, path)
     if num_classes is not None and int(num_classes) != n:
         raise class_mismatch(spec, n, int(num_classes))
-    return LoadedModel(spec, module, n, size, mean, std, file_sha256(path), names, False, path)
+    return LoadedModel(spec, module, n, size, mean, std, file_sha256(path), names, False, path, size_fixed=recorded is not None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, find_head, read_state_dict, resolve_meta, file_sha256
+from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, find_head, read_state_dict, recorded_norm, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
 from mealkd.errors import UserError, first_line
 
@@ -101,6 +101,6 @@ def load_timm(spec: ModelSpec, num_classes: int | None, init: str) -> LoadedMode
         reinit, names = True, None
     else:
         check_and_load(model, sd, what=what, path=path, spec_text=spec.text, head=head, want=want)
-    size, mean, std = resolve_meta(spec, *_timm_meta(model))
+    size, mean, std = resolve_meta(spec, *_timm_meta(model), recorded_norm(outer, path))
     return LoadedModel(spec, model, int(model.num_classes), size, mean, std, file_sha256(path), names,
                        reinit, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, resolve_meta, file_sha256
+from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, recorded_norm, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
 from mealkd.errors import UserError, first_line
 
@@ -76,10 +76,12 @@ def load_torchscript(spec: ModelSpec, num_classes: int | None, init: str) -> Loa
                         "use init=pretrained to start from its weights, or an architecture spec such as torchvision:ARCH")
     module, path = _jit_load(spec)
     names: list[str] | None = None
+    recorded: tuple = (None, None)
     if init not in INIT_MODES:
         sd, outer, path = read_state_dict(init, "init file", spec.text)
         check_and_load(module, sd, what="init file", path=path, spec_text=spec.text, head=None, want=None)
-    size, mean, std = resolve_meta(spec, None, None, None)
+        recorded = recorded_norm(outer, path)
+    size, mean, std = resolve_meta(spec, None, None, None, recorded)
     n = _torchscript_classes(module, spec, size)
     if init not in INIT_MODES:
         names = checkpoint_class_names(outer, n, path)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 from mealkd.core.checkpoint_io import load_torch_file
-from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, find_head, head_classes, read_state_dict, resolve_meta, file_sha256
+from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, find_head, head_classes, read_state_dict, recorded_norm, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
 from mealkd.errors import UserError, first_line
 
@@ -181,6 +181,7 @@ def load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> Loa
     names: list[str] | None = None
     extra: dict[str, Any] = {}
     hub_model = None
+    recorded: tuple[Any, Any] = (None, None)
     if init in INIT_MODES and not spec.weights_file:  # weights / pretrained from the hub cache
         hub_model, _, path, sha = _tv_from_hub(spec, arch)
         sd = hub_model.state_dict()
@@ -192,6 +193,7 @@ def load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> Loa
         file = spec.weights_file if init in INIT_MODES else init
         what = "weights file" if init in INIT_MODES else "init file"
         sd, outer, path = read_state_dict(file, what, spec.text)
+        recorded = recorded_norm(outer, path)
         sd = _tv_fix_keys(arch, sd)
         sha = file_sha256(path)
         extra = _tv_file_extra(arch, sd)
@@ -220,5 +222,5 @@ def load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> Loa
         model = _tv_build(arch, want, init_weights=False, **extra)
         check_and_load(model, sd, what=what, path=path, spec_text=spec.text, head=head, want=want)
     n = head_classes(find_head(model)[1])
-    size, mean, std = resolve_meta(spec, extra.get("image_size"), d_mean, d_std)  # only a ViT has a fixed size
-    return LoadedModel(spec, model, n, size, mean, std, sha, names, reinit, path)
+    size, mean, std = resolve_meta(spec, extra.get("image_size"), d_mean, d_std, recorded)  # only a ViT has a fixed size
+    return LoadedModel(spec, model, n, size, mean, std, sha, names, reinit, path, size_fixed="image_size" in extra)
