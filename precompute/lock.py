@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mealkd.errors import UserError
+from mealkd.storage import remote
 from mealkd.storage.schema import is_local, local_path
 
 
@@ -50,11 +51,19 @@ class StoreLock:
 
 @contextmanager
 def writing_store(out: str, what: str = "the label store"):
-    """A failed store write (disk full, quota, read-only, I/O error) is a one-line user error; what
-    was written before stays valid because ``done`` is only set after a shard's data is on disk."""
+    """A failed store write (disk full, quota, read-only, I/O error; on a remote store: the endpoint gone,
+    access denied) is a one-line user error; what was written before stays valid because ``done`` is only
+    set after a shard's data is on disk."""
     try:
         yield
-    except OSError as err:
+    except UserError:
+        raise
+    except Exception as err:
+        if not is_local(out) and (isinstance(err, OSError) or remote.is_transport_error(err)):
+            raise UserError(f"{remote.translate(out, err, doing='write')}; rerun the same command once it is fixed "
+                            "(finished shards are kept)") from None
+        if not isinstance(err, OSError):
+            raise
         raise UserError(
             f"--out {out}: writing {what} failed ({err.strerror or err}); free space or choose "
             "another location, then rerun the same command to continue (finished shards are kept)"

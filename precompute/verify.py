@@ -300,10 +300,10 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
 
 def repair(url: str, shards: set[int]) -> None:
     """Mark ``shards`` not done (under the precompute lock) so a precompute rerun rewrites them."""
-    from mealkd.precompute.lock import StoreLock
+    from mealkd.precompute.lock import StoreLock, writing_store
     from mealkd.storage.writer import StoreWriter
 
-    with StoreLock(url):
+    with StoreLock(url), writing_store(url, "the store's done marks"):
         StoreWriter(url).mark_not_done(sorted(shards))
 
 

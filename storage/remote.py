@@ -61,22 +61,47 @@ def is_transport_error(err: BaseException) -> bool:
     return False
 
 
-def translate(url: str, err: BaseException, fs=None) -> UserError:
-    """A one-line UserError for a failed request to the store at ``url``."""
+def translate(url: str, err: BaseException, fs=None, *, doing: str = "read") -> UserError:
+    """A one-line UserError for a failed request to the store at ``url`` (``doing``: 'read' or 'write')."""
     protocol = url.split("://", 1)[0].lower()
     names = _names(err)
     first = first_line(err, 160)
     if names & _CREDENTIAL_ERRORS:
         return UserError(f"{url}: no usable credentials for {protocol}:// ({first}); {_credential_hint(protocol)}")
     if "PermissionError" in names:
-        return UserError(f"{url}: access denied ({first}); check that the credentials may read this bucket, "
+        return UserError(f"{url}: access denied ({first}); check that the credentials may {doing} this bucket, "
                          f"or {_credential_hint(protocol)}")
     if names & _CONNECTION_ERRORS:
         where = _endpoint(fs) if fs is not None else "the endpoint"
         return UserError(f"{url}: cannot reach {where} ({first}); check the network, or FSSPEC_{protocol.upper()}_ENDPOINT_URL "
                          "for an S3-compatible server")
-    return UserError(f"{url}: cannot read the store ({type(err).__name__}: {first}); check the URL and its storage options "
+    return UserError(f"{url}: cannot {doing} the store ({type(err).__name__}: {first}); check the URL and its storage options "
                      f"(FSSPEC_{protocol.upper()}_* environment variables)")
+
+
+#: fsspec protocols that can only read (zarr cannot write a store through them)
+READ_ONLY = ("http", "https")
+
+
+def check_remote_output(url: str, flag: str = "--out") -> None:
+    """A remote ``--out`` that cannot take a store, refused before any work (a store-writing command may
+    decode every image first: hours): a read-only protocol, or what :func:`check_remote` finds (backend,
+    credentials, endpoint, a missing bucket). Write permission shows only at the first write."""
+    protocol = url.split("://", 1)[0].lower()
+    if protocol in READ_ONLY:
+        raise UserError(f"{flag} {url}: {protocol}:// stores are read-only (fsspec's HTTP filesystem cannot write); write the "
+                        "store to a local path or an object store (s3://, gs://) and serve it over HTTP from there")
+    check_remote(url)
+
+
+def _check_byte_ranges(fs, key: str, url: str) -> None:
+    """A sharded zarr array is read by byte ranges (a shard's index, then its chunks): a server that ignores
+    HTTP Range requests answers with whole files, which zarr then decodes as an index, so an intact store
+    reads as damaged. One 2-byte request says which kind of server this is."""
+    if len(fs.cat_file(key, start=0, end=2)) > 2:
+        raise UserError(f"{url}: the server ignores HTTP byte ranges (Range requests), which zarr needs to read a label store's "
+                        "shards; serve it with one that honours them (nginx, caddy, an object store's HTTP endpoint; not "
+                        "`python -m http.server`)")
 
 
 def check_remote(url: str) -> None:
@@ -97,6 +122,8 @@ def check_remote(url: str) -> None:
     try:
         try:
             fs.info(f"{path}/zarr.json")
+            if url.split("://", 1)[0].lower() in READ_ONLY:
+                _check_byte_ranges(fs, f"{path}/zarr.json", url)
         except FileNotFoundError:
             bucket = path.split("/", 1)[0]
             if bucket and bucket != path and not fs.exists(bucket):

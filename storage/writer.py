@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mealkd.storage import remote
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
 from mealkd import __version__
 from mealkd.errors import UserError
@@ -95,9 +96,10 @@ def check_output(url: str, flag: str = "--out") -> None:
     """Refuse, before any work (a store-writing command may decode every image first: hours), a local
     output path no store can be written at: a file, a non-empty directory that is neither a label store
     nor a killed create's leftover, or a new path whose nearest existing parent is a file or cannot be
-    written. A store already there passes (its settings are the caller's to check). Remote URLs pass:
-    their preflight and first write say what is wrong."""
+    written. A store already there passes (its settings are the caller's to check). A remote URL gets
+    its preflight (``remote.check_remote_output``); write permission shows at its first write."""
     if not is_local(url):
+        remote.check_remote_output(url, flag)
         return
     path = local_path(url)
     if path.exists():

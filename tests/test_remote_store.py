@@ -13,6 +13,8 @@ wrong bucket are one-line errors (exit 2); the bytes one epoch fetches per rank.
 """
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import threading
 from collections import defaultdict
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -336,3 +339,70 @@ def test_bytes_fetched_per_epoch_per_rank(s3, tmp_path, encoding):
         # windows/flips: that slot's inner chunks only (slot-chunked shards), not the whole arrays
         assert report[f"rank_of_{world_size}"]["windows_flips"] < 2.0 * report["windows_flips_bytes"] / r, report
     print("\nbytes per epoch per rank:", json.dumps(report))
+
+
+class _RangeHandler(SimpleHTTPRequestHandler):
+    """A static file server that honours ``Range: bytes=a-b`` (what nginx and object stores do)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send_head(self):
+        wanted = self.headers.get("Range")
+        path = self.translate_path(self.path)
+        if not wanted or not os.path.isfile(path):
+            return super().send_head()
+        data = Path(path).read_bytes()
+        first, _, last = wanted.removeprefix("bytes=").partition("-")
+        if first:
+            start, stop = int(first), min(int(last) + 1 if last else len(data), len(data))
+        else:  # a suffix range, bytes=-N: the last N bytes (how a shard's index is read)
+            start, stop = max(0, len(data) - int(last)), len(data)
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+        self.send_header("Content-Length", str(stop - start))
+        self.end_headers()
+        return io.BytesIO(data[start:stop])
+
+
+def _serve(root: Path, handler) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_an_http_store_needs_a_server_that_honours_byte_ranges(world, s3):
+    """`python -m http.server` answers a Range request with the whole file, which zarr decoded as a shard
+    index: an intact store read as damaged, with advice to --repair it. That server is named now; one that
+    honours ranges reads the store; an http:// --out is refused as read-only before any work."""
+    for handler, ok in ((SimpleHTTPRequestHandler, False), (_RangeHandler, True)):
+        server = _serve(world["root"], handler)
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/store.zarr"
+            proc = cli(["inspect", url, "--sample", "16"], s3["env"])
+        finally:
+            server.shutdown()
+        if ok:
+            assert proc.returncode == 0 and "complete" in proc.stdout.lower(), proc.stderr
+        else:
+            assert_one_line_error(proc, url, "ignores HTTP byte ranges", "not `python -m http.server`")
+            assert "damaged" not in proc.stderr
+    with pytest.raises(UserError, match="http:// stores are read-only"):
+        storage.check_output("http://127.0.0.1:9/new.zarr")
+
+
+def test_a_remote_out_is_checked_before_work_and_write_failures_are_one_line(s3):
+    """A missing bucket at --out was found only after the validation decode of every image (hours on
+    ImageNet); a write that fails on the network (the endpoint gone mid-run) was a botocore traceback."""
+    import botocore.exceptions
+
+    from mealkd.precompute.lock import writing_store
+
+    with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
+        storage.check_output("s3://no-such-bucket/new.zarr")
+    storage.check_output(f"s3://{BUCKET}/fresh.zarr")  # an existing bucket passes
+    with pytest.raises(UserError) as err:
+        with writing_store(f"s3://{BUCKET}/fresh.zarr"):
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url=s3["server"].endpoint + "/bucket?delete")
+    said = str(err.value)
+    assert "cannot reach" in said and "rerun the same command once it is fixed (finished shards are kept)" in said and "\n" not in said
