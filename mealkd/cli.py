@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         if not err.echoed:
             click.echo(f"error: {err}", err=True)
+        _quiet_teardown()
         sys.exit(2)
     except StopRequested as stop:
         if str(stop):
@@ -86,6 +87,16 @@ def main(argv: list[str] | None = None) -> None:
         _exit_if_a_peer_ended(err)
         raise
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _quiet_teardown() -> None:
+    """After the one-line error, the interpreter's exit must not bury it: a remote store's reads still pending
+    in zarr's event loop (the endpoint went away) were reported at exit as hundreds of lines of 'Task was
+    destroyed but it is pending!' and 'Exception ignored in: <coroutine ...>'."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
 
 
 def _exit_if_a_peer_ended(err: Exception) -> None:
