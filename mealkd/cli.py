@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
     except click.ClickException as err:
-        err.show()
+        if os.environ.get("RANK", "0") == "0":  # every torchrun rank parses the same argv: one copy of a usage error
+            err.show()
         sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -183,3 +183,7 @@ def test_single_process_commands_refuse_torchrun_once(monkeypatch, capsys):
             assert exit_.value.code == 2
             assert (f"error: {command[0]} runs in one process: run it without torchrun" in err) == said, err
             assert err.count("\n") == (1 if said else 0)
+        with pytest.raises(SystemExit) as exit_:  # a usage error: every rank parsed the same argv, rank 0 says it
+            cli.main(["distill", "--bogus"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and ("No such option '--bogus'" in err) == said, err
