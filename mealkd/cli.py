@@ -53,7 +53,7 @@ MULTI_PROCESS = ("precompute", "extend", "distill")
 def cli(ctx: click.Context) -> None:
     """Offline MEAL V2 distillation: teacher-ensemble soft labels in a Zarr store, students trained with DALI."""
     command = ctx.invoked_subcommand
-    if command not in MULTI_PROCESS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if command is not None and command not in MULTI_PROCESS and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # N copies would each do the whole job: N outputs (N JSON objects on stdout), racing writes, one lock winner
         raise UserError(f"{command} runs in one process: run it without torchrun (of mealkd's commands only "
                         f"{', '.join(MULTI_PROCESS)} split their work over processes)", echoed=os.environ.get("RANK", "0") != "0")
