@@ -32,6 +32,7 @@ import torch
 pytest.importorskip("moto.server", reason="the test extra (moto[server]) is not installed")
 s3fs = pytest.importorskip("s3fs", reason="the test extra (s3fs) is not installed")
 
+from mealkd import cli as mealkd_cli  # noqa: E402
 from mealkd import storage  # noqa: E402
 from mealkd.errors import UserError  # noqa: E402
 from mealkd.core.dataset import scan_image_folder  # noqa: E402
@@ -341,11 +342,15 @@ def test_bytes_fetched_per_epoch_per_rank(s3, tmp_path, encoding):
     print("\nbytes per epoch per rank:", json.dumps(report))
 
 
-class _RangeHandler(SimpleHTTPRequestHandler):
-    """A static file server that honours ``Range: bytes=a-b`` (what nginx and object stores do)."""
+class _PlainHandler(SimpleHTTPRequestHandler):
+    """``python -m http.server``'s handler (it ignores Range requests), without its request log."""
 
     def log_message(self, *args) -> None:
         pass
+
+
+class _RangeHandler(_PlainHandler):
+    """A static file server that honours ``Range: bytes=a-b`` (what nginx and object stores do)."""
 
     def send_head(self):
         wanted = self.headers.get("Range")
@@ -371,17 +376,20 @@ def _serve(root: Path, handler) -> ThreadingHTTPServer:
     return server
 
 
-def test_an_http_store_needs_a_server_that_honours_byte_ranges(world, s3):
+def test_an_http_store_needs_a_server_that_honours_byte_ranges(world, s3, capsys):
     """`python -m http.server` answers a Range request with the whole file, which zarr decoded as a shard
     index: an intact store read as damaged, with advice to --repair it. That server is named now; one that
     honours ranges reads the store; an http:// --out is refused as read-only before any work."""
-    for handler, ok in ((SimpleHTTPRequestHandler, False), (_RangeHandler, True)):
+    for handler, ok in ((_PlainHandler, False), (_RangeHandler, True)):
         server = _serve(world["root"], handler)
         try:
             url = f"http://127.0.0.1:{server.server_address[1]}/store.zarr"
-            proc = cli(["inspect", url, "--sample", "16"], s3["env"])
+            with pytest.raises(SystemExit) as exit_:
+                mealkd_cli.main(["inspect", url, "--sample", "16"])
         finally:
             server.shutdown()
+        out, err = capsys.readouterr()
+        proc = subprocess.CompletedProcess([], exit_.value.code, out, err)
         if ok:
             assert proc.returncode == 0 and "complete" in proc.stdout.lower(), proc.stderr
         else:
