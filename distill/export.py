@@ -36,6 +36,7 @@ from mealkd.core.checkpoint_io import EXPORT_FORMAT, load_torch_file
 from mealkd.core.models import file_sha256
 from mealkd.distill.checkpoint import atomic_path
 from mealkd.distill.checkpoint_eval import load_student, sidecar_path
+from mealkd.distill.protocol import EvalProtocol
 from mealkd.errors import UserError, first_line
 
 FORMATS = ("state-dict", "safetensors", "onnx", "pt2")
@@ -204,9 +205,14 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
         "input_size": int(size),
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
+        # what `mealkd evaluate` feeds it by default, for a downstream user's own transform
+        "eval_transform": {"resize_shorter": EvalProtocol().resize_for(int(size)), "interpolation": EvalProtocol().interpolation,
+                           "antialias": True, "center_crop": int(size)},
         "torch_version": torch.__version__,
         "check": {**check, "batch": CHECK_BATCH, "tolerance": 0.0 if fmt in ("state-dict", "safetensors") else TOLERANCE},
     }
+    if getattr(model, "transform_input", None) is not None:  # googlenet / inception_v3: they re-normalise their input inside
+        record["transform_input"] = bool(model.transform_input)
     if fmt == "onnx":
         record["onnx"] = {"input": "input", "output": "logits", "dynamic_axes": {"input": [0], "logits": [0]}, "exporter": exporter}
     if fmt == "pt2":

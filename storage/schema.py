@@ -206,8 +206,18 @@ def is_local(url: str | os.PathLike) -> bool:
     return "://" not in u or u.startswith("file://")
 
 
+#: 's3:/bucket/x' (one slash): meant as a URL, but a relative local path to os and fsspec alike
+_ONE_SLASH_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")
+
+
 def local_path(url: str | os.PathLike) -> Path:
+    """The local path a store location names (``~`` expanded, ``file://`` decoded); a one-line UserError
+    for 's3:/bucket/x', which would otherwise be looked for as a local directory named 's3:'."""
     u = str(url)
+    almost = _ONE_SLASH_URL.match(u)
+    if almost:
+        protocol = almost.group(1)
+        raise UserError(f"{u}: a URL needs two slashes after '{protocol}:': write {protocol}://{u[almost.end():]}")
     if u.startswith("file://"):
         return Path(urllib.parse.unquote(urllib.parse.urlparse(u).path))
     return Path(u).expanduser()

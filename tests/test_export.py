@@ -69,7 +69,22 @@ def export(trained, fmt: str, name: str) -> tuple[Path, dict]:
     assert sidecar["class_names"] == ckpt["class_names"] and sidecar["num_classes"] == CLASSES
     assert sidecar["input_size"] == SIZE and sidecar["mean"] == pytest.approx(ckpt["norm"]["mean"])
     assert sidecar["std"] == pytest.approx(ckpt["norm"]["std"]) and sidecar["student_spec"] == "torchvision:mobilenet_v3_small"
+    # evaluate's default transform, for a downstream user's own: resize the shorter side to round(S / 0.875), centre crop S
+    assert sidecar["eval_transform"] == {"resize_shorter": round(SIZE / 0.875), "interpolation": "bilinear", "antialias": True,
+                                         "center_crop": SIZE}
+    assert "transform_input" not in sidecar  # only googlenet / inception_v3 re-normalise inside
     return out, sidecar
+
+
+def test_export_records_that_googlenet_renormalises_its_input(tmp_path):
+    """torchvision builds googlenet / inception_v3 with transform_input=True when they come with weights, and
+    mealkd always does: a downstream googlenet(num_classes=...) defaults to False and would see other inputs."""
+    weights = tmp_path / "googlenet.pth"
+    torch.save(torchvision.models.googlenet(num_classes=CLASSES, aux_logits=False, init_weights=False).state_dict(), weights)
+    out = tmp_path / "googlenet_export.pth"
+    cli_in_process("export", str(weights), "--student", "torchvision:googlenet", "--image-size", "64", "--format", "state-dict",
+                   "--out", str(out))
+    assert json.loads(Path(str(out) + ".json").read_text())["transform_input"] is True
 
 
 def test_state_dict_and_safetensors_load_into_torchvision_exactly(trained):

@@ -371,3 +371,16 @@ def test_raw_fast_path_matches_zarr_path(tmp_path, encoding):
     part = storage.open_store(url2, require_complete=False)
     assert part._raw is None
     np.testing.assert_array_equal(part.slot_labels(1, np.arange(32)), fast[1][:32])
+
+
+def test_a_url_with_one_slash_is_named_not_looked_for_locally(capsys):
+    """'s3:/bucket/x' was looked for as a local directory 's3:' and called 'not a mealkd label store'."""
+    from mealkd import cli
+
+    for argv in (["inspect", "s3:/bucket/labels.zarr"], ["verify", "gs:/b/s.zarr"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip()
+        protocol = argv[1].split(":")[0]
+        assert exit_.value.code == 2 and err.startswith(f"error: {argv[1]}: a URL needs two slashes after '{protocol}:'"), err
+        assert f"write {protocol}://" in err and "\n" not in err
