@@ -11,6 +11,7 @@ file (what ``mealkd export --format safetensors`` writes) is read with safetenso
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -27,6 +28,20 @@ CHECKPOINT_FORMAT = "mealkd-checkpoint"
 #: the ``format`` of the ``FILE.json`` record ``mealkd export`` writes beside an exported FILE
 EXPORT_FORMAT = "mealkd-export"
 log = logging.getLogger(__name__)
+
+
+def sidecar_path(out: str | os.PathLike) -> Path:
+    """``FILE.json`` beside an export ``FILE`` (the whole name plus '.json': model.onnx -> model.onnx.json)."""
+    return Path(str(out) + ".json")
+
+
+def export_record(path: str | os.PathLike) -> dict:
+    """The record ``mealkd export`` wrote beside ``path`` (class names, input size, mean/std, student spec), or {}."""
+    try:
+        record = json.loads(sidecar_path(os.path.expanduser(path)).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("format") == EXPORT_FORMAT else {}
 
 
 def trusted() -> bool:

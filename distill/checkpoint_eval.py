@@ -1,11 +1,9 @@
 """Load a trained student from a checkpoint and evaluate it."""
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
-from mealkd.core.checkpoint_io import EXPORT_FORMAT, load_torch_file
+from mealkd.core.checkpoint_io import export_record, load_torch_file
 from mealkd.core.accel import apply_numerics, resolve_precision
 from mealkd.core.dali_io import resolve_backend
 from mealkd.core.dataset import scan_image_folder
@@ -18,20 +16,6 @@ from mealkd.errors import UserError
 
 
 WEIGHTS = ("auto", "raw", "ema")
-
-
-def sidecar_path(out: str | os.PathLike) -> Path:
-    """``FILE.json`` beside an export ``FILE`` (the whole name plus '.json': model.onnx -> model.onnx.json)."""
-    return Path(str(out) + ".json")
-
-
-def export_record(path: str) -> dict:
-    """The sidecar record of an exported file (class names, input size, mean/std, student spec), or {}."""
-    try:
-        record = json.loads(sidecar_path(os.path.expanduser(path)).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) and record.get("format") == EXPORT_FORMAT else {}
 
 
 def _record_norm(record: dict) -> Normalization | None:

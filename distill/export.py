@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from mealkd.core.checkpoint_io import EXPORT_FORMAT, load_torch_file
+from mealkd.core.checkpoint_io import EXPORT_FORMAT, load_torch_file, sidecar_path
 from mealkd.core.models import file_sha256
 from mealkd.distill.checkpoint import atomic_path
-from mealkd.distill.checkpoint_eval import load_student, sidecar_path
+from mealkd.distill.checkpoint_eval import load_student
 from mealkd.distill.protocol import EvalProtocol
 from mealkd.errors import UserError, first_line
 

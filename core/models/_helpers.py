@@ -3,14 +3,13 @@ unwrapping, strict loading with one-line errors), classifier-head discovery and 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mealkd.core.checkpoint_io import CHECKPOINT_FORMAT, EXPORT_FORMAT, load_torch_file
+from mealkd.core.checkpoint_io import CHECKPOINT_FORMAT, export_record, load_torch_file
 from mealkd.core.models.spec import IMAGENET_MEAN, IMAGENET_STD, INIT_MODES, ModelSpec
 from mealkd.errors import UserError
 
@@ -97,13 +96,7 @@ def recorded_norm(outer: Mapping, path: str) -> tuple[Any, Any]:
     reused as a teacher or as ``--init`` (ImageNet's defaults were taken, silently)."""
     norm = outer.get("norm") if outer and outer.get("format") == CHECKPOINT_FORMAT else None
     if not isinstance(norm, Mapping):
-        try:
-            with open(path + ".json") as handle:
-                norm = json.load(handle)
-        except (OSError, ValueError):
-            return None, None
-        if not isinstance(norm, Mapping) or norm.get("format") != EXPORT_FORMAT:
-            return None, None
+        norm = export_record(path)
     mean, std = norm.get("mean"), norm.get("std")
     ok = all(isinstance(v, (list, tuple)) and len(v) == 3 for v in (mean, std))
     return (tuple(mean), tuple(std)) if ok else (None, None)
