@@ -76,13 +76,17 @@ def _not_torch(path: Path) -> str | None:
     return next((f"it is {name}" for magic, name in _OTHER_FORMATS if head.startswith(magic)), "neither a zip archive nor a pickle")
 
 
-def _is_torchscript(path: Path) -> bool:
-    """A ``torch.jit.save`` archive: a zip holding the module's code and constants."""
+def torch_archive(path: str | os.PathLike) -> str | None:
+    """Which of torch's zip archives ``path`` is: 'torchscript' (``torch.jit.save``: the module's code and
+    constants), 'pickle' (``torch.save``: a ``data.pkl``, no code), or None (neither, or not a zip)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
+        return None
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+        return "torchscript"
+    return "pickle" if any(name.endswith("/data.pkl") for name in names) else None
 
 
 def _load_safetensors(path: Path, what: str) -> dict:
@@ -109,7 +113,7 @@ def load_torch_file(path: str | os.PathLike, what: str) -> Any:
         raise UserError(f"{what} {path}: file not found; check the path")
     if path.suffix == ".safetensors":
         return _load_safetensors(path, what)
-    if _is_torchscript(path):  # torch.load's refusal would say "Cannot use weights_only=True with TorchScript archives"
+    if torch_archive(path) == "torchscript":  # torch.load's refusal would say "Cannot use weights_only=True with TorchScript archives"
         raise UserError(f"{what} {path}: a TorchScript file, which is a whole model, not a state dict; give its path as the "
                         f"model spec itself (e.g. --teachers {path}), without an architecture")
     kind = _not_torch(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from mealkd.core.checkpoint_io import torch_archive
 from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, recorded_norm, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
 from mealkd.errors import UserError, first_line
@@ -25,23 +26,11 @@ def _jit_load(spec: ModelSpec):
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(path, map_location="cpu"), path
     except Exception as e:  # noqa: BLE001
-        if _holds_pickled_data(path):  # torch.save's archive (a state dict or checkpoint), not torch.jit.save's
+        if torch_archive(path) == "pickle":  # torch.save's archive (a state dict or checkpoint), not torch.jit.save's
             raise UserError(f"{file} is a state dict or checkpoint (torch.save), not a TorchScript file: name its architecture, "
                             f"e.g. torchvision:ARCH@{file}") from None
         raise UserError(f"{file} is not a TorchScript file ({first_line(e, 300)}); for a state dict, name its "
                         f"architecture: torchvision:ARCH@{file}") from None
-
-
-def _holds_pickled_data(path: str) -> bool:
-    """Whether ``path`` is a ``torch.save`` zip archive: a ``data.pkl`` and, unlike ``torch.jit.save``'s, no code."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return any(n.endswith("/data.pkl") for n in names) and not any("/code/" in n for n in names)
 
 
 def _torchscript_classes(module, spec: ModelSpec, size: int | None, kind: str = "TorchScript") -> int:
