@@ -189,6 +189,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
             raise
 
     check = _check(fmt, out_path, model, check_batch)
+    protocol = EvalProtocol()  # what `mealkd evaluate` feeds it by default, for a downstream user's own transform
     record = {
         "format": EXPORT_FORMAT,
         "version": 1,
@@ -205,8 +206,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
         "input_size": int(size),
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
-        # what `mealkd evaluate` feeds it by default, for a downstream user's own transform
-        "eval_transform": {"resize_shorter": EvalProtocol().resize_for(int(size)), "interpolation": EvalProtocol().interpolation,
+        "eval_transform": {"resize_shorter": protocol.resize_for(int(size)), "interpolation": protocol.interpolation,
                            "antialias": True, "center_crop": int(size)},
         "torch_version": torch.__version__,
         "check": {**check, "batch": CHECK_BATCH, "tolerance": 0.0 if fmt in ("state-dict", "safetensors") else TOLERANCE},

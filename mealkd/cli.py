@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from mealkd.errors import StopRequested, UserError
+from mealkd.errors import StopRequested, UserError, first_line
 
 # name -> "module:attribute" of a click.Command
 COMMANDS: dict[str, str] = {
@@ -108,8 +108,7 @@ def _exit_if_a_peer_ended(err: Exception) -> None:
     from mealkd.core.distributed import env_rank, lost_peer
 
     if lost_peer(err):
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        click.echo(f"error: rank {env_rank()}: another process of this job ended, so this one cannot go on ({first[:200]}); "
+        click.echo(f"error: rank {env_rank()}: another process of this job ended, so this one cannot go on ({first_line(err, 200)}); "
                    "the first error printed by the job says why", err=True)
         sys.exit(1)
 
