@@ -453,3 +453,20 @@ def test_a_fixed_size_student_is_refused_at_another_size_in_one_line():
     with pytest.raises(UserError) as err:
         training_size(student("m.pt2", 32, True), 48, 64)
     assert "--image-size 48: the student m.pt2 takes 32x32 images only" in one_line_error(err)
+
+
+def test_a_vit_from_scratch_is_built_for_its_size_and_marked_fixed():
+    from mealkd.distill.trainer import training_size
+
+    vit = load_model(parse_spec("torchvision:vit_b_16:size=32"), num_classes=3, init="scratch")
+    assert (vit.input_size, vit.size_fixed) == (32, True)
+    assert vit.module(torch.zeros(1, 3, 32, 32)).shape == (1, 3)  # built for 32 px (torchvision's default is 224)
+    assert training_size(vit, None, 64) == 32  # the store's 64-px crops are resized to what it takes
+    plain = load_model(parse_spec("torchvision:vit_b_16"), num_classes=3, init="scratch")
+    assert (plain.input_size, plain.size_fixed) == (224, True)  # a training at another --image-size is one line, not a Guard traceback
+    with pytest.raises(UserError) as err:
+        training_size(plain, 64, 64)
+    assert "takes 224x224 images only" in one_line_error(err)
+    with pytest.raises(UserError) as err:
+        load_model(parse_spec("torchvision:vit_b_16:size=60"), num_classes=3, init="scratch")
+    assert "multiple of 16" in one_line_error(err)

@@ -156,6 +156,23 @@ def _tv_fix_keys(arch: str, sd: dict) -> dict:
     return sd
 
 
+def _vit_size(spec: ModelSpec, arch: str) -> dict:
+    """A ViT built from scratch is built for the spec's ``:size=`` (it takes that size only)."""
+    if not (arch.startswith("vit_") and spec.size):
+        return {}
+    patch = int(arch.rsplit("_", 1)[-1])
+    if spec.size % patch:
+        raise UserError(f"{spec.text}: a ViT with {patch}-pixel patches needs a :size= that is a multiple of {patch} "
+                        f"(e.g. {max(patch, spec.size // patch * patch)})")
+    return {"image_size": spec.size}
+
+
+def _check_fixed_size(spec: ModelSpec, model, path: str | None) -> None:
+    fixed = getattr(model, "image_size", None)
+    if fixed is not None and spec.size is not None and spec.size != fixed:
+        raise UserError(f"{spec.text}: {path or 'the model'} is a ViT built for {fixed}x{fixed} images; drop :size= or set :size={fixed}")
+
+
 def _tv_file_extra(arch: str, sd: Mapping) -> dict:
     """Constructor kwargs a state dict implies (ViT image size from its position embedding)."""
     extra: dict[str, Any] = {}
@@ -172,10 +189,10 @@ def load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> Loa
     _, d_mean, d_std = _tv_default_meta(arch, spec.weights_enum)  # its eval crop size is not used (module docstring)
 
     if init == "scratch":
-        model = _tv_build(arch, num_classes, init_weights=True)
+        model = _tv_build(arch, num_classes, init_weights=True, **_vit_size(spec, arch))
         n = head_classes(find_head(model)[1])
-        size, mean, std = resolve_meta(spec, None, d_mean, d_std)
-        return LoadedModel(spec, model, n, size, mean, std, None, None)
+        size, mean, std = resolve_meta(spec, getattr(model, "image_size", None), d_mean, d_std)
+        return LoadedModel(spec, model, n, size, mean, std, None, None, size_fixed=hasattr(model, "image_size"))
 
     head = _tv_head_name(arch)
     names: list[str] | None = None
@@ -221,6 +238,7 @@ def load_torchvision(spec: ModelSpec, num_classes: int | None, init: str) -> Loa
     else:
         model = _tv_build(arch, want, init_weights=False, **extra)
         check_and_load(model, sd, what=what, path=path, spec_text=spec.text, head=head, want=want)
+    _check_fixed_size(spec, model, path)
     n = head_classes(find_head(model)[1])
     size, mean, std = resolve_meta(spec, extra.get("image_size"), d_mean, d_std, recorded)  # only a ViT has a fixed size
     return LoadedModel(spec, model, n, size, mean, std, sha, names, reinit, path, size_fixed="image_size" in extra)
