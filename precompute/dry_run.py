@@ -31,6 +31,7 @@ from mealkd.precompute.crops import CropStream
 from mealkd.precompute.ensemble import TeacherEnsemble
 from mealkd.precompute.decoder_drift import job_decoder
 from mealkd.precompute.runner import PrecomputeConfig, _check_existing, _settings, labelled_batches, load_ensemble
+from mealkd.storage.commands import human_bytes
 from mealkd.storage.encoding import encode_topk, normalise_rows, to_f16, topk_tv
 from mealkd.storage.schema import DENSE, TOPK, busiest_rank_images, default_images_per_shard, label_row_bytes, parse_encoding, topk_index_dtype
 
@@ -225,14 +226,6 @@ def gpu_hours(result: dict, gpus: int) -> float:
     return result["teacher_hours"] * result["busiest_share"][gpus] + result["validation_hours"] / gpus
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} TB"
-
-
 def report_lines(result: dict) -> list[str]:
     """The dry run's findings as lines for the terminal. Times for several processes are shown on a GPU
     only: there each process has its own GPU and labels its own shards; CPU processes share the cores.
@@ -259,7 +252,7 @@ def report_lines(result: dict) -> list[str]:
         + (f", {r['sample_unreadable']} more unreadable" if r["sample_unreadable"] else "") + ")"
         + (f"; peak GPU memory {r['peak_gpu_mib']:,.0f} MiB" if r["peak_gpu_mib"] is not None else ""),
         time_line,
-        f"to write: {_size(r['store_bytes'])} ({r['encoding']}: labels {b['labels_per_crop']:,.1f} B/crop, windows + flips "
+        f"to write: {human_bytes(r['store_bytes'])} ({r['encoding']}: labels {b['labels_per_crop']:,.1f} B/crop, windows + flips "
         f"{b['windows_per_crop']:,.1f} B/crop, paths and the rest {b['rest_per_image']:,.0f} B/image, as written for the sample)",
         "label encodings on the sampled crops (total variation between the teachers' float32 rows and what the store returns):",
     ]

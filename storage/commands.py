@@ -11,7 +11,8 @@ from mealkd.storage.reader import open_store
 from mealkd.storage.schema import DECODER_DRIFT
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count in binary units (KiB, MiB, ...), as every command prints sizes."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -141,7 +142,7 @@ def _table(info: dict):
     table.add_row("completeness", f"{info['images_done']}/{info['num_images']} images done, {state}")
     table.add_row("shards", f"{info['num_shards']} x {info['images_per_shard']} images")
     nbytes = info["bytes_on_disk"]
-    table.add_row("bytes on disk", f"{_human(nbytes)} ({nbytes} B), {info['bytes_per_crop']:.1f} B per stored crop")
+    table.add_row("bytes on disk", f"{human_bytes(nbytes)} ({nbytes} B), {info['bytes_per_crop']:.1f} B per stored crop")
     stats = info["labels"]
     if stats["samples"]:
         table.add_row("labels", f"mean top-1 prob {stats['mean_top1']:.4f}, mean entropy {stats['mean_entropy']:.4f} nats, "
