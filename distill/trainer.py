@@ -91,7 +91,7 @@ class Trainer:
 
         self.index = self.dist.on_main(lambda: scan_image_folder(cfg.data))  # one scan per job, not per rank
         self.store = storage.open_store(cfg.labels, fingerprint=self.index.fingerprint, class_names=self.index.class_names,
-                                        dataset_paths=self.index.paths)
+                                        dataset_paths=self.index.paths, data=cfg.data)
         self._check_store_identity()
         self._check_world_size()
         self._check_decoder()

@@ -266,9 +266,7 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
         teachers = cfg.teachers or recorded_specs(source.attrs)
         pcfg = _precompute_config(cfg, source, teachers)
         index = scan_image_folder(cfg.data)
-        if index.fingerprint != (source.attrs.get("dataset") or {}).get("fingerprint"):
-            raise UserError(f"--data {cfg.data}: not the dataset STORE was made from (fingerprint differs: files added, removed "
-                            f"or changed: {storage.dataset_difference(source.paths, index.paths)}); pass the precompute --data tree, unchanged")
+        storage.refuse_other_dataset(source, index.fingerprint, index.paths, cfg.data)
         ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
         _check_settings(source, _settings(pcfg, index, ensemble, backend))
         decoder = job_decoder(source.attrs.get("decoder"), backend, d, allow=cfg.allow_decoder_mismatch, where=f"STORE {cfg.store}",

@@ -212,10 +212,7 @@ def check_recompute(store: storage.LabelStore, data: str, teachers: str, *, samp
     from mealkd.precompute.ensemble import TeacherEnsemble
 
     index = scan_image_folder(data)
-    have = (store.attrs.get("dataset") or {}).get("fingerprint")
-    if have != index.fingerprint:
-        raise UserError(f"--data {data}: not the dataset this store was computed on (fingerprint {str(have)[:12]} != {index.fingerprint[:12]}: "
-                        f"{storage.dataset_difference(store.paths, index.paths)}); pass the precompute --data")
+    storage.refuse_other_dataset(store, index.fingerprint, index.paths, data)
     stored_decoder = (store.attrs.get("decoder") or {}).get("backend") or "cpu"
     stored_precision = store.attrs.get("precision") or "fp32"
     backend = resolve_backend("cpu" if device == "auto" and stored_decoder == "cpu" else device)  # recompute where the store was made

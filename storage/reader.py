@@ -48,6 +48,21 @@ def store_exists(url: str) -> bool:
     return attrs.get("format") == FORMAT
 
 
+def refuse_other_dataset(store: "LabelStore", fingerprint: str, dataset_paths: Sequence[str] | None = None,
+                         data: str | None = None) -> None:
+    """The one refusal of a dataset (``--data`` ``data``) whose fingerprint is not the store's, for every
+    command that reads a store with its images (distill, extend, verify); ``dataset_paths`` lets it name what differs."""
+    have = (store.attrs.get("dataset") or {}).get("fingerprint")
+    if have == fingerprint:
+        return
+    detail = "" if dataset_paths is None else f": {dataset_difference(store.paths, dataset_paths)}"
+    raise UserError(
+        f"{f'--data {data}' if data else 'the dataset'}: not the dataset {store.url} was made from (fingerprint "
+        f"{str(fingerprint)[:12]} here, {str(have)[:12]} in the store: files added, removed or changed since precompute{detail}); "
+        f"pass the --data tree precompute used, unchanged, or rerun `mealkd precompute`"
+    )
+
+
 def dataset_difference(stored: Sequence[str], found: Sequence[str]) -> str:
     """What differs between a store's image paths and a dataset's whose fingerprint is not the store's,
     for the refusal: the first file only one side has (and how many), a hint when the names differ only
@@ -67,10 +82,10 @@ def dataset_difference(stored: Sequence[str], found: Sequence[str]) -> str:
 
 def open_store(url: str, *, require_complete: bool = True, fingerprint: str | None = None,
                class_names: Sequence[str] | None = None, check_files: bool = True,
-               dataset_paths: Sequence[str] | None = None) -> "LabelStore":
+               dataset_paths: Sequence[str] | None = None, data: str | None = None) -> "LabelStore":
     """Open and validate a label store; one-line UserError for: not a mealkd store, unknown/newer
     version, incomplete (when ``require_complete``), dataset fingerprint mismatch (naming what differs
-    when ``dataset_paths``, the dataset's image paths, are given), class-name mismatch, and
+    when ``dataset_paths``, the dataset's image paths, are given, and ``data``, its --data), class-name mismatch, and
     (``check_files``) a done shard whose chunk file is missing (zarr would silently read fill values,
     i.e. all-zero labels, in its place). Unreadable chunks and all-zero label rows of done images are
     refused later, when read (see ``LabelStore.damaged``)."""
@@ -78,14 +93,7 @@ def open_store(url: str, *, require_complete: bool = True, fingerprint: str | No
     group, attrs = _open_group(url, read_only=True)
     store = LabelStore(url, group, attrs)
     if fingerprint is not None:
-        have = (attrs.get("dataset") or {}).get("fingerprint")
-        if have != fingerprint:
-            detail = "" if dataset_paths is None else f": {dataset_difference(store.paths, dataset_paths)}"
-            raise UserError(
-                f"{url}: dataset fingerprint {str(have)[:12]} of the store != {str(fingerprint)[:12]} of the "
-                f"dataset (files added, removed or changed since precompute{detail}); point at the dataset used "
-                f"for precompute or rerun `mealkd precompute`"
-            )
+        refuse_other_dataset(store, fingerprint, dataset_paths, data)
     if class_names is not None:
         want, have = [str(x) for x in class_names], store.class_names
         if want != have:

@@ -167,7 +167,7 @@ def test_dataset_changed_after_precompute_is_refused_by_distill(env, tmp_path, c
     proc = run(capsys, *distill_args(reference(), data, tmp_path / "run", "--epochs", "1"))
     named = {"class added": "'class_3/img_000.jpg' is not in the store", "file rewritten": "the same files, but some changed size",
              "file added": "'class_0/img_100.jpg' is not in the store", "file removed": "'class_1/img_001.jpg' of the store is not in the dataset"}
-    assert_user_error(proc, "fingerprint", named[change], "rerun `mealkd precompute`")
+    assert_user_error(proc, f"--data {data}: not the dataset", "fingerprint", named[change], "rerun `mealkd precompute`")  # distill, extend and verify say it alike
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 

@@ -133,7 +133,7 @@ def test_user_errors(made, tmp_path, capsys):
     other = tiny_teacher(tmp_path / "other.pt", seed=5)
     assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(data), "--teachers", str(other)), "--teachers", "not the store's teachers")
     make_jpeg_tree(tmp_path / "other_data", classes=3, per_class=2, seed=1)
-    assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(tmp_path / "other_data"), "--teachers", teachers), "--data", "fingerprint")
+    assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--data", str(tmp_path / "other_data"), "--teachers", teachers), "--data", "not the dataset", "fingerprint")
     assert_user_error(run(capsys, "verify", str(root / "dense.zarr"), "--sample", "0"), "--sample")
     # --tolerance nan passed every comparison (a store of wrong labels verified); --seed -1 was numpy's traceback
     for flag, value in (("--tolerance", "nan"), ("--tolerance", "inf"), ("--seed", "-1")):
