@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from mealkd.precompute.lock import StoreLock
 from mealkd.precompute.runner import PrecomputeConfig, run_precompute
 from mealkd.errors import UserError
 from tests.datagen import make_jpeg_tree
-from tests.test_reliability_common import REPO, assert_user_error, cli, run, tiny_world
+from tests.test_reliability_common import ENV, REPO, assert_user_error, cli, run, tiny_world
 
 SIZE = 16
 CPU = resolve_backend("cpu")
@@ -322,3 +324,27 @@ def test_inspect_shows_each_teachers_input_size_and_normalisation(world, capsys,
     assert len(lines) == 2, proc.stdout
     for line in lines:
         assert f"input {SIZE} (the crop size)" in line and "mean 0.485/0.456/0.406 std 0.229/0.224/0.225" in line, line
+
+
+def test_a_one_line_error_is_not_buried_by_pending_reads_at_exit(tmp_path):
+    """A remote store's reads still pending in an event loop when a command stops with a one-line error (the
+    endpoint went away) were torn down at exit with 'Task was destroyed but it is pending!' and 'Exception
+    ignored in' tracebacks, hundreds of lines under the error. Here: three such reads, then a real refusal."""
+    script = tmp_path / "pending.py"
+    script.write_text(
+        "import asyncio\n"
+        "from mealkd import cli\n"
+        "loop = asyncio.new_event_loop()\n"
+        "async def read():\n"
+        "    try:\n"
+        "        await asyncio.sleep(3600)\n"
+        "    finally:\n"
+        "        raise OSError('connection reset')\n"
+        "tasks = [loop.create_task(read()) for _ in range(3)]\n"
+        "loop.run_until_complete(asyncio.sleep(0))\n"
+        f"cli.main(['inspect', {str(tmp_path / 'gone.zarr')!r}])\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'gone.zarr'}: not a mealkd label store (nothing there); "
+                                                "pass the output path of `mealkd precompute`"]
