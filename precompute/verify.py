@@ -115,8 +115,7 @@ def check_integrity(url: str, report: Report) -> storage.LabelStore:
             done[lo:hi] = read("done", lo, hi)
         except Exception as err:  # noqa: BLE001
             unreadable.setdefault(s, []).append(f"done ({type(err).__name__})")
-    store.__dict__["done"] = done  # what the reader's helpers below use
-    store.__dict__["excluded"] = excluded
+    store.done, store.excluded = done, excluded  # fill the reader's cached properties with what was read here, shard by shard
     n_done = int(done.sum())
     report.add("complete", n_done == n, f"{n_done}/{n} images done" + ("" if n_done == n else "; rerun `mealkd precompute` with the same arguments to finish"))
 
