@@ -56,7 +56,7 @@ __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "Disti
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
-SUMS = ("loss", "hard_loss", "d_loss", "d_acc", "agreement")  # per-step values summed over an epoch
+SUMS = ("loss", "hard_loss", "d_loss", "d_acc", "agreement")  # per-batch means, summed over an epoch weighted by the batch's crops
 
 
 class Trainer:
@@ -125,6 +125,8 @@ class Trainer:
             self.forward_model = compiled(self.ddp_model, cfg.compile_backend, what=f"the student {cfg.student}",
                                           instead="drop --compile, or train an architecture spec (torchvision:ARCH, timm:ARCH)")
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
+        if self.ema is not None:  # the average starts at the init, as timm's ModelEma (AveragedModel's first update copies the model)
+            self.ema.update_parameters(model)
 
     def _build_training(self, cfg: DistillConfig) -> None:
         """Losses, D, both optimisers, the loader of stored crops, the schedule and the run's log."""
@@ -399,14 +401,24 @@ class Trainer:
         stop = min(start + self.accum, len(self.batch_crops))
         return self.batch_crops[step] / sum(self.batch_crops[start:stop]), step == start, step + 1 == stop
 
-    def _job_sums(self, sums: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks of every rank's running sums (collective; every rank runs the same steps, so
-        divided by the steps they are the job's means): what progress lines, TensorBoard and metrics show."""
-        if not self.dist.active:
-            return sums
-        job = sums.clone()
-        torch_dist.all_reduce(job)
-        return job / self.dist.world_size
+    def _job_means(self, sums: torch.Tensor) -> dict[str, float]:
+        """The job's means per crop of every rank's running sums (SUMS weighted by crops, then the crop count;
+        a collective under torchrun): what progress lines, TensorBoard and metrics show. Weighted by crops, as
+        timm's meters: an epoch's short last batch (or a rank's share of it) counts for its crops, not as a whole batch."""
+        job = sums
+        if self.dist.active:
+            job = sums.clone()
+            torch_dist.all_reduce(job)
+        return dict(zip(SUMS, (job[:-1] / job[-1].clamp(min=1)).tolist()))
+
+    def _resumed_sums(self, saved: torch.Tensor, start_step: int) -> torch.Tensor:
+        """The running sums a checkpoint saved inside an epoch; one written before the sums were weighted by
+        crops (one entry per SUMS name) is converted with this rank's mean batch so far."""
+        saved = saved.to(self.device, torch.float64)
+        if saved.numel() == len(SUMS):
+            crops = float(sum(self.batch_crops[:start_step]))
+            saved = torch.cat([saved * (crops / max(1, start_step)), saved.new_tensor([crops])])
+        return saved
 
     def train_epoch(self, epoch: int, report, stop: GracefulStop | None = None, start_step: int = 0, state: dict | None = None) -> dict:
         """One epoch from step ``start_step`` (``state``: this rank's RNG states and sums saved at that
@@ -415,14 +427,14 @@ class Trainer:
         self.ddp_model.train()
         # per rank and epoch (independent dropout masks across ranks; a resumed epoch redraws the same)
         torch.manual_seed(seed_for(self.cfg.seed, self.dist.rank, epoch))
-        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)  # on the device: no per-step host sync
+        sums = torch.zeros(len(SUMS) + 1, dtype=torch.float64, device=self.device)  # SUMS x crops, then crops; on the device: no per-step host sync
         if state is not None:  # continue the epoch where it stopped: the same draws from here on, the same sums
             torch.set_rng_state(state["rng_cpu"])
             if self.backend.is_cuda and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-            sums += state["sums"].to(self.device)
+            sums += self._resumed_sums(state["sums"], start_step)
         steps_total = self.loader.steps_per_epoch()
-        steps, crops = start_step, 0
+        steps, crops, scalars_due = start_step, 0, False
         lr, d_lr = self._lrs()
         times = StageTimes()  # the training thread's wait for the loader (input-bound if large)
         started = time.perf_counter()
@@ -431,16 +443,19 @@ class Trainer:
             if batch.images.shape[0] != self.batch_crops[steps]:
                 raise RuntimeError(f"batch {steps} holds {batch.images.shape[0]} crops, the loader planned {self.batch_crops[steps]}")
             lr, d_lr = self._lrs()  # what this step trains with (its optimiser step then moves the schedule on)
-            sums += self.train_step(batch, weight=weight, first=first, last=last)
+            n = batch.images.shape[0]
+            sums[:-1] += self.train_step(batch, weight=weight, first=first, last=last) * n
+            sums[-1] += n  # a scalar on the device's tensor: no host-to-device copy per step
             kill_point("distill-step")
             steps += 1
-            crops += batch.images.shape[0]
-            means = None
-            if self.log.wants_means(steps, steps_total):
-                means = dict(zip(SUMS, (self._job_sums(sums) / steps).tolist()))
-                if last:  # TensorBoard's x is the optimiser step: one point per step, not one per accumulated batch
-                    self.log.scalars(means, lr, int(self.scheduler.last_epoch))
-            report(steps, batch.images.shape[0] * self.dist.world_size, means, lr)
+            crops += n
+            refresh = self.log.wants_means(steps, steps_total)
+            scalars_due = scalars_due or refresh  # TensorBoard's x is the optimiser step: its point waits for the step's last batch
+            means = self._job_means(sums) if refresh or (scalars_due and last) else None
+            if scalars_due and last:
+                self.log.scalars(means, lr, int(self.scheduler.last_epoch))
+                scalars_due = False
+            report(steps, n * self.dist.world_size, means if refresh else None, lr)
             if not last:  # inside a --grad-accum-steps group: a checkpoint holds whole optimiser steps only
                 continue
             decision = stop.after_step() if stop is not None else None
@@ -449,8 +464,7 @@ class Trainer:
                 if decision.stop:
                     raise self._stopped(stop, f"step {steps}/{steps_total} of epoch {epoch + 1}", "that point", "continue from the next step")
         elapsed = time.perf_counter() - started
-        sums = self._job_sums(sums)  # log the epoch's global means, not rank 0's shard
-        means = dict(zip(SUMS, (sums / max(1, steps)).tolist()))
+        means = self._job_means(sums)  # the epoch's global means, not rank 0's shard
         record = {
             "epoch": epoch + 1,
             "loss": means["loss"],

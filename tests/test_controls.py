@@ -103,6 +103,23 @@ def test_clip_grad_bounds_the_update(recipe, tmp_path):
     assert moved[None] > 10 * moved[1e-3]
 
 
+def test_the_ema_starts_at_the_init(recipe, tmp_path):
+    """As timm's ModelEma: after one step at decay d the EMA is d x init + (1 - d) x the stepped weights
+    (torch's AveragedModel alone copies the model at its first update: the init was never in the average)."""
+    trainer = Trainer(config(recipe, tmp_path / "run", student=STUDENT, init="scratch", ema_decay=0.5, discriminator="off"))
+    try:
+        init = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        trainer.ddp_model.train()
+        trainer.train_step(next(iter(trainer.loader.epoch(0))))
+        stepped, ema = trainer.model.state_dict(), trainer.ema.module.state_dict()
+        floats = [k for k, v in init.items() if v.is_floating_point() and not torch.equal(v, stepped[k])]
+        assert floats
+        for k in floats:
+            torch.testing.assert_close(ema[k], 0.5 * init[k] + 0.5 * stepped[k])
+    finally:
+        trainer.close()
+
+
 def test_ema_is_validated_saved_and_resumed_exactly(recipe, tmp_path):
     """--ema-decay: EMA weights are validated beside the raw ones, saved in checkpoints (with the update
     count), and a run killed after epoch 1 and resumed ends with the same EMA as a straight run."""
@@ -114,7 +131,7 @@ def test_ema_is_validated_saved_and_resumed_exactly(recipe, tmp_path):
     resumed = cli(*args(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "killed"))
-    assert a["ema_updates"] == b["ema_updates"] == 2 * 3  # 24 images / batch 8 = 3 steps per epoch
+    assert a["ema_updates"] == b["ema_updates"] == 1 + 2 * 3  # the init, then 24 images / batch 8 = 3 steps per epoch
     for name, value in a["ema"].items():
         assert torch.equal(value, b["ema"][name]), name
     assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["model"] if a["model"][k].is_floating_point())
@@ -307,6 +324,48 @@ def test_grad_accum_equals_one_batch_that_many_times_larger(recipe, tmp_path):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
         for key in ("loss", "d_loss", "teacher_agreement"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
+
+
+def test_logged_means_weigh_each_batch_by_its_crops(recipe, tmp_path):
+    """The epoch's logged losses are means per crop, as timm's meters: the short last batch counts for its
+    crops (it counted as a whole batch, so batch 8 and batch 4 x 2 accumulated logged different losses
+    for the same training). With --grad-accum-steps, TensorBoard's step points come at optimiser steps."""
+    trainer = Trainer(config(recipe, tmp_path / "run", batch_size=7, discriminator="off"))
+    seen: list[tuple[float, int]] = []
+    step = trainer.train_step
+
+    def spy(batch, **kwargs):
+        values = step(batch, **kwargs)
+        seen.append((float(values[0]), batch.images.shape[0]))
+        return values
+
+    trainer.train_step = spy
+    try:
+        record = trainer.train_epoch(0, lambda *args: None)
+    finally:
+        trainer.close()
+    sizes = [n for _, n in seen]
+    assert len(set(sizes)) > 1, sizes  # 24 images in batches of 7: a short last batch
+    weighted = sum(loss * n for loss, n in seen) / sum(sizes)
+    assert record["loss"] == pytest.approx(weighted, rel=1e-9)
+    assert record["loss"] != pytest.approx(sum(loss for loss, _ in seen) / len(seen), rel=1e-9)
+
+
+def test_tensorboard_step_points_wait_for_the_optimiser_step(recipe, tmp_path):
+    """Batch 4 x 2 accumulated, --log-every 3: 6 batches, 3 optimiser steps. The refresh after batch 3 falls
+    inside a step, so its point is written when that step ends (x = 2); it was dropped, which left one point
+    per lcm(log-every, accumulation) batches (one per 25 optimiser steps at the defaults 50 and 4)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = Trainer(config(recipe, tmp_path / "run", batch_size=4, grad_accum_steps=2, log_every=3, tensorboard=True, epochs=1))
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("step/loss")] == [2, 3]
 
 
 def test_a_stop_inside_an_accumulation_group_saves_at_its_end_and_resumes_exactly(recipe, tmp_path):
