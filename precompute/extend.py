@@ -250,6 +250,13 @@ class _ShardExtender:
             self.writer.write_shard_encoded(shard, windows, flips, labels, fidelity)
 
 
+def _scanned(data: str, source: storage.LabelStore) -> DatasetIndex:
+    """The --data tree's index, refused unless it is the dataset ``source`` was made from."""
+    index = scan_image_folder(data)
+    storage.refuse_other_dataset(source, index.fingerprint, index.paths, data)
+    return index
+
+
 def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
     """Extend (or continue extending) ``cfg.store`` into ``cfg.out``; collective under torchrun."""
     console = console or Console(stderr=True)
@@ -265,8 +272,7 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
         d.on_main(lambda: storage.check_output(cfg.out))
         teachers = cfg.teachers or recorded_specs(source.attrs)
         pcfg = _precompute_config(cfg, source, teachers)
-        index = scan_image_folder(cfg.data)
-        storage.refuse_other_dataset(source, index.fingerprint, index.paths, cfg.data)
+        index = d.on_main(lambda: _scanned(cfg.data, source))  # one scan per job, not per rank; its refusal printed once
         ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
         _check_settings(source, _settings(pcfg, index, ensemble, backend))
         decoder = job_decoder(source.attrs.get("decoder"), backend, d, allow=cfg.allow_decoder_mismatch, where=f"STORE {cfg.store}",
