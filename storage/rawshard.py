@@ -66,17 +66,23 @@ class RawShardArray:
             self._index[shard] = got
         return got
 
-    def read_chunk(self, shard: int, inner: int) -> np.ndarray:
-        """Inner chunk number ``inner`` (C order within the shard) as an array of ``self.chunk``."""
+    def read_chunk(self, shard: int, inner: int, files: dict[int, int] | None = None) -> np.ndarray:
+        """Inner chunk number ``inner`` (C order within the shard) as an array of ``self.chunk``. ``files``:
+        open descriptors by shard, kept for the caller's next chunks (an open is a round trip on NFS)."""
         path, index = self._shard_index(shard)
         if index is not None:
             off, n = index[inner]
             if off != _EMPTY:
-                fd = os.open(path, os.O_RDONLY)
+                fd = files.get(shard) if files is not None else None
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    if files is not None:
+                        files[shard] = fd
                 try:
                     data = os.pread(fd, int(n), int(off))
                 finally:
-                    os.close(fd)
+                    if files is None:
+                        os.close(fd)
                 return np.frombuffer(self._blosc.decode(data), self.dtype).reshape(self.chunk)
         return np.full(self.chunk, self._fill, self.dtype)
 
@@ -92,10 +98,19 @@ class RawShardArray:
         starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
         ends = np.r_[starts[1:], sk.size]
         per_shard = ips // ci
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            sel = order[s:e]
-            b, crop = int(block[sel[0]]), int(crop_ids[sel[0]])
-            shard, bi = divmod(b, per_shard)
-            chunk = self.read_chunk(shard, bi * self.grid[1] + crop)
-            out[sel] = chunk[image_ids[sel] - b * ci, 0]
+        files: dict[int, int] = {}  # one open per shard and call (it was one per chunk)
+        try:
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                sel = order[s:e]
+                b, crop = int(block[sel[0]]), int(crop_ids[sel[0]])
+                shard, bi = divmod(b, per_shard)
+                if shard not in files:  # the chunks come in shard order: the previous shard's file is done
+                    for fd in files.values():
+                        os.close(fd)
+                    files.clear()
+                chunk = self.read_chunk(shard, bi * self.grid[1] + crop, files)
+                out[sel] = chunk[image_ids[sel] - b * ci, 0]
+        finally:
+            for fd in files.values():
+                os.close(fd)
         return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -364,6 +365,15 @@ def test_raw_fast_path_matches_zarr_path(tmp_path, encoding):
     slow = (st.labels(ii, cc), st.slot_labels(1), st.slot_labels(2, ids))
     for a, b in zip(fast, slow):
         np.testing.assert_array_equal(a, b)
+    # one open per shard and read, every file closed after (it was one open per inner chunk: a round trip each on NFS)
+    st.fast_path = True
+    opened, real_open = [], os.open
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+        st.labels(ii, cc)
+    assert len(opened) == len(set(opened)) and len({p.rsplit("/c/", 1)[0] for p in opened}) == len(st._raw), opened
+    assert len(os.listdir("/proc/self/fd")) == fds_before
     # an incomplete store always reads through zarr (its shards may still change)
     url2 = str(tmp_path / "part.zarr")
     new_store(url2, n, r, c, encoding, ips=32)
