@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from mealkd.console import make_console
 from rich.table import Table
 
 from mealkd import storage
@@ -206,7 +207,7 @@ def _mean_spread(values: list[float]) -> str:
 
 
 def run_demo(cfg: DemoConfig, *, fresh: bool = False, seeds: int = 3, device: str = "auto", console: Console | None = None) -> dict:
-    console = console or Console()
+    console = console or make_console(stderr=False)
     if fresh and Path(cfg.out).exists():
         shutil.rmtree(cfg.out)
     started = time.perf_counter()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
-from rich.console import Console
+from mealkd.console import make_console
 from rich.markup import escape
 from rich.table import Table
 
@@ -92,9 +92,9 @@ def distill(**kwargs) -> None:
     if records:
         first, last = records[0]["epoch"], records[-1]["epoch"]  # a resumed run may first end (validate) an epoch trained before
         span = f"epoch {first}" if first == last else f"epochs {first}-{last}"
-        Console(stderr=True).print(f"[green]distill[/]: {span} finished by this run; checkpoint in {escape(str(kwargs['out']))}", soft_wrap=True)
+        make_console().print(f"[green]distill[/]: {span} finished by this run; checkpoint in {escape(str(kwargs['out']))}", soft_wrap=True)
     else:
-        Console(stderr=True).print(f"[green]distill[/]: the run in {kwargs['out']} has trained all its epochs already; nothing to do "
+        make_console().print(f"[green]distill[/]: the run in {kwargs['out']} has trained all its epochs already; nothing to do "
                                    f"(to train on, start a new run from it: --init {kwargs['out']}/checkpoint.pt --out NEW_DIR)", soft_wrap=True)
 
 
@@ -131,7 +131,7 @@ def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, inter
         check_image_size(image_size)
     protocol = EvalProtocol.from_flags(resize_size, crop_pct, interpolation)
     result = evaluate_checkpoint(data, checkpoint, student=student, image_size=image_size, batch_size=batch_size, device=device,
-                                 precision=precision, per_class=per_class, console=Console(stderr=True), protocol=protocol, weights=weights,
+                                 precision=precision, per_class=per_class, console=make_console(), protocol=protocol, weights=weights,
                                  num_threads=num_threads)
     if as_json:
         click.echo(json.dumps(result))
@@ -144,7 +144,7 @@ def evaluate(data, checkpoint, student, image_size, resize_size, crop_pct, inter
     table.add_column("top-1", justify="right")
     table.add_column("top-5", justify="right")
     table.add_row(str(result["images"]), str(result["unreadable"]), f"{result['top1']:.2%}", f"{result['top5']:.2%}")
-    console = Console()
+    console = make_console(stderr=False)
     console.print(table)
     for name, acc in result.get("per_class_top1", {}).items():
         console.print(f"  {name}: {acc:.2%}")
@@ -182,7 +182,7 @@ def export(checkpoint, fmt, out, student, image_size, weights) -> None:
         raise click.ClickException(str(err)) from None
     check = record["check"]
     diff = "not compared" if check["max_abs_diff"] is None else f"max |diff| {check['max_abs_diff']:.3g}"
-    Console(stderr=True).print(f"[green]export[/]: {record['export_format']} of {record['student_spec']} "
+    make_console().print(f"[green]export[/]: {record['export_format']} of {record['student_spec']} "
                                f"({record['num_classes']} classes, {record['input_size']} px); checked with {check['checked_with']}: {diff}",
                                soft_wrap=True, markup=True, highlight=False)
     click.echo(out)

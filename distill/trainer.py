@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 from rich.console import Console
+from mealkd.console import make_console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mealkd import storage
@@ -63,7 +64,7 @@ class Trainer:
     def __init__(self, cfg: DistillConfig, console: Console | None = None, *, explicit: set[str] | None = None):
         """``explicit``: the training flags the user gave on the command line (None: those that differ
         from the defaults); with ``--resume`` they must agree with the recorded run."""
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console()
         self.run_dir = Path(cfg.out).expanduser()
         self.resume_from = self._resume_checkpoint(cfg)
         if self.resume_from is not None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
+from mealkd.console import make_console
 
 from mealkd.core.accel import PRECISIONS
 from mealkd.core.options import DEVICE, TEACHER_SPECS, THREADS, THREADS_HELP
@@ -59,7 +59,7 @@ def precompute(dry_run: bool, **kwargs) -> None:
     """Stage one: run the teacher ensemble once over seeded crops and store the averaged softmax."""
     from mealkd.precompute.runner import PrecomputeConfig, run_precompute, time_report
 
-    console = Console(stderr=True, soft_wrap=True)  # lines are never hard-wrapped: a log keeps each on one line for grep
+    console = make_console()
     if dry_run:
         from mealkd.precompute.dry_run import report_lines, run_dry_run
 
@@ -92,7 +92,7 @@ def verify(store, data, teachers, sample, tolerance, device, seed, repair) -> in
     from mealkd.precompute.verify import run_verify
 
     return run_verify(store, data=data, teachers=teachers, sample=sample, tolerance=tolerance, device=device,
-                      seed=seed, do_repair=repair, console=Console())
+                      seed=seed, do_repair=repair, console=make_console(stderr=False))
 
 
 @click.command()
@@ -118,7 +118,7 @@ def extend(**kwargs) -> None:
     from mealkd.precompute.extend import ExtendConfig, run_extend
     from mealkd.precompute.runner import time_report
 
-    console = Console(stderr=True, soft_wrap=True)  # lines are never hard-wrapped: a log keeps each on one line for grep
+    console = make_console()
     with stopping_on_signals("extend"):
         summary = run_extend(ExtendConfig(**kwargs), console)
     if summary.get("rank", 0) == 0:
@@ -143,7 +143,7 @@ def merge(stores, out, weights, encoding, images_per_shard) -> None:
     weighted-ensemble store that records every teacher (a new store; the inputs are only read)."""
     from mealkd.precompute.merge import MergeConfig, run_merge
 
-    console = Console(stderr=True, soft_wrap=True)  # lines are never hard-wrapped: a log keeps each on one line for grep
+    console = make_console()
     with stopping_on_signals("merge"):
         summary = run_merge(MergeConfig(tuple(stores), out, weights, encoding, images_per_shard), console)
     state = "complete" if summary.get("complete") else "incomplete (rerun to continue)"
@@ -169,7 +169,7 @@ def import_fkd(**kwargs) -> None:
     indices and values) from LABEL_DIR into a mealkd label store that `mealkd distill` replays."""
     from mealkd.precompute.import_fkd import ImportConfig, run_import
 
-    console = Console(stderr=True, soft_wrap=True)  # lines are never hard-wrapped: a log keeps each on one line for grep
+    console = make_console()
     with stopping_on_signals("import-fkd"):
         summary = run_import(ImportConfig(**kwargs), console)
     state = "complete" if summary["complete"] else "incomplete (rerun to continue)"

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from rich.console import Console
+from mealkd.console import make_console
 
 from mealkd import storage
 from mealkd.core.accel import PRECISIONS
@@ -259,7 +260,7 @@ def _scanned(data: str, source: storage.LabelStore) -> DatasetIndex:
 
 def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
     """Extend (or continue extending) ``cfg.store`` into ``cfg.out``; collective under torchrun."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     source = _open_source(cfg)
     ips = _shard_size(cfg, source)
     stored_backend = (source.attrs.get("decoder") or {}).get("backend") or "cpu"

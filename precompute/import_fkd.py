@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from mealkd.console import make_console
 from rich.markup import escape
 
 from mealkd import storage
@@ -243,7 +244,7 @@ def _shard_labels(cfg: ImportConfig, index: DatasetIndex, root: Path, store, sta
 
 def run_import(cfg: ImportConfig, console: Console | None = None) -> dict:
     """Create (or continue) the store at ``cfg.out`` from FKD's label files; returns a summary."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     cfg.validate()
     storage.check_output(cfg.out)
     index = scan_image_folder(cfg.data)

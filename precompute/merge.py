@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from rich.console import Console
+from mealkd.console import make_console
 
 from mealkd import storage
 from mealkd.core.dali_io import decoder_differences
@@ -243,7 +244,7 @@ def _mixture(stores: list[LabelStore], shares: list[float], start: int, stop: in
 
 def run_merge(cfg: MergeConfig, console: Console | None = None) -> dict:
     """Merge (or continue merging) ``cfg.stores`` into ``cfg.out``."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     if any(same_location(u, cfg.out) for u in cfg.stores):
         raise UserError(f"--out {cfg.out}: is one of the input stores; merge writes a new store, choose another --out")
     storage.check_output(cfg.out)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from rich.console import Console
+from mealkd.console import make_console
 from rich.markup import escape
 
 from mealkd import storage
@@ -237,7 +238,7 @@ def labelled_batches(batches: Iterable[CropBatch], ensemble: TeacherEnsemble, la
 
 def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dict:
     """Run (or continue) stage one; returns a summary. Collective under torchrun."""
-    console = console or Console(stderr=True)
+    console = console or make_console()
     cfg.validate()
     backend = resolve_backend(cfg.device)
     d = init_distributed(backend.device)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from rich.console import Console
+from mealkd.console import make_console
 from rich.table import Table
 
 from mealkd import storage
@@ -318,7 +319,7 @@ def run_verify(url: str, *, data: str | None = None, teachers: str | None = None
                tolerance: float = 2e-3, device: str = "auto", seed: int = 0, batch_size: int = 64,
                do_repair: bool = False, console: Console | None = None) -> int:
     """Run the checks, print the table; returns the exit status (0 pass, 1 a check failed)."""
-    console = console or Console()
+    console = console or make_console(stderr=False)
     if (data is None) != (teachers is None):
         raise UserError("--data and --teachers go together: pass both to recompute sampled crops, or neither for the integrity checks only")
     if sample < 1:

@@ -176,7 +176,7 @@ def _table(info: dict):
 def inspect(store: str, sample: int, as_json: bool) -> None:
     """Summarise the label store STORE (a path or fsspec URL): teachers, classes, crops,
     encoding, completeness, size on disk, label statistics, and what extend/merge recorded."""
-    from rich.console import Console
+    from mealkd.console import make_console
 
     if sample < 0:
         raise UserError(f"--sample {sample}: must be >= 0 (the number of stored crops sampled for the label statistics)")
@@ -184,4 +184,4 @@ def inspect(store: str, sample: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info))
         return
-    Console(soft_wrap=False).print(_table(info))
+    make_console(stderr=False, soft_wrap=False).print(_table(info))

@@ -31,3 +31,12 @@ def test_precompute_prints_plain_progress_lines_into_a_log(tmp_path):
     counts = [int(n) for (n,) in lines]
     assert len(counts) >= 3 and counts == sorted(counts) and counts[-1] == 24, done.stderr  # a line per update, then the end
     assert re.search(r"^validate 24/24 ", done.stderr, re.M), done.stderr
+
+
+def test_the_console_prints_emoji_codes_as_written():
+    """The dry run's encoding table printed 'topk:100:' as 'topk💯' (rich's emoji codes)."""
+    from mealkd.console import make_console
+
+    console = make_console(stderr=False, record=True, width=200)
+    console.print("topk:100: 1,822 B/crop  --data /data/:cat:/train", markup=False, highlight=False)
+    assert console.export_text().strip() == "topk:100: 1,822 B/crop  --data /data/:cat:/train"
