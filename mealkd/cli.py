@@ -74,8 +74,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(stop.exit_code)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except click.ClickException as err:
+    except click.UsageError as err:  # a bad flag or value: one line as every other user error (click prints four)
         if os.environ.get("RANK", "0") == "0":  # every torchrun rank parses the same argv: one copy of a usage error
+            where = err.ctx.command_path if err.ctx is not None else "mealkd"
+            what = "commands" if err.ctx is None or isinstance(err.ctx.command, click.Group) else "options"
+            click.echo(f"error: {' '.join(err.format_message().split())} (`{where} --help` lists the {what})", err=True)
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        if os.environ.get("RANK", "0") == "0":
             err.show()
         sys.exit(err.exit_code)
     except click.exceptions.Abort:

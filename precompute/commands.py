@@ -23,13 +23,13 @@ def compile_options(command):
                            help="torch.compile backend for --compile ('aot_eager' traces and checks the graphs without generating "
                                 "kernels: fast to start, for debugging).")(command)
     return click.option("--compile", is_flag=True, help="torch.compile every teacher (after BatchNorm folding; one compiled graph "
-                        "per batch shape). The first batches are slow while it compiles; measure the gain with --dry-run --compile. "
+                        "per batch shape). The first batches are slow while it compiles; measure the gain with precompute --dry-run --compile. "
                         "Labels change only by float rounding, so a rerun may add or drop it.")(command)
 
 
 @click.command()
 @click.option("--data", required=True, help="Training images as an ImageFolder tree: DIR/<class>/<image>.")
-@click.option("--teachers", required=True, type=TEACHER_SPECS, help="Comma list of teacher specs: torchvision:ARCH[@FILE.pth], timm:ARCH[@FILE], FILE.pt; "
+@click.option("--teachers", required=True, type=TEACHER_SPECS, help="Comma list of teacher specs: torchvision:ARCH[@FILE.pth], timm:ARCH[@FILE], FILE.pt (TorchScript), FILE.pt2 (torch.export); "
               "options like :w=0.5 :size=224. A teacher's input size is its :size=N if given, else --image-size, wherever its "
               "weights come from (hub cache or file); only a fixed-size architecture (ViT) keeps its own size. A teacher checkpoint "
               "that records class_names must list them in --data's sorted class order.")
@@ -51,7 +51,7 @@ def compile_options(command):
 @click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
 @click.option("--images-per-shard", default=None, type=int, help="Images per store shard (default: sized automatically).")
 @click.option("--dry-run", is_flag=True, help="Measure instead of run: label a sample of the images through the real pipeline and print "
-              "the job's teacher time (for 1 and several processes), the store's size and what each label encoding keeps of "
+              "the job's teacher time (one process; on a GPU also 8 and 64 processes), the store's size and what each label encoding keeps of "
               "these teachers' outputs. Writes nothing at --out (an existing store there is checked and its pending images counted).")
 @allow_decoder_mismatch_option
 @compile_options
@@ -155,7 +155,7 @@ def merge(stores, out, weights, encoding, images_per_shard) -> None:
 @click.argument("label_dir", metavar="LABEL_DIR")
 @click.option("--data", required=True, help="The training ImageFolder the FKD labels were made for (DIR/<class>/<image>); "
               "LABEL_DIR/<name of DIR>/<class>/<image>.tar or LABEL_DIR/<class>/<image>.tar holds each image's labels.")
-@click.option("--out", required=True, help="Label store to write (a local path). Rerunning the same command continues it.")
+@click.option("--out", required=True, help="Label store to write (a local path or fsspec URL). Rerunning the same command continues it.")
 @click.option("--teacher-name", default=None, help="What made the labels, e.g. 'efficientnet_l2_ns_475 (FKD release)': recorded "
               "as the store's teacher (FKD's files do not say).")
 @click.option("--image-size", default=224, show_default=True, type=int, help="Crop size S recorded in the store: distill trains at S "

@@ -325,7 +325,8 @@ def start_line(command: str, out: str, ensemble: TeacherEnsemble, backend: Backe
     the teachers, where they run, and the store's state."""
     teachers = ", ".join(f"{t['spec']}{' (BatchNorm folded)' if folded else ''}" for t, folded in zip(ensemble.describe(), ensemble.folded))
     images = writer.images_in(pending)
-    state = "new" if len(pending) == writer.num_shards else f"continuing: {len(pending)} of {writer.num_shards} shards pending"
+    total = writer.num_shards  # "all pending" is a new store, or one whose every shard a repair reopened
+    state = f"all {total} shard(s) pending" if len(pending) == total else f"continuing: {len(pending)} of {total} shards pending"
     return (f"{command}: {images:,} images x {crops_per_image} crops = {images * crops_per_image:,} crops to label by {d.world_size} "
             f"process(es); teachers {teachers}; {backend.device} {ensemble.precision}, {dali_threads(num_threads, backend)} DALI threads; "
             f"store {out} ({state})")

@@ -144,7 +144,7 @@ def test_extend_labels_new_crops_with_another_decoder_only_when_accepted(world, 
     assert not out.exists()
     proc = run(capsys, *args, "--allow-decoder-mismatch")
     assert proc.returncode == 0 and "differing: dali_version" in proc.stderr, proc.stderr
-    assert "extend: 9 images x 2 crops = 18 crops to label" in proc.stderr and "(new)" in proc.stderr
+    assert "extend: 9 images x 2 crops = 18 crops to label" in proc.stderr and "shard(s) pending)" in proc.stderr
     assert "completed" in _zarr_group(out).attrs
     attrs = _zarr_group(out).attrs.asdict()
     assert attrs["decoder"]["dali_version"] == ELSEWHERE

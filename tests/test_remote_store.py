@@ -414,3 +414,21 @@ def test_a_remote_out_is_checked_before_work_and_write_failures_are_one_line(s3)
             raise botocore.exceptions.EndpointConnectionError(endpoint_url=s3["server"].endpoint + "/bucket?delete")
     said = str(err.value)
     assert "cannot reach" in said and "rerun the same command once it is fixed (finished shards are kept)" in said and "\n" not in said
+
+
+def test_import_fkd_writes_an_s3_store_equal_to_the_local_one(world, s3, tmp_path):
+    """import-fkd's --out may be an object store, as precompute's, extend's and merge's (its help said 'a local path')."""
+    from mealkd.precompute.import_fkd import ImportConfig, run_import
+    from tests import test_import_fkd as fkd
+
+    tree = make_jpeg_tree(tmp_path / "train", fkd.CLASSES, fkd.PER_CLASS, seed=3)
+    labels = tmp_path / "fkd_labels"
+    fkd.write_fkd_tree(tree, labels)
+    outs = {"local": str(tmp_path / "imported.zarr"), "remote": f"s3://{BUCKET}/imported.zarr"}
+    for out in outs.values():
+        summary = run_import(ImportConfig(label_dir=str(labels), data=str(tree), out=out, image_size=fkd.SIZE, num_threads=1,
+                                          images_per_shard=4))
+        assert summary["complete"]
+    local, remote = (storage.open_store(url, fingerprint=scan_image_folder(tree).fingerprint) for url in outs.values())
+    for name in ("windows", "flips", "topk_idx", "topk_val", "done", "excluded"):
+        np.testing.assert_array_equal(np.asarray(remote._group[name][:]), np.asarray(local._group[name][:]), err_msg=name)
