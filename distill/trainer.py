@@ -39,6 +39,7 @@ from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
 from mealkd.core.models import INIT_MODES, load_model, parse_spec
 from mealkd.core.replay import Normalization, recorded_hw_load
 from mealkd.core.timing import StageTimes, format_duration
+from mealkd.core.file_lock import FileLock
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
@@ -57,6 +58,7 @@ __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "Disti
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
+RUN_LOCK_NAME = ".lock"  # held by the running distill (rank 0)
 SUMS = ("loss", "hard_loss", "d_loss", "d_acc", "agreement")  # per-batch means, summed over an epoch weighted by the batch's crops
 
 
@@ -74,6 +76,7 @@ class Trainer:
         self.backend = resolve_backend(cfg.device)
         self.dist: Dist = init_distributed(self.backend.device)
         try:
+            self.dist.on_main(self._hold_run_dir)
             self._open_data(cfg)
             self._build_student(cfg)
             self._build_training(cfg)
@@ -82,6 +85,19 @@ class Trainer:
         except BaseException:  # a refused run (any check below) releases the process group and the loader's threads too
             self.close()
             raise
+
+    def _hold_run_dir(self) -> None:
+        """Rank 0 locks --out for the run (a job started twice, e.g. requeued while the first still runs, would
+        write one checkpoint from two runs) and removes the temp files a killed save left (a whole checkpoint each)."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"--out {self.run_dir}: is a file, not a run directory; choose another --out")
+        self.run_lock = FileLock(
+            self.run_dir / RUN_LOCK_NAME,
+            busy=lambda pid: f"--out {self.run_dir}: another distill (pid {pid}) is running in this directory; wait for it to end or choose another --out",
+            unwritable=lambda reason: f"--out {self.run_dir}: cannot write there ({reason}); choose a writable location",
+        ).__enter__()
+        for leftover in self.run_dir.glob(".*.tmp.*"):  # atomic_path's temp files: under the lock, no save is in flight
+            leftover.unlink(missing_ok=True)
 
     def _open_data(self, cfg: DistillConfig) -> None:
         """The dataset, the label store and the checks that they go together and with this job."""
@@ -555,26 +571,26 @@ class Trainer:
 
     def _save(self, epoch: int, record: dict) -> None:
         """checkpoint.pt every epoch; best.pt when the validation top-1 (EMA weights if any) improves;
-        epoch_NNNN.pt every --keep-every epochs. Each file is written whole or not at all, best.pt before
-        checkpoint.pt: a checkpoint that records a best always has that best.pt beside it (a failed or
-        killed best.pt write leaves the previous checkpoint, whose resume redoes this epoch's end)."""
+        epoch_NNNN.pt every --keep-every epochs. Each file is written whole or not at all, checkpoint.pt last:
+        a checkpoint that records an epoch has that epoch's best.pt and epoch_NNNN.pt beside it (a failed or
+        killed write before it leaves the previous checkpoint, whose resume redoes this epoch's end; the
+        snapshot was lost for good when it came after)."""
         score = record.get("val_ema_top1", record.get("val_top1"))
         improved = score is not None and (self.best["val_top1"] is None or score > self.best["val_top1"])
         previous = self.best
         if improved:
             self.best = {"val_top1": score, "epoch": epoch + 1}
+        kept = self.cfg.keep_every and (epoch + 1) % self.cfg.keep_every == 0
+        copies = [self.run_dir / BEST_NAME] * bool(improved) + [self.run_dir / f"epoch_{epoch + 1:04d}.pt"] * bool(kept)
         try:
-            checkpoint = self._checkpoint(epoch + 1)
-            if improved:
-                save_atomic(checkpoint, self.run_dir / BEST_NAME)
-                copy_atomic(self.run_dir / BEST_NAME, self.checkpoint_path)
-            else:
-                save_atomic(checkpoint, self.checkpoint_path)
+            first, *rest = [*copies, self.checkpoint_path]
+            save_atomic(self._checkpoint(epoch + 1), first)
+            for path in rest:
+                kill_point("distill-copy")
+                copy_atomic(first, path)
         except BaseException:
             self.best = previous
             raise
-        if self.cfg.keep_every and (epoch + 1) % self.cfg.keep_every == 0:
-            copy_atomic(self.checkpoint_path, self.run_dir / f"epoch_{epoch + 1:04d}.pt")
 
     def _save_before_validation(self, epoch: int, record: dict) -> None:
         """Save epoch ``epoch``'s training, its record pending, before its validation runs (collective): a stop
@@ -587,8 +603,6 @@ class Trainer:
 
     def run(self) -> list[dict]:
         cfg = self.cfg
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise UserError(f"--out {self.run_dir}: is a file, not a run directory; choose another --out")
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # an epoch saved with its validation pending may have logged its line already: it is logged again
@@ -653,11 +667,14 @@ class Trainer:
                 f"{self.device} {self.precision}, {dali_threads(cfg.num_threads, self.backend)} DALI threads")
 
     def close(self) -> None:
-        """Release what the run holds: the loader's threads and TensorBoard writer (also after a failed start), the process group."""
+        """Release what the run holds: the loader's threads and TensorBoard writer (also after a failed start), the
+        process group, --out's lock."""
         for part in ("loader", "log"):
             if hasattr(self, part):
                 getattr(self, part).close()
         shutdown(self.dist)
+        if hasattr(self, "run_lock"):
+            self.run_lock.__exit__(None, None, None)
 
 
 def training_size(student, image_size: int | None, crop_size: int) -> int:

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     except StopRequested as stop:
         if str(stop):
             click.echo(str(stop), err=True)
+        _quiet_teardown()  # a stop interrupts reads in flight too: the stop line stays the last line
         sys.exit(stop.exit_code)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)

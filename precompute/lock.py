@@ -2,51 +2,33 @@
 one-line errors for a failed write (``writing_store``)."""
 from __future__ import annotations
 
-import fcntl
-import os
 from contextlib import contextmanager
-from pathlib import Path
 
+from mealkd.core.file_lock import FileLock
 from mealkd.errors import UserError
 from mealkd.storage import remote
 from mealkd.storage.schema import is_local, local_path
+from mealkd.storage.writer import remove_partial_files
 
 
-class StoreLock:
-    """``fcntl.flock`` on ``<store>.lock`` beside the store, held for the whole run by rank 0.
-    Remote (fsspec) stores get no lock."""
+class StoreLock(FileLock):
+    """``<store>.lock`` beside the store, held for the whole run by rank 0. Remote (fsspec) stores get no lock."""
 
     def __init__(self, url: str):
         path = local_path(url) if is_local(url) else None  # the same path the store itself is opened at (~ expanded)
-        self.path: Path | None = None if path is None else path.with_name(path.name + ".lock")
-        self._fd: int | None = None
+        lock = None if path is None else path.with_name(path.name + ".lock")
+        super().__init__(
+            lock,
+            busy=lambda holder: (f"--out {path}: another mealkd process (pid {holder}: a precompute, extend, merge, "
+                                 "import-fkd or verify --repair) is writing this store; wait for it to finish or choose another --out"),
+            unwritable=lambda reason: f"--out {path.parent if path else url}: cannot write there ({reason}); choose a writable location",
+        )
+        self.url = url
 
     def __enter__(self) -> "StoreLock":
-        if self.path is None:
-            return self
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise UserError(f"--out {self.path.parent}: cannot write there ({err.strerror}); choose a writable location") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            self._fd = None
-            raise UserError(
-                f"--out {self.path.with_suffix('')}: another mealkd process (pid {holder}: a precompute, extend, merge, "
-                "import-fkd or verify --repair) is writing this store; wait for it to finish or choose another --out"
-            ) from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        super().__enter__()
+        remove_partial_files(self.url)  # a killed writer's temp files: with the lock held, no write is in flight
         return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 @contextmanager

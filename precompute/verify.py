@@ -339,6 +339,10 @@ def run_verify(url: str, *, data: str | None = None, teachers: str | None = None
     render(url, report, console)
     damaged = sorted(report.damaged_shards)
     rewrite = writing_command(store.attrs)  # extend, merge and import-fkd rewrite the stores they wrote
+    stale = "completed" in store.attrs and not store.done.all()  # a repair killed by an older mealkd left it
+    if do_repair and stale and not damaged:
+        repair(url, set())
+        console.print(f"[yellow]repaired[/]: the store's 'completed' record dropped (it is incomplete); rerun `{rewrite}` with the same arguments to finish it", soft_wrap=True)
     if damaged and do_repair:
         repair(url, set(damaged))
         console.print(f"[yellow]repaired[/]: shards {_shards_text(damaged)} marked not done; rerun `{rewrite}` with the same arguments to rewrite them", soft_wrap=True)

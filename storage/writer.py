@@ -13,7 +13,7 @@ Crash safety
 * zarr 3.1's LocalStore (used for local paths and ``file://`` URLs) writes every key atomically:
   it writes ``<key>.<uuid>.partial`` and renames it over the key (``zarr/storage/_local.py``,
   ``_atomic_write``). So a SIGKILL can never leave a torn shard file or a torn ``zarr.json``; at
-  worst a stray ``*.partial`` file remains (ignored by zarr; counted by ``nbytes_on_disk``). It does
+  worst a stray ``*.partial`` file remains (ignored by zarr; the next writer removes it under the lock). It does
   not fsync; we fsync the shard files ourselves before marking them done so "done" also survives a
   power loss. Object stores (s3, gcs, ...) replace objects atomically per PUT. fsspec's plain
   local/network filesystems (other than ``file://``, which we route to LocalStore) are not atomic:
@@ -90,6 +90,19 @@ def _unfinished_create(url: str) -> bool:
         return not zarr.open_group(store, mode="r").attrs.asdict()
     except Exception:  # noqa: BLE001 - anything unreadable is not ours to replace
         return False
+
+
+def remove_partial_files(url: str) -> int:
+    """Delete zarr's ``*.partial`` temp files a killed writer left in a local store (a writer calls this holding
+    the store's lock, so no write is in flight); returns how many. Remote stores write whole objects."""
+    path = local_path(url) if is_local(url) else None
+    if path is None or not path.is_dir():
+        return 0
+    removed = 0
+    for leftover in path.rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def check_output(url: str, flag: str = "--out") -> None:
@@ -411,14 +424,14 @@ class StoreWriter:
 
     def mark_not_done(self, shards: Sequence[int]) -> None:
         """Mark ``shards`` not done (``verify --repair``: a precompute rerun rewrites them) and drop the
-        store's ``completed`` record, which no longer holds."""
+        store's ``completed`` record, which no longer holds: first, so that a kill in between leaves no
+        incomplete store recorded as completed (the rerun finds the same damage)."""
+        if "completed" in self._group.attrs.asdict():
+            self._group.attrs.__delitem__("completed")
+            self.attrs = self._group.attrs.asdict()
         for shard in sorted(shards):
             start, stop = self.shard_range(shard)
             self._done[start:stop] = np.zeros(stop - start, bool)
-        current = self._group.attrs.asdict()
-        if "completed" in current:
-            self._group.attrs.__delitem__("completed")
-            self.attrs = self._group.attrs.asdict()
 
     def finalize(self) -> bool:
         """If every image is done, record ``completed`` (UTC ISO time) and, for top-k,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -238,6 +239,28 @@ def test_channels_last_on_cpu_and_compile_train(recipe, tmp_path):
         assert np.isfinite(trainer.run()[0]["loss"])
     finally:
         trainer.close()
+
+
+def test_a_kill_between_an_epoch_snapshot_and_the_checkpoint_loses_neither(recipe, tmp_path):
+    """--keep-every 1: epoch_0001.pt is written before checkpoint.pt, so a SIGKILL between them leaves the previous
+    checkpoint and the resume writes both (epoch_0001.pt was lost for good when it came second). A temp file a
+    killed save left is removed at the next start, under --out's lock; a second distill on that --out is refused."""
+    out = tmp_path / "run"
+    args = cli_args(recipe, out, "--keep-every", "1", init="scratch", epochs=2)
+    killed = cli(*args, kill_at="distill-copy:1")
+    assert killed.returncode == -9
+    assert (out / "epoch_0001.pt").exists() and not (out / "checkpoint.pt").exists()
+    (out / ".checkpoint.abc123.tmp.pt").write_bytes(b"half a checkpoint")  # what a SIGKILL inside a save leaves
+    resumed = cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock")) == [
+        "checkpoint.pt", "config.json", "epoch_0001.pt", "epoch_0002.pt", "metrics.jsonl"]
+    from mealkd.core.file_lock import FileLock
+
+    with FileLock(out / ".lock", busy=str, unwritable=str):  # as a running distill holds it
+        busy = cli(*args, "--resume")
+    assert busy.returncode == 2 and busy.stderr.strip().splitlines() == [
+        f"error: --out {out}: another distill (pid {os.getpid()}) is running in this directory; wait for it to end or choose another --out"]
 
 
 def test_cluster_logs_best_and_epoch_checkpoints(recipe, tmp_path):

@@ -323,7 +323,7 @@ def test_disk_full_at_a_distill_checkpoint_then_resume_completes(env, tmp_path, 
         out = disk / "run"
         proc = run(capsys, *distill_args(reference(), env[1], out, "--epochs", "1"))
         assert_user_error(proc, str(out), "checkpoint failed", "--resume")
-        assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl"]  # no checkpoint, no temp file left
+        assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "metrics.jsonl"]  # no checkpoint, no temp file left (.lock: the run lock)
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
         proc = run(capsys, *distill_args(reference(), env[1], out, "--epochs", "1", "--resume"))
         assert proc.returncode == 0, proc.stderr

@@ -211,3 +211,20 @@ def test_sigkill_at_many_points_never_marks_unwritten_done(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+
+
+def test_a_writer_removes_the_partial_files_a_killed_writer_left(tmp_path):
+    """zarr's LocalStore writes '<key>.<uuid>.partial' and renames it: a SIGKILL can leave one, which no rerun
+    removed (inspect counted its bytes). The store lock's holder removes them: no write is in flight then."""
+    from mealkd.precompute.lock import StoreLock
+
+    from mealkd import storage
+
+    url = str(tmp_path / "s.zarr")
+    create(url, "dense")
+    stray = tmp_path / "s.zarr" / "done" / "c" / "0.1234abcd.partial"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"half a chunk")
+    with StoreLock(url):
+        assert not stray.exists()
+    assert storage.open_store(url, require_complete=False).num_images == N

@@ -82,6 +82,20 @@ def test_damaged_shard_fails_and_repair_plus_rerun_restores_it(made, tmp_path, c
     assert_same_store(store, root / name)
 
 
+def test_repair_drops_a_completed_record_that_no_longer_holds(made, tmp_path, capsys):
+    """A repair killed between its done writes and dropping 'completed' (the order before it was reversed)
+    left an incomplete store recorded as completed, and a rerun of --repair found nothing damaged to repair."""
+    store = fresh(made, tmp_path)
+    group = zarr.open_group(str(store), mode="r+")
+    done = np.asarray(group["done"][:])
+    done[:3] = False
+    group["done"][:] = done
+    assert "completed" in group.attrs
+    proc = run(capsys, "verify", str(store), "--repair")
+    assert proc.returncode == 1 and "'completed' record dropped" in proc.stdout, proc.stdout
+    assert "completed" not in zarr.open_group(str(store), mode="r").attrs
+
+
 @pytest.mark.parametrize("array", ["windows", "done", "flips"])
 def test_zeroed_or_truncated_chunk_is_unreadable(made, tmp_path, capsys, array):
     store = fresh(made, tmp_path)
