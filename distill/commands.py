@@ -36,7 +36,7 @@ from mealkd.errors import UserError
               "(each batch's loss weighted by its share of the step's crops): the global batch is --batch-size x processes x this, "
               "in the memory of one --batch-size; e.g. MEAL V2's 512 on 2 GPUs: --batch-size 64 --grad-accum-steps 4. The schedule "
               "counts optimiser steps; BatchNorm still normalises each batch alone.")
-@click.option("--lr", default=0.01, show_default=True, type=float, help="Peak student learning rate for the GLOBAL batch (--batch-size x processes x --grad-accum-steps); scale it linearly with the global batch (e.g. SGD 0.1 per 256 images). MEAL V2 used 0.01 for a pretrained student.")
+@click.option("--lr", default=0.01, show_default=True, type=float, help="Peak student learning rate for the GLOBAL batch (--batch-size x processes x --grad-accum-steps); scale it linearly with the global batch (e.g. SGD 0.1 per 256 images). MEAL V2 used 0.01 at a global batch of 512 (8 GPUs, a pretrained student), i.e. 0.00125 per 64 images; the default suits that global batch, so lower it on fewer GPUs.")
 @click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum (student; D too with --d-optimizer sgd).")
 @click.option("--weight-decay", default=0.0, show_default=True, type=float, help="MEAL V2 uses 0. Applies to weight matrices and kernels; see --norm-bias-weight-decay.")
 @click.option("--norm-bias-weight-decay", default=0.0, show_default=True, type=float,
