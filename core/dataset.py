@@ -14,17 +14,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mealkd.errors import UserError
-
-#: class directories listed at once: each entry's stat is a round trip on a network file system (NFS, Lustre),
-#: where ImageNet's 1.28M serial stats take minutes; the calls release the GIL
-SCAN_THREADS = 8
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 
@@ -163,10 +158,8 @@ def scan_image_folder(root: str | os.PathLike, *, flag: str = "--data") -> Datas
     targets: list[int] = []
     sizes: list[int] = []
     root_id = _dir_id(root_path)
-    listing = lambda name: _image_files(os.path.join(root_path, name), name + "/", f"{flag} {root}", root_id)  # noqa: E731
-    with ThreadPoolExecutor(SCAN_THREADS) as pool:  # in class order; the first class's error first
-        listed = list(pool.map(listing, class_names))
-    for class_index, (class_name, files) in enumerate(zip(class_names, listed)):
+    for class_index, class_name in enumerate(class_names):
+        files = _image_files(os.path.join(root_path, class_name), class_name + "/", f"{flag} {root}", root_id)
         if not files:
             raise UserError(
                 f"{flag} {root}: class directory '{class_name}' has no images "
