@@ -42,6 +42,12 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def env_world_size() -> int:
+    """The job's number of processes as torchrun set it (``WORLD_SIZE``; 1 when run alone), readable before the
+    process group is formed."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched_by_torchrun() -> bool:
     """torchrun (or another launcher of its kind) set the rendezvous environment, even for 1 process:
     then the process group is formed, so a 1-process run exercises the same collectives as 8."""
@@ -130,7 +136,7 @@ def lost_peer(err: BaseException) -> bool:
     """Whether ``err`` is a collective failing because another process of a multi-process job ended:
     the survivors then see gloo/NCCL errors that say nothing of why, and the useful line is the other
     rank's, printed above. ``cli.main`` turns these into one line."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if env_world_size() < 2:
         return False
     return isinstance(err, dist.DistError) or (isinstance(err, (RuntimeError, OSError)) and any(k in str(err) for k in _PEER_GONE))
 

@@ -62,6 +62,7 @@ from mealkd.errors import UserError
 @click.option("--num-threads", default="auto", show_default=True, type=THREADS, help=THREADS_HELP)
 @click.option("--opt", default="sgd", show_default=True, type=click.Choice(OPTIMIZERS), help="Student optimiser: SGD with momentum (MEAL V2) or AdamW (ViT/timm students).")
 @click.option("--warmup-epochs", default=0.0, show_default=True, type=float, help="Linear warm-up of the lr from lr/100, in epochs (fractions allowed); the schedule follows it.")
+@click.option("--sync-bn", is_flag=True, help="BatchNorm statistics over the whole job's batch, not each GPU's share (torch.nn.SyncBatchNorm, as torchvision's --sync-bn): for small per-GPU batches. Multi-GPU jobs only (NCCL); one process has nothing to synchronise.")
 @click.option("--clip-grad", default=None, type=float, help="Clip the student's gradient norm to this value (after unscaling under fp16).")
 @click.option("--ema-decay", default=None, type=float, help="Keep an exponential moving average of the student's weights with this decay per step (e.g. 0.9998); it is validated beside the raw weights and saved in checkpoints.")
 @click.option("--cutmix", default=0.0, show_default=True, type=float, help="Probability per batch of CutMix: a box of another stored crop is pasted in, and the two stored label rows are mixed by the box's area.")

@@ -52,6 +52,7 @@ TRAINING_FLAGS: dict[str, str] = {
     "cutmix_alpha": "--cutmix-alpha",
     "mixup_alpha": "--mixup-alpha",
     "grad_accum_steps": "--grad-accum-steps",
+    "sync_bn": "--sync-bn",
 }
 
 
@@ -88,6 +89,7 @@ class DistillConfig:
     opt: str = "sgd"
     warmup_epochs: float = 0.0
     clip_grad: float | None = None
+    sync_bn: bool = False  # BatchNorm statistics over every GPU of the job (torch.nn.SyncBatchNorm)
     ema_decay: float | None = None
     cutmix: float = 0.0
     mixup: float = 0.0

@@ -35,7 +35,7 @@ from mealkd import storage
 from mealkd.core.accel import apply_numerics, autocast_for, compiled, needs_grad_scaler, resolve_precision
 from mealkd.core.dali_io import dali_threads, decoder_differences, decoder_record, resolve_backend
 from mealkd.core.dataset import scan_image_folder
-from mealkd.core.distributed import Dist, init_distributed, seed_for, shutdown
+from mealkd.core.distributed import Dist, env_rank, env_world_size, init_distributed, seed_for, shutdown
 from mealkd.core.models import INIT_MODES, load_model, parse_spec
 from mealkd.core.replay import Normalization, recorded_hw_load
 from mealkd.core.timing import StageTimes, format_duration
@@ -74,6 +74,9 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.backend = resolve_backend(cfg.device)
+        if cfg.sync_bn and env_world_size() > 1 and not self.backend.is_cuda:  # SyncBatchNorm synchronises CUDA tensors only
+            raise UserError(f"--sync-bn: synchronises BatchNorm over GPUs; this job of {env_world_size()} processes runs on "
+                            f"{self.backend.device.type} (--device {cfg.device}): drop --sync-bn or run on GPUs", echoed=env_rank() != 0)
         self.dist: Dist = init_distributed(self.backend.device)
         try:
             self.dist.on_main(self._hold_run_dir)
@@ -134,6 +137,8 @@ class Trainer:
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and self.backend.is_cuda)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if cfg.sync_bn and self.dist.active:  # the same state-dict keys: checkpoints and exports stay plain BatchNorm's
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(model) if self.dist.active else model
         # --compile: the forward (and its backward) of the student through torch.compile; weights are shared

@@ -430,3 +430,24 @@ def test_grad_accum_steps_below_one_or_above_an_epoch_is_one_line(recipe, tmp_pa
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and lines[-1].startswith("error: --grad-accum-steps 5: an epoch has only 3 batch(es) per process"), err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_sync_bn_is_refused_on_cpu_processes_and_a_no_op_alone(recipe, tmp_path, monkeypatch):
+    """--sync-bn (torch.nn.SyncBatchNorm) synchronises CUDA tensors only: a multi-process CPU job is refused in one
+    line before its process group forms (SyncBatchNorm raised 'expected input tensor to be on GPU' in the first
+    step), printed by rank 0 only; one process has nothing to synchronise and trains plain BatchNorm."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError) as err:
+        Trainer(config(recipe, tmp_path / "two", student=STUDENT, init="scratch", sync_bn=True))
+    assert err.value.echoed and "--sync-bn: synchronises BatchNorm over GPUs; this job of 2 processes runs on cpu" in str(err.value)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    trainer = Trainer(config(recipe, tmp_path / "one", student=STUDENT, init="scratch", sync_bn=True, epochs=1))
+    try:
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.model.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in trainer.model.modules())
+        trainer.run()
+    finally:
+        trainer.close()
+    assert torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["config"]["sync_bn"] is True  # a training flag: --resume keeps it
