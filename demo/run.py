@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from mealkd.console import make_console
 from rich.table import Table
 
 from mealkd import storage
+from mealkd.console import make_console
 from mealkd.core.dali_io import resolve_backend
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.models import load_model, parse_spec

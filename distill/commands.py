@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 from click.core import ParameterSource
-from mealkd.console import make_console
 from rich.markup import escape
 from rich.table import Table
 
+from mealkd.console import make_console
 from mealkd.core.accel import PRECISIONS
 from mealkd.core.windows import check_image_size
 from mealkd.core.options import DEVICE, STUDENT_SPEC, THREADS, THREADS_HELP

@@ -28,18 +28,18 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 from rich.console import Console
-from mealkd.console import make_console
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mealkd import storage
+from mealkd.console import make_console
 from mealkd.core.accel import apply_numerics, autocast_for, compiled, needs_grad_scaler, resolve_precision
 from mealkd.core.dali_io import dali_threads, decoder_differences, decoder_record, resolve_backend
 from mealkd.core.dataset import scan_image_folder
 from mealkd.core.distributed import Dist, env_rank, env_world_size, init_distributed, seed_for, shutdown
+from mealkd.core.file_lock import FileLock
 from mealkd.core.models import INIT_MODES, load_model, parse_spec
 from mealkd.core.replay import Normalization, recorded_hw_load
 from mealkd.core.timing import StageTimes, format_duration
-from mealkd.core.file_lock import FileLock
 from mealkd.distill.checkpoint import CHECKPOINT_FORMAT, copy_atomic, load_checkpoint, save_atomic
 from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import click
-from mealkd.console import make_console
 
+from mealkd.console import make_console
 from mealkd.core.accel import PRECISIONS
 from mealkd.core.options import DEVICE, TEACHER_SPECS, THREADS, THREADS_HELP
 from mealkd.core.signals import stopping_on_signals

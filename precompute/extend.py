@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from rich.console import Console
-from mealkd.console import make_console
 
 from mealkd import storage
+from mealkd.console import make_console
 from mealkd.core.accel import PRECISIONS
 from mealkd.core.dali_io import Backend, dali_threads, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder

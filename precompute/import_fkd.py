@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from mealkd.console import make_console
 from rich.markup import escape
 
 from mealkd import storage
+from mealkd.console import make_console
 from mealkd.core.dali_io import decoder_record, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.probe import describe_unreadable, probe_images, refuse_nothing_to_train_on

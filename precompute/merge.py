@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from rich.console import Console
-from mealkd.console import make_console
 
 from mealkd import storage
+from mealkd.console import make_console
 from mealkd.core.dali_io import decoder_differences
 from mealkd.core.models.spec import with_weight
 from mealkd.core.progress import RateColumn, make_progress

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from rich.console import Console
-from mealkd.console import make_console
 from rich.markup import escape
 
 from mealkd import storage
+from mealkd.console import make_console
 from mealkd.core.dali_io import Backend, dali_threads, decoder_record, resolve_backend
 from mealkd.core.dataset import DatasetIndex, scan_image_folder
 from mealkd.core.distributed import Dist, init_distributed, shutdown

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from rich.console import Console
-from mealkd.console import make_console
 from rich.table import Table
 
 from mealkd import storage
+from mealkd.console import make_console
 from mealkd.storage.encoding import decode_topk, encode_topk, to_f32
 from mealkd.errors import UserError
 from mealkd.precompute.settings import teacher_differences
