@@ -79,12 +79,12 @@ class Trainer:
                             f"{self.backend.device.type} (--device {cfg.device}): drop --sync-bn or run on GPUs", echoed=env_rank() != 0)
         self.dist: Dist = init_distributed(self.backend.device)
         try:
-            self.dist.on_main(self._hold_run_dir)
             self._open_data(cfg)
             self._build_student(cfg)
             self._build_training(cfg)
             self._build_validation(cfg)
             self.start_epoch, self.start_step, self.rank_state = self._restore()
+            self.dist.on_main(self._hold_run_dir)  # after every check: a refused start leaves no --out behind
         except BaseException:  # a refused run (any check below) releases the process group and the loader's threads too
             self.close()
             raise
