@@ -451,3 +451,20 @@ def test_sync_bn_is_refused_on_cpu_processes_and_a_no_op_alone(recipe, tmp_path,
     finally:
         trainer.close()
     assert torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["config"]["sync_bn"] is True  # a training flag: --resume keeps it
+
+
+def test_a_checkpoint_saved_inside_an_epoch_before_per_crop_means_resumes(recipe, tmp_path):
+    """Checkpoints written inside an epoch before the sums were weighted by crops hold one sum per SUMS name:
+    they resume with the sums converted at this rank's mean batch so far (its planned batches)."""
+    from mealkd.distill.trainer import SUMS
+
+    trainer = Trainer(config(recipe, tmp_path / "run", batch_size=7, discriminator="off"))
+    try:
+        old = torch.arange(1.0, len(SUMS) + 1, dtype=torch.float64)
+        crops = sum(trainer.batch_crops[:2])
+        converted = trainer._resumed_sums(old, 2)
+        torch.testing.assert_close(converted, torch.cat([old * crops / 2, torch.tensor([float(crops)], dtype=torch.float64)]))
+        current = torch.cat([old, torch.tensor([14.0], dtype=torch.float64)])
+        assert torch.equal(trainer._resumed_sums(current, 2), current)  # today's format is taken as saved
+    finally:
+        trainer.close()
