@@ -326,11 +326,23 @@ def test_inspect_shows_each_teachers_input_size_and_normalisation(world, capsys,
         assert f"input {SIZE} (the crop size)" in line and "mean 0.485/0.456/0.406 std 0.229/0.224/0.225" in line, line
 
 
-def test_a_one_line_error_is_not_buried_by_pending_reads_at_exit(tmp_path):
+@pytest.mark.parametrize("ending", ["error", "stop"])
+def test_a_one_line_error_is_not_buried_by_pending_reads_at_exit(tmp_path, ending):
     """A remote store's reads still pending in an event loop when a command stops with a one-line error (the
     endpoint went away) were torn down at exit with 'Task was destroyed but it is pending!' and 'Exception
-    ignored in' tracebacks, hundreds of lines under the error. Here: three such reads, then a real refusal."""
+    ignored in' tracebacks, hundreds of lines under the error; a stop by SIGTERM the same (a merge printed 38
+    such lines after its stop line). Here: three such reads, then a real refusal, or a real SIGTERM."""
     script = tmp_path / "pending.py"
+    command = (f"cli.main(['inspect', {str(tmp_path / 'gone.zarr')!r}])\n" if ending == "error" else
+               "import os, signal, time, click\n"
+               "from mealkd.core.signals import stopping_on_signals\n"
+               "@click.command('stopper')\n"
+               "def stopper():\n"
+               "    with stopping_on_signals('merge'):\n"
+               "        os.kill(os.getpid(), signal.SIGTERM)\n"
+               "        time.sleep(30)\n"
+               "cli.cli.add_command(stopper)\n"
+               "cli.main(['stopper'])\n")
     script.write_text(
         "import asyncio\n"
         "from mealkd import cli\n"
@@ -341,10 +353,14 @@ def test_a_one_line_error_is_not_buried_by_pending_reads_at_exit(tmp_path):
         "    finally:\n"
         "        raise OSError('connection reset')\n"
         "tasks = [loop.create_task(read()) for _ in range(3)]\n"
-        "loop.run_until_complete(asyncio.sleep(0))\n"
-        f"cli.main(['inspect', {str(tmp_path / 'gone.zarr')!r}])\n"
+        "loop.run_until_complete(asyncio.sleep(0))\n" + command
     )
     proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'gone.zarr'}: not a mealkd label store (nothing there); "
-                                                "pass the output path of `mealkd precompute`"]
+    if ending == "error":
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'gone.zarr'}: not a mealkd label store (nothing there); "
+                                                    "pass the output path of `mealkd precompute`"]
+    else:
+        assert proc.returncode == 143
+        assert proc.stderr.strip().splitlines() == ["merge: stopped by SIGTERM; shards already finished are kept: rerun the same "
+                                                    "command to continue"]
