@@ -61,9 +61,14 @@ def is_transport_error(err: BaseException) -> bool:
     return False
 
 
+def _protocol(url: str) -> str:
+    """'s3' of 's3://bucket/x' (lower case)."""
+    return url.split("://", 1)[0].lower()
+
+
 def translate(url: str, err: BaseException, fs=None, *, doing: str = "read") -> UserError:
     """A one-line UserError for a failed request to the store at ``url`` (``doing``: 'read' or 'write')."""
-    protocol = url.split("://", 1)[0].lower()
+    protocol = _protocol(url)
     names = _names(err)
     first = first_line(err, 160)
     if names & _CREDENTIAL_ERRORS:
@@ -87,7 +92,7 @@ def check_remote_output(url: str, flag: str = "--out") -> None:
     """A remote ``--out`` that cannot take a store, refused before any work (a store-writing command may
     decode every image first: hours): a read-only protocol, or what :func:`check_remote` finds (backend,
     credentials, endpoint, a missing bucket). Write permission shows only at the first write."""
-    protocol = url.split("://", 1)[0].lower()
+    protocol = _protocol(url)
     if protocol in READ_ONLY:
         raise UserError(f"{flag} {url}: {protocol}:// stores are read-only (fsspec's HTTP filesystem cannot write); write the "
                         "store to a local path or an object store (s3://, gs://) and serve it over HTTP from there")
@@ -115,20 +120,20 @@ def check_remote(url: str) -> None:
     try:
         fs, path = fsspec.url_to_fs(url)
     except (ImportError, ValueError) as err:
-        protocol = url.split("://", 1)[0]
+        protocol = _protocol(url)
         hint = "pip install 'mealkd[remote]'" if protocol in ("s3", "s3a") else f"install the fsspec backend for {protocol}://"
         raise UserError(f"{url}: cannot open this URL with fsspec ({first_line(err, 160)}); {hint}, or use a local path") from None
     path = path.rstrip("/")
     try:
         try:
             fs.info(f"{path}/zarr.json")
-            if url.split("://", 1)[0].lower() in READ_ONLY:
+            if _protocol(url) in READ_ONLY:
                 _check_byte_ranges(fs, f"{path}/zarr.json", url)
         except FileNotFoundError:
             bucket = path.split("/", 1)[0]
             if bucket and bucket != path and not fs.exists(bucket):
                 raise UserError(f"{url}: bucket '{bucket}' does not exist at {_endpoint(fs)}; check the URL "
-                                f"(and FSSPEC_{url.split('://', 1)[0].upper()}_ENDPOINT_URL for an S3-compatible server)") from None
+                                f"(and FSSPEC_{_protocol(url).upper()}_ENDPOINT_URL for an S3-compatible server)") from None
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - every backend raises its own types; translate names them
