@@ -66,23 +66,16 @@ class RawShardArray:
             self._index[shard] = got
         return got
 
-    def read_chunk(self, shard: int, inner: int, files: dict[int, int] | None = None) -> np.ndarray:
+    def read_chunk(self, shard: int, inner: int, files: dict[int, int]) -> np.ndarray:
         """Inner chunk number ``inner`` (C order within the shard) as an array of ``self.chunk``. ``files``:
-        open descriptors by shard, kept for the caller's next chunks (an open is a round trip on NFS)."""
+        the caller's open descriptors by shard, opened here when missing (an open is a round trip on NFS)."""
         path, index = self._shard_index(shard)
         if index is not None:
             off, n = index[inner]
             if off != _EMPTY:
-                fd = files.get(shard) if files is not None else None
-                if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
-                    if files is not None:
-                        files[shard] = fd
-                try:
-                    data = os.pread(fd, int(n), int(off))
-                finally:
-                    if files is None:
-                        os.close(fd)
+                if shard not in files:
+                    files[shard] = os.open(path, os.O_RDONLY)
+                data = os.pread(files[shard], int(n), int(off))
                 return np.frombuffer(self._blosc.decode(data), self.dtype).reshape(self.chunk)
         return np.full(self.chunk, self._fill, self.dtype)
 

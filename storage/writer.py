@@ -92,17 +92,12 @@ def _unfinished_create(url: str) -> bool:
         return False
 
 
-def remove_partial_files(url: str) -> int:
+def remove_partial_files(url: str) -> None:
     """Delete zarr's ``*.partial`` temp files a killed writer left in a local store (a writer calls this holding
-    the store's lock, so no write is in flight); returns how many. Remote stores write whole objects."""
-    path = local_path(url) if is_local(url) else None
-    if path is None or not path.is_dir():
-        return 0
-    removed = 0
-    for leftover in path.rglob("*.partial"):
-        leftover.unlink(missing_ok=True)
-        removed += 1
-    return removed
+    the store's lock, so no write is in flight). Remote stores write whole objects."""
+    if is_local(url):
+        for leftover in local_path(url).rglob("*.partial"):  # nothing when the store does not exist yet
+            leftover.unlink(missing_ok=True)
 
 
 def check_output(url: str, flag: str = "--out") -> None:
