@@ -340,12 +340,11 @@ def run_verify(url: str, *, data: str | None = None, teachers: str | None = None
     damaged = sorted(report.damaged_shards)
     rewrite = writing_command(store.attrs)  # extend, merge and import-fkd rewrite the stores they wrote
     stale = "completed" in store.attrs and not store.done.all()  # a repair killed by an older mealkd left it
-    if do_repair and stale and not damaged:
-        repair(url, set())
-        console.print(f"[yellow]repaired[/]: the store's 'completed' record dropped (it is incomplete); rerun `{rewrite}` with the same arguments to finish it", soft_wrap=True)
-    if damaged and do_repair:
+    if do_repair and (damaged or stale):  # marking shards not done drops the 'completed' record too
         repair(url, set(damaged))
-        console.print(f"[yellow]repaired[/]: shards {_shards_text(damaged)} marked not done; rerun `{rewrite}` with the same arguments to rewrite them", soft_wrap=True)
+        done = (f"shards {_shards_text(damaged)} marked not done; rerun `{rewrite}` with the same arguments to rewrite them" if damaged else
+                f"the store's 'completed' record dropped (it is incomplete); rerun `{rewrite}` with the same arguments to finish it")
+        console.print(f"[yellow]repaired[/]: {done}", soft_wrap=True)
     elif damaged:
         console.print(f"[red]damaged shards[/]: {_shards_text(damaged)}; run `mealkd verify {url} --repair`, then rerun `{rewrite}` with the same arguments", soft_wrap=True)
     console.print("[green]verify: all checks passed[/]" if report.ok else "[red]verify: FAILED[/]", soft_wrap=True)
