@@ -114,7 +114,9 @@ def check_output(url: str, flag: str = "--out") -> None:
         if not path.is_dir():
             raise UserError(f"{flag} {url}: a file is there, not a label store (a store is a directory); "
                             f"choose a new {flag} path or delete the file")
-        if _has_store_format(path) or _unfinished_create(url):
+        # in this order: a concurrent create goes from unfinished to finished, never back, so one of the two sees it
+        # (the other order could find it unfinished-not-yet-formatted, then formatted-so-not-unfinished, and refuse it)
+        if _unfinished_create(url) or _has_store_format(path):
             return
         if any(path.iterdir()):
             raise UserError(f"{flag} {url}: a directory that is not a label store is already there; "
