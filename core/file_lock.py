@@ -35,6 +35,10 @@ class FileLock:
             os.close(self._fd)
             self._fd = None
             raise UserError(self._busy(holder)) from None
+        except OSError as err:  # e.g. ENOLCK: a network file system without a lock service
+            os.close(self._fd)
+            self._fd = None
+            raise UserError(self._unwritable(f"cannot lock a file there: {err.strerror or err}")) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
         return self
