@@ -1,6 +1,8 @@
 """The teacher ensemble: weighted average of softmax(logits / T) over teachers."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mealkd.core.accel import apply_numerics, as_model_input, autocast_for, compiled, resolve_precision
@@ -27,6 +29,12 @@ def check_class_order(teachers: list[LoadedModel], class_names: list[str], *, fl
         )
 
 
+def check_temperature(temperature: float) -> None:
+    """--temperature: a finite number > 0 (NaN fails '> 0'; NaN or inf would blame the teachers' weights)."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise UserError(f"--temperature {temperature}: must be a finite number > 0")
+
+
 class TeacherEnsemble:
     """Teachers grouped by input normalisation, so each distinct (size, mean, std) is cut once.
 
@@ -40,8 +48,7 @@ class TeacherEnsemble:
     def __init__(self, teachers: list[LoadedModel], *, default_size: int, temperature: float, device: torch.device,
                  class_names: list[str] | None = None, flag: str = "--data", precision: str = "auto", fold: bool = True,
                  compile_backend: str | None = None):
-        if temperature <= 0:
-            raise UserError(f"--temperature {temperature}: must be > 0")
+        check_temperature(temperature)
         counts = {t.num_classes for t in teachers}
         if len(counts) > 1:
             detail = ", ".join(f"{t.spec.text} -> {t.num_classes}" for t in teachers)

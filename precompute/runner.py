@@ -8,7 +8,6 @@ partial run left them); rank 0 creates the store and finalises it.
 from __future__ import annotations
 
 import collections
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +32,7 @@ from mealkd.core.timing import StageTimes
 from mealkd.core.windows import CropPolicy, draw_all_windows
 from mealkd.precompute.crops import CropBatch, CropStream
 from mealkd.precompute.decoder_drift import job_decoder, record_drift
-from mealkd.precompute.ensemble import TeacherEnsemble
+from mealkd.precompute.ensemble import TeacherEnsemble, check_temperature
 from mealkd.precompute.lock import StoreLock, writing_store
 from mealkd.precompute.settings import SETTINGS_KEYS, jsonable, other_settings, settings_differences, shard_size_difference
 from mealkd.errors import UserError
@@ -74,8 +73,7 @@ class PrecomputeConfig:
             raise UserError(f"--batch-size {self.batch_size}: must be >= 1")
         if self.images_per_shard is not None and self.images_per_shard < 1:
             raise UserError(f"--images-per-shard {self.images_per_shard}: must be >= 1")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):  # NaN fails '> 0'; NaN or inf would blame the teachers' weights
-            raise UserError(f"--temperature {self.temperature}: must be a finite number > 0")
+        check_temperature(self.temperature)
         self.policy.validate()
         storage.parse_encoding(self.encoding)
 

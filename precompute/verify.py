@@ -25,7 +25,9 @@ not damage: the check passes on aggregates (mean TV <= 0.02, top-1 agreement >= 
 top-2 margin is >= 0.05) and only a crop off by TV > 0.25 marks its shard damaged.
 
 ``--repair`` marks the damaged shards not done (under the store lock), so rerunning
-``mealkd precompute`` with the same arguments rewrites exactly those shards.
+``mealkd precompute`` with the same arguments rewrites exactly those shards. A missing array, or an
+undecodable array written once at create time (``paths``, ``targets``, ``sizes``, ``excluded``), is
+damage no rerun mends (``storage.damage``): it is named as such and ``--repair`` changes nothing.
 
 Exit status: 0 all checks pass, 1 a check failed, 2 user error (not a store, bad flag, mismatched
 data/teachers).
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mealkd import storage
@@ -46,7 +49,8 @@ from mealkd.storage.encoding import decode_topk, encode_topk, to_f32
 from mealkd.errors import UserError
 from mealkd.precompute.settings import teacher_differences
 from mealkd.storage.lineage import teacher_tv_bound, writing_command
-from mealkd.storage.schema import DENSE
+from mealkd.storage.damage import beyond_repair
+from mealkd.storage.schema import CREATE_TIME_ARRAYS, DENSE, array_names
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "skip"
 
@@ -62,6 +66,7 @@ class Check:
 class Report:
     checks: list[Check] = field(default_factory=list)
     damaged_shards: set[int] = field(default_factory=set)
+    beyond_repair: str | None = None  # damage no rerun mends (storage.damage), else None
     recompute: dict | None = None
 
     def add(self, name: str, ok: bool | None, detail: str) -> None:
@@ -93,17 +98,24 @@ def check_integrity(url: str, report: Report) -> storage.LabelStore:
     def read(name: str, lo: int, hi: int):
         return np.asarray(group[name][lo:hi])
 
-    # per-image metadata written at create time
-    meta_bad = []
+    # every array there, and the per-image arrays written at create time readable: no rerun rewrites
+    # them, so their damage is not a shard's (marking shards not done would throw labels away for nothing)
+    beyond = []
     meta = {}
-    for name in ("paths", "targets", "sizes", "excluded"):
+    for name in array_names(store.encoding):
         try:
-            meta[name] = np.asarray(group[name][:])
-        except Exception as err:  # noqa: BLE001 - any decode failure is damage
-            meta_bad.append(f"{name} ({type(err).__name__})")
-    report.add("metadata arrays", not meta_bad, "paths, targets, sizes, excluded readable" if not meta_bad else "unreadable: " + ", ".join(meta_bad))
-    if meta_bad:
-        report.damaged_shards.update(range(shards))  # cannot judge anything else reliably
+            array = group[name]
+        except KeyError:
+            beyond.append(f"array '{name}' missing")
+            continue
+        if name in CREATE_TIME_ARRAYS:
+            try:
+                meta[name] = np.asarray(array[:])
+            except Exception as err:  # noqa: BLE001 - any decode failure is damage
+                beyond.append(f"{name} unreadable ({type(err).__name__})")
+    report.add("arrays", not beyond, "every array present; " + ", ".join(CREATE_TIME_ARRAYS) + " readable" if not beyond else "; ".join(beyond))
+    if beyond:
+        report.beyond_repair = "; ".join(beyond)
         return store
     sizes, excluded = meta["sizes"].astype(np.int64), meta["excluded"].astype(bool)
 
@@ -331,12 +343,18 @@ def run_verify(url: str, *, data: str | None = None, teachers: str | None = None
     report = Report()
     store = check_integrity(url, report)
     if data is not None:
-        if report.damaged_shards:
-            report.add("recompute vs stored", None, "skipped: the store is damaged (repair it first)")
+        if report.damaged_shards or report.beyond_repair:
+            report.add("recompute vs stored", None, "skipped: the store is damaged (repair it first)" if not report.beyond_repair
+                       else "skipped: the store is damaged beyond repair")
         else:
             check_recompute(store, data, teachers, sample=sample, tolerance=tolerance, device=device, seed=seed,
                             batch_size=batch_size, report=report)
     render(url, report, console)
+    if report.beyond_repair:
+        nothing = " (--repair changed nothing: marking shards not done would not mend it)" if do_repair else ""
+        console.print(f"[red]{escape(str(beyond_repair(url, store.attrs, report.beyond_repair)))}[/]{nothing}", soft_wrap=True)
+        console.print("[red]verify: FAILED[/]", soft_wrap=True)
+        return 1
     damaged = sorted(report.damaged_shards)
     rewrite = writing_command(store.attrs)  # extend, merge and import-fkd rewrite the stores they wrote
     stale = "completed" in store.attrs and not store.done.all()  # a repair killed by an older mealkd left it

@@ -35,14 +35,14 @@ from mealkd.storage import remote
 from mealkd.storage.encoding import decode_topk, normalise_rows
 from mealkd.storage.lineage import writing_command
 from mealkd.errors import UserError
-from mealkd.storage.schema import DENSE, FORMAT, encoding_from_attr, is_local, local_path, shard_file_key, zarr_store
-from mealkd.storage.writer import _open_group
+from mealkd.storage.damage import beyond_repair, damaged, member
+from mealkd.storage.schema import CREATE_TIME_ARRAYS, DENSE, FORMAT, encoding_from_attr, is_local, local_path, open_group, shard_file_key, zarr_store
 
 
 def store_exists(url: str) -> bool:
     """True if a mealkd store (a Zarr group with the format attribute) exists at ``url``."""
     try:
-        _, attrs = _open_group(str(url), read_only=True)
+        _, attrs = open_group(str(url), read_only=True)
     except UserError:
         return False
     return attrs.get("format") == FORMAT
@@ -90,7 +90,7 @@ def open_store(url: str, *, require_complete: bool = True, fingerprint: str | No
     i.e. all-zero labels, in its place). Unreadable chunks and all-zero label rows of done images are
     refused later, when read (see ``LabelStore.damaged``)."""
     url = str(url)
-    group, attrs = _open_group(url, read_only=True)
+    group, attrs = open_group(url, read_only=True)
     store = LabelStore(url, group, attrs)
     if fingerprint is not None:
         refuse_other_dataset(store, fingerprint, dataset_paths, data)
@@ -137,10 +137,8 @@ class LabelStore:
             self.encoding, self.topk = encoding_from_attr(attrs["label_encoding"])
         except (UserError, ValueError, KeyError):
             raise UserError(f"{url}: unknown label_encoding {attrs.get('label_encoding')!r}; recreate the store with `mealkd precompute`") from None
-        if self.encoding == DENSE:
-            self._label_arrays = [group["probs"]]
-        else:
-            self._label_arrays = [group["topk_idx"], group["topk_val"]]
+        label_names = ["probs"] if self.encoding == DENSE else ["topk_idx", "topk_val"]
+        self._label_arrays = [self._member(name) for name in label_names]
         self.num_images = int(self._label_arrays[0].shape[0])
         names = attrs.get("class_names")
         self.class_names = [str(x) for x in names] if names is not None else [str(i) for i in range(self.num_classes)]
@@ -169,14 +167,16 @@ class LabelStore:
 
     # ------------------------------------------------------------------ damage
     def damaged(self, detail: str) -> UserError:
-        return UserError(
-            f"{self.url}: label store damaged ({detail}); run `mealkd verify {self.url}` to list the damage, "
-            f"then `mealkd verify {self.url} --repair` and rerun `{writing_command(self.attrs)}` with the same arguments to rewrite it"
-        )
+        """Damage a rerun mends (``storage.damage``)."""
+        return damaged(self.url, self.attrs, detail)
 
-    def _reading(self, thunk):
+    def _member(self, name: str):
+        return member(self._group, name, self.url, self.attrs)
+
+    def _reading(self, thunk, *, created: bool = False):
         """Run a chunk read; a torn/zeroed/truncated chunk file (zarr/Blosc raise OSError, ValueError,
-        RuntimeError, MemoryError, ...) becomes a one-line UserError instead of a traceback. On a
+        RuntimeError, MemoryError, ...) becomes a one-line UserError instead of a traceback: damage a
+        rerun mends, or, for an array written when the store was ``created``, damage none does. On a
         remote store a network or credential failure says so (the store is not called damaged, and
         nobody is sent to `verify --repair` a healthy store because a connection dropped)."""
         try:
@@ -187,8 +187,14 @@ class LabelStore:
             if not is_local(self.url) and remote.is_transport_error(err):
                 raise remote.translate(self.url, err) from None
             if isinstance(err, (OSError, MemoryError, ValueError, RuntimeError, EOFError, TypeError)):
-                raise self.damaged(f"a chunk file cannot be decoded: {type(err).__name__}: {str(err)[:120]}") from None
+                detail = f"a chunk file cannot be decoded: {type(err).__name__}: {str(err)[:120]}"
+                raise (beyond_repair if created else damaged)(self.url, self.attrs, detail) from None
             raise
+
+    def created_array(self, name: str) -> np.ndarray:
+        """One of the per-image arrays written when the store was created (``CREATE_TIME_ARRAYS``), whole."""
+        assert name in CREATE_TIME_ARRAYS, name
+        return self._reading(lambda: np.asarray(self._member(name)[:]), created=True)
 
     def required_chunks(self) -> list[tuple[str, int]]:
         """(array name, shard) of every file a writer must have left for the done shards: the label
@@ -228,7 +234,7 @@ class LabelStore:
                 return {k async for k in store.list_prefix(prefix)}
 
             present[name] = sync(listing())
-            arrays[name] = self._group[name]  # opened once: each open reads its zarr.json
+            arrays[name] = self._member(name)  # opened once: each open reads its zarr.json
         missing = []
         for name, shard in required:
             if shard_file_key(arrays[name], shard) not in present[name]:
@@ -249,26 +255,26 @@ class LabelStore:
     # ------------------------------------------------------------------ small arrays
     @cached_property
     def paths(self) -> list[str]:
-        return [str(p) for p in self._group["paths"][:].tolist()]
+        return [str(p) for p in self.created_array("paths").tolist()]
 
     @cached_property
     def targets(self) -> np.ndarray:
-        return np.asarray(self._group["targets"][:], np.int32)
+        return self.created_array("targets").astype(np.int32, copy=False)
 
     @cached_property
     def sizes(self) -> np.ndarray:
-        return self._reading(lambda: np.asarray(self._group["sizes"][:], np.int32))
+        return self.created_array("sizes").astype(np.int32, copy=False)
 
     @cached_property
     def excluded(self) -> np.ndarray:
-        return self._reading(lambda: np.asarray(self._group["excluded"][:], bool))
+        return self.created_array("excluded").astype(bool, copy=False)
 
     @cached_property
     def _crop_arrays(self):
         """The zarr arrays ``windows`` and ``flips``, opened once (each open reads their metadata, a
         request per open on a remote store). Either layout: slot-sharded (inner chunk = one crop slot
         of a shard) or, in stores made before it, one plain chunk per shard; zarr reads both."""
-        return self._group["windows"], self._group["flips"]
+        return self._member("windows"), self._member("flips")
 
     @cached_property
     def windows(self) -> np.ndarray:
@@ -282,7 +288,7 @@ class LabelStore:
 
     @cached_property
     def done(self) -> np.ndarray:
-        return self._reading(lambda: np.asarray(self._group["done"][:], bool))
+        return self._reading(lambda: np.asarray(self._member("done")[:], bool))
 
     def slot_crops(self, slot: int, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(windows (n, 4) int32, flips (n,) bool) of crop ``slot`` for ``image_ids``, in their order.
@@ -500,4 +506,4 @@ class LabelStore:
         """Top-k stores: the per-shard fidelity rows (S, 3) = (sum_tv, max_tv, rows); None for dense."""
         if self.topk is None:
             return None
-        return self._reading(lambda: np.asarray(self._group["fidelity"][:], np.float64))
+        return self._reading(lambda: np.asarray(self._member("fidelity")[:], np.float64))

@@ -63,6 +63,7 @@ Sharding / chunking choice
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -88,6 +89,16 @@ MAX_IMAGES_PER_SHARD = 16384
 #: a store made by a multi-process job gets (by default) about this many shards per process
 SHARDS_PER_PROCESS = 4
 META_CHUNK = 1 << 17
+
+#: the per-image arrays written once, when a store is created; no rerun rewrites them (``storage.damage``)
+CREATE_TIME_ARRAYS = ("paths", "targets", "sizes", "excluded")
+
+
+def array_names(kind: str) -> tuple[str, ...]:
+    """Every array of a store whose label encoding is ``kind`` (DENSE or TOPK)."""
+    labels = ("probs",) if kind == DENSE else ("topk_idx", "topk_val", "fidelity")
+    return (*CREATE_TIME_ARRAYS, "windows", "flips", "done", *labels)
+
 
 #: attribute listing the decoders, other than the one ``decoder`` records, that decoded some of the
 #: store's crops (a run continued or extended elsewhere with ``--allow-decoder-mismatch``): a list of
@@ -239,3 +250,29 @@ def zarr_store(url: str | os.PathLike, *, read_only: bool):
         return FsspecStore.from_url(str(url), read_only=read_only)
     except (ImportError, ValueError) as err:
         raise UserError(f"{url}: cannot open this URL with fsspec ({err}); use a local path or an fsspec URL whose backend is installed") from None
+
+
+def open_group(url: str, *, read_only: bool):
+    """Open ``url`` as a mealkd group; UserError if it is not one or its version is unknown."""
+    import zarr
+
+    missing = f"{url}: not a mealkd label store (nothing there); pass the output path of `mealkd precompute`"
+    if is_local(url) and not local_path(url).exists():
+        raise UserError(missing)
+    try:
+        group = zarr.open_group(zarr_store(url, read_only=read_only), mode="r" if read_only else "r+")
+    except UserError:
+        raise
+    except (FileNotFoundError, json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{url}: not a mealkd label store ({type(err).__name__}: {err}); pass the output path of `mealkd precompute`") from None
+    except Exception as err:  # zarr's GroupNotFoundError / NodeTypeValidationError etc.
+        raise UserError(f"{url}: not a mealkd label store (no Zarr group: {type(err).__name__}); pass the output path of `mealkd precompute`") from None
+    attrs = group.attrs.asdict()
+    if attrs.get("format") != FORMAT:
+        raise UserError(f"{url}: not a mealkd label store (Zarr group without format={FORMAT!r}); pass the output path of `mealkd precompute`")
+    version = attrs.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{url}: unknown label-store version {version!r}; recreate it with `mealkd precompute`")
+    if version > VERSION:
+        raise UserError(f"{url}: label-store version {version} is newer than this mealkd supports ({VERSION}); upgrade mealkd")
+    return group, attrs

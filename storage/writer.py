@@ -25,6 +25,7 @@ Crash safety
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import uuid
@@ -38,10 +39,11 @@ from mealkd import __version__
 from mealkd.errors import UserError
 from mealkd.faults import kill_point
 from mealkd.storage.schema import (
-    DECODER_DRIFT, DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, chunk_images_for, crop_inner_chunks,
+    DECODER_DRIFT, DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, array_names, chunk_images_for, crop_inner_chunks,
     default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,
-    shard_file_key, topk_index_dtype, zarr_store,
+    open_group, shard_file_key, topk_index_dtype, zarr_store,
 )
+from mealkd.storage.damage import member
 
 
 def _now() -> str:
@@ -63,8 +65,7 @@ def _anything_at(url: str) -> bool:
     return not sync(zarr_store(url, read_only=True).is_empty(""))
 
 
-_STORE_NODES = {"zarr.json", "paths", "targets", "sizes", "excluded", "windows", "flips", "done", "probs",
-                "topk_idx", "topk_val", "fidelity"}
+_STORE_NODES = {"zarr.json", *array_names(DENSE), *array_names(TOPK)}
 
 
 def _unfinished_create(url: str) -> bool:
@@ -248,32 +249,6 @@ def create_store(url: str, *, attributes: dict, paths: Sequence[str], targets: n
     group.update_attributes(attributes)
 
 
-def _open_group(url: str, *, read_only: bool):
-    """Open ``url`` as a mealkd group; UserError if it is not one or its version is unknown."""
-    import zarr
-
-    missing = f"{url}: not a mealkd label store (nothing there); pass the output path of `mealkd precompute`"
-    if is_local(url) and not local_path(url).exists():
-        raise UserError(missing)
-    try:
-        group = zarr.open_group(zarr_store(url, read_only=read_only), mode="r" if read_only else "r+")
-    except UserError:
-        raise
-    except (FileNotFoundError, json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{url}: not a mealkd label store ({type(err).__name__}: {err}); pass the output path of `mealkd precompute`") from None
-    except Exception as err:  # zarr's GroupNotFoundError / NodeTypeValidationError etc.
-        raise UserError(f"{url}: not a mealkd label store (no Zarr group: {type(err).__name__}); pass the output path of `mealkd precompute`") from None
-    attrs = group.attrs.asdict()
-    if attrs.get("format") != FORMAT:
-        raise UserError(f"{url}: not a mealkd label store (Zarr group without format={FORMAT!r}); pass the output path of `mealkd precompute`")
-    version = attrs.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise UserError(f"{url}: unknown label-store version {version!r}; recreate it with `mealkd precompute`")
-    if version > VERSION:
-        raise UserError(f"{url}: label-store version {version} is newer than this mealkd supports ({VERSION}); upgrade mealkd")
-    return group, attrs
-
-
 class StoreWriter:
     """Writes labels into an existing store, one whole shard at a time.
 
@@ -283,28 +258,31 @@ class StoreWriter:
 
     def __init__(self, url: str):
         self.url = str(url)
-        self._group, self.attrs = _open_group(self.url, read_only=False)
+        self._group, self.attrs = open_group(self.url, read_only=False)
         a = self.attrs
         self.kind, self.k = encoding_from_attr(a["label_encoding"])
         self.crops_per_image = int(a["crops_per_image"])
         self.num_classes = int(a["num_classes"])
         self.images_per_shard = int(a["images_per_shard"])
-        self._done = self._group["done"]
+        self._done = self._member("done")
         self.num_images = int(self._done.shape[0])
         self.num_shards = -(-self.num_images // self.images_per_shard)
         # write_empty_chunks: a done shard has a file in every array it wrote, even an all-False flips
         # block or an all-zero top-1 index block (top-k:1, every crop's top class 0), so a missing file
         # always means damage (LabelStore.missing_chunks)
         every = {"write_empty_chunks": True}
-        self._windows = self._group["windows"].with_config(every)
-        self._flips = self._group["flips"].with_config(every)
+        self._windows = self._member("windows").with_config(every)
+        self._flips = self._member("flips").with_config(every)
         if self.kind == DENSE:
-            self._labels = [self._group["probs"].with_config(every)]
+            self._labels = [self._member("probs").with_config(every)]
         else:
-            self._labels = [self._group["topk_idx"].with_config(every), self._group["topk_val"].with_config(every)]
-            self._fidelity = self._group["fidelity"].with_config(every)
+            self._labels = [self._member("topk_idx").with_config(every), self._member("topk_val").with_config(every)]
+            self._fidelity = self._member("fidelity").with_config(every)
             self._index_dtype = self._labels[0].dtype
-        self._excluded = np.asarray(self._group["excluded"][:], bool)
+        self._excluded = np.asarray(self._member("excluded")[:], bool)
+
+    def _member(self, name: str):
+        return member(self._group, name, self.url, self.attrs)
 
     # ------------------------------------------------------------------ shards
     def shard_range(self, shard: int) -> tuple[int, int]:
@@ -322,27 +300,34 @@ class StoreWriter:
     def done_mask(self) -> np.ndarray:
         return np.asarray(self._done[:], bool)
 
-    def pending_shards(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Shards with any image not done (of those ``s % world_size == rank``, if given)."""
+    def pending_shards(self) -> list[int]:
+        """Shards with any image not done (how they are split over ranks: ``precompute.runner.pending_for_rank``)."""
         done = self.done_mask()
         padded = np.ones(self.num_shards * self.images_per_shard, bool)
         padded[: self.num_images] = done
-        pending = np.nonzero(~padded.reshape(self.num_shards, -1).all(axis=1))[0]
-        return [int(s) for s in pending if s % world_size == rank]
+        return [int(s) for s in np.nonzero(~padded.reshape(self.num_shards, -1).all(axis=1))[0]]
 
     # ------------------------------------------------------------------ writing
-    def _validate(self, shard, windows, flips, probs):
+    def _crops(self, shard: int, windows, flips) -> tuple[np.ndarray, np.ndarray]:
+        """A whole shard's windows (n, R, 4) and flips (n, R), checked; windows as int32."""
         start, stop = self.shard_range(shard)
-        n, r, c = stop - start, self.crops_per_image, self.num_classes
-        windows, flips, probs = np.asarray(windows), np.asarray(flips), np.asarray(probs)
+        n, r = stop - start, self.crops_per_image
+        windows, flips = np.asarray(windows), np.asarray(flips)
         if windows.shape != (n, r, 4) or not np.issubdtype(windows.dtype, np.integer):
             raise ValueError(f"windows must be ({n}, {r}, 4) integer, got {windows.shape} {windows.dtype}")
         if flips.shape != (n, r) or flips.dtype != np.bool_:
             raise ValueError(f"flips must be ({n}, {r}) bool, got {flips.shape} {flips.dtype}")
-        if probs.shape != (n, r, c) or not np.issubdtype(probs.dtype, np.floating):
-            raise ValueError(f"probs must be ({n}, {r}, {c}) float, got {probs.shape} {probs.dtype}")
         if windows.size and (windows.min() < 0 or windows.max() > np.iinfo(np.int32).max):
             raise ValueError("windows must be (y, x, h, w) with 0 <= values < 2**31 (excluded images may be all 0)")
+        return windows.astype(np.int32), flips
+
+    def _validate(self, shard: int, probs) -> np.ndarray:
+        """A whole shard's probability rows (n, R, C), checked, as float32."""
+        start, stop = self.shard_range(shard)
+        n, r, c = stop - start, self.crops_per_image, self.num_classes
+        probs = np.asarray(probs)
+        if probs.shape != (n, r, c) or not np.issubdtype(probs.dtype, np.floating):
+            raise ValueError(f"probs must be ({n}, {r}, {c}) float, got {probs.shape} {probs.dtype}")
         probs = probs.astype(np.float32, copy=False)
         if not np.all(np.isfinite(probs)):
             raise ValueError(f"shard {shard}: probs contain NaN/inf")
@@ -353,29 +338,36 @@ class StoreWriter:
         if np.any(bad):
             i = np.argwhere(bad)[0]
             raise ValueError(f"shard {shard}: probs row (image {start + i[0]}, crop {i[1]}) sums to {sums[tuple(i)]:.6f}, not 1")
-        return start, stop, windows.astype(np.int32), flips, probs
+        return probs
 
     def write_shard(self, shard: int, windows: np.ndarray, flips: np.ndarray, probs: np.ndarray) -> None:
         """Write windows (n,R,4) int32 (y,x,h,w), flips (n,R) bool and probs (n,R,C) float rows
         summing to 1 for the WHOLE shard; then, after those writes returned (and were fsynced on
         local stores), ``done=True`` for the shard's images."""
-        start, stop, windows, flips, probs = self._validate(shard, windows, flips, probs)
+        windows, flips = self._crops(shard, windows, flips)
+        probs = self._validate(shard, probs)
+        if self.kind == DENSE:
+            self._write(shard, windows, flips, [to_f16(probs)], None)
+            return
+        start, stop = self.shard_range(shard)
+        idx, val = encode_topk(probs, self.k, self._index_dtype)
+        keep = ~self._excluded[start:stop]  # unreadable images' placeholder rows don't count
+        self._write(shard, windows, flips, [idx, val], topk_tv(probs[keep], idx[keep], val[keep]))
+
+    def _write(self, shard: int, windows: np.ndarray, flips: np.ndarray, labels: Sequence[np.ndarray],
+               fidelity: tuple[float, float, int] | None) -> None:
+        """The one write of a shard: its old files deleted, windows, flips, labels (and fidelity), their
+        files fsynced, and only then ``done`` for its images."""
+        start, stop = self.shard_range(shard)
         self._clear_shard(shard)
         self._windows[start:stop] = windows
         kill_point("shard-windows")
         self._flips[start:stop] = flips
-        arrays = [self._windows, self._flips, *self._labels]
-        if self.kind == DENSE:
-            self._labels[0][start:stop] = to_f16(probs)
-        else:
-            idx, val = encode_topk(probs, self.k, self._index_dtype)
-            self._labels[0][start:stop] = idx
-            self._labels[1][start:stop] = val
-            keep = ~self._excluded[start:stop]  # unreadable images' placeholder rows don't count
-            total, worst, rows = topk_tv(probs[keep], idx[keep], val[keep])
-            self._fidelity[shard] = np.array([total, worst, rows], np.float64)
-            arrays.append(self._fidelity)
-        self._fsync(arrays, shard)
+        for have, arr in zip(labels, self._labels):
+            arr[start:stop] = have
+        if fidelity is not None:
+            self._fidelity[shard] = np.asarray(fidelity, np.float64)
+        self._fsync(self._shard_arrays(), shard)
         kill_point("shard-before-done")
         self._done[start:stop] = np.ones(stop - start, bool)
         kill_point("shard-done")
@@ -403,10 +395,10 @@ class StoreWriter:
         dirs = set()
         for a in arrays:
             path = root / shard_file_key(a, shard)
-            try:
+            try:  # every array's file is there (write_empty_chunks): one missing is a lost write, not done
                 fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # an all-fill-value chunk is not stored
-                continue
+            except FileNotFoundError:
+                raise OSError(errno.EIO, f"shard {shard}'s file {shard_file_key(a, shard)} is not there right after its write") from None
             try:
                 os.fsync(fd)
             finally:
@@ -424,7 +416,7 @@ class StoreWriter:
         store's ``completed`` record, which no longer holds: first, so that a kill in between leaves no
         incomplete store recorded as completed (the rerun finds the same damage)."""
         if "completed" in self._group.attrs.asdict():
-            self._group.attrs.__delitem__("completed")
+            del self._group.attrs["completed"]
             self.attrs = self._group.attrs.asdict()
         for shard in sorted(shards):
             start, stop = self.shard_range(shard)
@@ -475,32 +467,16 @@ class StoreWriter:
         (``mealkd extend``): a top-k row cannot be re-encoded from its decoded form without changing
         it, and its fidelity cannot be re-measured without the dense row. Same order and crash
         safety as ``write_shard``: data, fsync, then ``done``."""
+        windows, flips = self._crops(shard, windows, flips)
         start, stop = self.shard_range(shard)
         n, r = stop - start, self.crops_per_image
-        windows, flips = np.asarray(windows), np.asarray(flips)
-        if windows.shape != (n, r, 4) or not np.issubdtype(windows.dtype, np.integer):
-            raise ValueError(f"windows must be ({n}, {r}, 4) integer, got {windows.shape} {windows.dtype}")
-        if flips.shape != (n, r) or flips.dtype != np.bool_:
-            raise ValueError(f"flips must be ({n}, {r}) bool, got {flips.shape} {flips.dtype}")
         if len(labels) != len(self._labels):
             raise ValueError(f"expected {len(self._labels)} label array(s) for encoding {self.kind}, got {len(labels)}")
+        labels = [np.asarray(have) for have in labels]
         for have, arr in zip(labels, self._labels):
             want = (n, r, arr.shape[-1])
-            if np.shape(have) != want or np.asarray(have).dtype != arr.dtype:
-                raise ValueError(f"{arr.path} block must be {want} {arr.dtype}, got {np.shape(have)} {np.asarray(have).dtype}")
+            if have.shape != want or have.dtype != arr.dtype:
+                raise ValueError(f"{arr.path} block must be {want} {arr.dtype}, got {have.shape} {have.dtype}")
         if (self.kind == TOPK) != (fidelity is not None):
             raise ValueError("a fidelity row is required for top-k stores and only for them")
-        self._clear_shard(shard)
-        self._windows[start:stop] = windows.astype(np.int32)
-        kill_point("shard-windows")
-        self._flips[start:stop] = flips
-        arrays = [self._windows, self._flips, *self._labels]
-        for have, arr in zip(labels, self._labels):
-            arr[start:stop] = np.asarray(have)
-        if fidelity is not None:
-            self._fidelity[shard] = np.asarray(fidelity, np.float64)
-            arrays.append(self._fidelity)
-        self._fsync(arrays, shard)
-        kill_point("shard-before-done")
-        self._done[start:stop] = np.ones(stop - start, bool)
-        kill_point("shard-done")
+        self._write(shard, windows, flips, labels, fidelity)

@@ -168,6 +168,7 @@ def test_each_shard_file_is_written_once_and_fsynced(tmp_path, monkeypatch):
     each of those files."""
     import os
 
+    import mealkd.storage.schema as schema_module
     import mealkd.storage.writer as writer_module
 
     n, r, c, ips = 40, 6, 10, 16
@@ -176,7 +177,7 @@ def test_each_shard_file_is_written_once_and_fsynced(tmp_path, monkeypatch):
                          targets=np.zeros(n), sizes=np.full((n, 2), 100), crops_per_image=r, num_classes=c,
                          encoding="dense", images_per_shard=ips)
     counting = CountingStore(url)
-    monkeypatch.setattr(writer_module, "zarr_store", lambda u, read_only: counting)
+    monkeypatch.setattr(schema_module, "zarr_store", lambda u, read_only: counting)  # what open_group opens
     fsynced: list[str] = []
     real_open = os.open
 

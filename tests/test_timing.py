@@ -17,11 +17,13 @@ def test_waiting_charges_only_the_wait_for_each_item():
     got = []
     for item in times.waiting(slow_items(4, 0.02), "input"):
         with times.stage("work"):
-            time.sleep(0.06)  # the consumer's own time is not the producer's
+            time.sleep(0.1)  # the consumer's own time is not the producer's
         got.append(item)
     assert got == [0, 1, 2, 3]
-    assert 0.08 <= times.get("input") < 0.2, times.seconds
-    assert 0.24 <= times.get("work") < 0.5, times.seconds
+    # lower bounds from the sleeps; the one upper bound that matters: the work (>= 0.4 s) is not charged to
+    # the input, whose own sleeps are 0.08 s (a loaded CI machine oversleeps; it does not sleep 0.32 s more)
+    assert 0.08 <= times.get("input") < 0.4, times.seconds
+    assert 0.4 <= times.get("work"), times.seconds
     assert times.get("absent") == 0.0
 
 

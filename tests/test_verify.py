@@ -11,6 +11,8 @@ import pytest
 import torch
 import zarr
 
+from mealkd import storage
+from mealkd.errors import UserError
 from tests.datagen import make_jpeg_tree
 from tests.test_reliability_common import assert_same_store, assert_user_error, precompute_args, run, tiny_teacher, tiny_world
 
@@ -104,6 +106,35 @@ def test_zeroed_or_truncated_chunk_is_unreadable(made, tmp_path, capsys, array):
     proc = run(capsys, "verify", str(store))
     assert proc.returncode == 1
     assert rows(proc)["chunks readable"] == "FAIL", proc.stdout
+
+
+@pytest.mark.parametrize("damage", ["targets unreadable", "paths unreadable", "flips missing", "probs missing"])
+def test_damage_no_rerun_mends_is_named_and_repair_keeps_the_labels(made, tmp_path, capsys, damage):
+    """The arrays written once at create time, or a whole array's metadata: a rerun never rewrites them.
+    verify called every shard damaged and --repair marked the whole store not done (a full relabel that
+    still left the store broken); inspect and distill's reader gave a RuntimeError / KeyError traceback."""
+    store = fresh(made, tmp_path)
+    array, how = damage.split()
+    if how == "unreadable":
+        for chunk in (p for p in (store / array / "c").rglob("*") if p.is_file()):
+            chunk.write_bytes(b"\xff" * 7)
+    else:
+        shutil.rmtree(store / array)
+    done_before = np.asarray(zarr.open_group(str(store), mode="r")["done"][:]) if array != "done" else None
+    detail = f"array '{array}'" if how == "missing" else f"{array} unreadable"
+    for argv in (("verify", str(store)), ("verify", str(store), "--repair")):
+        proc = run(capsys, *argv)
+        text = (proc.stdout + proc.stderr).replace("\n", "")
+        assert proc.returncode in (1, 2) and "damaged beyond repair" in text and detail in text, text
+        assert "--repair and rerun" not in text and "marked not done" not in text, text
+    assert np.array_equal(np.asarray(zarr.open_group(str(store), mode="r")["done"][:]), done_before)  # no label thrown away
+    assert "completed" in zarr.open_group(str(store), mode="r").attrs
+    proc = run(capsys, "inspect", str(store))  # a reader of the store: one line, not a traceback
+    assert proc.returncode == 0 or (proc.returncode == 2 and "damaged beyond repair" in proc.stderr
+                                    and len(proc.stderr.strip().splitlines()) == 1), proc.stderr
+    with pytest.raises(UserError, match="damaged beyond repair"):  # what distill reads of it
+        reader = storage.open_store(str(store))
+        reader.paths, reader.targets, reader.slot_crops(0, np.arange(2)), reader.slot_labels(0, np.arange(2))
 
 
 def test_rows_that_are_not_probabilities_fail(made, tmp_path, capsys):
