@@ -109,6 +109,9 @@ def load_torch_file(path: str | os.PathLike, what: str) -> Any:
     import torch
 
     path = Path(path)
+    if path.is_dir():  # a distill run's directory (or a label store) where its checkpoint was meant
+        hint = f"pass its checkpoint, {path / 'checkpoint.pt'}" if (path / "checkpoint.pt").is_file() else "pass a file"
+        raise UserError(f"{what} {path}: a directory, not a checkpoint or weights file; {hint}")
     if not path.is_file():
         raise UserError(f"{what} {path}: file not found; check the path")
     if path.suffix == ".safetensors":

@@ -125,6 +125,10 @@ def evaluate_checkpoint(data: str, checkpoint: str, *, student: str | None = Non
     ids = readable_images(index, backend, console=console, num_threads=num_threads)
     result = evaluate(model, index, class_names, norm, backend, batch_size=batch_size, per_class=per_class, ids=ids, precision=precision,
                       protocol=protocol, num_threads=num_threads)
+    if result["nonfinite"]:
+        fp16 = " (or its fp16 arithmetic overflows: try --precision fp32)" if resolve_precision(precision, backend.device) == "fp16" else ""
+        raise UserError(f"--checkpoint {checkpoint}: the model's outputs are not finite (NaN or inf) on {result['nonfinite']} of "
+                        f"{result['images']} images: its weights are broken, e.g. by a run that diverged{fp16}; evaluate another checkpoint")
     result["unreadable"] = len(index) - len(ids)  # skipped files, not in the denominator
     result["protocol"] = protocol.describe(size)
     result["weights"] = loaded.weights_kind

@@ -11,11 +11,15 @@ Operational flags (``--val``, ``--device``, ``--precision``, ``--deterministic``
 """
 from __future__ import annotations
 
+import math
+import os
+
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mealkd.core.models.spec import INIT_MODES
 from mealkd.core.windows import check_image_size
 from mealkd.distill.discriminator import DEFAULT_D_LR, DEFAULT_D_OPTIMIZER
 from mealkd.distill.optimization import OPTIMIZERS, parse_milestones
@@ -122,8 +126,8 @@ class DistillConfig:
                 raise UserError(f"{flag} {value}: must be >= 1")
         if self.checkpoint_minutes < 0:
             raise UserError(f"--checkpoint-minutes {self.checkpoint_minutes}: must be >= 0 (0: only at the end of each epoch)")
-        if self.lr <= 0:
-            raise UserError(f"--lr {self.lr}: learning rates must be > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):  # NaN fails '> 0' (it was blamed on --min-lr); inf trains to NaN
+            raise UserError(f"--lr {self.lr}: learning rates must be finite numbers > 0")
         parse_d_lr(self.d_lr)
         if self.d_optimizer not in ("adam", "sgd"):
             raise UserError(f"--d-optimizer {self.d_optimizer}: use 'adam' or 'sgd'")
@@ -139,7 +143,10 @@ class DistillConfig:
             raise UserError(f"--min-lr {self.min_lr}: it is where --schedule cos ends; --schedule {self.schedule} drops 10x at its milestones")
         if self.image_size is not None:
             check_image_size(self.image_size)
-        parse_milestones(self.schedule)
+        milestones = parse_milestones(self.schedule)
+        if milestones is not None and (milestones != sorted(set(milestones)) or milestones[-1] >= self.epochs):
+            raise UserError(f"--schedule {self.schedule}: milestones must increase and lie below --epochs {self.epochs} "
+                            "(the epochs at whose start the lr drops 10x; a later one never acts)")
         if self.opt not in OPTIMIZERS:
             raise UserError(f"--opt {self.opt}: choose one of {', '.join(OPTIMIZERS)}")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -199,6 +206,8 @@ def _canonical(name: str, value: Any) -> Any:
         return D_LR_STUDENT if lr is None else lr
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if name == "init" and value not in INIT_MODES:  # a file: the same one written relative or absolute
+        return os.path.abspath(os.path.expanduser(str(value)))
     return value
 
 
@@ -208,25 +217,69 @@ def given_fields(cfg: DistillConfig) -> set[str]:
     return {name for name in TRAINING_FLAGS if _canonical(name, getattr(cfg, name)) != _canonical(name, defaults.get(name))}
 
 
-def resumed_config(cfg: DistillConfig, recorded: dict, explicit: set[str] | None, checkpoint: Path) -> DistillConfig:
+#: the flags that split the global batch (--batch-size x processes x --grad-accum-steps) over a job's processes
+BATCH_SPLIT = ("batch_size", "grad_accum_steps")
+
+
+def split_global_batch(batch: int, accum: int, world: int, new_world: int) -> tuple[int, int] | None:
+    """(--batch-size, --grad-accum-steps) that give ``new_world`` processes the global batch ``batch x world x
+    accum``: the fewest accumulation steps whose per-process batch is whole and no larger than ``batch`` (a
+    process's memory holds it); None if there is none."""
+    images = batch * world * accum
+    for steps in range(1, images // new_world + 1):
+        if images % (new_world * steps) == 0 and images // (new_world * steps) <= batch:
+            return images // (new_world * steps), steps
+    return None
+
+
+def _regrouped(recorded: tuple[int, int], changed: dict[str, int], worlds: tuple[int, int], checkpoint: Path) -> dict[str, int]:
+    """--batch-size and --grad-accum-steps for this job's process count: those given (their product with the
+    processes must be the run's global batch), else :func:`split_global_batch`'s."""
+    (batch, accum), (was, now) = recorded, worlds
+    images = batch * was * accum
+    restart = f"or start a new run from its weights: --init {checkpoint} --out NEW_DIR"
+    split = split_global_batch(batch, accum, was, now)
+    if not changed:
+        if split is None:
+            raise UserError(f"--out {checkpoint.parent}: the run's global batch of {images} (--batch-size {batch} x {was} process(es) x "
+                            f"--grad-accum-steps {accum}) does not split over {now} process(es); resume it with a process count that "
+                            f"divides {images}, {restart}")
+        return {"batch_size": split[0], "grad_accum_steps": split[1]}
+    b, a = changed.get("batch_size", batch), changed.get("grad_accum_steps", accum)
+    if b * now * a != images:
+        hint = f" (e.g. --batch-size {split[0]} --grad-accum-steps {split[1]})" if split else ""
+        raise UserError(f"--batch-size {b} x {now} process(es) x --grad-accum-steps {a} = {b * now * a} images per optimiser step; the run in "
+                        f"{checkpoint.parent} trained with {images} ({batch} x {was} x {accum}): keep that product{hint}, {restart}")
+    return {"batch_size": b, "grad_accum_steps": a}
+
+
+def resumed_config(cfg: DistillConfig, recorded: dict, explicit: set[str] | None, checkpoint: Path,
+                   worlds: tuple[int, int] | None = None) -> DistillConfig:
     """``cfg`` with every training flag set to the recorded run's value.
 
     ``explicit``: the flags the user gave (None: those that differ from the defaults). A given
     flag whose value differs from the recorded one is a UserError naming it and the way to start
-    a new run from the checkpoint instead.
+    a new run from the checkpoint instead. ``worlds``: (the run's process count, this job's) of a run
+    with epochs left: when they differ, the global batch is kept by regrouping it (``_regrouped``).
     """
     given = given_fields(cfg) if explicit is None else set(explicit) & set(TRAINING_FLAGS)
     defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    regroup = worlds is not None and worlds[0] != worlds[1]
     merged: dict[str, Any] = {}
+    changed: dict[str, Any] = {}
     for name, flag in TRAINING_FLAGS.items():
         was = recorded.get(name, LEGACY.get(name, defaults[name]))
         now = getattr(cfg, name)
         if name in given and _canonical(name, now) != _canonical(name, was):
-            raise UserError(
-                f"{flag} {now}: --resume continues the run in {checkpoint.parent} exactly as recorded ({flag} {was}); "
-                f"to train on with other settings, start a new run from its weights: --init {checkpoint} --out NEW_DIR"
-            )
+            if not (regroup and name in BATCH_SPLIT):
+                raise UserError(
+                    f"{flag} {now}: --resume continues the run in {checkpoint.parent} exactly as recorded ({flag} {was}); "
+                    f"to train on with other settings, start a new run from its weights: --init {checkpoint} --out NEW_DIR"
+                )
+            changed[name] = int(now)
         merged[name] = was
+    if regroup:
+        merged.update(_regrouped((int(merged["batch_size"]), int(merged["grad_accum_steps"])), changed, worlds, checkpoint))
     return dataclasses.replace(cfg, **merged)
 
 
@@ -236,5 +289,6 @@ def as_record(cfg: DistillConfig) -> dict:
 
 
 __all__ = [
-    "D_LR_STUDENT", "TRAINING_FLAGS", "DistillConfig", "as_record", "given_fields", "parse_d_lr", "resumed_config",
+    "BATCH_SPLIT", "D_LR_STUDENT", "TRAINING_FLAGS", "DistillConfig", "as_record", "given_fields", "parse_d_lr", "resumed_config",
+    "split_global_batch",
 ]

@@ -102,8 +102,9 @@ def evaluate_models(
     for model in models.values():
         model.eval()
     classes = len(model_classes)
-    # per model, counts stay on the device (no host sync per batch): top-1 and top-5 hits, then per-class hits and totals
-    counts = torch.zeros(len(models), 2 + 2 * classes, dtype=torch.int64, device=backend.device)
+    # per model, counts stay on the device (no host sync per batch): top-1 and top-5 hits, then per-class hits and totals,
+    # then the images whose outputs are not finite (a diverged model's argmax is one class: a plausible chance-level score)
+    counts = torch.zeros(len(models), 3 + 2 * classes, dtype=torch.int64, device=backend.device)
     convert = lambda outs: (to_torch(outs[0], backend.device), to_torch(outs[1], backend.device))  # noqa: E731
     for images, labels in run_batches(pipe, background(feeds), convert):
         inputs = as_model_input(images)
@@ -116,16 +117,17 @@ def evaluate_models(
             counts[row, 0] += hit1.sum()
             counts[row, 1] += (top == labels[:, None]).any(dim=1).sum()
             counts[row, 2 : 2 + classes] += torch.bincount(labels[hit1], minlength=classes)
-            counts[row, 2 + classes :] += torch.bincount(labels, minlength=classes)
+            counts[row, 2 + classes : 2 + 2 * classes] += torch.bincount(labels, minlength=classes)
+            counts[row, -1] += (~torch.isfinite(logits).all(dim=1)).sum()
     if dist.active:
         torch_dist.all_reduce(counts)
     counts = counts.cpu().numpy()
     results = {}
     for row, name in enumerate(models):
         c = counts[row]
-        result = {"top1": int(c[0]) / n, "top5": int(c[1]) / n, "images": n}
+        result = {"top1": int(c[0]) / n, "top5": int(c[1]) / n, "images": n, "nonfinite": int(c[-1])}
         if per_class:
-            hits, totals = c[2 : 2 + classes], c[2 + classes :]
+            hits, totals = c[2 : 2 + classes], c[2 + classes : 2 + 2 * classes]
             result["per_class_top1"] = {model_classes[k]: float(hits[k] / totals[k]) for k in range(classes) if totals[k] > 0}
         results[name] = result
     return results

@@ -165,6 +165,10 @@ def export_checkpoint(checkpoint: str, fmt: str, out: str, *, student: str | Non
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, size, size, generator=generator)
     check_batch = torch.randn(CHECK_BATCH, 3, size, size, generator=generator)
+    with torch.no_grad():
+        if not torch.isfinite(model(check_batch)).all():  # else the export's own check reports "differs by nan" against itself
+            raise UserError(f"CHECKPOINT {checkpoint}: the model's outputs are not finite (NaN or inf) on a random batch: its weights "
+                            "are broken, e.g. by a run that diverged; export another checkpoint")
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     exporter = None

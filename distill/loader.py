@@ -54,6 +54,17 @@ class EpochData:
     flips: np.ndarray  # (n, K) bool
 
 
+def batch_bounds(n: int, batch_size: int, crops_per_step: int) -> list[tuple[int, int]]:
+    """A rank's batches of an epoch: [start, stop) ranges over its ``n`` images. When the remainder would be a
+    batch of ONE crop (train-mode BatchNorm cannot normalise a single sample), the last two batches are split
+    as (batch_size - 1, 2) instead, so nothing is dropped."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and batch_size > 2 and (n - bounds[-1][0]) * crops_per_step == 1:
+        (a, _), (_, stop) = bounds[-2], bounds[-1]
+        bounds[-2:] = [(a, stop - 2), (stop - 2, stop)]
+    return bounds
+
+
 class ReplayLoader:
     def __init__(
         self,
@@ -117,14 +128,7 @@ class ReplayLoader:
         return -(-len(self.usable) // self.dist.world_size)
 
     def _bounds(self, n: int) -> list[tuple[int, int]]:
-        """Batch [start, stop) ranges covering all n images. When the remainder would be a batch of ONE
-        crop (train-mode BatchNorm cannot normalise a single sample), the last two batches are split
-        as (batch_size - 1, 2) instead, so nothing is dropped."""
-        bounds = [(start, min(start + self.batch_size, n)) for start in range(0, n, self.batch_size)]
-        if len(bounds) > 1 and self.batch_size > 2 and (n - bounds[-1][0]) * self.crops_per_step == 1:
-            (a, _), (_, stop) = bounds[-2], bounds[-1]
-            bounds[-2:] = [(a, stop - 2), (stop - 2, stop)]
-        return bounds
+        return batch_bounds(n, self.batch_size, self.crops_per_step)
 
     def steps_per_epoch(self) -> int:
         return len(self._bounds(self.images_per_rank))  # no need to draw an epoch's permutation for a count

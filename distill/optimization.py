@@ -61,6 +61,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, steps_per_epoch: int, ep
     )
 
 
+def restart_schedule_at(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a restored per-step schedule at optimiser step ``step`` of its own plan, with each group's lr at that
+    step's value (a run resumed by another process count may have another number of steps per epoch)."""
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(step)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, norm_bias_weight_decay: float | None) -> list[dict]:
     """The student's parameters for the optimiser: ``weight_decay`` on weight matrices and kernels, and
     ``norm_bias_weight_decay`` on 1-D parameters (normalisation weights and every bias), as timm does by

@@ -20,6 +20,7 @@ checkpoint holds.
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -45,10 +46,10 @@ from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
 from mealkd.distill.checkpoint_eval import init_from_ema
 from mealkd.distill.evaluate import EvalProtocol, class_mapping, evaluate_models, readable_images
-from mealkd.distill.loader import Batch, ReplayLoader
+from mealkd.distill.loader import Batch, ReplayLoader, batch_bounds
 from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreement
 from mealkd.distill.mixing import MixPolicy, mix
-from mealkd.distill.optimization import make_optimizer, make_scheduler, param_groups
+from mealkd.distill.optimization import make_optimizer, make_scheduler, param_groups, restart_schedule_at
 from mealkd.distill.preemption import GracefulStop
 from mealkd.distill.run_log import CONFIG_NAME, METRICS_NAME, RunLog, d_text
 from mealkd.errors import StopRequested, UserError
@@ -68,16 +69,28 @@ class Trainer:
         from the defaults); with ``--resume`` they must agree with the recorded run."""
         self.console = console or make_console()
         self.run_dir = Path(cfg.out).expanduser()
-        self.resume_from = self._resume_checkpoint(cfg)
-        if self.resume_from is not None:
-            cfg = resumed_config(cfg, self.resume_from.get("config") or {}, explicit, self.checkpoint_path)
-        cfg.validate()
+        worlds = None
+        try:  # refusals of the flags and the checkpoint: every rank finds the same, rank 0 prints it
+            self.resume_from = self._resume_checkpoint(cfg)
+            if self.resume_from is not None:
+                worlds = self._worlds()
+                recorded = dict(self.resume_from.get("config") or {})
+                if recorded.get("image_size") is None:  # the student's own size: the one it trained at, which a resume may state
+                    recorded["image_size"] = (self.resume_from.get("norm") or {}).get("size")
+                cfg = resumed_config(cfg, recorded, explicit, self.checkpoint_path, worlds=worlds)
+            cfg.validate()
+        except UserError as err:
+            raise UserError(str(err), echoed=err.echoed or env_rank() != 0) from None
         self.cfg = cfg
         self.backend = resolve_backend(cfg.device)
         if cfg.sync_bn and env_world_size() > 1 and not self.backend.is_cuda:  # SyncBatchNorm synchronises CUDA tensors only
             raise UserError(f"--sync-bn: synchronises BatchNorm over GPUs; this job of {env_world_size()} processes runs on "
                             f"{self.backend.device.type} (--device {cfg.device}): drop --sync-bn or run on GPUs", echoed=env_rank() != 0)
         self.dist: Dist = init_distributed(self.backend.device)
+        if worlds is not None and worlds[0] != worlds[1] and self.dist.is_main:
+            self.console.print(f"distill: resumed by {worlds[1]} process(es) (the run: {worlds[0]}): --batch-size {cfg.batch_size} x "
+                               f"--grad-accum-steps {cfg.grad_accum_steps} keeps its global batch of "
+                               f"{cfg.batch_size * worlds[1] * cfg.grad_accum_steps}", soft_wrap=True, highlight=False, markup=False)
         try:
             self._open_data(cfg)
             self._build_student(cfg)
@@ -113,7 +126,6 @@ class Trainer:
         self.store = storage.open_store(cfg.labels, fingerprint=self.index.fingerprint, class_names=self.index.class_names,
                                         dataset_paths=self.index.paths, data=cfg.data)
         self._check_store_identity()
-        self._check_world_size()
         self._check_decoder()
         self.class_names = self.store.class_names
         self.temperature = self.store.temperature
@@ -230,20 +242,17 @@ class Trainer:
                 f"run from the checkpoint: --init {self.checkpoint_path} --out NEW_DIR"
             )
 
-    def _check_world_size(self) -> None:
-        """A resumed run keeps its number of processes: --batch-size is per process, so another count is another
-        global batch (the lr is set for it) and another number of steps per epoch (the schedule counts steps),
-        and a checkpoint inside an epoch holds each process's share of that epoch."""
+    def _worlds(self) -> tuple[int, int] | None:
+        """(the resumed run's process count, this job's) when the run has epochs left to train; None otherwise
+        (a finished run trains nothing, whatever the count). --batch-size is per process, so another count
+        regroups the global batch (``config.resumed_config``), and a checkpoint inside an epoch is continued
+        from the same image of the epoch (``_regrouped_position``)."""
         ckpt = self.resume_from
-        recorded = (ckpt or {}).get("run_info", {}).get("world_size")
-        if recorded is None or int(recorded) == self.dist.world_size:
-            return
-        raise UserError(
-            f"--out {self.run_dir}: the run was trained by {recorded} process(es) (global batch {self.cfg.batch_size} x {recorded}"
-            f"{f' x {self.cfg.grad_accum_steps} accumulated' if self.cfg.grad_accum_steps > 1 else ''}); "
-            f"resume it with {recorded} process(es) (--nproc_per_node x nodes), not {self.dist.world_size}, or start a new run from its "
-            f"weights: --init {self.checkpoint_path} --out NEW_DIR (scale --lr with the global batch)"
-        )
+        recorded = (ckpt.get("run_info") or {}).get("world_size")
+        epochs = int((ckpt.get("config") or {}).get("epochs") or 0)
+        if recorded is None or int(ckpt.get("epoch") or 0) >= epochs:
+            return None
+        return int(recorded), env_world_size()
 
     def _check_decoder(self) -> None:
         """The student must see the pixels the teachers saw: refuse another decoder backend (CPU vs nvJPEG
@@ -301,8 +310,37 @@ class Trainer:
             self.ema.n_averaged.fill_(int(ckpt["ema_updates"]))
         self.best = dict(ckpt.get("best") or self.best)
         self.pending_record = ckpt.get("pending_record")
-        step, ranks = int(ckpt.get("epoch_step") or 0), ckpt.get("ranks")
-        return int(ckpt["epoch"]), step, (ranks[self.dist.rank] if step else None)
+        epoch, step, ranks = int(ckpt["epoch"]), int(ckpt.get("epoch_step") or 0), ckpt.get("ranks")
+        world = (ckpt.get("run_info") or {}).get("world_size")
+        if world is None or int(world) == self.dist.world_size:
+            return epoch, step, (ranks[self.dist.rank] if step else None)
+        # another process count (the global batch regrouped): the same optimiser step, the same image of the epoch
+        done = epoch * self.optimizer_steps_per_epoch
+        if step:
+            step, state = self._regrouped_position(step, ranks, ckpt.get("config") or {})
+            done += step // self.accum
+        else:
+            state = None
+        restart_schedule_at(self.scheduler, done)
+        return epoch, step, state
+
+    def _regrouped_position(self, step: int, ranks: list[dict], recorded: dict) -> tuple[int, dict]:
+        """A checkpoint saved after ``step`` batches of an epoch by ``len(ranks)`` processes of ``recorded``'s
+        batch: the batch of this job's plan that starts at the same image of the epoch (its images are the same:
+        the job's global batches are consecutive runs of the epoch's order), and the epoch's sums so far, all on
+        rank 0 (they are summed over the ranks). The dropout masks from there on are this job's own draws."""
+        world, batch = len(ranks), int(recorded["batch_size"])
+        per_rank = -(-len(self.loader.usable) // world)
+        images = batch_bounds(per_rank, batch, self.cfg.crops_per_step)[step - 1][1] * world
+        starts = [0] + [stop * self.dist.world_size for _, stop in batch_bounds(self.loader.images_per_rank, self.cfg.batch_size,
+                                                                             self.cfg.crops_per_step)]
+        saved = [r["sums"] for r in ranks]
+        if images not in starts or starts.index(images) % self.accum or any(s.numel() != len(SUMS) + 1 for s in saved):
+            raise UserError(f"--out {self.run_dir}: the run stopped inside an epoch at a point {self.dist.world_size} process(es) cannot "
+                            f"continue from exactly; resume it with {world} process(es), or start a new run from its weights: "
+                            f"--init {self.checkpoint_path} --out NEW_DIR", echoed=not self.dist.is_main)
+        sums = torch.stack([s.to(torch.float64) for s in saved]).sum(0) if self.dist.is_main else torch.zeros(len(SUMS) + 1, dtype=torch.float64)
+        return starts.index(images), {"sums": sums, "rng_cpu": None, "rng_cuda": None}
 
     @property
     def run_info(self) -> dict:
@@ -433,6 +471,18 @@ class Trainer:
             torch_dist.all_reduce(job)
         return dict(zip(SUMS, (job[:-1] / job[-1].clamp(min=1)).tolist()))
 
+    def _check_finite(self, means: dict[str, float], epoch: int, step: int, lr: float) -> dict[str, float]:
+        """``means``, unless the loss is NaN or infinite: the weights are then broken (without fp16's scaler, the
+        optimiser applied that gradient), so the run stops with one line before anything is saved or validated
+        (every rank: the means are the job's). timm and DeiT stop the same way."""
+        if math.isfinite(means["loss"]):
+            return means
+        kept = (f"{self.checkpoint_path} still holds the last good point" if self.checkpoint_path.exists() else "nothing was saved")
+        raise UserError(
+            f"distill: training diverged: the loss is {means['loss']} by step {step} of epoch {epoch + 1} (lr {lr:.4g}); {kept}. "
+            f"Lower --lr (or set --clip-grad) and start again, or from the last good point: --init {self.checkpoint_path} --out NEW_DIR",
+            echoed=not self.dist.is_main)
+
     def _resumed_sums(self, saved: torch.Tensor, start_step: int) -> torch.Tensor:
         """The running sums a checkpoint saved inside an epoch; one written before the sums were weighted by
         crops (one entry per SUMS name) is converted with this rank's mean batch so far."""
@@ -451,7 +501,8 @@ class Trainer:
         torch.manual_seed(seed_for(self.cfg.seed, self.dist.rank, epoch))
         sums = torch.zeros(len(SUMS) + 1, dtype=torch.float64, device=self.device)  # SUMS x crops, then crops; on the device: no per-step host sync
         if state is not None:  # continue the epoch where it stopped: the same draws from here on, the same sums
-            torch.set_rng_state(state["rng_cpu"])
+            if state.get("rng_cpu") is not None:  # None: saved by another process count, whose draws do not map
+                torch.set_rng_state(state["rng_cpu"])
             if self.backend.is_cuda and state.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(state["rng_cuda"], self.device)
             sums += self._resumed_sums(state["sums"], start_step)
@@ -466,14 +517,20 @@ class Trainer:
                 raise RuntimeError(f"batch {steps} holds {batch.images.shape[0]} crops, the loader planned {self.batch_crops[steps]}")
             lr, d_lr = self._lrs()  # what this step trains with (its optimiser step then moves the schedule on)
             n = batch.images.shape[0]
-            sums[:-1] += self.train_step(batch, weight=weight, first=first, last=last) * n
-            sums[-1] += n  # a scalar on the device's tensor: no host-to-device copy per step
+            values = self.train_step(batch, weight=weight, first=first, last=last)
+            if self.scaler.is_enabled():  # fp16: the scaler skips a step whose gradients overflowed; its batch stays out of the means
+                finite = torch.isfinite(values).all()
+                sums[:-1] += torch.where(finite, values * n, 0.0)
+                sums[-1] += finite * n
+            else:  # a non-finite loss has reached the weights: _check_finite stops the run at the next look at the means
+                sums[:-1] += values * n
+                sums[-1] += n  # a scalar on the device's tensor: no host-to-device copy per step
             kill_point("distill-step")
             steps += 1
             crops += n
             refresh = self.log.wants_means(steps, steps_total)
             scalars_due = scalars_due or refresh  # TensorBoard's x is the optimiser step: its point waits for the step's last batch
-            means = self._job_means(sums) if refresh or (scalars_due and last) else None
+            means = self._check_finite(self._job_means(sums), epoch, steps, lr) if refresh or (scalars_due and last) else None
             if scalars_due and last:
                 self.log.scalars(means, lr, int(self.scheduler.last_epoch))
                 scalars_due = False
@@ -482,11 +539,12 @@ class Trainer:
                 continue
             decision = stop.after_step() if stop is not None else None
             if decision is not None and (decision.stop or decision.save) and steps < steps_total:
+                self._check_finite(self._job_means(sums), epoch, steps, lr)  # never save diverged weights over good ones
                 self._save_inside_epoch(epoch, steps, sums)
                 if decision.stop:
                     raise self._stopped(stop, f"step {steps}/{steps_total} of epoch {epoch + 1}", "that point", "continue from the next step")
         elapsed = time.perf_counter() - started
-        means = self._job_means(sums)  # the epoch's global means, not rank 0's shard
+        means = self._check_finite(self._job_means(sums), epoch, steps, lr)  # the epoch's global means, not rank 0's shard
         record = {
             "epoch": epoch + 1,
             "loss": means["loss"],

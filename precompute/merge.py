@@ -121,7 +121,7 @@ def _check_compatible(stores: list[LabelStore], console: Console) -> None:
     for s in stores[1:]:
         diff = _differences(first, s)
         if diff:
-            raise UserError(f"STORES: {s.url} has {diff} than {first.url}; merge only stores of the same dataset and crops")
+            raise UserError(f"STORES: {s.url} differs from {first.url}: {diff}; merge only stores of the same dataset and crops")
     for name in ("excluded", "sizes"):
         for s in stores[1:]:
             if not np.array_equal(getattr(s, name), getattr(first, name)):

@@ -82,7 +82,10 @@ def test_norm_and_bias_parameters_skip_weight_decay_and_cosine_ends_at_min_lr(re
     resumed = resumed_config(config(recipe, tmp_path / "old", resume=True), recorded, set(), Path(tmp_path / "old" / "checkpoint.pt"))
     assert (resumed.norm_bias_weight_decay, resumed.min_lr, resumed.weight_decay) == (None, 0.0, 0.05)
     for bad, needle in ((dict(min_lr=0.5, lr=0.1), "--min-lr 0.5"), (dict(min_lr=1e-4, schedule="step:1"), "--schedule step:1"),
-                        (dict(norm_bias_weight_decay=-1.0), "--norm-bias-weight-decay -1.0")):
+                        (dict(norm_bias_weight_decay=-1.0), "--norm-bias-weight-decay -1.0"),
+                        (dict(lr=float("nan")), "--lr nan: learning rates must be finite"), (dict(lr=float("inf")), "--lr inf"),
+                        (dict(schedule="step:2,1"), "--schedule step:2,1: milestones must increase"),
+                        (dict(schedule="step:1,9"), "--schedule step:1,9: milestones must increase and lie below --epochs")):
         with pytest.raises(UserError, match=re.escape(needle)):
             config(recipe, tmp_path / "bad", **bad).validate()
 
@@ -468,3 +471,45 @@ def test_a_checkpoint_saved_inside_an_epoch_before_per_crop_means_resumes(recipe
         assert torch.equal(trainer._resumed_sums(current, 2), current)  # today's format is taken as saved
     finally:
         trainer.close()
+
+
+def test_a_resume_by_another_process_count_keeps_the_global_batch():
+    """--batch-size is per process: a run requeued on another number of processes regroups its global batch
+    (the fewest accumulation steps whose per-process batch fits the recorded one), or takes the user's
+    --batch-size/--grad-accum-steps if their product is the run's; other training flags stay refused."""
+    from pathlib import Path
+
+    from mealkd.distill.config import DistillConfig, resumed_config, split_global_batch
+
+    assert split_global_batch(64, 1, 8, 4) == (64, 2)    # 8 GPUs -> 4: the same memory per process, 2 accumulated
+    assert split_global_batch(64, 1, 4, 8) == (32, 1)    # 4 -> 8: half the batch per process
+    assert split_global_batch(64, 2, 4, 8) == (64, 1)    # accumulation given back first
+    assert split_global_batch(48, 1, 2, 3) == (32, 1)
+    assert split_global_batch(4, 1, 2, 3) is None        # 8 images over 3 processes
+    ckpt = Path("/runs/a/checkpoint.pt")
+    base = dict(labels="s", data="d", student="torchvision:resnet18", init="scratch", out="/runs/a")
+    recorded = {"batch_size": 64, "grad_accum_steps": 1, "lr": 0.1, "student": "torchvision:resnet18", "init": "scratch"}
+    cfg = resumed_config(DistillConfig(**base, batch_size=64, lr=0.1), recorded, {"batch_size", "lr"}, ckpt, worlds=(8, 4))
+    assert (cfg.batch_size, cfg.grad_accum_steps) == (64, 2)
+    cfg = resumed_config(DistillConfig(**base, batch_size=32, grad_accum_steps=4), recorded, {"batch_size", "grad_accum_steps"}, ckpt, worlds=(8, 4))
+    assert (cfg.batch_size, cfg.grad_accum_steps) == (32, 4)
+    with pytest.raises(UserError, match=r"^--batch-size 32 x 4 process\(es\) x --grad-accum-steps 1 = 128 images per optimiser step; "
+                                        r"the run in /runs/a trained with 512 \(64 x 8 x 1\): keep that product \(e.g. --batch-size 64 --grad-accum-steps 2\)"):
+        resumed_config(DistillConfig(**base, batch_size=32), recorded, {"batch_size"}, ckpt, worlds=(8, 4))
+    with pytest.raises(UserError, match=r"^--batch-size 32: --resume continues the run in /runs/a exactly as recorded"):
+        resumed_config(DistillConfig(**base, batch_size=32), recorded, {"batch_size"}, ckpt, worlds=(8, 8))  # same count: as before
+    with pytest.raises(UserError, match=r"^--lr 0.2: --resume continues"):
+        resumed_config(DistillConfig(**base, lr=0.2), recorded, {"lr"}, ckpt, worlds=(8, 4))
+    with pytest.raises(UserError, match=r"global batch of 512 .* does not split over 7 process\(es\); resume it with a process count that divides 512"):
+        resumed_config(DistillConfig(**base), recorded, set(), ckpt, worlds=(8, 7))
+
+
+def test_a_diverged_run_stops_in_one_line_and_saves_nothing(recipe, tmp_path, capsys):
+    """A loss gone NaN/inf (lr far too high; a user review's exported student with huge logits) trained on and
+    saved NaN weights with exit 0, which evaluate then scored at chance and export blamed on itself."""
+    from tests.test_recipe import assert_one_line_error
+
+    out = tmp_path / "run"
+    code, _, err = run_main(cli_args(recipe, out, "--lr", "1e30", "--discriminator", "off", init="scratch", epochs=2), capsys)
+    assert_one_line_error(code, err, "distill: training diverged: the loss is", "of epoch 1", "nothing was saved", "Lower --lr")
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()

@@ -419,8 +419,9 @@ def test_checkpoint_minutes_saves_inside_epochs_and_a_kill_then_resumes_exactly(
 
 def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_path):
     """Under torchrun (2 ranks, gloo) Ctrl-C reaches only rank 1 here: both ranks agree to stop after the
-    same step (one step later), nothing hangs, the checkpoint holds both ranks' RNG states, a resume
-    with another process count is refused with one line, and a 2-rank resume equals an uninterrupted
+    same step (one step later), nothing hangs, the checkpoint holds both ranks' RNG states, a resume by
+    3 processes, over which the global batch does not split, is refused in one line (once, not per rank; a
+    resume by 1 process: test_ddp_two_ranks_match_one_process), and a 2-rank resume equals an uninterrupted
     2-rank run bit for bit (with a checkpoint inside the epoch after every step, agreed the same way)."""
     def launch(out: Path, *extra: str, env=ENV, nproc: int = 2) -> subprocess.CompletedProcess:
         args = distill_args(world, out, *extra, epochs=2)
@@ -438,9 +439,10 @@ def test_stop_signal_on_one_rank_stops_every_rank_at_the_same_step(world, tmp_pa
     assert (ckpt["epoch"], ckpt["epoch_step"], len(ckpt["ranks"])) == (0, 2, 2)
     assert not torch.equal(ckpt["ranks"][0]["rng_cpu"], ckpt["ranks"][1]["rng_cpu"])  # per-rank streams
 
-    alone = launch(out, "--resume", nproc=1)
-    last = alone.stderr.strip().splitlines()[-1]
-    assert alone.returncode == 2 and "trained by 2 process(es)" in last and "resume it with 2 process(es)" in last and "--init" in last, alone.stderr
+    three = launch(out, "--resume", nproc=3)  # 2 x 4 images per step do not split over 3 processes: refused once, not per rank
+    errors = [line for line in three.stderr.splitlines() if line.startswith("error:")]
+    assert three.returncode != 0 and len(errors) == 1, three.stderr
+    assert "global batch of 8 (--batch-size 4 x 2 process(es) x --grad-accum-steps 1) does not split over 3 process(es)" in errors[0], errors
     resumed = launch(out, "--resume", *every_step)
     assert resumed.returncode == 0, resumed.stderr
     _, err = straight.communicate(timeout=300)
@@ -572,7 +574,8 @@ def test_ddp_two_ranks_match_one_process(world, tmp_path):
     the validation accuracy, which the two ranks compute on halves of the images, must be the same.
     The two replicas must be bit-identical (DDP broadcasts the initial weights and averages grads).
     A third run, 2 ranks x batch 2 x --grad-accum-steps 2, makes the same optimiser steps (DDP reduces
-    only at each group's last batch, under no_sync before it) and must match the same way."""
+    only at each group's last batch, under no_sync before it) and must match the same way. A fourth, 2 ranks
+    x batch 4 stopped inside epoch 1 and resumed by one process, must too."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     args = lambda out, bs: distill_args(world, out, "--val", str(world["val"]), student=str(world["tiny"]), init="pretrained", epochs=2, batch_size=bs)  # noqa: E731
@@ -589,6 +592,20 @@ def test_ddp_two_ranks_match_one_process(world, tmp_path):
     proc = subprocess.run([*torchrun, *args(accum, 2), "--grad-accum-steps", "2"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                           text=True, env=ENV, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    # requeued on fewer processes: 2 ranks x batch 4 stopped inside epoch 1, resumed by 1 process, which keeps the
+    # global batch of 8 as batch 4 x --grad-accum-steps 2 and continues at the same image of the epoch (it was refused)
+    moved = tmp_path / "moved"
+    proc = subprocess.run([*torchrun, *args(moved, 4)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO, timeout=300,
+                          env=dict(ENV, MEALKD_TEST_KILL_AT="distill-step:1:TERM"))
+    assert proc.returncode != 0 and "stopped by SIGTERM after step 2/3 of epoch 1" in proc.stderr, proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args(moved, 4), "--resume"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed by 1 process(es) (the run: 2): --batch-size 4 x --grad-accum-steps 2 keeps its global batch of 8" in proc.stderr, proc.stderr
+    ckpt_moved = load_ckpt(moved / "checkpoint.pt")
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args(two, 4), "--resume"], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and "has trained all its epochs already; nothing to do" in proc.stdout + proc.stderr, proc.stderr  # was refused
+    assert (ckpt_moved["config"]["batch_size"], ckpt_moved["config"]["grad_accum_steps"], ckpt_moved["run_info"]["world_size"]) == (4, 2, 1)
 
     replicas = [torch.load(two / f"replica{r}.pt", weights_only=False) for r in range(2)]
     assert_same_tensors(replicas[0], replicas[1], "replicas")
@@ -607,11 +624,17 @@ def test_ddp_two_ranks_match_one_process(world, tmp_path):
         torch.testing.assert_close(accum_replicas[0]["model"][name], value, rtol=1e-5, atol=1e-6, msg=f"accumulated {name}")
     for name, value in ckpt_one["discriminator"].items():
         torch.testing.assert_close(accum_replicas[0]["disc"][name], value, rtol=1e-5, atol=1e-6, msg=f"accumulated {name}")
-    logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
-    assert [r["epoch"] for r in logs[1]] == [1, 2]
-    for r1, r2 in zip(*logs):
+    for name, value in ckpt_one["model"].items():
+        torch.testing.assert_close(ckpt_moved["model"][name], value, rtol=1e-5, atol=1e-6, msg=f"moved {name}")
+    for name, value in ckpt_one["discriminator"].items():
+        torch.testing.assert_close(ckpt_moved["discriminator"][name], value, rtol=1e-5, atol=1e-6, msg=f"moved {name}")
+    assert ckpt_moved["scheduler"]["last_epoch"] == ckpt_one["scheduler"]["last_epoch"] == 6
+    logs = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two, moved)]
+    assert [r["epoch"] for r in logs[1]] == [r["epoch"] for r in logs[2]] == [1, 2]
+    for r1, r2, r3 in zip(*logs):
         for key in ("loss", "d_loss", "teacher_agreement"):
             assert r2[key] == pytest.approx(r1[key], rel=1e-5), (key, r1, r2)
+            assert r3[key] == pytest.approx(r1[key], rel=1e-5), (key, r1, r3)  # epoch 1's sums: both ranks' share, then this process's
         # --val sharded over the two ranks (5 + 4 of the 9 images, counts summed): the same accuracy
         assert (r2["val_top1"], r2["val_top5"]) == (r1["val_top1"], r1["val_top5"]), (r1, r2)
 

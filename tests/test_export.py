@@ -170,6 +170,9 @@ def test_bad_input_is_one_line_exit_2(trained, capsys, tmp_path):
     assert_user_error(run(capsys, "export", str(tmp_path / "nope.pt"), "--format", "pt2", "--out", str(tmp_path / "m.pt2")),
                       "nope.pt", "not found")
     assert_user_error(run(capsys, "export", ckpt, "--format", "pt2", "--out", str(tmp_path)), "--out", "directory")
+    run_dir = str(trained["checkpoint"].parent)  # the run where its checkpoint was meant: it said 'file not found'
+    assert_user_error(run(capsys, "export", run_dir, "--format", "pt2", "--out", str(tmp_path / "m.pt2")),
+                      f"{run_dir}: a directory, not a checkpoint or weights file; pass its checkpoint, {trained['checkpoint']}")
     # a missing optional package, in a real interpreter where importing it fails (as when it is not installed)
     code = ("import sys; sys.modules['safetensors'] = None; import cli; "
             f"cli.main(['export', {ckpt!r}, '--format', 'safetensors', '--out', {str(tmp_path / 'm.safetensors')!r}])")
@@ -237,3 +240,17 @@ def test_pt2_student_distils_and_evaluates(trained, tmp_path, capsys):
 
     result = evaluate_checkpoint(str(trained["data"]), str(tmp_path / "run" / "checkpoint.pt"), device="cpu")
     assert result["images"] == CLASSES * 4 and 0 <= result["top1"] <= result["top5"] <= 1
+
+
+def test_a_checkpoint_with_broken_weights_is_named_by_evaluate_and_export(trained, capsys, tmp_path):
+    """NaN weights (a run that diverged, before distill stopped such runs): evaluate printed a chance-level top-1
+    (every argmax one class) and export failed 'differs from the checkpoint's model by nan', exit 1."""
+    ckpt = dict(trained["ckpt"])
+    ckpt["model"] = {k: (torch.full_like(v, float("nan")) if k == "classifier.3.weight" else v) for k, v in ckpt["model"].items()}
+    broken = tmp_path / "broken.pt"
+    torch.save(ckpt, broken)
+    got = run(capsys, "evaluate", "--data", str(trained["data"]), "--checkpoint", str(broken), "--device", "cpu")
+    assert_user_error(got, f"--checkpoint {broken}: the model's outputs are not finite (NaN or inf) on 12 of 12 images", "diverged")
+    got = run(capsys, "export", str(broken), "--format", "state-dict", "--out", str(tmp_path / "m.pth"))
+    assert_user_error(got, f"CHECKPOINT {broken}: the model's outputs are not finite", "export another checkpoint")
+    assert not (tmp_path / "m.pth").exists()

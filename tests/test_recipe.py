@@ -368,3 +368,19 @@ def test_gpu_replay_uses_the_stage_one_chain_for_every_k():
     assert decodes_window_only("cpu", 1)
     assert not any(decodes_window_only("cpu", k) for k in (2, 3))
     assert not any(decodes_window_only("mixed", k) for k in (1, 2, 3))
+
+
+def test_resume_accepts_what_the_run_recorded_written_another_way(recipe, one_epoch_run, tmp_path, capsys):
+    """A job script that spells the recorded values out: the --init file as an absolute path (recorded relative,
+    or the reverse) and --image-size of a run that left it to the student (recorded as None) were refused."""
+    import os
+
+    out = copy_run(one_epoch_run["out"], tmp_path / "run")
+    init = json.loads((out / "config.json").read_text())["config"]["init"]
+    size = torch.load(out / "checkpoint.pt", weights_only=False)["norm"]["size"]
+    other = os.path.relpath(init) if os.path.isabs(init) else os.path.abspath(init)
+    code, _, err = run_main(cli_args(recipe, out, "--resume", "--init", other, "--image-size", str(size), epochs=None), capsys)
+    assert code == 0, err
+    code, _, err = run_main(cli_args(recipe, copy_run(one_epoch_run["out"], tmp_path / "run2"), "--resume", "--image-size", str(size + 8),
+                                     epochs=None), capsys)
+    assert_one_line_error(code, err, f"--image-size {size + 8}", f"(--image-size {size})")
