@@ -96,7 +96,7 @@ def distill(**kwargs) -> None:
         make_console().print(f"[green]distill[/]: {span} finished by this run; checkpoint in {escape(str(kwargs['out']))}", soft_wrap=True)
     else:
         make_console().print(f"[green]distill[/]: the run in {kwargs['out']} has trained all its epochs already; nothing to do "
-                                   f"(to train on, start a new run from it: --init {kwargs['out']}/checkpoint.pt --out NEW_DIR)", soft_wrap=True)
+                                   f"(to train on, start a new run from it: --init {Path(kwargs['out']) / 'checkpoint.pt'} --out NEW_DIR)", soft_wrap=True)
 
 
 @click.command()

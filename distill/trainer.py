@@ -725,7 +725,7 @@ class Trainer:
         start = f"resumed at epoch {self.start_epoch + 1}" + (f" step {self.start_step}" if self.start_step else "") if self.resume_from else f"--init {cfg.init}" + (" (its EMA weights)" if self.init_weights == "ema" else "")
         return (f"distill: {cfg.student} ({start}) on {len(self.loader.usable):,} images, {cfg.crops_per_step} stored "
                 f"crop{'s' if cfg.crops_per_step > 1 else ''} per image per step at {self.norm.size} px, store T={self.temperature:g}; {batch} = global batch {cfg.batch_size * world * accum:,}, "
-                f"{self.optimizer_steps_per_epoch:,} optimiser steps per epoch"
+                f"{self.optimizer_steps_per_epoch:,} optimiser step{'s' if self.optimizer_steps_per_epoch != 1 else ''} per epoch"
                 + (f" ({len(self.batch_crops):,} batches per process, which the progress counts)" if accum > 1 else "") + f", lr {cfg.lr:g} ({cfg.opt}, {cfg.schedule}); "
                 f"{self.device} {self.precision}, {dali_threads(cfg.num_threads, self.backend)} DALI threads")
 

@@ -56,6 +56,14 @@ def refuse_other_dataset(store: "LabelStore", fingerprint: str, dataset_paths: S
     if have == fingerprint:
         return
     detail = "" if dataset_paths is None else f": {dataset_difference(store.paths, dataset_paths)}"
+    if dataset_paths is not None:
+        gone = set(store.paths) - set(dataset_paths)
+        excluded = {store.paths[i] for i in np.flatnonzero(store.excluded)}
+        if gone and gone <= excluded and set(dataset_paths) <= set(store.paths):
+            raise UserError(
+                f"{f'--data {data}' if data else 'the dataset'}: {len(gone):,} file(s) that {store.url} excluded as unreadable are gone "
+                f"(e.g. {sorted(gone)[0]!r}); the store's image ids count them, so put them back unchanged (their content is never "
+                f"read), or rerun `mealkd precompute` on the tree as it is now")
     raise UserError(
         f"{f'--data {data}' if data else 'the dataset'}: not the dataset {store.url} was made from (fingerprint "
         f"{str(fingerprint)[:12]} here, {str(have)[:12]} in the store: files added, removed or changed since precompute{detail}); "

@@ -99,6 +99,10 @@ def test_skip_bad_excludes_exactly_the_bad_files_and_distill_skips_them(env, tmp
     assert run(capsys, "verify", str(out)).returncode == 0
     proc = run(capsys, *distill_args(out, data, tmp_path / "run", "--epochs", "1"))
     assert proc.returncode == 0, proc.stderr
+    for name in BAD_FILES:  # the user's natural clean-up: it read as any other changed tree (put back the junk or recompute)
+        (data / "class_2" / name).unlink()
+    proc = run(capsys, *distill_args(out, data, tmp_path / "run2", "--epochs", "1"))
+    assert_user_error(proc, f"--data {data}: 4 file(s) that {out} excluded as unreadable are gone", "put them back unchanged")
 
 
 # ------------------------------------------------------------------------------ odd valid images
