@@ -274,7 +274,13 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
         teachers = cfg.teachers or recorded_specs(source.attrs)
         pcfg = _precompute_config(cfg, source, teachers)
         index = d.on_main(lambda: _scanned(cfg.data, source))  # one scan per job, not per rank; its refusal printed once
-        ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
+        try:
+            ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
+        except UserError as err:
+            if cfg.teachers or "does not exist" not in str(err):
+                raise
+            raise UserError(f"STORE {cfg.store}: its recorded teachers ({teachers}) cannot be loaded here: {err}; their paths are as "
+                            "precompute was given them: run from the directory it ran in, or pass --teachers", echoed=err.echoed) from None
         _check_settings(source, _settings(pcfg, index, ensemble, backend))
         decoder = job_decoder(source.attrs.get("decoder"), backend, d, allow=cfg.allow_decoder_mismatch, where=f"STORE {cfg.store}",
                               command="extend")

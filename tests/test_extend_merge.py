@@ -266,6 +266,20 @@ def test_extend_bad_input(world, capsys):
     assert not Path(out).exists()
 
 
+def test_extend_names_recorded_teachers_it_cannot_find(world, capsys, tmp_path):
+    """A store records --teachers as precompute was given them (often relative): extend run elsewhere, or after
+    the file moved, said only 'TorchScript file t.pt does not exist', not that the path came from the store."""
+    import shutil
+
+    moved = tmp_path / "t1.pt"
+    shutil.copy(world["t1"], moved)
+    store = _pre(capsys, world, str(moved), "moved-teacher.zarr")
+    moved.unlink()
+    proc = run(capsys, *_extend_args(world, store, tmp_path / "out.zarr"))
+    assert_user_error(proc, f"STORE {store}: its recorded teachers ({moved}) cannot be loaded here", "does not exist",
+                      "run from the directory it ran in, or pass --teachers")
+
+
 def test_merge_bad_input(world, capsys):
     a = _pre(capsys, world, world["t1"], "only-t1.zarr")
     b = _pre(capsys, world, world["t2"], "only-t2.zarr")
