@@ -221,24 +221,27 @@ def given_fields(cfg: DistillConfig) -> set[str]:
 BATCH_SPLIT = ("batch_size", "grad_accum_steps")
 
 
-def split_global_batch(batch: int, accum: int, world: int, new_world: int) -> tuple[int, int] | None:
+def split_global_batch(batch: int, accum: int, world: int, new_world: int, cap: int | None = None) -> tuple[int, int] | None:
     """(--batch-size, --grad-accum-steps) that give ``new_world`` processes the global batch ``batch x world x
-    accum``: the fewest accumulation steps whose per-process batch is whole and no larger than ``batch`` (a
-    process's memory holds it); None if there is none."""
-    images = batch * world * accum
+    accum``: the fewest accumulation steps whose per-process batch is whole and no larger than ``cap`` (the
+    largest the run has trained with: a process's memory holds it; default ``batch``); None if there is none."""
+    images, cap = batch * world * accum, max(batch, cap or 0)
     for steps in range(1, images // new_world + 1):
-        if images % (new_world * steps) == 0 and images // (new_world * steps) <= batch:
+        if images % (new_world * steps) == 0 and images // (new_world * steps) <= cap:
             return images // (new_world * steps), steps
     return None
 
 
-def _regrouped(recorded: tuple[int, int], changed: dict[str, int], worlds: tuple[int, int], checkpoint: Path) -> dict[str, int]:
-    """--batch-size and --grad-accum-steps for this job's process count: those given (their product with the
-    processes must be the run's global batch), else :func:`split_global_batch`'s."""
+def _regrouped(recorded: tuple[int, int], changed: dict[str, int], worlds: tuple[int, int], checkpoint: Path,
+               cap: int | None) -> dict[str, int]:
+    """--batch-size and --grad-accum-steps for this job's process count: those given with other values than the
+    recorded ones (their product with the processes must be the run's global batch), else
+    :func:`split_global_batch`'s. A flag repeated with its recorded value counts as not given: a requeued job
+    script repeats the flags it started with."""
     (batch, accum), (was, now) = recorded, worlds
     images = batch * was * accum
     restart = f"or start a new run from its weights: --init {checkpoint} --out NEW_DIR"
-    split = split_global_batch(batch, accum, was, now)
+    split = split_global_batch(batch, accum, was, now, cap)
     if not changed:
         if split is None:
             raise UserError(f"--out {checkpoint.parent}: the run's global batch of {images} (--batch-size {batch} x {was} process(es) x "
@@ -254,13 +257,14 @@ def _regrouped(recorded: tuple[int, int], changed: dict[str, int], worlds: tuple
 
 
 def resumed_config(cfg: DistillConfig, recorded: dict, explicit: set[str] | None, checkpoint: Path,
-                   worlds: tuple[int, int] | None = None) -> DistillConfig:
+                   worlds: tuple[int, int] | None = None, batch_cap: int | None = None) -> DistillConfig:
     """``cfg`` with every training flag set to the recorded run's value.
 
     ``explicit``: the flags the user gave (None: those that differ from the defaults). A given
     flag whose value differs from the recorded one is a UserError naming it and the way to start
     a new run from the checkpoint instead. ``worlds``: (the run's process count, this job's) of a run
-    with epochs left: when they differ, the global batch is kept by regrouping it (``_regrouped``).
+    with epochs left: when they differ, the global batch is kept by regrouping it (``_regrouped``), with per-process
+    batches up to ``batch_cap`` (the largest the run has used).
     """
     given = given_fields(cfg) if explicit is None else set(explicit) & set(TRAINING_FLAGS)
     defaults = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
@@ -279,7 +283,7 @@ def resumed_config(cfg: DistillConfig, recorded: dict, explicit: set[str] | None
             changed[name] = int(now)
         merged[name] = was
     if regroup:
-        merged.update(_regrouped((int(merged["batch_size"]), int(merged["grad_accum_steps"])), changed, worlds, checkpoint))
+        merged.update(_regrouped((int(merged["batch_size"]), int(merged["grad_accum_steps"])), changed, worlds, checkpoint, batch_cap))
     return dataclasses.replace(cfg, **merged)
 
 

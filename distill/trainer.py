@@ -60,6 +60,7 @@ __all__ = ["BEST_NAME", "CHECKPOINT_NAME", "CONFIG_NAME", "METRICS_NAME", "Disti
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
 RUN_LOCK_NAME = ".lock"  # held by the running distill (rank 0)
+PROBE_IMAGES = 4  # images of the last batch the student's outputs are checked on before a save (Trainer._check_finite)
 SUMS = ("loss", "hard_loss", "d_loss", "d_acc", "agreement")  # per-batch means, summed over an epoch weighted by the batch's crops
 
 
@@ -77,7 +78,8 @@ class Trainer:
                 recorded = dict(self.resume_from.get("config") or {})
                 if recorded.get("image_size") is None:  # the student's own size: the one it trained at, which a resume may state
                     recorded["image_size"] = (self.resume_from.get("norm") or {}).get("size")
-                cfg = resumed_config(cfg, recorded, explicit, self.checkpoint_path, worlds=worlds)
+                cfg = resumed_config(cfg, recorded, explicit, self.checkpoint_path, worlds=worlds,
+                                     batch_cap=(self.resume_from.get("run_info") or {}).get("largest_batch"))
             cfg.validate()
         except UserError as err:
             raise UserError(str(err), echoed=err.echoed or env_rank() != 0) from None
@@ -352,6 +354,7 @@ class Trainer:
             "precision": self.precision,
             "device": str(self.device),
             "world_size": self.dist.world_size,
+            "largest_batch": max(self.cfg.batch_size, int(((self.resume_from or {}).get("run_info") or {}).get("largest_batch") or 0)),
             "dali_threads": dali_threads(self.cfg.num_threads, self.backend),
             "init_weights": self.init_weights,
         }
@@ -471,17 +474,35 @@ class Trainer:
             torch_dist.all_reduce(job)
         return dict(zip(SUMS, (job[:-1] / job[-1].clamp(min=1)).tolist()))
 
-    def _check_finite(self, means: dict[str, float], epoch: int, step: int, lr: float) -> dict[str, float]:
-        """``means``, unless the loss is NaN or infinite: the weights are then broken (without fp16's scaler, the
-        optimiser applied that gradient), so the run stops with one line before anything is saved or validated
-        (every rank: the means are the job's). timm and DeiT stop the same way."""
-        if math.isfinite(means["loss"]):
+    def _check_finite(self, means: dict[str, float], epoch: int, step: int, lr: float, probe: torch.Tensor | None = None) -> dict[str, float]:
+        """``means``, unless the run diverged: the loss is NaN or infinite (without fp16's scaler the optimiser has
+        applied that gradient), or, before a save (``probe``: a few of the last batch's images), the student's
+        outputs are. A loss is measured before its step's update, so an update that breaks the weights (to 1e29:
+        finite, but the next loss NaN) shows only in the weights themselves. The run then stops with one line
+        before anything is saved or validated (every rank: the means are the job's). timm and DeiT stop the same way."""
+        if math.isfinite(means["loss"]) and (probe is None or not self._outputs_broken(probe)):
             return means
-        kept = (f"{self.checkpoint_path} still holds the last good point" if self.checkpoint_path.exists() else "nothing was saved")
-        raise UserError(
-            f"distill: training diverged: the loss is {means['loss']} by step {step} of epoch {epoch + 1} (lr {lr:.4g}); {kept}. "
-            f"Lower --lr (or set --clip-grad) and start again, or from the last good point: --init {self.checkpoint_path} --out NEW_DIR",
-            echoed=not self.dist.is_main)
+        what = f"the loss is {means['loss']}" if not math.isfinite(means["loss"]) else "the student's outputs are not finite"
+        if self.checkpoint_path.exists():
+            then = (f"{self.checkpoint_path} still holds the last good point. Lower --lr (or set --clip-grad) and start again, or "
+                    f"from that point: --init {self.checkpoint_path} --out NEW_DIR")
+        else:
+            then = "nothing was saved. Lower --lr (or set --clip-grad) and start again"
+        raise UserError(f"distill: training diverged: {what} by step {step} of epoch {epoch + 1} (lr {lr:.4g}); {then}",
+                        echoed=not self.dist.is_main)
+
+    def _outputs_broken(self, images: torch.Tensor) -> bool:
+        """Whether the student's outputs on ``images`` (eval mode, no gradients) hold a NaN or infinity on any rank."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast_for(self.device, self.precision):
+                broken = (~torch.isfinite(self.model(images).float())).any().to(torch.float64)
+        finally:
+            self.model.train(training)
+        if self.dist.active:
+            torch_dist.all_reduce(broken)
+        return bool(broken.item())
 
     def _resumed_sums(self, saved: torch.Tensor, start_step: int) -> torch.Tensor:
         """The running sums a checkpoint saved inside an epoch; one written before the sums were weighted by
@@ -511,6 +532,7 @@ class Trainer:
         lr, d_lr = self._lrs()
         times = StageTimes()  # the training thread's wait for the loader (input-bound if large)
         started = time.perf_counter()
+        probe = None
         for batch in times.waiting(self.loader.epoch(epoch, start_step), "loader"):
             weight, first, last = self._accumulation(steps)
             if batch.images.shape[0] != self.batch_crops[steps]:
@@ -518,6 +540,7 @@ class Trainer:
             lr, d_lr = self._lrs()  # what this step trains with (its optimiser step then moves the schedule on)
             n = batch.images.shape[0]
             values = self.train_step(batch, weight=weight, first=first, last=last)
+            probe = batch.images[:PROBE_IMAGES]
             if self.scaler.is_enabled():  # fp16: the scaler skips a step whose gradients overflowed; its batch stays out of the means
                 finite = torch.isfinite(values).all()
                 sums[:-1] += torch.where(finite, values * n, 0.0)
@@ -539,12 +562,13 @@ class Trainer:
                 continue
             decision = stop.after_step() if stop is not None else None
             if decision is not None and (decision.stop or decision.save) and steps < steps_total:
-                self._check_finite(self._job_means(sums), epoch, steps, lr)  # never save diverged weights over good ones
+                self._check_finite(self._job_means(sums), epoch, steps, lr, batch.images[:PROBE_IMAGES])  # never save diverged weights
                 self._save_inside_epoch(epoch, steps, sums)
                 if decision.stop:
                     raise self._stopped(stop, f"step {steps}/{steps_total} of epoch {epoch + 1}", "that point", "continue from the next step")
         elapsed = time.perf_counter() - started
-        means = self._check_finite(self._job_means(sums), epoch, steps, lr)  # the epoch's global means, not rank 0's shard
+        # the epoch's global means, not rank 0's shard; and the weights about to be validated and saved
+        means = self._check_finite(self._job_means(sums), epoch, steps, lr, probe)
         record = {
             "epoch": epoch + 1,
             "loss": means["loss"],

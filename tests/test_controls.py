@@ -486,6 +486,8 @@ def test_a_resume_by_another_process_count_keeps_the_global_batch():
     assert split_global_batch(64, 2, 4, 8) == (64, 1)    # accumulation given back first
     assert split_global_batch(48, 1, 2, 3) == (32, 1)
     assert split_global_batch(4, 1, 2, 3) is None        # 8 images over 3 processes
+    assert split_global_batch(32, 1, 16, 8) == (32, 2)   # back from 16 GPUs to 8 ...
+    assert split_global_batch(32, 1, 16, 8, cap=64) == (64, 1)  # ... at the 64 per process the run started with (run_info)
     ckpt = Path("/runs/a/checkpoint.pt")
     base = dict(labels="s", data="d", student="torchvision:resnet18", init="scratch", out="/runs/a")
     recorded = {"batch_size": 64, "grad_accum_steps": 1, "lr": 0.1, "student": "torchvision:resnet18", "init": "scratch"}
@@ -511,5 +513,14 @@ def test_a_diverged_run_stops_in_one_line_and_saves_nothing(recipe, tmp_path, ca
 
     out = tmp_path / "run"
     code, _, err = run_main(cli_args(recipe, out, "--lr", "1e30", "--discriminator", "off", init="scratch", epochs=2), capsys)
-    assert_one_line_error(code, err, "distill: training diverged: the loss is", "of epoch 1", "nothing was saved", "Lower --lr")
+    line = assert_one_line_error(code, err, "distill: training diverged: the loss is", "of epoch 1", "nothing was saved. Lower --lr")
+    assert "--init" not in line  # no checkpoint to start from (it pointed at one)
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+    # a save right after the update that broke the weights: the loss measured before it was finite, so the weights
+    # themselves are checked (it saved weights of 1e29 and called them "the last good point"; a user review)
+    out = tmp_path / "saves"
+    code, _, err = run_main(cli_args(recipe, out, "--lr", "1e30", "--discriminator", "off", "--checkpoint-minutes", "0.000001",
+                                     init="scratch", epochs=2), capsys)
+    assert_one_line_error(code, err, "distill: training diverged: the student's outputs are not finite by step 1 of epoch 1",
+                          "nothing was saved")
+    assert not (out / "checkpoint.pt").exists()
