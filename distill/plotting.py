@@ -8,6 +8,9 @@ from mealkd.errors import UserError
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    if not run_dir.is_dir():
+        raise UserError(f"RUN_DIR {run_dir}: " + ("a file, not a directory" if run_dir.exists() else "no such directory")
+                        + "; pass the --out directory of a distill run")
     if not (run_dir / METRICS_NAME).is_file():
         raise UserError(f"RUN_DIR {run_dir}: no {METRICS_NAME} there; pass the --out directory of a distill run")
     records = read_records(run_dir)

@@ -264,6 +264,8 @@ def open_group(url: str, *, read_only: bool):
     except UserError:
         raise
     except (FileNotFoundError, json.JSONDecodeError, ValueError, KeyError, TypeError) as err:
+        if is_local(url) and local_path(url).is_dir() and not (local_path(url) / "zarr.json").exists():
+            raise UserError(f"{url}: not a mealkd label store (a directory without zarr.json); pass the output path of `mealkd precompute`") from None
         raise UserError(f"{url}: not a mealkd label store ({type(err).__name__}: {err}); pass the output path of `mealkd precompute`") from None
     except Exception as err:  # zarr's GroupNotFoundError / NodeTypeValidationError etc.
         raise UserError(f"{url}: not a mealkd label store (no Zarr group: {type(err).__name__}); pass the output path of `mealkd precompute`") from None

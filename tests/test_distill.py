@@ -756,6 +756,9 @@ def test_plot_writes_png(straight_run, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png")
     code, err = run_main(["plot", str(tmp_path / "not-a-run")], capsys)
+    assert_one_line_error(code, err, "not-a-run: no such directory", "--out directory of a distill run")  # it said 'no metrics.jsonl there'
+    (tmp_path / "empty").mkdir()
+    code, err = run_main(["plot", str(tmp_path / "empty")], capsys)
     assert_one_line_error(code, err, "no metrics.jsonl", "--out directory of a distill run")
     # a log torn by a kill or a full disk mid-append is plotted without its torn line (was a JSON traceback)
     torn = tmp_path / "torn"

@@ -266,6 +266,7 @@ def test_reader_refusals(tmp_path):
     for p in (tmp_path / "missing", tmp_path):
         assert "not a mealkd label store" in one_line_error(lambda: storage.open_store(str(p)))
         assert storage.store_exists(str(p)) is False
+    assert "(a directory without zarr.json)" in one_line_error(lambda: storage.open_store(str(tmp_path)))  # zarr's GroupNotFoundError text before
     zarr.create_group(str(tmp_path / "plain.zarr"), attributes={"format": "other"})
     assert "not a mealkd label store" in one_line_error(lambda: storage.open_store(str(tmp_path / "plain.zarr")))
     (tmp_path / "f.txt").write_text("x")
