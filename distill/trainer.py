@@ -492,14 +492,18 @@ class Trainer:
                         echoed=not self.dist.is_main)
 
     def _outputs_broken(self, images: torch.Tensor) -> bool:
-        """Whether the student's outputs on ``images`` (eval mode, no gradients) hold a NaN or infinity on any rank."""
-        training = self.model.training
-        self.model.eval()
+        """Whether the student's outputs on ``images`` hold a NaN or infinity on any rank. In training mode, as the next
+        step would run it (eval mode's running statistics can be far off early in a run: a healthy toy run gave inf),
+        and without side effects: the RNG is forked and BatchNorm's running statistics are put back."""
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
         try:
-            with torch.no_grad(), autocast_for(self.device, self.precision):
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.backend.is_cuda else []), torch.no_grad(), \
+                    autocast_for(self.device, self.precision):
                 broken = (~torch.isfinite(self.model(images).float())).any().to(torch.float64)
         finally:
-            self.model.train(training)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
         if self.dist.active:
             torch_dist.all_reduce(broken)
         return bool(broken.item())
