@@ -493,13 +493,13 @@ class Trainer:
 
     def _outputs_broken(self, images: torch.Tensor) -> bool:
         """Whether the student's outputs on ``images`` hold a NaN or infinity on any rank. In training mode, as the next
-        step would run it (eval mode's running statistics can be far off early in a run: a healthy toy run gave inf),
-        and without side effects: the RNG is forked and BatchNorm's running statistics are put back."""
+        step would run it (eval mode's running statistics can be far off early in a run: a healthy toy run gave inf);
+        in float32 (fp16 may overflow where the weights are sound: its scaler skips such steps); and without side
+        effects: the RNG is forked and BatchNorm's running statistics are put back."""
         buffers = [(b, b.clone()) for b in self.model.buffers()]
         try:
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.backend.is_cuda else []), torch.no_grad(), \
-                    autocast_for(self.device, self.precision):
-                broken = (~torch.isfinite(self.model(images).float())).any().to(torch.float64)
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if self.backend.is_cuda else []), torch.no_grad():
+                broken = (~torch.isfinite(self.model(images.float()).float())).any().to(torch.float64)
         finally:
             with torch.no_grad():
                 for buffer, saved in buffers:
