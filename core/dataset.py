@@ -32,6 +32,15 @@ class DatasetIndex:
     targets: np.ndarray  # (N,) int32 class index
     byte_sizes: np.ndarray  # (N,) int64
     fingerprint: str = field(default="")
+    ignored: int = 0  # files in the class directories that are not images by their extension (hidden files aside)
+    ignored_examples: tuple[str, ...] = ()  # the first few of them, relative to root
+
+    def describe_ignored(self) -> str | None:
+        """One sentence on the files left out as not images (a .gif or .txt among the images), None if none."""
+        if not self.ignored:
+            return None
+        return (f"{self.ignored:,} file(s) that are not images by their extension ({', '.join(IMAGE_EXTENSIONS)}) are left out, "
+                f"e.g. {', '.join(self.ignored_examples)}")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -86,15 +95,21 @@ def _broken_link(entry: os.DirEntry, where: str) -> None:
         raise UserError(f"{where}: {_link_problem(entry.path, OSError(errno.ENOENT, 'broken link'))}")
 
 
-def _image_files(class_dir: str, prefix: str, where: str, root_id: tuple[int, int]) -> list[tuple[str, int]]:
+#: files that are not images named in DatasetIndex.ignored_examples
+IGNORED_EXAMPLES = 3
+
+
+def _image_files(class_dir: str, prefix: str, where: str, root_id: tuple[int, int], ignored: list[str]) -> tuple[list[tuple[str, int]], int]:
     """(path relative to the root, byte size) of every image file below ``class_dir``, at any depth,
     following directory links and skipping hidden directories. ``os.scandir`` entries give the type
     without a stat and the size with one: 2.4x faster than ``os.walk`` + ``getsize`` on 1.28M files.
     A directory link back to a directory above it (which would be walked until the OS gives up with
     'too many levels of symbolic links'), a broken link, a loop of links, a directory that cannot be read or
     a name that is not UTF-8 is a one-line UserError prefixed with ``where`` (os.walk skips unreadable
-    directories in silence: their images would be missing from the store)."""
+    directories in silence: their images would be missing from the store). Also returns how many files were
+    not images by their extension (hidden files aside), the first of which are appended to ``ignored``."""
     files: list[tuple[str, int]] = []
+    skipped = 0
     pending = [(class_dir, prefix, (root_id, _dir_id(class_dir)))]
     while pending:
         directory, rel, above = pending.pop()
@@ -118,9 +133,13 @@ def _image_files(class_dir: str, prefix: str, where: str, root_id: tuple[int, in
                         files.append((rel + entry.name, entry.stat().st_size))
                     else:
                         _broken_link(entry, where)
+                        if not entry.name.startswith("."):
+                            skipped += 1
+                            if len(ignored) < IGNORED_EXAMPLES:
+                                ignored.append(rel + entry.name)
                 except OSError as err:
                     raise UserError(f"{where}: {_link_problem(entry.path, err)}") from None
-    return files
+    return files, skipped
 
 
 def _dir_id(path: str) -> tuple[int, int]:
@@ -158,8 +177,11 @@ def scan_image_folder(root: str | os.PathLike, *, flag: str = "--data") -> Datas
     targets: list[int] = []
     sizes: list[int] = []
     root_id = _dir_id(root_path)
+    ignored: list[str] = []
+    skipped = 0
     for class_index, class_name in enumerate(class_names):
-        files = _image_files(os.path.join(root_path, class_name), class_name + "/", f"{flag} {root}", root_id)
+        files, skipped_here = _image_files(os.path.join(root_path, class_name), class_name + "/", f"{flag} {root}", root_id, ignored)
+        skipped += skipped_here
         if not files:
             raise UserError(
                 f"{flag} {root}: class directory '{class_name}' has no images "
@@ -179,4 +201,6 @@ def scan_image_folder(root: str | os.PathLike, *, flag: str = "--data") -> Datas
         targets=targets_arr,
         byte_sizes=sizes_arr,
         fingerprint=compute_fingerprint(paths, sizes_arr, targets_arr, class_names),
+        ignored=skipped,
+        ignored_examples=tuple(ignored),
     )

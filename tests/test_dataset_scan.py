@@ -60,6 +60,11 @@ def test_scan_matches_the_walk_rules(tmp_path):
     assert not any("hidden" in p or ".cache" in p or p.endswith(".txt") for p in index.paths)
     assert index.paths[:3] == ["a_class/img 1.jpg", "a_class/img_10.jpg", "a_class/img_2.jpg"]
     assert np.array_equal(index.read_bytes(index.paths.index("a_class/via_link/m.jpg")), np.zeros(21, np.uint8))
+    # what is left out as not an image is counted and named (precompute prints it: a .gif among the images was dropped
+    # without a word); hidden files are not counted
+    assert (index.ignored, index.ignored_examples) == (1, ("b_class/notes.txt",))
+    assert index.describe_ignored().startswith("1 file(s) that are not images by their extension (.jpg, .jpeg, .png")
+    assert index.describe_ignored().endswith("are left out, e.g. b_class/notes.txt")
 
 
 def test_broken_links_and_link_loops_are_one_line_errors(tmp_path, capsys):

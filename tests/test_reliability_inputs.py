@@ -82,11 +82,13 @@ def test_skip_bad_excludes_exactly_the_bad_files_and_distill_skips_them(env, tmp
     data = copy_tree(env, tmp_path)
     for name, make in BAD_FILES.items():
         (data / "class_2" / name).write_bytes(make())
+    (data / "class_2" / "scan.gif").write_bytes(b"GIF89a")  # not an image by its extension: left out, and now said so
     out = tmp_path / "s.zarr"
     proc = run(capsys, *precompute_args(data, env[2], out))
     assert_user_error(proc, "4 unreadable", "--skip-bad")
     proc = run(capsys, *precompute_args(data, env[2], out, "--skip-bad"))
     assert proc.returncode == 0, proc.stderr
+    assert "1 file(s) that are not images by their extension" in proc.stderr and "class_2/scan.gif" in proc.stderr, proc.stderr
     arrays = store_arrays(out)
     excluded = {p for p, e in zip(arrays["paths"].tolist(), arrays["excluded"]) if e}
     assert excluded == {f"class_2/{n}" for n in BAD_FILES}
