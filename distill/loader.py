@@ -125,7 +125,15 @@ class ReplayLoader:
     @property
     def images_per_rank(self) -> int:
         """Images every rank visits per epoch: the usable images over the ranks, rounded up."""
-        return -(-len(self.usable) // self.dist.world_size)
+        return self._images_per_rank(self.dist.world_size)
+
+    def _images_per_rank(self, world: int) -> int:
+        return -(-len(self.usable) // world)
+
+    def batch_starts(self, world: int, batch_size: int) -> list[int]:
+        """Where the batches of a job of ``world`` processes x ``batch_size`` begin in the epoch's order, then its
+        end: rank r takes every world-th image, so a step's global batch is a consecutive run of that order."""
+        return [0] + [stop * world for _, stop in batch_bounds(self._images_per_rank(world), batch_size, self.crops_per_step)]
 
     def _bounds(self, n: int) -> list[tuple[int, int]]:
         return batch_bounds(n, self.batch_size, self.crops_per_step)

@@ -46,7 +46,7 @@ from mealkd.distill.config import DistillConfig, as_record, resumed_config
 from mealkd.distill.discriminator import DiscriminatorLoss, DiscriminatorTerms, make_discriminator_optimizer
 from mealkd.distill.checkpoint_eval import init_from_ema
 from mealkd.distill.evaluate import EvalProtocol, class_mapping, evaluate_models, readable_images
-from mealkd.distill.loader import Batch, ReplayLoader, batch_bounds
+from mealkd.distill.loader import Batch, ReplayLoader
 from mealkd.distill.losses import DistillLoss, DistillLossParts, teacher_agreement
 from mealkd.distill.mixing import MixPolicy, mix
 from mealkd.distill.optimization import make_optimizer, make_scheduler, param_groups, restart_schedule_at
@@ -89,7 +89,8 @@ class Trainer:
             raise UserError(f"--sync-bn: synchronises BatchNorm over GPUs; this job of {env_world_size()} processes runs on "
                             f"{self.backend.device.type} (--device {cfg.device}): drop --sync-bn or run on GPUs", echoed=env_rank() != 0)
         self.dist: Dist = init_distributed(self.backend.device)
-        if worlds is not None and worlds[0] != worlds[1] and self.dist.is_main:
+        self.regrouped = worlds is not None and worlds[0] != worlds[1]  # resumed by another process count, with epochs left
+        if self.regrouped and self.dist.is_main:
             self.console.print(f"distill: resumed by {worlds[1]} process(es) (the run: {worlds[0]}): --batch-size {cfg.batch_size} x "
                                f"--grad-accum-steps {cfg.grad_accum_steps} keeps its global batch of "
                                f"{cfg.batch_size * worlds[1] * cfg.grad_accum_steps}", soft_wrap=True, highlight=False, markup=False)
@@ -313,8 +314,7 @@ class Trainer:
         self.best = dict(ckpt.get("best") or self.best)
         self.pending_record = ckpt.get("pending_record")
         epoch, step, ranks = int(ckpt["epoch"]), int(ckpt.get("epoch_step") or 0), ckpt.get("ranks")
-        world = (ckpt.get("run_info") or {}).get("world_size")
-        if world is None or int(world) == self.dist.world_size:
+        if not self.regrouped:
             return epoch, step, (ranks[self.dist.rank] if step else None)
         # another process count (the global batch regrouped): the same optimiser step, the same image of the epoch
         done = epoch * self.optimizer_steps_per_epoch
@@ -331,11 +331,9 @@ class Trainer:
         batch: the batch of this job's plan that starts at the same image of the epoch (its images are the same:
         the job's global batches are consecutive runs of the epoch's order), and the epoch's sums so far, all on
         rank 0 (they are summed over the ranks). The dropout masks from there on are this job's own draws."""
-        world, batch = len(ranks), int(recorded["batch_size"])
-        per_rank = -(-len(self.loader.usable) // world)
-        images = batch_bounds(per_rank, batch, self.cfg.crops_per_step)[step - 1][1] * world
-        starts = [0] + [stop * self.dist.world_size for _, stop in batch_bounds(self.loader.images_per_rank, self.cfg.batch_size,
-                                                                             self.cfg.crops_per_step)]
+        world = len(ranks)
+        images = self.loader.batch_starts(world, int(recorded["batch_size"]))[step]
+        starts = self.loader.batch_starts(self.dist.world_size, self.cfg.batch_size)
         saved = [r["sums"] for r in ranks]
         if images not in starts or starts.index(images) % self.accum or any(s.numel() != len(SUMS) + 1 for s in saved):
             raise UserError(f"--out {self.run_dir}: the run stopped inside an epoch at a point {self.dist.world_size} process(es) cannot "
@@ -566,7 +564,7 @@ class Trainer:
                 continue
             decision = stop.after_step() if stop is not None else None
             if decision is not None and (decision.stop or decision.save) and steps < steps_total:
-                self._check_finite(self._job_means(sums), epoch, steps, lr, batch.images[:PROBE_IMAGES])  # never save diverged weights
+                self._check_finite(self._job_means(sums), epoch, steps, lr, probe)  # never save diverged weights
                 self._save_inside_epoch(epoch, steps, sums)
                 if decision.stop:
                     raise self._stopped(stop, f"step {steps}/{steps_total} of epoch {epoch + 1}", "that point", "continue from the next step")
