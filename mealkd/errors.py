@@ -22,6 +22,11 @@ class UserError(Exception):
         self.echoed = echoed
 
 
+class MissingFile(UserError):
+    """A file the user named (a weights file, a TorchScript or ExportedProgram model) does not exist: a caller
+    that passed on a recorded path rather than the user's may say where the path came from."""
+
+
 class StopRequested(Exception):
     """A run stopped on a signal (SIGTERM, SIGUSR1, Ctrl-C) after saving where it was. ``cli.main``
     prints its message (empty on the ranks that are not rank 0) and exits with 128 + the signal's

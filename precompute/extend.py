@@ -47,7 +47,7 @@ from mealkd.precompute.settings import SETTINGS_KEYS, other_settings, settings_d
 from mealkd.precompute.runner import (PrecomputeConfig, _settings, labelled_batches, labelling_times,
                                       load_ensemble, pending_for_rank, rank_share, run_locked, start_line)
 from mealkd.storage.encoding import encode_topk, to_f16, topk_tv
-from mealkd.errors import UserError
+from mealkd.errors import MissingFile, UserError
 from mealkd.storage.lineage import inherited_attributes, same_location, source_record
 from mealkd.storage.reader import LabelStore
 from mealkd.storage.schema import DENSE, default_images_per_shard
@@ -276,8 +276,8 @@ def run_extend(cfg: ExtendConfig, console: Console | None = None) -> dict:
         index = d.on_main(lambda: _scanned(cfg.data, source))  # one scan per job, not per rank; its refusal printed once
         try:
             ensemble = load_ensemble(pcfg, index, backend)  # the fingerprint matched: index's classes are the store's
-        except UserError as err:
-            if cfg.teachers or "does not exist" not in str(err):
+        except MissingFile as err:
+            if cfg.teachers:
                 raise
             raise UserError(f"STORE {cfg.store}: its recorded teachers ({teachers}) cannot be loaded here: {err}; their paths are as "
                             "precompute was given them: run from the directory it ran in, or pass --teachers", echoed=err.echoed) from None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from mealkd.core.checkpoint_io import CHECKPOINT_FORMAT, export_record, load_torch_file
 from mealkd.core.models.spec import IMAGENET_MEAN, IMAGENET_STD, INIT_MODES, ModelSpec
-from mealkd.errors import UserError
+from mealkd.errors import MissingFile, UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -48,7 +48,7 @@ def file_sha256(path: str) -> str:
                 h.update(block)
         return h.hexdigest()
     except FileNotFoundError:
-        raise UserError(f"file {path} does not exist: check the path") from None
+        raise MissingFile(f"file {path} does not exist: check the path") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -127,7 +127,7 @@ def read_state_dict(path: str, what: str, spec_text: str):
 
     p = os.path.expanduser(path)
     if not os.path.isfile(p):
-        raise UserError(f"{what} {path} (for {spec_text}) does not exist: check the path")
+        raise MissingFile(f"{what} {path} (for {spec_text}) does not exist: check the path")
     obj = load_torch_file(p, what)
     outer: Mapping = {}
     if isinstance(obj, Mapping):

@@ -8,7 +8,7 @@ from mealkd.core.checkpoint_io import TRUST_ENV
 from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, recorded_norm, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
 from mealkd.core.models.torchscript_models import _torchscript_classes
-from mealkd.errors import UserError, first_line
+from mealkd.errors import MissingFile, UserError, first_line
 
 
 
@@ -60,7 +60,7 @@ def _export_load(spec: ModelSpec):
     file = spec.weights_file or ""
     path = os.path.expanduser(file)
     if not os.path.isfile(path):
-        raise UserError(f"ExportedProgram file {file} does not exist: check the path")
+        raise MissingFile(f"ExportedProgram file {file} does not exist: check the path")
     key, old = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     if not trusted():
         os.environ[key] = "1"  # torch.export.load falls back to full unpickling otherwise

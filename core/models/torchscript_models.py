@@ -7,7 +7,7 @@ import warnings
 from mealkd.core.checkpoint_io import torch_archive
 from mealkd.core.models._helpers import LoadedModel, check_and_load, class_mismatch, checkpoint_class_names, read_state_dict, recorded_norm, resolve_meta, file_sha256
 from mealkd.core.models.spec import INIT_MODES, ModelSpec
-from mealkd.errors import UserError, first_line
+from mealkd.errors import MissingFile, UserError, first_line
 
 
 
@@ -20,7 +20,7 @@ def _jit_load(spec: ModelSpec):
     file = spec.weights_file or ""
     path = os.path.expanduser(file)
     if not os.path.isfile(path):
-        raise UserError(f"TorchScript file {file} does not exist: check the path")
+        raise MissingFile(f"TorchScript file {file} does not exist: check the path")
     try:
         with warnings.catch_warnings():  # "torch.jit.load is deprecated" is not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
