@@ -50,7 +50,7 @@ from mealkd.errors import UserError
 from mealkd.precompute.settings import teacher_differences
 from mealkd.storage.lineage import teacher_tv_bound, writing_command
 from mealkd.storage.damage import beyond_repair
-from mealkd.storage.schema import CREATE_TIME_ARRAYS, DENSE, array_names
+from mealkd.storage.schema import CREATE_TIME_ARRAYS, DENSE, array_names, label_array_names
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "skip"
 
@@ -140,7 +140,7 @@ def check_integrity(url: str, report: Report) -> storage.LabelStore:
                else "missing: " + "; ".join(f"shard {s}: {', '.join(v)}" for s, v in sorted(missing_by.items())[:8]))
     report.damaged_shards.update(missing_by)
 
-    label_names = ["probs"] if store.encoding == DENSE else ["topk_idx", "topk_val"]
+    label_names = label_array_names(store.encoding)
     tol = _row_tolerance(c)
     bad_rows: dict[int, str] = {}
     bad_windows: dict[int, str] = {}

@@ -36,7 +36,7 @@ from mealkd.storage.encoding import decode_topk, normalise_rows
 from mealkd.storage.lineage import writing_command
 from mealkd.errors import UserError
 from mealkd.storage.damage import beyond_repair, damaged, member
-from mealkd.storage.schema import CREATE_TIME_ARRAYS, DENSE, FORMAT, encoding_from_attr, is_local, local_path, open_group, shard_file_key, zarr_store
+from mealkd.storage.schema import CREATE_TIME_ARRAYS, DENSE, FORMAT, encoding_from_attr, is_local, label_array_names, local_path, open_group, shard_file_key, zarr_store
 
 
 def store_exists(url: str) -> bool:
@@ -55,15 +55,15 @@ def refuse_other_dataset(store: "LabelStore", fingerprint: str, dataset_paths: S
     have = (store.attrs.get("dataset") or {}).get("fingerprint")
     if have == fingerprint:
         return
-    detail = "" if dataset_paths is None else f": {dataset_difference(store.paths, dataset_paths)}"
-    if dataset_paths is not None:
-        gone = set(store.paths) - set(dataset_paths)
-        excluded = {store.paths[i] for i in np.flatnonzero(store.excluded)}
-        if gone and gone <= excluded and set(dataset_paths) <= set(store.paths):
+    if dataset_paths is not None:  # only files the store excluded are gone: what deleting them after --skip-bad leaves
+        stored, found = set(store.paths), set(dataset_paths)
+        gone = stored - found
+        if gone and found <= stored and gone <= {store.paths[i] for i in np.flatnonzero(store.excluded)}:
             raise UserError(
                 f"{f'--data {data}' if data else 'the dataset'}: {len(gone):,} file(s) that {store.url} excluded as unreadable are gone "
                 f"(e.g. {sorted(gone)[0]!r}); the store's image ids count them, so put them back unchanged (their content is never "
                 f"read), or rerun `mealkd precompute` on the tree as it is now")
+    detail = "" if dataset_paths is None else f": {dataset_difference(store.paths, dataset_paths)}"
     raise UserError(
         f"{f'--data {data}' if data else 'the dataset'}: not the dataset {store.url} was made from (fingerprint "
         f"{str(fingerprint)[:12]} here, {str(have)[:12]} in the store: files added, removed or changed since precompute{detail}); "
@@ -145,8 +145,7 @@ class LabelStore:
             self.encoding, self.topk = encoding_from_attr(attrs["label_encoding"])
         except (UserError, ValueError, KeyError):
             raise UserError(f"{url}: unknown label_encoding {attrs.get('label_encoding')!r}; recreate the store with `mealkd precompute`") from None
-        label_names = ["probs"] if self.encoding == DENSE else ["topk_idx", "topk_val"]
-        self._label_arrays = [self._member(name) for name in label_names]
+        self._label_arrays = [self._member(name) for name in label_array_names(self.encoding)]
         self.num_images = int(self._label_arrays[0].shape[0])
         names = attrs.get("class_names")
         self.class_names = [str(x) for x in names] if names is not None else [str(i) for i in range(self.num_classes)]

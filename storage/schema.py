@@ -94,10 +94,14 @@ META_CHUNK = 1 << 17
 CREATE_TIME_ARRAYS = ("paths", "targets", "sizes", "excluded")
 
 
+def label_array_names(kind: str) -> tuple[str, ...]:
+    """The arrays holding a store's label rows in encoding ``kind``: DENSE's fp16 rows, or TOPK's indices and values."""
+    return ("probs",) if kind == DENSE else ("topk_idx", "topk_val")
+
+
 def array_names(kind: str) -> tuple[str, ...]:
     """Every array of a store whose label encoding is ``kind`` (DENSE or TOPK)."""
-    labels = ("probs",) if kind == DENSE else ("topk_idx", "topk_val", "fidelity")
-    return (*CREATE_TIME_ARRAYS, "windows", "flips", "done", *labels)
+    return (*CREATE_TIME_ARRAYS, "windows", "flips", "done", *label_array_names(kind), *(("fidelity",) if kind == TOPK else ()))
 
 
 #: attribute listing the decoders, other than the one ``decoder`` records, that decoded some of the

@@ -41,7 +41,7 @@ from mealkd.faults import kill_point
 from mealkd.storage.schema import (
     DECODER_DRIFT, DENSE, FORMAT, META_CHUNK, RESERVED_ATTRS, TOPK, VERSION, array_names, chunk_images_for, crop_inner_chunks,
     default_images_per_shard, encoding_attr, encoding_from_attr, is_local, label_row_bytes, local_path, parse_encoding,
-    open_group, shard_file_key, topk_index_dtype, zarr_store,
+    label_array_names, open_group, shard_file_key, topk_index_dtype, zarr_store,
 )
 from mealkd.storage.damage import member
 
@@ -273,10 +273,8 @@ class StoreWriter:
         every = {"write_empty_chunks": True}
         self._windows = self._member("windows").with_config(every)
         self._flips = self._member("flips").with_config(every)
-        if self.kind == DENSE:
-            self._labels = [self._member("probs").with_config(every)]
-        else:
-            self._labels = [self._member("topk_idx").with_config(every), self._member("topk_val").with_config(every)]
+        self._labels = [self._member(name).with_config(every) for name in label_array_names(self.kind)]
+        if self.kind == TOPK:
             self._fidelity = self._member("fidelity").with_config(every)
             self._index_dtype = self._labels[0].dtype
         self._excluded = np.asarray(self._member("excluded")[:], bool)
