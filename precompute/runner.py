@@ -243,8 +243,9 @@ def run_precompute(cfg: PrecomputeConfig, console: Console | None = None) -> dic
     try:
         d.on_main(lambda: storage.check_output(cfg.out))  # before the scan and the hours of validation decode
         index = d.on_main(lambda: scan_image_folder(cfg.data))  # one scan per job: 64 ranks each stat-ing 1.28M files load a shared file system
-        if index.describe_ignored() and d.is_main:
-            console.print(f"[yellow]--data {escape(cfg.data)}: {escape(index.describe_ignored())}", soft_wrap=True)
+        ignored = index.describe_ignored()
+        if ignored and d.is_main:
+            console.print(f"[yellow]--data {escape(cfg.data)}: {escape(ignored)}", soft_wrap=True)
         ensemble = load_ensemble(cfg, index, backend)
         return run_locked(cfg.out, d, lambda: _prepare_store(cfg, index, ensemble, backend, d, console),
                           lambda: _label_pending(cfg, index, ensemble, backend, d, console))
